@@ -1,0 +1,343 @@
+//! Request → (route, tier): the first route whose match fits wins.
+//!
+//! Matching runs on every request, so it only compares borrowed bytes against
+//! a table built once per config: no allocation, no regex, no lowercase copy.
+//! `proxy/benches/classify.rs` measures it and `tests/classify_alloc.rs`
+//! proves it does not allocate.
+
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
+use http::{Method, Uri};
+
+/// Index of a tier in the policy's `tiers`, 0 being the highest priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TierId(pub u8);
+
+/// Index of a cluster in [`crate::config::Snapshot::clusters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClusterId(pub u16);
+
+/// One `[[routes]]` entry, checked.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub matcher: Matcher,
+    pub tier: TierId,
+    pub cluster: ClusterId,
+    /// Time allowed for the backend's response once the request was sent.
+    pub timeout: Duration,
+}
+
+/// Host pattern: exact, or `*.suffix` for any subdomain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// Stored with its leading dot: `*.shop.example` keeps `.shop.example`.
+    Suffix(String),
+}
+
+/// How a route's path is matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+/// A header that must be present, optionally with an exact value.
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    pub name: HeaderName,
+    pub value: Option<HeaderValue>,
+}
+
+/// Every given condition must hold; none given matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    pub host: Option<HostMatch>,
+    pub path: Option<PathMatch>,
+    /// Empty means any method.
+    pub methods: Vec<Method>,
+    pub header: Option<HeaderMatch>,
+}
+
+/// The parts of a request that classification looks at, all borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+}
+
+impl RequestView<'_> {
+    /// Host without port: the `Host` header, else the URI's authority.
+    fn host(&self) -> Option<&str> {
+        let raw = match self.headers.get(HOST) {
+            Some(v) => v.to_str().ok()?,
+            None => self.uri.host()?,
+        };
+        Some(strip_port(raw))
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop a port after them.
+        return host.find(']').map_or(host, |i| &host[..=i]);
+    }
+    match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+impl Matcher {
+    /// Whether a request fits every condition of this matcher.
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == req.method) {
+            return false;
+        }
+        if let Some(path) = &self.path {
+            let p = req.uri.path();
+            let ok = match path {
+                PathMatch::Exact(want) => p == want,
+                PathMatch::Prefix(want) => p.starts_with(want.as_str()),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(host) = &self.host {
+            let Some(h) = req.host() else { return false };
+            let ok = match host {
+                HostMatch::Exact(want) => h.eq_ignore_ascii_case(want),
+                HostMatch::Suffix(suffix) => {
+                    h.len() > suffix.len()
+                        && h.is_char_boundary(h.len() - suffix.len())
+                        && h[h.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                }
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(header) = &self.header {
+            let ok = match (req.headers.get(&header.name), &header.value) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(got), Some(want)) => got.as_bytes() == want.as_bytes(),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The ordered route table of one config snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Route>) -> Self {
+        RouteTable { routes }
+    }
+
+    /// The first route that fits the request, with its index.
+    pub fn classify(&self, req: &RequestView<'_>) -> Option<(usize, &Route)> {
+        self.routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matcher.matches(req))
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Route> {
+        self.routes.get(index)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, matcher: Matcher) -> Route {
+        Route {
+            name: name.into(),
+            matcher,
+            tier: TierId(0),
+            cluster: ClusterId(0),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn classify<'t>(
+        table: &'t RouteTable,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<&'t str> {
+        let method: Method = method.parse().unwrap();
+        let uri: Uri = uri.parse().unwrap();
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let view = RequestView {
+            method: &method,
+            uri: &uri,
+            headers: &map,
+        };
+        table.classify(&view).map(|(_, r)| r.name.as_str())
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(vec![
+            route(
+                "admin-host",
+                Matcher {
+                    host: Some(HostMatch::Exact("admin.k2.test".into())),
+                    ..Default::default()
+                },
+            ),
+            route(
+                "shop-subdomains",
+                Matcher {
+                    host: Some(HostMatch::Suffix(".shops.test".into())),
+                    path: Some(PathMatch::Prefix("/pay/".into())),
+                    ..Default::default()
+                },
+            ),
+            route(
+                "status-exact",
+                Matcher {
+                    path: Some(PathMatch::Exact("/status".into())),
+                    ..Default::default()
+                },
+            ),
+            route(
+                "checkout-post",
+                Matcher {
+                    path: Some(PathMatch::Prefix("/checkout/".into())),
+                    methods: vec![Method::POST, Method::PUT],
+                    ..Default::default()
+                },
+            ),
+            route(
+                "checkout-any",
+                Matcher {
+                    path: Some(PathMatch::Prefix("/checkout/".into())),
+                    ..Default::default()
+                },
+            ),
+            route(
+                "merchant-header-value",
+                Matcher {
+                    header: Some(HeaderMatch {
+                        name: HeaderName::from_static("x-client"),
+                        value: Some(HeaderValue::from_static("merchant")),
+                    }),
+                    ..Default::default()
+                },
+            ),
+            route(
+                "api-key-present",
+                Matcher {
+                    header: Some(HeaderMatch {
+                        name: HeaderName::from_static("x-api-key"),
+                        value: None,
+                    }),
+                    ..Default::default()
+                },
+            ),
+        ])
+    }
+
+    #[test]
+    fn host_match_is_exact_case_insensitive_and_ignores_port() {
+        let t = table();
+        assert_eq!(
+            classify(&t, "GET", "/x", &[("host", "ADMIN.k2.test:8080")]),
+            Some("admin-host")
+        );
+        assert_eq!(classify(&t, "GET", "/x", &[("host", "xadmin.k2.test")]), None);
+        assert_eq!(
+            classify(&t, "GET", "http://admin.k2.test/x", &[]),
+            Some("admin-host"),
+            "absolute-form URI supplies the host"
+        );
+    }
+
+    #[test]
+    fn wildcard_host_matches_subdomains_only() {
+        let t = table();
+        let h = [("host", "acme.shops.test")];
+        assert_eq!(classify(&t, "GET", "/pay/1", &h), Some("shop-subdomains"));
+        assert_eq!(
+            classify(&t, "GET", "/pay/1", &[("host", "shops.test")]),
+            None
+        );
+        assert_eq!(classify(&t, "GET", "/other", &h), None, "path must also hold");
+    }
+
+    #[test]
+    fn exact_path_does_not_match_longer_paths() {
+        let t = table();
+        assert_eq!(classify(&t, "GET", "/status", &[]), Some("status-exact"));
+        assert_eq!(classify(&t, "GET", "/status/x", &[]), None);
+        assert_eq!(classify(&t, "GET", "/status?full=1", &[]), Some("status-exact"));
+    }
+
+    #[test]
+    fn methods_restrict_and_first_match_wins() {
+        let t = table();
+        assert_eq!(classify(&t, "POST", "/checkout/1", &[]), Some("checkout-post"));
+        assert_eq!(classify(&t, "PUT", "/checkout/1", &[]), Some("checkout-post"));
+        assert_eq!(classify(&t, "GET", "/checkout/1", &[]), Some("checkout-any"));
+        // Both the status route and the header route fit: the earlier wins.
+        assert_eq!(
+            classify(&t, "GET", "/status", &[("x-client", "merchant")]),
+            Some("status-exact")
+        );
+    }
+
+    #[test]
+    fn header_presence_and_value() {
+        let t = table();
+        assert_eq!(
+            classify(&t, "GET", "/api", &[("x-client", "merchant")]),
+            Some("merchant-header-value")
+        );
+        assert_eq!(classify(&t, "GET", "/api", &[("x-client", "admin")]), None);
+        assert_eq!(
+            classify(&t, "GET", "/api", &[("X-Api-Key", "")]),
+            Some("api-key-present")
+        );
+        assert_eq!(classify(&t, "GET", "/api", &[]), None);
+    }
+
+    #[test]
+    fn strip_port_handles_ipv6_and_plain_hosts() {
+        assert_eq!(strip_port("a.test:80"), "a.test");
+        assert_eq!(strip_port("a.test"), "a.test");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

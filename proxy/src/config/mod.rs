@@ -1,0 +1,238 @@
+//! `routes.toml` + a policy file → one immutable, already-checked [`Snapshot`].
+//!
+//! Two layers, as in river: [`raw`] mirrors the TOML (unknown fields are
+//! errors, values keep their spans), [`validate`] checks every value and
+//! cross-reference and builds the `Snapshot` that the rest of the proxy uses
+//! without re-checking. All problems of a load are reported together, each
+//! with file, line and column ([`error`]).
+
+mod error;
+pub mod raw;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use error::{ConfigError, ConfigErrors, SourceFile};
+
+use crate::classify::{ClusterId, RouteTable, TierId};
+
+/// Where the files are: `routes.toml`, and optionally a policy file that
+/// overrides `[server].policy`.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub routes: PathBuf,
+    pub policy: Option<PathBuf>,
+}
+
+/// Reads, parses and checks both files.
+pub fn load(paths: &Paths) -> Result<Snapshot, ConfigErrors> {
+    let routes_src = SourceFile::read(&paths.routes)?;
+    let routes: raw::RoutesFile = routes_src.parse()?;
+    let policy_path = match &paths.policy {
+        Some(p) => p.clone(),
+        None => {
+            let rel = routes
+                .server
+                .policy
+                .as_ref()
+                .map_or("policies/default.toml", |p| p.get_ref().as_str());
+            let base = paths.routes.parent().unwrap_or(Path::new("."));
+            base.join(rel)
+        }
+    };
+    let policy_src = SourceFile::read(&policy_path).map_err(|mut e| {
+        if paths.policy.is_none() {
+            e.message.push_str(" (named by [server].policy in ");
+            e.message.push_str(&paths.routes.display().to_string());
+            e.message.push(')');
+        }
+        e
+    })?;
+    let policy: raw::PolicyFile = policy_src.parse()?;
+    validate::snapshot(&routes_src, routes, &policy_src, policy)
+}
+
+/// The whole checked configuration one request runs with.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub routes_path: PathBuf,
+    pub policy_path: PathBuf,
+    pub server: Server,
+    /// Highest priority first; [`TierId`] indexes this.
+    pub tiers: Vec<Tier>,
+    /// [`ClusterId`] indexes this.
+    pub clusters: Vec<Cluster>,
+    pub routes: RouteTable,
+    pub shedding: Shedding,
+    /// Admission settings per cluster, same index as `clusters`.
+    pub admission: Vec<Admission>,
+    pub rate_limits: Vec<RateLimit>,
+    pub retries: Retries,
+    pub trust: Trust,
+}
+
+impl Snapshot {
+    pub fn tier(&self, id: TierId) -> &Tier {
+        &self.tiers[id.0 as usize]
+    }
+
+    pub fn cluster(&self, id: ClusterId) -> &Cluster {
+        &self.clusters[id.0 as usize]
+    }
+
+    /// A tier by name, for an `x-k2-tier` sent by a trusted client.
+    pub fn tier_by_name(&self, name: &[u8]) -> Option<TierId> {
+        self.tiers
+            .iter()
+            .position(|t| t.name.as_bytes() == name)
+            .map(|i| TierId(i as u8))
+    }
+
+    /// One line for `k2proxy check` and the start-up log.
+    pub fn summary(&self) -> String {
+        let sites: usize = self.clusters.iter().map(|c| c.sites.sites().len()).sum();
+        let backends: usize = self
+            .clusters
+            .iter()
+            .flat_map(|c| c.sites.sites())
+            .map(|s| s.backends.len())
+            .sum();
+        format!(
+            "{} and {} are valid: {} routes, {} tiers, {} clusters, {} sites, {} backends",
+            self.routes_path.display(),
+            self.policy_path.display(),
+            self.routes.len(),
+            self.tiers.len(),
+            self.clusters.len(),
+            sites,
+            backends
+        )
+    }
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub threads: usize,
+}
+
+/// One tier of the policy.
+#[derive(Debug, Clone)]
+pub struct Tier {
+    pub name: String,
+    pub max_queue_wait: Duration,
+    /// In (0, 1].
+    pub max_share: f64,
+    pub shed_status: u16,
+}
+
+/// `failover = …`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverMode {
+    ActivePassive,
+    ActiveActive,
+}
+
+/// `balance = …`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastInflight,
+}
+
+/// `health = { … }`.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// A backend cluster with its sites.
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub failover: FailoverMode,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub health: HealthCheck,
+    /// The sites and the backend choice.
+    pub sites: Arc<failover::Cluster>,
+}
+
+/// `[shedding]`.
+#[derive(Debug, Clone)]
+pub struct Shedding {
+    pub target_queue_delay: Duration,
+    pub never_shed: Vec<TierId>,
+    pub force_shed: Vec<TierId>,
+    /// Whole seconds, for the `retry-after` header.
+    pub retry_after_s: u64,
+}
+
+/// `[admission.<cluster>]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdmissionMode {
+    Adaptive { initial: u32, min: u32, max: u32 },
+    Fixed { limit: u32 },
+}
+
+/// Admission control of one cluster (applies to each of its sites).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub mode: AdmissionMode,
+    pub max_queue: u32,
+}
+
+/// What a rate limit counts by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    ClientIp,
+    Header(http::HeaderName),
+}
+
+/// What a rate limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateScope {
+    /// Index into the route table.
+    Route(usize),
+    Tier(TierId),
+}
+
+/// `[[rate_limit]]`.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub scope: RateScope,
+    pub key: RateKey,
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// `[retries]`.
+#[derive(Debug, Clone)]
+pub struct Retries {
+    pub budget: f64,
+    pub idempotency_header: http::HeaderName,
+}
+
+/// `[trust]`.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    pub tier_header_from: Vec<IpNet>,
+}
+
+impl Trust {
+    /// Whether a client may set `x-k2-tier` itself.
+    pub fn may_set_tier(&self, ip: std::net::IpAddr) -> bool {
+        self.tier_header_from.iter().any(|net| net.contains(&ip))
+    }
+}

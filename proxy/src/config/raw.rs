@@ -1,0 +1,232 @@
+//! The TOML files as ops write them: serde structs that mirror `routes.toml`
+//! and `policies/*.toml` field for field. Unknown fields are errors; values
+//! that need checking keep their byte span so an error can point at them.
+//! `validate.rs` turns these into the checked [`super::Snapshot`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// `routes.toml`: where traffic goes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesFile {
+    /// Listeners, admin address, worker threads and the policy file to use.
+    pub server: ServerRaw,
+    /// Backend clusters by name; each has one or more sites.
+    #[serde(default)]
+    pub clusters: BTreeMap<Spanned<String>, ClusterRaw>,
+    /// Ordered route table: the first route whose `match` fits wins.
+    #[serde(default)]
+    pub routes: Vec<RouteRaw>,
+}
+
+/// `[server]`: read at start; listener changes need a restart.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerRaw {
+    /// Proxy listeners, `ip:port`.
+    pub listen: Spanned<Vec<Spanned<String>>>,
+    /// Admin listener (`/metrics`, `/healthz`), `ip:port`; loopback by default.
+    pub admin: Option<Spanned<String>>,
+    /// Worker threads of the proxy service.
+    pub threads: Option<Spanned<i64>>,
+    /// Policy file, relative to the directory of `routes.toml`.
+    pub policy: Option<Spanned<String>>,
+}
+
+/// `[clusters.<name>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterRaw {
+    /// `active-passive` (primary, then secondary) or `active-active` (weights).
+    pub failover: Option<Spanned<String>>,
+    /// Time allowed to open a TCP connection to a backend.
+    pub connect_timeout: Option<Spanned<String>>,
+    /// Active health check of every backend.
+    pub health: Option<HealthRaw>,
+    /// How a backend is picked inside a site: `round-robin` or `least-inflight`.
+    pub balance: Option<Spanned<String>>,
+    /// The sites of the cluster, at least one.
+    pub sites: Spanned<Vec<SiteRaw>>,
+}
+
+/// `health = { … }` inside a cluster.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthRaw {
+    /// HTTP path probed with GET.
+    pub path: Option<Spanned<String>>,
+    /// Time between probes.
+    pub interval: Option<Spanned<String>>,
+    /// Probe timeout.
+    pub timeout: Option<Spanned<String>>,
+    /// Consecutive good probes before a backend is up.
+    pub rise: Option<Spanned<i64>>,
+    /// Consecutive bad probes before a backend is down.
+    pub fall: Option<Spanned<i64>>,
+}
+
+/// `[[clusters.<name>.sites]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteRaw {
+    /// Site name, unique within the cluster.
+    pub name: Spanned<String>,
+    /// `primary` or `secondary` (active-passive).
+    pub role: Option<Spanned<String>>,
+    /// Share of traffic (active-active).
+    pub weight: Option<Spanned<i64>>,
+    /// `false` drains the site: no new requests go there.
+    pub enabled: Option<bool>,
+    /// Backends, `ip:port`, at least one.
+    pub backends: Spanned<Vec<Spanned<String>>>,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRaw {
+    /// Route name, unique; used in metrics and logs.
+    pub name: Spanned<String>,
+    /// What a request must look like; every given condition must hold.
+    #[serde(rename = "match")]
+    pub matcher: MatchRaw,
+    /// Tier the route's traffic belongs to (a name from the policy's `tiers`).
+    pub tier: Spanned<String>,
+    /// Cluster that serves the route.
+    pub cluster: Spanned<String>,
+    /// Time allowed for the backend's response once the request was sent.
+    pub timeout: Option<Spanned<String>>,
+}
+
+/// `match = { … }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRaw {
+    /// Host (without port), case-insensitive; `*.example.com` matches subdomains.
+    pub host: Option<Spanned<String>>,
+    /// Exact path.
+    pub path: Option<Spanned<String>>,
+    /// Path prefix.
+    pub path_prefix: Option<Spanned<String>>,
+    /// Allowed methods.
+    pub methods: Option<Vec<Spanned<String>>>,
+    /// A header that must be present, optionally with an exact value.
+    pub header: Option<HeaderMatchRaw>,
+}
+
+/// `header = { name = "…", value = "…" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchRaw {
+    /// Header name, case-insensitive.
+    pub name: Spanned<String>,
+    /// Exact value; when absent the header only has to be present.
+    pub value: Option<Spanned<String>>,
+}
+
+/// `policies/*.toml`: how traffic is treated.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Tier names, highest priority first.
+    pub tiers: Spanned<Vec<Spanned<String>>>,
+    /// Per-tier settings, `[tier.<name>]`.
+    #[serde(default)]
+    pub tier: BTreeMap<Spanned<String>, TierRaw>,
+    /// Shed-level controller and shed responses.
+    pub shedding: Option<SheddingRaw>,
+    /// Admission control per cluster, `[admission.<cluster>]`.
+    #[serde(default)]
+    pub admission: BTreeMap<Spanned<String>, AdmissionRaw>,
+    /// Rate limits, `[[rate_limit]]`.
+    #[serde(default)]
+    pub rate_limit: Vec<RateLimitRaw>,
+    /// Retry budget and idempotency header.
+    pub retries: Option<RetriesRaw>,
+    /// Which clients may set `x-k2-tier` themselves.
+    pub trust: Option<TrustRaw>,
+}
+
+/// `[tier.<name>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierRaw {
+    /// Longest time a request of this tier waits for admission before it is shed.
+    pub max_queue_wait: Option<Spanned<String>>,
+    /// Share of the admission limit this tier may hold in flight when busy, in (0, 1].
+    pub max_share: Option<Spanned<f64>>,
+    /// Status code of this tier's shed responses (default 503).
+    pub shed_status: Option<Spanned<i64>>,
+}
+
+/// `[shedding]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SheddingRaw {
+    /// Queueing delay above which the lowest admitted tier is shed.
+    pub target_queue_delay: Option<Spanned<String>>,
+    /// Tiers that are never shed by the controller (they only wait).
+    #[serde(default)]
+    pub never_shed: Vec<Spanned<String>>,
+    /// Tiers shed outright by ops.
+    #[serde(default)]
+    pub force_shed: Vec<Spanned<String>>,
+    /// `retry-after` sent with shed responses.
+    pub retry_after: Option<Spanned<String>>,
+}
+
+/// `[admission.<cluster>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionRaw {
+    /// `adaptive` or `fixed`.
+    pub mode: Option<Spanned<String>>,
+    /// Fixed limit (mode = "fixed").
+    pub limit: Option<Spanned<i64>>,
+    /// Starting limit (adaptive).
+    pub initial: Option<Spanned<i64>>,
+    /// Lowest limit (adaptive).
+    pub min: Option<Spanned<i64>>,
+    /// Highest limit (adaptive).
+    pub max: Option<Spanned<i64>>,
+    /// Most requests waiting for admission at once.
+    pub max_queue: Option<Spanned<i64>>,
+}
+
+/// `[[rate_limit]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRaw {
+    /// Route the limit applies to.
+    pub route: Option<Spanned<String>>,
+    /// Tier the limit applies to.
+    pub tier: Option<Spanned<String>>,
+    /// `client_ip` or `header:<name>`.
+    pub key: Spanned<String>,
+    /// Sustained requests per second per key.
+    pub per_second: Spanned<i64>,
+    /// Burst above the sustained rate.
+    pub burst: Option<Spanned<i64>>,
+}
+
+/// `[retries]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetriesRaw {
+    /// Retries allowed as a share of recent requests, in [0, 1].
+    pub budget: Option<Spanned<f64>>,
+    /// Header that makes a non-idempotent request safe to retry.
+    pub idempotency_header: Option<Spanned<String>>,
+}
+
+/// `[trust]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustRaw {
+    /// CIDRs whose clients may set `x-k2-tier`.
+    #[serde(default)]
+    pub tier_header_from: Vec<Spanned<String>>,
+}

@@ -1,0 +1,422 @@
+//! `impl ProxyHttp`: the life of one request, calling the stages in order.
+//!
+//! request_filter: snapshot → classify (404 JSON when nothing fits) → tier
+//! (trusted `x-k2-tier` only) → request id. upstream_peer: the cluster's
+//! choice of backend (503 `no_healthy_site` when none). upstream_request_filter:
+//! `x-k2-tier`, `x-request-id`, `x-forwarded-for`. fail_to_proxy: JSON errors.
+//! logging: metrics and one access-log event.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorSource, ErrorType};
+
+use crate::classify::{RequestView, TierId};
+use crate::config::Snapshot;
+use crate::metrics::code_class;
+use crate::Shared;
+
+pub const X_K2_TIER: HeaderName = HeaderName::from_static("x-k2-tier");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_K2_SHED: HeaderName = HeaderName::from_static("x-k2-shed");
+
+/// Longest inbound `x-request-id` kept as is; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The proxy logic; one per process, shared by every request.
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Gateway { shared }
+    }
+}
+
+/// What the request was, for the metrics and the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Still in progress, or failed before an outcome was set.
+    Pending,
+    NoRoute,
+    Proxied,
+    Shed(&'static str),
+    Error,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Pending | Outcome::Error => "error",
+            Outcome::NoRoute => "no_route",
+            Outcome::Proxied => "proxied",
+            Outcome::Shed(_) => "shed",
+        }
+    }
+}
+
+/// Per-request state shared across the filters.
+pub struct Ctx {
+    start: Instant,
+    /// The config this request runs with from start to end, even across a reload.
+    snapshot: Option<Arc<Snapshot>>,
+    route: Option<usize>,
+    tier: Option<TierId>,
+    request_id: Option<HeaderValue>,
+    upstream: Option<SocketAddr>,
+    site: Option<usize>,
+    upstream_status: Option<u16>,
+    outcome: Outcome,
+}
+
+impl Ctx {
+    fn route_name(&self) -> &str {
+        match (&self.snapshot, self.route) {
+            (Some(s), Some(i)) => s.routes.get(i).map_or("none", |r| r.name.as_str()),
+            _ => "none",
+        }
+    }
+
+    fn tier_name(&self) -> &str {
+        match (&self.snapshot, self.tier) {
+            (Some(s), Some(t)) => s.tier(t).name.as_str(),
+            _ => "none",
+        }
+    }
+
+    fn site_name(&self) -> &str {
+        match (&self.snapshot, self.route, self.site) {
+            (Some(s), Some(r), Some(site)) => s
+                .routes
+                .get(r)
+                .map(|r| s.cluster(r.cluster))
+                .and_then(|c| c.sites.sites().get(site))
+                .map_or("none", |s| s.name.as_str()),
+            _ => "none",
+        }
+    }
+}
+
+/// A fresh 128-bit request id, as 32 lower-case hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for b in buf.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// Writes a complete JSON response; used for every answer k2proxy gives itself.
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    extra: &[(HeaderName, HeaderValue)],
+    body: String,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    for (k, v) in extra {
+        resp.insert_header(k.clone(), v.clone())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            snapshot: None,
+            route: None,
+            tier: None,
+            request_id: None,
+            upstream: None,
+            site: None,
+            upstream_status: None,
+            outcome: Outcome::Pending,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let snap = self.shared.config.load_full();
+        let req = session.req_header();
+        let view = RequestView {
+            method: &req.method,
+            uri: &req.uri,
+            headers: &req.headers,
+        };
+        let classified = snap.routes.classify(&view).map(|(i, r)| (i, r.tier));
+
+        ctx.request_id = match req.headers.get(X_REQUEST_ID) {
+            Some(v) if !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN => Some(v.clone()),
+            _ => Some(new_request_id()),
+        };
+        let Some((route, tier)) = classified else {
+            ctx.snapshot = Some(snap);
+            ctx.outcome = Outcome::NoRoute;
+            let body = serde_json::json!({
+                "error": "no_route",
+                "message": "no route matches this request",
+                "method": session.req_header().method.as_str(),
+                "path": session.req_header().uri.path(),
+            })
+            .to_string();
+            let rid = ctx.request_id.clone().expect("set above");
+            respond_json(session, 404, &[(X_REQUEST_ID, rid)], body).await?;
+            return Ok(true);
+        };
+        ctx.route = Some(route);
+        ctx.tier = Some(tier);
+
+        // An inbound tier is only believed from a trusted peer (an internal
+        // gateway); anyone else's is replaced by the route's tier upstream.
+        if let Some(claimed) = session.req_header().headers.get(X_K2_TIER) {
+            match client_ip(session) {
+                Some(ip) if snap.trust.may_set_tier(ip) => {
+                    if let Some(t) = snap.tier_by_name(claimed.as_bytes()) {
+                        ctx.tier = Some(t);
+                    }
+                }
+                _ => {}
+            }
+        }
+        ctx.snapshot = Some(snap);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let (Some(snap), Some(route)) = (&ctx.snapshot, ctx.route) else {
+            return Error::e_explain(ErrorType::InternalError, "upstream_peer before classification");
+        };
+        let route = snap.routes.get(route).expect("route index from this snapshot");
+        let cluster = snap.cluster(route.cluster);
+        let Some(choice) = cluster.sites.choose() else {
+            ctx.outcome = Outcome::Shed("no_healthy_site");
+            return Error::e_explain(
+                ErrorType::HTTPStatus(503),
+                format!("cluster {} has no usable site", cluster.name),
+            );
+        };
+        ctx.upstream = Some(choice.backend);
+        ctx.site = Some(choice.site);
+        let mut peer = HttpPeer::new(choice.backend, false, String::new());
+        peer.options.connection_timeout = Some(cluster.connect_timeout);
+        peer.options.read_timeout = Some(route.timeout);
+        peer.options.write_timeout = Some(route.timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let snap = ctx.snapshot.as_ref().expect("set in request_filter");
+        let tier = snap.tier(ctx.tier.expect("set in request_filter"));
+        upstream.insert_header(X_K2_TIER, tier.name.as_str())?;
+        if let Some(rid) = &ctx.request_id {
+            upstream.insert_header(X_REQUEST_ID, rid.clone())?;
+        }
+        if let Some(ip) = client_ip(session) {
+            let xff = match upstream.headers.get(X_FORWARDED_FOR) {
+                Some(prev) if !prev.is_empty() => {
+                    let mut v = Vec::with_capacity(prev.len() + 42);
+                    v.extend_from_slice(prev.as_bytes());
+                    v.extend_from_slice(b", ");
+                    v.extend_from_slice(ip.to_string().as_bytes());
+                    HeaderValue::from_bytes(&v).map_err(|_| {
+                        Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for")
+                    })?
+                }
+                _ => HeaderValue::from_str(&ip.to_string()).expect("an IP is a valid header"),
+            };
+            upstream.insert_header(X_FORWARDED_FOR, xff)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if !upstream_response.status.is_informational() {
+            ctx.upstream_status = Some(upstream_response.status.as_u16());
+            ctx.outcome = Outcome::Proxied;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // The merchant can quote the id to support; it ties our log to theirs.
+        if let Some(rid) = &ctx.request_id {
+            response.insert_header(X_REQUEST_ID, rid.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let (code, kind) = match e.etype() {
+            ErrorType::HTTPStatus(code) => (*code, "status"),
+            ErrorType::ConnectTimedout => (504, "connect_timeout"),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => (504, "timeout"),
+            ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => {
+                (502, "connect")
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => (502, "upstream"),
+                ErrorSource::Downstream => (0, "downstream"),
+                ErrorSource::Internal | ErrorSource::Unset => (500, "internal"),
+            },
+        };
+        if matches!(ctx.outcome, Outcome::Pending | Outcome::Proxied) {
+            ctx.outcome = Outcome::Error;
+        }
+        if e.esource() == &ErrorSource::Upstream || kind.contains("timeout") || kind == "connect" {
+            if let (Some(snap), Some(r)) = (&ctx.snapshot, ctx.route) {
+                let cluster = &snap.cluster(snap.routes.get(r).expect("route").cluster).name;
+                let k = match kind {
+                    "connect" | "connect_timeout" => "connect",
+                    "timeout" => "timeout",
+                    _ => "other",
+                };
+                self.shared
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[cluster.as_str(), ctx.site_name(), k])
+                    .inc();
+            }
+        }
+        // Nothing can be written once the response has started or the client is gone.
+        if code == 0 || session.response_written().is_some() {
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
+        }
+        let mut extra = Vec::with_capacity(2);
+        if let Some(rid) = &ctx.request_id {
+            extra.push((X_REQUEST_ID, rid.clone()));
+        }
+        let body = match ctx.outcome {
+            Outcome::Shed(reason) => {
+                let retry_after = ctx.snapshot.as_ref().map_or(30, |s| s.shedding.retry_after_s);
+                extra.push((http::header::RETRY_AFTER, HeaderValue::from(retry_after)));
+                extra.push((X_K2_SHED, HeaderValue::from_static(reason)));
+                serde_json::json!({
+                    "error": "overloaded",
+                    "tier": ctx.tier_name(),
+                    "reason": reason,
+                    "retry_after_s": retry_after,
+                })
+            }
+            _ => serde_json::json!({
+                "error": match code { 504 => "gateway_timeout", 502 => "bad_gateway", 400 => "bad_request", _ => "internal_error" },
+                "kind": kind,
+                "route": ctx.route_name(),
+                "request_id": ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            }),
+        };
+        let code = if code == 0 { 502 } else { code };
+        if let Err(write_err) = respond_json(session, code, &extra, body.to_string()).await {
+            tracing::debug!(error = %write_err, "could not write the error response");
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let elapsed = ctx.start.elapsed();
+        if ctx.outcome == Outcome::Pending {
+            ctx.outcome = if e.is_some() { Outcome::Error } else { Outcome::Proxied };
+        }
+        let m = &self.shared.metrics;
+        let tier = ctx.tier_name();
+        let route = ctx.route_name();
+        m.requests
+            .with_label_values(&[route, tier, ctx.outcome.label(), code_class(status)])
+            .inc();
+        m.request_duration
+            .with_label_values(&[tier])
+            .observe(elapsed.as_secs_f64());
+        let req = session.req_header();
+        let shed = match ctx.outcome {
+            Outcome::Shed(r) => Some(r),
+            _ => None,
+        };
+        tracing::info!(
+            target: "k2proxy::access",
+            method = %req.method,
+            path = req.uri.path(),
+            route,
+            tier,
+            status,
+            outcome = ctx.outcome.label(),
+            shed,
+            upstream = %ctx.upstream.map_or_else(|| "-".to_string(), |a| a.to_string()),
+            site = ctx.site_name(),
+            duration_ms = duration_ms(elapsed),
+            request_id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            client = %client_ip(session).map_or_else(|| "-".to_string(), |a| a.to_string()),
+            error = e.map(|e| e.to_string()),
+            "access"
+        );
+    }
+}
+
+fn duration_ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_differ() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

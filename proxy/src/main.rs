@@ -1,0 +1,117 @@
+//! `k2proxy`: run the proxy, or check its config files.
+//!
+//! `k2proxy run [--routes routes.toml] [--policy FILE]` starts the pingora
+//! server; `k2proxy check` validates both files and exits 0 or 1. See
+//! `docs/operations.md`.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use proxy::config::{self, Paths};
+use proxy::server::{self, RunOptions};
+use proxy::Shared;
+
+#[derive(Parser)]
+#[command(name = "k2proxy", version, about = "Load-shedding reverse proxy for payment checkouts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Files {
+    /// Routes file (listeners, clusters, sites, routes).
+    #[arg(long, default_value = "routes.toml")]
+    routes: PathBuf,
+    /// Policy file; overrides `[server].policy` in the routes file.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[command(flatten)]
+        files: Files,
+        /// Log format of the access log and every other event.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+        /// Take over the listeners of a running k2proxy (graceful upgrade).
+        #[arg(long)]
+        upgrade: bool,
+    },
+    /// Validate the routes and policy files, then exit (0 valid, 1 invalid).
+    Check {
+        #[command(flatten)]
+        files: Files,
+    },
+}
+
+fn paths(files: Files) -> Paths {
+    Paths {
+        routes: files.routes,
+        policy: files.policy,
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { files } => match config::load(&paths(files)) {
+            Ok(snapshot) => {
+                println!("ok: {}", snapshot.summary());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            files,
+            log_format,
+            upgrade,
+        } => {
+            let snapshot = match config::load(&paths(files)) {
+                Ok(s) => s,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    eprintln!("k2proxy: refusing to start with an invalid config");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logs(log_format);
+            tracing::info!(
+                listen = ?snapshot.server.listen,
+                admin = %snapshot.server.admin,
+                "{}",
+                snapshot.summary()
+            );
+            let shared = Arc::new(Shared::new(snapshot));
+            server::build(shared, &RunOptions { upgrade }).run_forever()
+        }
+    }
+}

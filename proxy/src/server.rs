@@ -1,0 +1,51 @@
+//! Builds the pingora server: the proxy service on `[server].listen` and the
+//! admin service on `[server].admin`.
+
+use std::sync::Arc;
+
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::gateway::Gateway;
+use crate::Shared;
+
+/// Options of `k2proxy run` that reach pingora.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Take over the listeners of a running k2proxy (graceful upgrade).
+    pub upgrade: bool,
+}
+
+/// A server ready to `run_forever`.
+pub fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
+    let snap = shared.config.load_full();
+    let mut conf = ServerConf::new().expect("pingora's default configuration");
+    conf.threads = snap.server.threads;
+    // A stopping k2proxy finishes in-flight checkouts, but not forever.
+    conf.grace_period_seconds = Some(5);
+    conf.graceful_shutdown_timeout_seconds = Some(10);
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(shared.clone()),
+        "k2proxy",
+    );
+    for addr in &snap.server.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    let mut admin = Service::new("k2proxy admin".to_string(), Admin::new(shared));
+    admin.add_tcp(&snap.server.admin.to_string());
+    admin.threads = Some(1);
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server
+}
