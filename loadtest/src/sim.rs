@@ -96,7 +96,11 @@ impl Sim {
         self.record(tier.as_deref(), request_id.as_deref());
 
         // Holding a worker for the service time is the capacity limit.
-        let _worker = self.workers.acquire().await.expect("semaphore never closed");
+        let _worker = self
+            .workers
+            .acquire()
+            .await
+            .expect("semaphore never closed");
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return text(StatusCode::BAD_REQUEST, "body read failed\n"),
@@ -132,7 +136,9 @@ impl Sim {
     fn record(&self, tier: Option<&str>, request_id: Option<&str>) {
         let mut s = self.stats.lock().expect("stats lock");
         s.total += 1;
-        *s.per_tier.entry(tier.unwrap_or("none").to_string()).or_default() += 1;
+        *s.per_tier
+            .entry(tier.unwrap_or("none").to_string())
+            .or_default() += 1;
         if let Some(id) = request_id {
             if !s.request_ids.insert(id.to_string()) {
                 s.duplicates += 1;
@@ -162,7 +168,10 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 }
 
 /// Binds `addr` and serves the simulator on it; returns the bound address.
-pub async fn start(config: SimConfig, addr: SocketAddr) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn start(
+    config: SimConfig,
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let sim = Sim::new(config);

@@ -277,7 +277,10 @@ mod tests {
             classify(&t, "GET", "/x", &[("host", "ADMIN.k2.test:8080")]),
             Some("admin-host")
         );
-        assert_eq!(classify(&t, "GET", "/x", &[("host", "xadmin.k2.test")]), None);
+        assert_eq!(
+            classify(&t, "GET", "/x", &[("host", "xadmin.k2.test")]),
+            None
+        );
         assert_eq!(
             classify(&t, "GET", "http://admin.k2.test/x", &[]),
             Some("admin-host"),
@@ -294,7 +297,11 @@ mod tests {
             classify(&t, "GET", "/pay/1", &[("host", "shops.test")]),
             None
         );
-        assert_eq!(classify(&t, "GET", "/other", &h), None, "path must also hold");
+        assert_eq!(
+            classify(&t, "GET", "/other", &h),
+            None,
+            "path must also hold"
+        );
     }
 
     #[test]
@@ -302,15 +309,27 @@ mod tests {
         let t = table();
         assert_eq!(classify(&t, "GET", "/status", &[]), Some("status-exact"));
         assert_eq!(classify(&t, "GET", "/status/x", &[]), None);
-        assert_eq!(classify(&t, "GET", "/status?full=1", &[]), Some("status-exact"));
+        assert_eq!(
+            classify(&t, "GET", "/status?full=1", &[]),
+            Some("status-exact")
+        );
     }
 
     #[test]
     fn methods_restrict_and_first_match_wins() {
         let t = table();
-        assert_eq!(classify(&t, "POST", "/checkout/1", &[]), Some("checkout-post"));
-        assert_eq!(classify(&t, "PUT", "/checkout/1", &[]), Some("checkout-post"));
-        assert_eq!(classify(&t, "GET", "/checkout/1", &[]), Some("checkout-any"));
+        assert_eq!(
+            classify(&t, "POST", "/checkout/1", &[]),
+            Some("checkout-post")
+        );
+        assert_eq!(
+            classify(&t, "PUT", "/checkout/1", &[]),
+            Some("checkout-post")
+        );
+        assert_eq!(
+            classify(&t, "GET", "/checkout/1", &[]),
+            Some("checkout-any")
+        );
         // Both the status route and the header route fit: the earlier wins.
         assert_eq!(
             classify(&t, "GET", "/status", &[("x-client", "merchant")]),

@@ -213,9 +213,15 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let (Some(snap), Some(route)) = (&ctx.snapshot, ctx.route) else {
-            return Error::e_explain(ErrorType::InternalError, "upstream_peer before classification");
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "upstream_peer before classification",
+            );
         };
-        let route = snap.routes.get(route).expect("route index from this snapshot");
+        let route = snap
+            .routes
+            .get(route)
+            .expect("route index from this snapshot");
         let cluster = snap.cluster(route.cluster);
         let Some(choice) = cluster.sites.choose() else {
             ctx.outcome = Outcome::Shed("no_healthy_site");
@@ -308,7 +314,9 @@ impl ProxyHttp for Gateway {
         }
         if e.esource() == &ErrorSource::Upstream || kind.contains("timeout") || kind == "connect" {
             if let (Some(snap), Some(r)) = (&ctx.snapshot, ctx.route) {
-                let cluster = &snap.cluster(snap.routes.get(r).expect("route").cluster).name;
+                let cluster = &snap
+                    .cluster(snap.routes.get(r).expect("route").cluster)
+                    .name;
                 let k = match kind {
                     "connect" | "connect_timeout" => "connect",
                     "timeout" => "timeout",
@@ -334,7 +342,10 @@ impl ProxyHttp for Gateway {
         }
         let body = match ctx.outcome {
             Outcome::Shed(reason) => {
-                let retry_after = ctx.snapshot.as_ref().map_or(30, |s| s.shedding.retry_after_s);
+                let retry_after = ctx
+                    .snapshot
+                    .as_ref()
+                    .map_or(30, |s| s.shedding.retry_after_s);
                 extra.push((http::header::RETRY_AFTER, HeaderValue::from(retry_after)));
                 extra.push((X_K2_SHED, HeaderValue::from_static(reason)));
                 serde_json::json!({
@@ -362,12 +373,14 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
         if ctx.outcome == Outcome::Pending {
-            ctx.outcome = if e.is_some() { Outcome::Error } else { Outcome::Proxied };
+            ctx.outcome = if e.is_some() {
+                Outcome::Error
+            } else {
+                Outcome::Proxied
+            };
         }
         let m = &self.shared.metrics;
         let tier = ctx.tier_name();

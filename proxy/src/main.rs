@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,7 +17,11 @@ use proxy::server::{self, RunOptions};
 use proxy::Shared;
 
 #[derive(Parser)]
-#[command(name = "k2proxy", version, about = "Load-shedding reverse proxy for payment checkouts")]
+#[command(
+    name = "k2proxy",
+    version,
+    about = "Load-shedding reverse proxy for payment checkouts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -70,7 +75,8 @@ fn init_logs(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -28,7 +28,10 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("k2_requests_total", "Requests by route, tier, outcome and status class."),
+            Opts::new(
+                "k2_requests_total",
+                "Requests by route, tier, outcome and status class.",
+            ),
             &["route", "tier", "outcome", "code_class"],
         )
         .expect("static metric definition");
@@ -47,7 +50,10 @@ impl Metrics {
         )
         .expect("static metric definition");
         let config_reloads = IntCounterVec::new(
-            Opts::new("k2_config_reloads_total", "Config reload attempts by result (ok, error)."),
+            Opts::new(
+                "k2_config_reloads_total",
+                "Config reload attempts by result (ok, error).",
+            ),
             &["result"],
         )
         .expect("static metric definition");
@@ -66,7 +72,9 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(upstream_errors.clone()),
         ] {
-            registry.register(c).expect("each metric is registered once");
+            registry
+                .register(c)
+                .expect("each metric is registered once");
         }
         Metrics {
             registry,

@@ -8,7 +8,10 @@ use clap::Parser;
 use loadtest::sim::{self, SimConfig};
 
 #[derive(Parser)]
-#[command(name = "legacy-sim", about = "A capacity-limited model of the legacy checkout backend")]
+#[command(
+    name = "legacy-sim",
+    about = "A capacity-limited model of the legacy checkout backend"
+)]
 struct Args {
     /// Address to listen on, ip:port (port 0 picks a free one and prints it).
     #[arg(long, default_value = "127.0.0.1:9001")]

@@ -8,6 +8,8 @@
 
 mod error;
 pub mod raw;
+#[cfg(test)]
+mod tests;
 mod validate;
 
 use std::net::SocketAddr;
@@ -55,6 +57,13 @@ pub fn load(paths: &Paths) -> Result<Snapshot, ConfigErrors> {
     })?;
     let policy: raw::PolicyFile = policy_src.parse()?;
     validate::snapshot(&routes_src, routes, &policy_src, policy)
+}
+
+/// Parses and checks files already read (tests, and `load`'s second half).
+pub fn load_sources(routes: &SourceFile, policy: &SourceFile) -> Result<Snapshot, ConfigErrors> {
+    let raw_routes: raw::RoutesFile = routes.parse()?;
+    let raw_policy: raw::PolicyFile = policy.parse()?;
+    validate::snapshot(routes, raw_routes, policy, raw_policy)
 }
 
 /// The whole checked configuration one request runs with.

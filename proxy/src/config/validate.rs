@@ -26,10 +26,16 @@ struct Check<'a> {
 
 impl Check<'_> {
     fn err<T>(&mut self, spanned: &Spanned<T>, message: impl Into<String>) {
-        self.errors.push(self.src.error(Some(spanned.span()), message));
+        self.errors
+            .push(self.src.error(Some(spanned.span()), message));
     }
 
-    fn duration(&mut self, v: Option<&Spanned<String>>, field: &str, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        v: Option<&Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else { return default };
         match humantime::parse_duration(v.get_ref().trim()) {
             Ok(d) if !d.is_zero() => d,
@@ -66,23 +72,42 @@ impl Check<'_> {
         }
     }
 
-    fn int(&mut self, v: Option<&Spanned<i64>>, field: &str, range: (i64, i64), default: u32) -> u32 {
+    fn int(
+        &mut self,
+        v: Option<&Spanned<i64>>,
+        field: &str,
+        range: (i64, i64),
+        default: u32,
+    ) -> u32 {
         let Some(v) = v else { return default };
         let n = *v.get_ref();
         if n < range.0 || n > range.1 {
             self.err(
                 v,
-                format!("`{field}` is {n}: expected a whole number from {} to {}", range.0, range.1),
+                format!(
+                    "`{field}` is {n}: expected a whole number from {} to {}",
+                    range.0, range.1
+                ),
             );
             return default;
         }
         n as u32
     }
 
-    fn share(&mut self, v: Option<&Spanned<f64>>, field: &str, low_inclusive: bool, default: f64) -> f64 {
+    fn share(
+        &mut self,
+        v: Option<&Spanned<f64>>,
+        field: &str,
+        low_inclusive: bool,
+        default: f64,
+    ) -> f64 {
         let Some(v) = v else { return default };
         let x = *v.get_ref();
-        let ok = if low_inclusive { (0.0..=1.0).contains(&x) } else { x > 0.0 && x <= 1.0 };
+        let ok = if low_inclusive {
+            (0.0..=1.0).contains(&x)
+        } else {
+            x > 0.0 && x <= 1.0
+        };
         if !ok {
             let range = if low_inclusive { "[0, 1]" } else { "(0, 1]" };
             self.err(v, format!("`{field}` is {x}: expected a share in {range}"));
@@ -95,7 +120,13 @@ impl Check<'_> {
         match HeaderName::from_bytes(v.get_ref().trim().as_bytes()) {
             Ok(h) => Some(h),
             Err(_) => {
-                self.err(v, format!("`{field}` {:?} is not a valid HTTP header name", v.get_ref()));
+                self.err(
+                    v,
+                    format!(
+                        "`{field}` {:?} is not a valid HTTP header name",
+                        v.get_ref()
+                    ),
+                );
                 None
             }
         }
@@ -134,14 +165,20 @@ pub(super) fn snapshot(
     let mut errors = Vec::new();
 
     // The policy first: routes refer to its tiers.
-    let mut pc = Check { src: policy_src, errors: &mut errors };
+    let mut pc = Check {
+        src: policy_src,
+        errors: &mut errors,
+    };
     let tier_names = tier_names(&mut pc, &policy.tiers);
     let tiers = tiers(&mut pc, &policy, &tier_names);
     let shedding = shedding(&mut pc, policy.shedding.as_ref(), &tier_names);
     let retries = retries(&mut pc, policy.retries.as_ref());
     let trust = trust(&mut pc, policy.trust.as_ref());
 
-    let mut rc = Check { src: routes_src, errors: &mut errors };
+    let mut rc = Check {
+        src: routes_src,
+        errors: &mut errors,
+    };
     let server = server(&mut rc, &routes.server);
     let clusters = clusters(&mut rc, &routes.clusters);
     let cluster_ids: HashMap<&str, ClusterId> = routes
@@ -152,10 +189,16 @@ pub(super) fn snapshot(
         .collect();
     let route_list = route_list(&mut rc, &routes.routes, &tier_names, &cluster_ids);
     if route_list.is_empty() && routes.routes.is_empty() {
-        rc.errors.push(routes_src.error(None, "no [[routes]]: every request would get 404; expected at least one route"));
+        rc.errors.push(routes_src.error(
+            None,
+            "no [[routes]]: every request would get 404; expected at least one route",
+        ));
     }
 
-    let mut pc = Check { src: policy_src, errors: &mut errors };
+    let mut pc = Check {
+        src: policy_src,
+        errors: &mut errors,
+    };
     let admission = admission(&mut pc, &policy.admission, &routes.clusters);
     let route_ids: HashMap<&str, usize> = routes
         .routes
@@ -186,17 +229,36 @@ pub(super) fn snapshot(
 fn tier_names(c: &mut Check<'_>, list: &Spanned<Vec<Spanned<String>>>) -> TierNames {
     let mut names = HashMap::new();
     if list.get_ref().is_empty() {
-        c.err(list, "`tiers` is empty: expected the tier names, highest priority first");
+        c.err(
+            list,
+            "`tiers` is empty: expected the tier names, highest priority first",
+        );
     }
     if list.get_ref().len() > MAX_TIERS {
-        c.err(list, format!("{} tiers: expected at most {MAX_TIERS}", list.get_ref().len()));
+        c.err(
+            list,
+            format!(
+                "{} tiers: expected at most {MAX_TIERS}",
+                list.get_ref().len()
+            ),
+        );
     }
     for name in list.get_ref().iter().take(MAX_TIERS) {
         let n = name.get_ref();
-        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-            c.err(name, format!("tier name {n:?}: expected letters, digits, '_' or '-'"));
+        if n.is_empty()
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            c.err(
+                name,
+                format!("tier name {n:?}: expected letters, digits, '_' or '-'"),
+            );
         } else if names.contains_key(n) {
-            c.err(name, format!("duplicate tier {n:?}: tier names must be unique"));
+            c.err(
+                name,
+                format!("duplicate tier {n:?}: tier names must be unique"),
+            );
         } else {
             let id = TierId(names.len() as u8);
             names.insert(n.clone(), id);
@@ -220,9 +282,15 @@ fn tiers(c: &mut Check<'_>, policy: &raw::PolicyFile, names: &TierNames) -> Vec<
             .collect()
     };
     for (name, t) in &policy.tier {
-        let Some(id) = names.resolve(c, name, "[tier.<name>]") else { continue };
+        let Some(id) = names.resolve(c, name, "[tier.<name>]") else {
+            continue;
+        };
         let tier = &mut tiers[id.0 as usize];
-        tier.max_queue_wait = c.duration(t.max_queue_wait.as_ref(), "max_queue_wait", tier.max_queue_wait);
+        tier.max_queue_wait = c.duration(
+            t.max_queue_wait.as_ref(),
+            "max_queue_wait",
+            tier.max_queue_wait,
+        );
         tier.max_share = c.share(t.max_share.as_ref(), "max_share", false, 1.0);
         tier.shed_status = c.int(t.shed_status.as_ref(), "shed_status", (400, 599), 503) as u16;
     }
@@ -237,15 +305,37 @@ fn shedding(c: &mut Check<'_>, raw: Option<&raw::SheddingRaw>, names: &TierNames
         retry_after_s: 30,
     };
     let Some(raw) = raw else { return s };
-    s.target_queue_delay = c.duration(raw.target_queue_delay.as_ref(), "target_queue_delay", s.target_queue_delay);
-    s.never_shed = raw.never_shed.iter().filter_map(|n| names.resolve(c, n, "never_shed")).collect();
-    s.force_shed = raw.force_shed.iter().filter_map(|n| names.resolve(c, n, "force_shed")).collect();
+    s.target_queue_delay = c.duration(
+        raw.target_queue_delay.as_ref(),
+        "target_queue_delay",
+        s.target_queue_delay,
+    );
+    s.never_shed = raw
+        .never_shed
+        .iter()
+        .filter_map(|n| names.resolve(c, n, "never_shed"))
+        .collect();
+    s.force_shed = raw
+        .force_shed
+        .iter()
+        .filter_map(|n| names.resolve(c, n, "force_shed"))
+        .collect();
     for (n, id) in raw.force_shed.iter().zip(&s.force_shed) {
         if s.never_shed.contains(id) {
-            c.err(n, format!("tier {:?} is in both `never_shed` and `force_shed`: expected one or the other", n.get_ref()));
+            c.err(
+                n,
+                format!(
+                    "tier {:?} is in both `never_shed` and `force_shed`: expected one or the other",
+                    n.get_ref()
+                ),
+            );
         }
     }
-    let retry_after = c.duration(raw.retry_after.as_ref(), "retry_after", Duration::from_secs(30));
+    let retry_after = c.duration(
+        raw.retry_after.as_ref(),
+        "retry_after",
+        Duration::from_secs(30),
+    );
     // retry-after carries whole seconds; round up so a client never comes back early.
     s.retry_after_s = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
     s
@@ -287,7 +377,10 @@ fn trust(c: &mut Check<'_>, raw: Option<&raw::TrustRaw>) -> Trust {
 fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
     let mut listen = Vec::new();
     if raw.listen.get_ref().is_empty() {
-        c.err(&raw.listen, "`listen` is empty: expected at least one ip:port");
+        c.err(
+            &raw.listen,
+            "`listen` is empty: expected at least one ip:port",
+        );
     }
     for l in raw.listen.get_ref() {
         if let Some(a) = c.addr(l, "listen") {
@@ -300,17 +393,29 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
     let admin = match &raw.admin {
         Some(a) => c.addr(a, "admin").inspect(|addr| {
             if listen.contains(addr) {
-                c.err(a, format!("admin address {addr} is also a proxy listener: expected a port of its own"));
+                c.err(
+                    a,
+                    format!(
+                        "admin address {addr} is also a proxy listener: expected a port of its own"
+                    ),
+                );
             }
         }),
         None => None,
     }
     .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9901)));
     let threads = c.int(raw.threads.as_ref(), "threads", (1, 1024), 2) as usize;
-    Server { listen, admin, threads }
+    Server {
+        listen,
+        admin,
+        threads,
+    }
 }
 
-fn clusters(c: &mut Check<'_>, raw: &std::collections::BTreeMap<Spanned<String>, raw::ClusterRaw>) -> Vec<Cluster> {
+fn clusters(
+    c: &mut Check<'_>,
+    raw: &std::collections::BTreeMap<Spanned<String>, raw::ClusterRaw>,
+) -> Vec<Cluster> {
     let mut out = Vec::new();
     for (name, cl) in raw {
         let failover = match cl.failover.as_ref().map(|f| (f, f.get_ref().as_str())) {
@@ -325,11 +430,20 @@ fn clusters(c: &mut Check<'_>, raw: &std::collections::BTreeMap<Spanned<String>,
             None | Some((_, "round-robin")) => Balance::RoundRobin,
             Some((_, "least-inflight")) => Balance::LeastInflight,
             Some((b, other)) => {
-                c.err(b, format!("unknown balance {other:?}: expected \"round-robin\" or \"least-inflight\""));
+                c.err(
+                    b,
+                    format!(
+                        "unknown balance {other:?}: expected \"round-robin\" or \"least-inflight\""
+                    ),
+                );
                 Balance::RoundRobin
             }
         };
-        let connect_timeout = c.duration(cl.connect_timeout.as_ref(), "connect_timeout", Duration::from_millis(500));
+        let connect_timeout = c.duration(
+            cl.connect_timeout.as_ref(),
+            "connect_timeout",
+            Duration::from_millis(500),
+        );
         let health = health(c, cl.health.as_ref());
         let sites = sites(c, name, cl, failover);
         out.push(Cluster {
@@ -357,7 +471,10 @@ fn health(c: &mut Check<'_>, raw: Option<&raw::HealthRaw>) -> HealthCheck {
         if p.get_ref().starts_with('/') {
             h.path = p.get_ref().clone();
         } else {
-            c.err(p, format!("health `path` {:?} must start with '/'", p.get_ref()));
+            c.err(
+                p,
+                format!("health `path` {:?} must start with '/'", p.get_ref()),
+            );
         }
     }
     h.interval = c.duration(raw.interval.as_ref(), "interval", h.interval);
@@ -367,21 +484,43 @@ fn health(c: &mut Check<'_>, raw: Option<&raw::HealthRaw>) -> HealthCheck {
     h
 }
 
-fn sites(c: &mut Check<'_>, cluster: &Spanned<String>, raw: &raw::ClusterRaw, mode: FailoverMode) -> Vec<failover::Site> {
+fn sites(
+    c: &mut Check<'_>,
+    cluster: &Spanned<String>,
+    raw: &raw::ClusterRaw,
+    mode: FailoverMode,
+) -> Vec<failover::Site> {
     let mut out: Vec<failover::Site> = Vec::new();
     if raw.sites.get_ref().is_empty() {
-        c.err(&raw.sites, format!("cluster {:?} has no sites: expected at least one [[clusters.{}.sites]]", cluster.get_ref(), cluster.get_ref()));
+        c.err(
+            &raw.sites,
+            format!(
+                "cluster {:?} has no sites: expected at least one [[clusters.{}.sites]]",
+                cluster.get_ref(),
+                cluster.get_ref()
+            ),
+        );
     }
     let mut seen_backends = HashSet::new();
     for s in raw.sites.get_ref() {
         if out.iter().any(|o| &o.name == s.name.get_ref()) {
-            c.err(&s.name, format!("duplicate site {:?} in cluster {:?}: site names must be unique", s.name.get_ref(), cluster.get_ref()));
+            c.err(
+                &s.name,
+                format!(
+                    "duplicate site {:?} in cluster {:?}: site names must be unique",
+                    s.name.get_ref(),
+                    cluster.get_ref()
+                ),
+            );
         }
         let role = match s.role.as_ref().map(|r| (r, r.get_ref().as_str())) {
             Some((_, "primary")) => failover::Role::Primary,
             Some((_, "secondary")) => failover::Role::Secondary,
             Some((r, other)) => {
-                c.err(r, format!("unknown role {other:?}: expected \"primary\" or \"secondary\""));
+                c.err(
+                    r,
+                    format!("unknown role {other:?}: expected \"primary\" or \"secondary\""),
+                );
                 failover::Role::Secondary
             }
             None if mode == FailoverMode::ActivePassive => {
@@ -392,13 +531,22 @@ fn sites(c: &mut Check<'_>, cluster: &Spanned<String>, raw: &raw::ClusterRaw, mo
         };
         let weight = c.int(s.weight.as_ref(), "weight", (0, 10_000), 1);
         if s.backends.get_ref().is_empty() {
-            c.err(&s.backends, format!("site {:?} has no backends: expected at least one ip:port", s.name.get_ref()));
+            c.err(
+                &s.backends,
+                format!(
+                    "site {:?} has no backends: expected at least one ip:port",
+                    s.name.get_ref()
+                ),
+            );
         }
         let mut backends = Vec::new();
         for b in s.backends.get_ref() {
             if let Some(a) = c.addr(b, "backend") {
                 if !seen_backends.insert(a) {
-                    c.err(b, format!("duplicate backend {a} in cluster {:?}", cluster.get_ref()));
+                    c.err(
+                        b,
+                        format!("duplicate backend {a} in cluster {:?}", cluster.get_ref()),
+                    );
                 }
                 backends.push(a);
             }
@@ -415,7 +563,13 @@ fn sites(c: &mut Check<'_>, cluster: &Spanned<String>, raw: &raw::ClusterRaw, mo
         && !out.is_empty()
         && !out.iter().any(|s| s.role == failover::Role::Primary)
     {
-        c.err(&raw.sites, format!("cluster {:?} has no primary site: expected one site with role = \"primary\"", cluster.get_ref()));
+        c.err(
+            &raw.sites,
+            format!(
+                "cluster {:?} has no primary site: expected one site with role = \"primary\"",
+                cluster.get_ref()
+            ),
+        );
     }
     out
 }
@@ -430,20 +584,36 @@ fn route_list(
     let mut names: HashMap<&str, ()> = HashMap::new();
     for r in raw {
         if names.insert(r.name.get_ref().as_str(), ()).is_some() {
-            c.err(&r.name, format!("duplicate route name {:?}: route names must be unique", r.name.get_ref()));
+            c.err(
+                &r.name,
+                format!(
+                    "duplicate route name {:?}: route names must be unique",
+                    r.name.get_ref()
+                ),
+            );
         }
         let tier = tiers.resolve(c, &r.tier, "tier");
         let cluster = clusters.get(r.cluster.get_ref().as_str()).copied();
         if cluster.is_none() {
             let mut known: Vec<&str> = clusters.keys().copied().collect();
             known.sort();
-            let known = if known.is_empty() { "(none defined)".to_string() } else { known.join(", ") };
+            let known = if known.is_empty() {
+                "(none defined)".to_string()
+            } else {
+                known.join(", ")
+            };
             c.err(&r.cluster, format!("unknown cluster {:?}: expected one of the [clusters.<name>] in this file: {known}", r.cluster.get_ref()));
         }
         let timeout = c.duration(r.timeout.as_ref(), "timeout", Duration::from_secs(10));
         let matcher = matcher(c, &r.matcher);
         if let (Some(tier), Some(cluster), Some(matcher)) = (tier, cluster, matcher) {
-            out.push(Route { name: r.name.get_ref().clone(), matcher, tier, cluster, timeout });
+            out.push(Route {
+                name: r.name.get_ref().clone(),
+                matcher,
+                tier,
+                cluster,
+                timeout,
+            });
         }
     }
     out
@@ -456,18 +626,33 @@ fn matcher(c: &mut Check<'_>, raw: &raw::MatchRaw) -> Option<Matcher> {
         let host = h.get_ref().trim().to_ascii_lowercase();
         m.host = if let Some(suffix) = host.strip_prefix('*') {
             if !suffix.starts_with('.') || suffix.len() < 2 {
-                c.err(h, format!("host pattern {:?}: a wildcard must look like \"*.example.com\"", h.get_ref()));
+                c.err(
+                    h,
+                    format!(
+                        "host pattern {:?}: a wildcard must look like \"*.example.com\"",
+                        h.get_ref()
+                    ),
+                );
             }
             Some(HostMatch::Suffix(suffix.to_string()))
         } else {
             if host.is_empty() || host.contains(['/', ' ', '*']) {
-                c.err(h, format!("host {:?}: expected a host name like \"shop.example.com\"", h.get_ref()));
+                c.err(
+                    h,
+                    format!(
+                        "host {:?}: expected a host name like \"shop.example.com\"",
+                        h.get_ref()
+                    ),
+                );
             }
             Some(HostMatch::Exact(host))
         };
     }
     match (&raw.path, &raw.path_prefix) {
-        (Some(p), Some(_)) => c.err(p, "`path` and `path_prefix` both given: expected one of them"),
+        (Some(p), Some(_)) => c.err(
+            p,
+            "`path` and `path_prefix` both given: expected one of them",
+        ),
         (Some(p), None) | (None, Some(p)) => {
             if !p.get_ref().starts_with('/') {
                 c.err(p, format!("path {:?} must start with '/'", p.get_ref()));
@@ -484,7 +669,12 @@ fn matcher(c: &mut Check<'_>, raw: &raw::MatchRaw) -> Option<Matcher> {
         let s = method.get_ref().trim();
         match Method::from_bytes(s.as_bytes()) {
             Ok(parsed) if s.bytes().all(|b| b.is_ascii_uppercase()) => m.methods.push(parsed),
-            _ => c.err(method, format!("method {s:?}: expected an upper-case HTTP method like \"GET\" or \"POST\"")),
+            _ => c.err(
+                method,
+                format!(
+                    "method {s:?}: expected an upper-case HTTP method like \"GET\" or \"POST\""
+                ),
+            ),
         }
     }
     if let Some(h) = &raw.header {
@@ -510,7 +700,14 @@ fn admission(
     raw: &std::collections::BTreeMap<Spanned<String>, raw::AdmissionRaw>,
     clusters: &std::collections::BTreeMap<Spanned<String>, raw::ClusterRaw>,
 ) -> Vec<Admission> {
-    let default = Admission { mode: AdmissionMode::Adaptive { initial: 32, min: 4, max: 1024 }, max_queue: 1024 };
+    let default = Admission {
+        mode: AdmissionMode::Adaptive {
+            initial: 32,
+            min: 4,
+            max: 1024,
+        },
+        max_queue: 1024,
+    };
     let mut out = vec![default.clone(); clusters.len()];
     for (name, a) in raw {
         let Some(idx) = clusters.keys().position(|k| k.get_ref() == name.get_ref()) else {
@@ -526,11 +723,18 @@ fn admission(
                 }
                 let min = c.int(a.min.as_ref(), "min", (1, 1_000_000), 4);
                 let max = c.int(a.max.as_ref(), "max", (1, 1_000_000), 1024);
-                let initial = c.int(a.initial.as_ref(), "initial", (1, 1_000_000), 32.clamp(min, max.max(min)));
+                let initial = c.int(
+                    a.initial.as_ref(),
+                    "initial",
+                    (1, 1_000_000),
+                    32.clamp(min, max.max(min)),
+                );
                 let problem = if min > max {
                     Some(format!("`min` ({min}) is above `max` ({max})"))
                 } else if initial < min || initial > max {
-                    Some(format!("`initial` ({initial}) must lie between `min` ({min}) and `max` ({max})"))
+                    Some(format!(
+                        "`initial` ({initial}) must lie between `min` ({min}) and `max` ({max})"
+                    ))
                 } else {
                     None
                 };
@@ -543,14 +747,19 @@ fn admission(
                 AdmissionMode::Adaptive { initial, min, max }
             }
             Some((m, "fixed")) => match &a.limit {
-                Some(_) => AdmissionMode::Fixed { limit: c.int(a.limit.as_ref(), "limit", (1, 1_000_000), 1) },
+                Some(_) => AdmissionMode::Fixed {
+                    limit: c.int(a.limit.as_ref(), "limit", (1, 1_000_000), 1),
+                },
                 None => {
                     c.err(m, "mode = \"fixed\" needs `limit = N`");
                     AdmissionMode::Fixed { limit: 1 }
                 }
             },
             Some((m, other)) => {
-                c.err(m, format!("unknown admission mode {other:?}: expected \"adaptive\" or \"fixed\""));
+                c.err(
+                    m,
+                    format!("unknown admission mode {other:?}: expected \"adaptive\" or \"fixed\""),
+                );
                 default.mode.clone()
             }
         };
@@ -575,22 +784,37 @@ fn rate_limits(
                     None
                 }
             },
-            (None, Some(tier)) => tiers.resolve(c, tier, "rate_limit.tier").map(RateScope::Tier),
+            (None, Some(tier)) => tiers
+                .resolve(c, tier, "rate_limit.tier")
+                .map(RateScope::Tier),
             (Some(route), Some(_)) => {
-                c.err(route, "rate limit has both `route` and `tier`: expected one of them");
+                c.err(
+                    route,
+                    "rate limit has both `route` and `tier`: expected one of them",
+                );
                 None
             }
             (None, None) => {
-                c.err(&r.key, "rate limit has neither `route` nor `tier`: expected one of them");
+                c.err(
+                    &r.key,
+                    "rate limit has neither `route` nor `tier`: expected one of them",
+                );
                 None
             }
         };
         let key = match r.key.get_ref().as_str() {
             "client_ip" => Some(RateKey::ClientIp),
             k => match k.strip_prefix("header:") {
-                Some(h) => c.header_name(&Spanned::new(r.key.span(), h.to_string()), "key").map(RateKey::Header),
+                Some(h) => c
+                    .header_name(&Spanned::new(r.key.span(), h.to_string()), "key")
+                    .map(RateKey::Header),
                 None => {
-                    c.err(&r.key, format!("rate limit key {k:?}: expected \"client_ip\" or \"header:<name>\""));
+                    c.err(
+                        &r.key,
+                        format!(
+                            "rate limit key {k:?}: expected \"client_ip\" or \"header:<name>\""
+                        ),
+                    );
                     None
                 }
             },
@@ -598,7 +822,12 @@ fn rate_limits(
         let per_second = c.int(Some(&r.per_second), "per_second", (1, 10_000_000), 1);
         let burst = c.int(r.burst.as_ref(), "burst", (1, 10_000_000), per_second);
         if let (Some(scope), Some(key)) = (scope, key) {
-            out.push(RateLimit { scope, key, per_second, burst });
+            out.push(RateLimit {
+                scope,
+                key,
+                per_second,
+                burst,
+            });
         }
     }
     out

@@ -1,0 +1,319 @@
+//! One named test per bad input an operator can write, each asserting the
+//! message they would read.
+
+use super::*;
+
+const ROUTES: &str = r#"[server]
+listen = ["127.0.0.1:8080"]
+admin = "127.0.0.1:9901"
+
+[clusters.kred]
+connect_timeout = "500ms"
+
+[[clusters.kred.sites]]
+name = "skondal"
+role = "primary"
+backends = ["127.0.0.1:9001", "127.0.0.1:9002"]
+
+[[clusters.kred.sites]]
+name = "verizon"
+role = "secondary"
+backends = ["127.0.0.1:9101"]
+
+[[routes]]
+name = "checkout"
+match = { path_prefix = "/checkout/" }
+tier = "purchase"
+cluster = "kred"
+timeout = "10s"
+
+[[routes]]
+name = "admin"
+match = { path_prefix = "/admin/", methods = ["GET", "POST"] }
+tier = "admin"
+cluster = "kred"
+"#;
+
+const POLICY: &str = r#"tiers = ["purchase", "merchant", "admin"]
+
+[tier.admin]
+max_queue_wait = "100ms"
+max_share = 0.3
+
+[shedding]
+never_shed = ["purchase"]
+retry_after = "1500ms"
+
+[trust]
+tier_header_from = ["10.0.0.0/8", "127.0.0.1"]
+"#;
+
+fn src(path: &str, text: &str) -> SourceFile {
+    SourceFile {
+        path: path.into(),
+        text: text.to_string(),
+    }
+}
+
+fn load(routes: &str, policy: &str) -> Result<Snapshot, ConfigErrors> {
+    load_sources(&src("routes.toml", routes), &src("policy.toml", policy))
+}
+
+/// The one error a broken file gives, as `file:line:col: error: message`.
+fn only_error(routes: &str, policy: &str) -> ConfigError {
+    let errs = load(routes, policy).expect_err("the file is invalid").0;
+    assert_eq!(errs.len(), 1, "expected exactly one error, got: {errs:#?}");
+    errs.into_iter().next().unwrap()
+}
+
+fn headline(e: &ConfigError) -> String {
+    e.to_string().lines().next().unwrap().to_string()
+}
+
+#[test]
+fn valid_files_load_with_checked_values() {
+    let s = load(ROUTES, POLICY).expect("valid");
+    assert_eq!(s.tiers.len(), 3);
+    assert_eq!(s.tier(s.routes.get(1).unwrap().tier).name, "admin");
+    assert_eq!(s.tiers[2].max_queue_wait, Duration::from_millis(100));
+    assert_eq!(s.tiers[2].max_share, 0.3);
+    assert_eq!(s.tiers[0].max_share, 1.0, "default share");
+    assert_eq!(s.shedding.retry_after_s, 2, "1.5 s rounds up");
+    assert!(s.trust.may_set_tier("10.1.2.3".parse().unwrap()));
+    assert!(s.trust.may_set_tier("127.0.0.1".parse().unwrap()));
+    assert!(!s.trust.may_set_tier("127.0.0.2".parse().unwrap()));
+    assert_eq!(s.clusters[0].sites.sites().len(), 2);
+    assert_eq!(s.server.threads, 2);
+    assert!(s
+        .summary()
+        .contains("2 routes, 3 tiers, 1 clusters, 2 sites, 3 backends"));
+}
+
+#[test]
+fn unknown_field_is_an_error_with_its_location() {
+    let routes = ROUTES.replace("timeout = \"10s\"", "timeout = \"10s\"\nretries = 3");
+    let e = only_error(&routes, POLICY);
+    assert_eq!(
+        headline(&e),
+        "routes.toml:24:1: error: unknown field `retries`, expected one of `name`, `match`, `tier`, `cluster`, `timeout`"
+    );
+}
+
+#[test]
+fn unknown_field_in_policy_names_the_policy_file() {
+    let policy = POLICY.replace("max_share = 0.3", "max_share = 0.3\nshare = 1");
+    let e = only_error(ROUTES, &policy);
+    assert!(
+        headline(&e).starts_with("policy.toml:6:1: error: unknown field `share`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_tier_lists_the_known_ones() {
+    let routes = ROUTES.replace("tier = \"admin\"", "tier = \"admni\"");
+    let e = only_error(&routes, POLICY);
+    assert_eq!(
+        headline(&e),
+        "routes.toml:28:8: error: unknown tier \"admni\" in `tier`: expected one of the policy's tiers: purchase, merchant, admin"
+    );
+}
+
+#[test]
+fn unknown_cluster_lists_the_known_ones() {
+    let routes = ROUTES.replace("cluster = \"kred\"\ntimeout", "cluster = \"kerd\"\ntimeout");
+    let e = only_error(&routes, POLICY);
+    assert_eq!(
+        headline(&e),
+        "routes.toml:22:11: error: unknown cluster \"kerd\": expected one of the [clusters.<name>] in this file: kred"
+    );
+}
+
+#[test]
+fn bad_duration_says_what_a_duration_looks_like() {
+    let routes = ROUTES.replace("\"500ms\"", "\"5 parsecs\"");
+    let e = only_error(&routes, POLICY);
+    assert_eq!(
+        headline(&e),
+        "routes.toml:6:19: error: invalid duration \"5 parsecs\" for `connect_timeout`: expected a number with a unit, like \"500ms\", \"2s\" or \"1m\""
+    );
+}
+
+#[test]
+fn bad_cidr_is_located_in_the_policy() {
+    let policy = POLICY.replace("10.0.0.0/8", "10.0.0.0/33");
+    let e = only_error(ROUTES, &policy);
+    assert_eq!(
+        headline(&e),
+        "policy.toml:12:21: error: invalid CIDR \"10.0.0.0/33\" in `tier_header_from`: expected an address or network, like \"10.0.0.0/8\" or \"127.0.0.1\""
+    );
+}
+
+#[test]
+fn duplicate_route_name_points_at_the_second() {
+    let routes = ROUTES.replace("name = \"admin\"", "name = \"checkout\"");
+    let e = only_error(&routes, POLICY);
+    assert_eq!(
+        headline(&e),
+        "routes.toml:26:8: error: duplicate route name \"checkout\": route names must be unique"
+    );
+}
+
+#[test]
+fn toml_syntax_error_gives_its_line_and_quotes_it() {
+    let routes = ROUTES.replace("[[routes]]\nname = \"admin\"", "[[routes\nname = \"admin\"");
+    let e = only_error(&routes, POLICY);
+    assert_eq!(e.line, 25);
+    assert!(
+        headline(&e).starts_with("routes.toml:25:9: error: invalid table header"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("25 | [[routes"),
+        "quotes the line: {e}"
+    );
+}
+
+#[test]
+fn share_outside_zero_one_is_refused() {
+    let policy = POLICY.replace("max_share = 0.3", "max_share = 1.5");
+    let e = only_error(ROUTES, &policy);
+    assert_eq!(
+        headline(&e),
+        "policy.toml:5:13: error: `max_share` is 1.5: expected a share in (0, 1]"
+    );
+    let policy = POLICY.replace("max_share = 0.3", "max_share = 0.0");
+    assert!(headline(&only_error(ROUTES, &policy)).contains("expected a share in (0, 1]"));
+}
+
+#[test]
+fn site_without_backends_is_refused() {
+    let routes = ROUTES.replace("backends = [\"127.0.0.1:9101\"]", "backends = []");
+    let e = only_error(&routes, POLICY);
+    assert_eq!(
+        headline(&e),
+        "routes.toml:16:12: error: site \"verizon\" has no backends: expected at least one ip:port"
+    );
+}
+
+#[test]
+fn bad_backend_address_says_ip_port() {
+    let routes = ROUTES.replace("127.0.0.1:9002", "backend-2");
+    let e = only_error(&routes, POLICY);
+    assert!(
+        headline(&e).ends_with("invalid backend address \"backend-2\": expected ip:port, like \"127.0.0.1:9001\" or \"[::1]:9001\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_site_and_tier_names_are_refused() {
+    let routes = ROUTES.replace("name = \"verizon\"", "name = \"skondal\"");
+    assert!(headline(&only_error(&routes, POLICY))
+        .contains("duplicate site \"skondal\" in cluster \"kred\""));
+    let policy = POLICY.replace("\"merchant\", \"admin\"]", "\"admin\", \"admin\"]");
+    let errs = load(ROUTES, &policy).unwrap_err();
+    assert!(
+        errs.to_string().contains("duplicate tier \"admin\""),
+        "{errs}"
+    );
+}
+
+#[test]
+fn unknown_tier_in_policy_sections_is_refused() {
+    let policy = POLICY.replace(
+        "never_shed = [\"purchase\"]",
+        "never_shed = [\"purchases\"]",
+    );
+    let e = only_error(ROUTES, &policy);
+    assert!(
+        headline(&e)
+            .starts_with("policy.toml:8:15: error: unknown tier \"purchases\" in `never_shed`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn admission_for_unknown_cluster_and_bad_bounds_are_refused() {
+    let policy = format!("{POLICY}\n[admission.kerd]\nmode = \"adaptive\"\n");
+    assert!(only_error(ROUTES, &policy)
+        .message
+        .contains("[admission.kerd] names an unknown cluster"));
+    let policy = format!("{POLICY}\n[admission.kred]\nmin = 10\nmax = 5\n");
+    assert!(only_error(ROUTES, &policy)
+        .message
+        .contains("`min` (10) is above `max` (5)"));
+    let policy = format!("{POLICY}\n[admission.kred]\nmode = \"fixed\"\n");
+    assert!(only_error(ROUTES, &policy)
+        .message
+        .contains("mode = \"fixed\" needs `limit = N`"));
+}
+
+#[test]
+fn rate_limit_must_name_a_known_route_and_a_valid_key() {
+    let policy = format!(
+        "{POLICY}\n[[rate_limit]]\nroute = \"chekout\"\nkey = \"client_ip\"\nper_second = 5\n"
+    );
+    assert!(only_error(ROUTES, &policy)
+        .message
+        .contains("unknown route \"chekout\""));
+    let policy = format!(
+        "{POLICY}\n[[rate_limit]]\nroute = \"checkout\"\nkey = \"cookie:x\"\nper_second = 5\n"
+    );
+    assert!(only_error(ROUTES, &policy)
+        .message
+        .contains("expected \"client_ip\" or \"header:<name>\""));
+}
+
+#[test]
+fn lowercase_method_and_relative_path_are_refused() {
+    let routes = ROUTES.replace("methods = [\"GET\", \"POST\"]", "methods = [\"get\"]");
+    assert!(only_error(&routes, POLICY)
+        .message
+        .contains("expected an upper-case HTTP method"));
+    let routes = ROUTES.replace(
+        "path_prefix = \"/checkout/\"",
+        "path_prefix = \"checkout/\"",
+    );
+    assert!(only_error(&routes, POLICY)
+        .message
+        .contains("must start with '/'"));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let routes = ROUTES
+        .replace("tier = \"admin\"", "tier = \"admni\"")
+        .replace("\"500ms\"", "\"soon\"");
+    let policy = POLICY.replace("10.0.0.0/8", "ten");
+    let errs = load(&routes, &policy).unwrap_err();
+    assert_eq!(errs.0.len(), 3, "{errs}");
+    assert!(errs.to_string().ends_with("3 errors"));
+}
+
+#[test]
+fn missing_policy_file_names_the_routes_file_that_points_at_it() {
+    let dir = std::env::temp_dir().join(format!("k2-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let routes = dir.join("routes.toml");
+    std::fs::write(
+        &routes,
+        ROUTES.replace(
+            "admin = \"127.0.0.1:9901\"",
+            "admin = \"127.0.0.1:9901\"\npolicy = \"nope.toml\"",
+        ),
+    )
+    .unwrap();
+    let errs = super::load(&Paths {
+        routes: routes.clone(),
+        policy: None,
+    })
+    .unwrap_err();
+    let text = errs.to_string();
+    assert!(
+        text.contains("nope.toml: error: cannot read file"),
+        "{text}"
+    );
+    assert!(text.contains("named by [server].policy in"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,423 @@
+//! The real k2proxy between a real client and real backends.
+
+mod support;
+
+use support::*;
+
+const ROUTES: &str = r#"
+[[routes]]
+name = "checkout"
+match = { path_prefix = "/checkout/" }
+tier = "purchase"
+cluster = "main"
+
+[[routes]]
+name = "admin"
+match = { path_prefix = "/admin/" }
+tier = "admin"
+cluster = "main"
+
+[[routes]]
+name = "echo"
+match = { path = "/echo", methods = ["POST", "PUT"] }
+tier = "merchant"
+cluster = "main"
+
+[[routes]]
+name = "stream"
+match = { path = "/chunked" }
+tier = "background"
+cluster = "main"
+
+[[routes]]
+name = "by-host"
+match = { host = "cs.k2.test" }
+tier = "customer_service"
+cluster = "main"
+
+[[routes]]
+name = "merchant-header"
+match = { header = { name = "x-merchant-id" } }
+tier = "merchant"
+cluster = "main"
+"#;
+
+async fn setup(trusted: &[&str]) -> (Backend, Proxy) {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(&routes_toml(&[backend.addr], ROUTES), &policy_toml(trusted)).await;
+    (backend, proxy)
+}
+
+fn header<'a>(seen: &'a Seen, name: &str) -> Option<&'a str> {
+    seen.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn routes_set_the_tier_the_backend_sees() {
+    let (backend, proxy) = setup(&[]).await;
+    let c = client();
+    let cases = [
+        (c.get(proxy.url("/checkout/1")), "purchase"),
+        (c.get(proxy.url("/admin/users")), "admin"),
+        (c.post(proxy.url("/echo")).body("x"), "merchant"),
+        (
+            c.get(proxy.url("/other")).header("host", "CS.k2.test:8080"),
+            "customer_service",
+        ),
+        (
+            c.get(proxy.url("/other")).header("x-merchant-id", "m-1"),
+            "merchant",
+        ),
+    ];
+    for (i, (req, _)) in cases.into_iter().enumerate() {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200, "case {i}");
+    }
+    let tiers: Vec<String> = backend
+        .seen()
+        .iter()
+        .map(|s| header(s, "x-k2-tier").unwrap_or("-").to_string())
+        .collect();
+    assert_eq!(
+        tiers,
+        [
+            "purchase",
+            "admin",
+            "merchant",
+            "customer_service",
+            "merchant"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn untrusted_client_cannot_choose_its_tier() {
+    // Only 10/8 may set the tier; the test client is 127.0.0.1.
+    let (backend, proxy) = setup(&["10.0.0.0/8"]).await;
+    let resp = client()
+        .get(proxy.url("/admin/x"))
+        .header("x-k2-tier", "purchase")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = backend.seen();
+    assert_eq!(header(&seen[0], "x-k2-tier"), Some("admin"));
+    assert_eq!(seen[0].headers.get_all("x-k2-tier").iter().count(), 1);
+}
+
+#[tokio::test]
+async fn trusted_client_keeps_its_tier_but_not_an_unknown_one() {
+    let (backend, proxy) = setup(&["127.0.0.0/8"]).await;
+    let c = client();
+    c.get(proxy.url("/admin/x"))
+        .header("x-k2-tier", "purchase")
+        .send()
+        .await
+        .unwrap();
+    c.get(proxy.url("/admin/x"))
+        .header("x-k2-tier", "vip")
+        .send()
+        .await
+        .unwrap();
+    let seen = backend.seen();
+    assert_eq!(header(&seen[0], "x-k2-tier"), Some("purchase"));
+    assert_eq!(
+        header(&seen[1], "x-k2-tier"),
+        Some("admin"),
+        "unknown tier falls back to the route's"
+    );
+}
+
+#[tokio::test]
+async fn request_id_is_generated_when_absent_and_kept_when_present() {
+    let (backend, proxy) = setup(&[]).await;
+    let c = client();
+    let generated = c.get(proxy.url("/checkout/1")).send().await.unwrap();
+    let kept = c
+        .get(proxy.url("/checkout/2"))
+        .header("x-request-id", "merchant-abc-123")
+        .send()
+        .await
+        .unwrap();
+    let seen = backend.seen();
+    let gen_id = header(&seen[0], "x-request-id").expect("generated id sent upstream");
+    assert_eq!(gen_id.len(), 32);
+    assert!(gen_id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(
+        generated.headers()["x-request-id"],
+        gen_id,
+        "client gets the same id"
+    );
+    assert_eq!(header(&seen[1], "x-request-id"), Some("merchant-abc-123"));
+    assert_eq!(kept.headers()["x-request-id"], "merchant-abc-123");
+}
+
+#[tokio::test]
+async fn x_forwarded_for_is_set_and_appended() {
+    let (backend, proxy) = setup(&[]).await;
+    let c = client();
+    c.get(proxy.url("/checkout/1")).send().await.unwrap();
+    c.get(proxy.url("/checkout/1"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .send()
+        .await
+        .unwrap();
+    let seen = backend.seen();
+    assert_eq!(header(&seen[0], "x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(
+        header(&seen[1], "x-forwarded-for"),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+}
+
+#[tokio::test]
+async fn no_route_gives_404_json_and_nothing_reaches_the_backend() {
+    let (backend, proxy) = setup(&[]).await;
+    let resp = client().get(proxy.url("/nowhere")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value = resp.json_body().await;
+    assert_eq!(body["error"], "no_route");
+    assert_eq!(body["path"], "/nowhere");
+    // A GET to /echo is not a route either: methods restrict.
+    let resp = client().get(proxy.url("/echo")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(backend.seen().is_empty());
+}
+
+#[tokio::test]
+async fn refused_backend_gives_502_json() {
+    let dead = refused_addr();
+    let proxy = Proxy::start(&routes_toml(&[dead], ROUTES), &policy_toml(&[])).await;
+    let resp = client().get(proxy.url("/checkout/1")).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body: serde_json::Value = resp.json_body().await;
+    assert_eq!(body["error"], "bad_gateway");
+    assert_eq!(body["kind"], "connect");
+    assert_eq!(body["route"], "checkout");
+    assert_eq!(body["request_id"], rid.as_str());
+}
+
+#[tokio::test]
+async fn one_mebibyte_post_is_echoed_intact() {
+    let (backend, proxy) = setup(&[]).await;
+    let body: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let resp = client()
+        .post(proxy.url("/echo"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp.bytes().await.unwrap();
+    assert_eq!(got.len(), body.len());
+    assert!(got[..] == body[..], "echoed bytes differ");
+    assert_eq!(backend.seen()[0].body_len, body.len());
+}
+
+#[tokio::test]
+async fn chunked_request_and_response_pass_through() {
+    let (backend, proxy) = setup(&[]).await;
+    let resp = client().get(proxy.url("/chunked")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("transfer-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("chunked")
+    );
+    let got = resp.bytes().await.unwrap();
+    let want: Vec<u8> = (0..64).flat_map(|i| chunk(i).to_vec()).collect();
+    assert!(
+        got[..] == want[..],
+        "chunked body differs: {} vs {} bytes",
+        got.len(),
+        want.len()
+    );
+
+    // A request body of unknown length goes out chunked and arrives whole.
+    let stream = futures_stream((0..32).map(chunk).collect());
+    let resp = client()
+        .post(proxy.url("/echo"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    let got = resp.bytes().await.unwrap();
+    let want: Vec<u8> = (0..32).flat_map(|i| chunk(i).to_vec()).collect();
+    assert!(got[..] == want[..]);
+    assert_eq!(backend.seen()[1].body_len, want.len());
+}
+
+#[tokio::test]
+async fn keep_alive_connection_serves_many_requests() {
+    let (backend, proxy) = setup(&[]).await;
+    let c = client();
+    for i in 0..20 {
+        let r = c
+            .get(proxy.url(&format!("/checkout/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(backend.seen().len(), 20);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_tier_and_outcome() {
+    let (_backend, proxy) = setup(&[]).await;
+    let c = client();
+    for _ in 0..3 {
+        c.get(proxy.url("/checkout/1"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    c.get(proxy.url("/nowhere"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    // The metrics are recorded when each request's logging phase has run;
+    // poll until they show up rather than sleeping.
+    let want = r#"k2_requests_total{code_class="2xx",outcome="proxied",route="checkout",tier="purchase"} 3"#;
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = c
+            .get(proxy.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(want) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(text.contains(want), "{text}");
+    assert!(
+        text.contains(
+            r#"k2_requests_total{code_class="4xx",outcome="no_route",route="none",tier="none"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"k2_request_duration_seconds_count{tier="purchase"} 3"#),
+        "{text}"
+    );
+    assert!(text.contains("k2_config_generation 1"), "{text}");
+    let health = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
+async fn access_log_has_one_event_per_request_with_its_fields() {
+    let (backend, proxy) = setup(&[]).await;
+    client()
+        .get(proxy.url("/checkout/9"))
+        .header("x-request-id", "log-me-1")
+        .send()
+        .await
+        .unwrap();
+    let mut line = None;
+    for _ in 0..100 {
+        line = proxy
+            .log_text()
+            .lines()
+            .find(|l| l.contains("log-me-1"))
+            .map(str::to_owned);
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let line = line.expect("access log line");
+    for field in [
+        "route=\"checkout\"",
+        "tier=\"purchase\"",
+        "status=200",
+        "duration_ms=",
+    ] {
+        assert!(line.contains(field), "missing {field} in {line}");
+    }
+    assert!(
+        line.contains(&format!("upstream={}", backend.addr)),
+        "{line}"
+    );
+    assert_eq!(proxy.log_text().matches("log-me-1").count(), 1);
+}
+
+#[tokio::test]
+async fn json_log_format_writes_one_json_object_per_access_event() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start_with_args(
+        &routes_toml(&[backend.addr], ROUTES),
+        &policy_toml(&[]),
+        &["--log-format", "json"],
+    )
+    .await;
+    client()
+        .get(proxy.url("/admin/x"))
+        .header("x-request-id", "json-1")
+        .send()
+        .await
+        .unwrap();
+    let mut event = None;
+    for _ in 0..100 {
+        event = proxy
+            .log_text()
+            .lines()
+            .find(|l| l.contains("json-1"))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"));
+        if event.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let event = event.expect("access event");
+    assert_eq!(event["route"], "admin");
+    assert_eq!(event["tier"], "admin");
+    assert_eq!(event["status"], 200);
+    assert_eq!(event["upstream"], backend.addr.to_string());
+    assert!(event["duration_ms"].as_f64().is_some());
+}
+
+/// A stream of the given chunks, for a request body of unknown length.
+fn futures_stream(
+    chunks: Vec<bytes::Bytes>,
+) -> impl futures_core::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    struct S(std::collections::VecDeque<bytes::Bytes>);
+    impl futures_core::Stream for S {
+        type Item = Result<bytes::Bytes, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+    S(chunks.into())
+}
+
+trait JsonBody {
+    async fn json_body(self) -> serde_json::Value;
+}
+
+impl JsonBody for reqwest::Response {
+    async fn json_body(self) -> serde_json::Value {
+        let text = self.text().await.unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+}

@@ -1,0 +1,291 @@
+//! Test support: the real `k2proxy` binary and real HTTP backends on
+//! ephemeral loopback ports. No fixed ports, no sleeps as synchronisation:
+//! a proxy is ready when its admin `/healthz` answers and its listener accepts.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// What a backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+/// A real HTTP/1.1 backend. `POST` echoes the body; `/chunked` answers with a
+/// chunked body of 64 chunks; anything else answers `backend <name>`.
+pub struct Backend {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A body of several frames with no known length, so hyper sends it chunked.
+struct Chunks(VecDeque<Bytes>);
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+pub fn chunk(i: usize) -> Bytes {
+    Bytes::from(format!("chunk-{i:03}:{}\n", "x".repeat(1000)))
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let name = name.to_string();
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = seen2.clone();
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        let name = name.clone();
+                        async move { Ok::<_, Infallible>(Backend::answer(req, &name, &seen).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, seen, task }
+    }
+
+    async fn answer(
+        req: Request<Incoming>,
+        name: &str,
+        seen: &Mutex<Vec<Seen>>,
+    ) -> Response<BoxBody> {
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        seen.lock().unwrap().push(Seen {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            headers: parts.headers.clone(),
+            body_len: body.len(),
+        });
+        if parts.uri.path() == "/chunked" {
+            return Response::new(Chunks((0..64).map(chunk).collect()).boxed());
+        }
+        if parts.method == hyper::Method::POST {
+            return Response::new(Full::new(body).boxed());
+        }
+        Response::new(Full::new(Bytes::from(format!("backend {name}"))).boxed())
+    }
+
+    /// Every request this backend has seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An address on which nothing listens: connecting is refused.
+pub fn refused_addr() -> SocketAddr {
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A free loopback port, reserved by binding and released for the proxy.
+fn free_addr() -> SocketAddr {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Path of the built `k2proxy` binary.
+pub fn k2proxy_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_k2proxy"))
+}
+
+/// Routes for one cluster `main` whose primary site holds `backends`, with
+/// the routes of `routes` (TOML `[[routes]]` entries) appended.
+pub fn routes_toml(backends: &[SocketAddr], routes: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"[server]
+listen = ["{{LISTEN}}"]
+admin = "{{ADMIN}}"
+threads = 1
+policy = "policy.toml"
+
+[clusters.main]
+connect_timeout = "300ms"
+
+[[clusters.main.sites]]
+name = "primary-site"
+role = "primary"
+backends = [{}]
+
+{routes}
+"#,
+        list.join(", ")
+    )
+}
+
+/// A policy with the standard tiers and the given `[trust]` CIDRs.
+pub fn policy_toml(trusted: &[&str]) -> String {
+    let list: Vec<String> = trusted.iter().map(|c| format!("\"{c}\"")).collect();
+    format!(
+        r#"tiers = ["purchase", "merchant", "admin", "customer_service", "background"]
+
+[trust]
+tier_header_from = [{}]
+"#,
+        list.join(", ")
+    )
+}
+
+/// A running `k2proxy run`, killed on drop.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Proxy {
+    /// Writes the files (with `{LISTEN}` and `{ADMIN}` filled in) and starts
+    /// the proxy; waits until it serves.
+    pub async fn start(routes: &str, policy: &str) -> Proxy {
+        Proxy::start_with_args(routes, policy, &[]).await
+    }
+
+    /// As [`Proxy::start`], with extra arguments to `k2proxy run`.
+    pub async fn start_with_args(routes: &str, policy: &str, args: &[&str]) -> Proxy {
+        // A port picked here may be taken before the proxy binds it: retry.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Proxy::try_start(routes, policy, args).await {
+                Ok(p) => return p,
+                Err(e) => last = e,
+            }
+        }
+        panic!("k2proxy did not start: {last}");
+    }
+
+    async fn try_start(routes: &str, policy: &str, args: &[&str]) -> Result<Proxy, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, admin) = (free_addr(), free_addr());
+        let routes = routes
+            .replace("{LISTEN}", &addr.to_string())
+            .replace("{ADMIN}", &admin.to_string());
+        std::fs::write(dir.path().join("routes.toml"), routes).unwrap();
+        std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
+        let log = dir.path().join("k2proxy.log");
+        let child = Command::new(k2proxy_bin())
+            .arg("run")
+            .arg("--routes")
+            .arg(dir.path().join("routes.toml"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut proxy = Proxy {
+            addr,
+            admin,
+            child,
+            _dir: dir,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let client = client();
+        loop {
+            if let Ok(Some(status)) = proxy.child.try_wait() {
+                return Err(format!("exited with {status}: {}", proxy.log_text()));
+            }
+            let admin_ok = client
+                .get(format!("http://{}/healthz", proxy.admin))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if admin_ok && tokio::net::TcpStream::connect(proxy.addr).await.is_ok() {
+                return Ok(proxy);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not ready after 15 s: {}", proxy.log_text()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// What the proxy has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client that ignores any proxy settings of the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
