@@ -105,7 +105,9 @@ impl Sim {
             Ok(b) => b.to_bytes(),
             Err(_) => return text(StatusCode::BAD_REQUEST, "body read failed\n"),
         };
-        tokio::time::sleep(self.config.service_time).await;
+        if !self.config.service_time.is_zero() {
+            tokio::time::sleep(self.config.service_time).await;
+        }
 
         let mut resp = if body.is_empty() {
             let json = serde_json::json!({

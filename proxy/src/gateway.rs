@@ -76,6 +76,8 @@ pub struct Ctx {
     upstream: Option<SocketAddr>,
     site: Option<usize>,
     upstream_status: Option<u16>,
+    /// Connects that failed for this request (nothing was sent on them).
+    connect_failures: usize,
     outcome: Outcome,
 }
 
@@ -160,6 +162,7 @@ impl ProxyHttp for Gateway {
             upstream: None,
             site: None,
             upstream_status: None,
+            connect_failures: 0,
             outcome: Outcome::Pending,
         }
     }
@@ -295,6 +298,33 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// A failed connect sent nothing, so any method may try the next backend
+    /// of the site, once per backend. Errors after a connection was made go
+    /// through pingora's `error_while_proxy`, which never retries a
+    /// non-idempotent request.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.connect_failures += 1;
+        if let (Some(snap), Some(r), Some(site)) = (&ctx.snapshot, ctx.route, ctx.site) {
+            let cluster = snap.cluster(snap.routes.get(r).expect("route").cluster);
+            self.shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[cluster.name.as_str(), ctx.site_name(), "connect"])
+                .inc();
+            let backends = cluster.sites.sites()[site].backends.len();
+            if ctx.connect_failures < backends {
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let (code, kind) = match e.etype() {
             ErrorType::HTTPStatus(code) => (*code, "status"),
@@ -312,16 +342,12 @@ impl ProxyHttp for Gateway {
         if matches!(ctx.outcome, Outcome::Pending | Outcome::Proxied) {
             ctx.outcome = Outcome::Error;
         }
-        if e.esource() == &ErrorSource::Upstream || kind.contains("timeout") || kind == "connect" {
+        // Connect failures were counted per attempt in fail_to_connect.
+        let connect = matches!(kind, "connect" | "connect_timeout");
+        if !connect && (e.esource() == &ErrorSource::Upstream || kind == "timeout") {
             if let (Some(snap), Some(r)) = (&ctx.snapshot, ctx.route) {
-                let cluster = &snap
-                    .cluster(snap.routes.get(r).expect("route").cluster)
-                    .name;
-                let k = match kind {
-                    "connect" | "connect_timeout" => "connect",
-                    "timeout" => "timeout",
-                    _ => "other",
-                };
+                let cluster = &snap.cluster(snap.routes.get(r).expect("route").cluster).name;
+                let k = if kind == "timeout" { "timeout" } else { "other" };
                 self.shared
                     .metrics
                     .upstream_errors

@@ -1,0 +1,50 @@
+# k2proxy entry points. `make run` and `make test` are the README's quick start.
+SHELL := /bin/bash
+CARGO ?= cargo
+# Installing system packages needs root; use sudo when not root and sudo exists.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: deps build run test check lint bench bench-classify bench-overhead clean
+
+## deps: install what the build needs when missing (cmake for pingora's C deps).
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+	@command -v cmake >/dev/null || { echo "installing cmake (needed to build pingora)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake >/dev/null; }
+	@command -v cc >/dev/null || { echo "installing a C compiler"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq build-essential >/dev/null; }
+
+## build: release binaries k2proxy, legacy-sim, loadtest.
+build: deps
+	$(CARGO) build --release --bins
+
+## run: three legacy-sim backends and k2proxy with the repo's routes.toml; Ctrl-C stops all.
+run: build
+	@scripts/run.sh
+
+## test: formatting, lints, every test, and the repo's own config files.
+test: deps lint
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml
+	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml --policy policies/holiday-peak.toml
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
+
+## check: validate routes.toml and its policy.
+check: deps
+	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml
+
+## bench: classification cost and proxy overhead against the backend direct (wrk).
+bench: bench-classify bench-overhead
+
+bench-classify: deps
+	$(CARGO) bench -p proxy --bench classify
+
+bench-overhead: build
+	@command -v wrk >/dev/null || { echo "installing wrk"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+	@scripts/bench-overhead.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# `make run`: two simulated backends for the primary site (skondal), one for
+# the secondary (verizon), and k2proxy with the repo's routes.toml in front.
+# Ctrl-C stops everything this script started, by PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=target/release
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo
+  echo "stopping ${#pids[@]} processes: ${pids[*]}"
+  kill "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+
+"$bin/k2proxy" check --routes routes.toml
+
+start_sim() { # name address
+  "$bin/legacy-sim" --name "$1" --listen "$2" --workers 16 --service-time 20ms &
+  pids+=($!)
+}
+start_sim skondal-1 127.0.0.1:9001
+start_sim skondal-2 127.0.0.1:9002
+start_sim verizon-1 127.0.0.1:9101
+
+"$bin/k2proxy" run --routes routes.toml &
+pids+=($!)
+
+# Ready when the admin listener answers; give up after 15 s.
+for _ in $(seq 150); do
+  curl -fsS -o /dev/null http://127.0.0.1:9901/healthz 2>/dev/null && break
+  if ! kill -0 "${pids[-1]}" 2>/dev/null; then echo "k2proxy exited" >&2; exit 1; fi
+  sleep 0.1
+done
+
+cat <<MSG
+
+  k2proxy is up
+    proxy    http://127.0.0.1:8080     try: curl -i localhost:8080/checkout/x
+    admin    http://127.0.0.1:9901/metrics   http://127.0.0.1:9901/healthz
+    backends skondal (primary) 127.0.0.1:9001 127.0.0.1:9002, verizon (secondary) 127.0.0.1:9101
+  Ctrl-C stops everything.
+
+MSG
+wait -n "${pids[@]}"
+echo "a process exited; stopping the rest" >&2
