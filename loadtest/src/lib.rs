@@ -7,4 +7,5 @@
 
 #![forbid(unsafe_code)]
 
+pub mod openloop;
 pub mod sim;

@@ -346,8 +346,14 @@ impl ProxyHttp for Gateway {
         let connect = matches!(kind, "connect" | "connect_timeout");
         if !connect && (e.esource() == &ErrorSource::Upstream || kind == "timeout") {
             if let (Some(snap), Some(r)) = (&ctx.snapshot, ctx.route) {
-                let cluster = &snap.cluster(snap.routes.get(r).expect("route").cluster).name;
-                let k = if kind == "timeout" { "timeout" } else { "other" };
+                let cluster = &snap
+                    .cluster(snap.routes.get(r).expect("route").cluster)
+                    .name;
+                let k = if kind == "timeout" {
+                    "timeout"
+                } else {
+                    "other"
+                };
                 self.shared
                     .metrics
                     .upstream_errors

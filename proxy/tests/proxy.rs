@@ -205,19 +205,37 @@ async fn refused_backend_gives_502_json() {
 async fn refused_connect_goes_to_the_next_backend_even_for_a_post() {
     let dead = refused_addr();
     let backend = Backend::start("alive").await;
-    let proxy = Proxy::start(&routes_toml(&[dead, backend.addr], ROUTES), &policy_toml(&[])).await;
+    let proxy = Proxy::start(
+        &routes_toml(&[dead, backend.addr], ROUTES),
+        &policy_toml(&[]),
+    )
+    .await;
     let c = client();
     for i in 0..6 {
-        let resp = c.post(proxy.url("/echo")).body(format!("purchase-{i}")).send().await.unwrap();
+        let resp = c
+            .post(proxy.url("/echo"))
+            .body(format!("purchase-{i}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200, "request {i}");
         assert_eq!(resp.text().await.unwrap(), format!("purchase-{i}"));
     }
     // Each purchase reached the live backend exactly once; round-robin put the
     // dead backend first every time, and each of those connects was counted.
     assert_eq!(backend.seen().len(), 6);
-    let metrics = c.get(proxy.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = c
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
-        metrics.contains(r#"k2_upstream_errors_total{cluster="main",kind="connect",site="primary-site"} 6"#),
+        metrics.contains(
+            r#"k2_upstream_errors_total{cluster="main",kind="connect",site="primary-site"} 6"#
+        ),
         "{metrics}"
     );
 }
