@@ -41,7 +41,7 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let path = req.uri.path();
-        if req.method != http::Method::GET && req.method != http::Method::HEAD {
+        if req.method != http::Method::GET {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "application/json",
