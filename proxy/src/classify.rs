@@ -69,9 +69,9 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
 }
 
-impl RequestView<'_> {
+impl<'a> RequestView<'a> {
     /// Host without port: the `Host` header, else the URI's authority.
-    fn host(&self) -> Option<&str> {
+    fn host(&self) -> Option<&'a str> {
         let raw = match self.headers.get(HOST) {
             Some(v) => v.to_str().ok()?,
             None => self.uri.host()?,
@@ -94,6 +94,16 @@ fn strip_port(host: &str) -> &str {
 impl Matcher {
     /// Whether a request fits every condition of this matcher.
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.matches_with(req, &mut None)
+    }
+
+    /// As [`Matcher::matches`], with the request's host resolved at most once
+    /// across a whole table walk (`req_host` caches it).
+    fn matches_with<'r>(
+        &self,
+        req: &RequestView<'r>,
+        req_host: &mut Option<Option<&'r str>>,
+    ) -> bool {
         if !self.methods.is_empty() && !self.methods.iter().any(|m| m == req.method) {
             return false;
         }
@@ -108,7 +118,9 @@ impl Matcher {
             }
         }
         if let Some(host) = &self.host {
-            let Some(h) = req.host() else { return false };
+            let Some(h) = *req_host.get_or_insert_with(|| req.host()) else {
+                return false;
+            };
             let ok = match host {
                 HostMatch::Exact(want) => h.eq_ignore_ascii_case(want),
                 HostMatch::Suffix(suffix) => {
@@ -148,10 +160,11 @@ impl RouteTable {
 
     /// The first route that fits the request, with its index.
     pub fn classify(&self, req: &RequestView<'_>) -> Option<(usize, &Route)> {
+        let mut host = None;
         self.routes
             .iter()
             .enumerate()
-            .find(|(_, r)| r.matcher.matches(req))
+            .find(|(_, r)| r.matcher.matches_with(req, &mut host))
     }
 
     pub fn get(&self, index: usize) -> Option<&Route> {
