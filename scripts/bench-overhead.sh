@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Proxy overhead: the same legacy-sim (no service time, no worker limit worth
-# speaking of) reached directly and through k2proxy, measured with wrk,
-# interleaved A B A B … so that machine drift hits both alike.
-# Env: ROUNDS (3), DURATION (10s), CONNS (32), WRK_THREADS (1), PROXY_THREADS (2).
+# Proxy overhead: the same legacy-sim (no service time, effectively no worker
+# limit) reached directly and through k2proxy, measured with wrk, interleaved
+# A B A B … so that machine drift hits every target alike.
+#
+# Env: ROUNDS (3), DURATION (10s), CONNS (32), WRK_THREADS (1), PROXY_THREADS (2),
+#      VARIANTS ("k2proxy=target/release/k2proxy"): space-separated name=binary
+#      pairs, to compare builds side by side (e.g. two allocators).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10s} CONNS=${CONNS:-32}
 WRK_THREADS=${WRK_THREADS:-1} PROXY_THREADS=${PROXY_THREADS:-2}
-bin=target/release
+VARIANTS=${VARIANTS:-k2proxy=target/release/k2proxy}
 out=results; mkdir -p "$out"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 work=$(mktemp -d)
@@ -16,12 +19,23 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm 
 trap cleanup EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-sim_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
+wait_http() { # url
+  for _ in $(seq 150); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
+  return 1
+}
 
-"$bin/legacy-sim" --listen "127.0.0.1:$sim_port" --workers 100000 --service-time 0ms >/dev/null &
+sim_port=$(free_port)
+target/release/legacy-sim --listen "127.0.0.1:$sim_port" --workers 100000 --service-time 0ms >/dev/null &
 pids+=($!)
-# The repo's own routes and default policy, pointed at the bench's ports.
-python3 - "$work/routes.toml" "$proxy_port" "$admin_port" "$sim_port" "$PROXY_THREADS" "$PWD" <<'PY'
+wait_http "http://127.0.0.1:$sim_port/health"
+
+declare -A url=([direct]="http://127.0.0.1:$sim_port/checkout/x")
+targets=(direct)
+for v in $VARIANTS; do
+  name=${v%%=*} bin=${v#*=}
+  proxy_port=$(free_port) admin_port=$(free_port)
+  # The repo's own routes and default policy, pointed at the bench's ports.
+  python3 - "$work/$name.toml" "$proxy_port" "$admin_port" "$sim_port" "$PROXY_THREADS" "$PWD" <<'PY'
 import re, sys
 path, proxy, admin, sim, threads, repo = sys.argv[1:]
 t = open(f"{repo}/routes.toml").read()
@@ -34,18 +48,14 @@ sites = iter([f'backends = ["127.0.0.1:{sim}"]', f'backends = ["127.0.0.1:{int(s
 t = re.sub(r'(?m)^backends = .*$', lambda m: next(sites), t)
 open(path, "w").write(t)
 PY
-RUST_LOG=warn "$bin/k2proxy" run --routes "$work/routes.toml" 2>"$out/k2proxy-overhead.log" &
-pids+=($!)
-for _ in $(seq 150); do
-  curl -fsS -o /dev/null "http://127.0.0.1:$admin_port/healthz" 2>/dev/null &&
-    curl -fsS -o /dev/null "http://127.0.0.1:$sim_port/health" 2>/dev/null && break
-  sleep 0.1
+  RUST_LOG=warn "$bin" run --routes "$work/$name.toml" 2>"$out/$name-overhead.log" &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$admin_port/healthz" || { echo "$name did not start:" >&2; cat "$out/$name-overhead.log" >&2; exit 1; }
+  url[$name]="http://127.0.0.1:$proxy_port/checkout/x"
+  targets+=("$name")
 done
-curl -fsS -o /dev/null "http://127.0.0.1:$admin_port/healthz" || { echo "k2proxy did not start:" >&2; cat "$out/k2proxy-overhead.log" >&2; exit 1; }
 
-declare -A url=([direct]="http://127.0.0.1:$sim_port/checkout/x" [k2proxy]="http://127.0.0.1:$proxy_port/checkout/x")
-# wrk's latency unit varies (us, ms, s): normalise to ms.
-ms() {
+ms() { # wrk prints 812.00us, 1.20ms or 1.01s
   local v=$1
   case $v in
     *us) awk -v x="${v%us}" 'BEGIN{printf "%.3f", x/1000}';;
@@ -57,29 +67,30 @@ json="$out/overhead-$stamp.json"
 echo "[" > "$json"
 first=1
 for round in $(seq "$ROUNDS"); do
-  for target in direct k2proxy; do
+  for target in "${targets[@]}"; do
     res=$(wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency "${url[$target]}")
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$res")
     p50=$(ms "$(awk '$1=="50%" {print $2}' <<<"$res")")
     p99=$(ms "$(awk '$1=="99%" {print $2}' <<<"$res")")
     errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$res" | tr '\n' ' ')
-    printf 'round %s %-8s %10s req/s  p50 %7s ms  p99 %7s ms %s\n' "$round" "$target" "$rps" "$p50" "$p99" "$errs"
+    printf 'round %s %-10s %10s req/s  p50 %7s ms  p99 %7s ms %s\n' "$round" "$target" "$rps" "$p50" "$p99" "$errs"
     [ $first = 1 ] || echo "," >> "$json"; first=0
     printf '{"round":%s,"target":"%s","rps":%s,"p50_ms":%s,"p99_ms":%s}' "$round" "$target" "$rps" "$p50" "$p99" >> "$json"
   done
 done
 echo "]" >> "$json"
 
-python3 - "$json" "$out/overhead-$stamp.md" "$CONNS" "$DURATION" "$PROXY_THREADS" <<'PY'
+python3 - "$json" "$out/overhead-$stamp.md" "$CONNS" "$DURATION" "$PROXY_THREADS" "${targets[@]}" <<'PY'
 import json, statistics, sys
 rows = json.load(open(sys.argv[1]))
-def med(t, k): return statistics.median(r[k] for r in rows if r["target"] == t)
-d, p = {k: med("direct", k) for k in ("rps","p50_ms","p99_ms")}, {k: med("k2proxy", k) for k in ("rps","p50_ms","p99_ms")}
-md = [f"Proxy overhead, wrk -c{sys.argv[3]} -d{sys.argv[4]}, k2proxy threads={sys.argv[5]}, median of {len(rows)//2} interleaved rounds",
-      "", "| target | req/s | p50 ms | p99 ms |", "|---|---|---|---|",
-      f"| backend direct | {d['rps']:.0f} | {d['p50_ms']:.3f} | {d['p99_ms']:.3f} |",
-      f"| through k2proxy | {p['rps']:.0f} | {p['p50_ms']:.3f} | {p['p99_ms']:.3f} |",
-      f"| ratio k2proxy/direct | {p['rps']/d['rps']:.2f} | {p['p50_ms']/d['p50_ms']:.2f} | {p['p99_ms']/d['p99_ms']:.2f} |"]
+conns, duration, threads, targets = sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+med = {t: {k: statistics.median(r[k] for r in rows if r["target"] == t) for k in ("rps", "p50_ms", "p99_ms")} for t in targets}
+d = med["direct"]
+md = [f"Proxy overhead: wrk -c{conns} -d{duration}, k2proxy threads={threads}, median of {len(rows)//len(targets)} interleaved rounds",
+      "", "| target | req/s | p50 ms | p99 ms | req/s vs direct | p99 vs direct |", "|---|---|---|---|---|---|"]
+for t in targets:
+    m = med[t]
+    md.append(f"| {t} | {m['rps']:.0f} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['rps']/d['rps']:.2f} | {m['p99_ms']/d['p99_ms']:.2f} |")
 open(sys.argv[2], "w").write("\n".join(md) + "\n")
 print("\n" + "\n".join(md))
 PY

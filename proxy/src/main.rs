@@ -16,6 +16,10 @@ use proxy::config::{self, Paths};
 use proxy::server::{self, RunOptions};
 use proxy::Shared;
 
+/// mimalloc over glibc malloc: see docs/benchmarks.md for the side-by-side.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "k2proxy",
