@@ -330,21 +330,7 @@ async fn metrics_count_requests_by_route_tier_and_outcome() {
     // The metrics are recorded when each request's logging phase has run;
     // poll until they show up rather than sleeping.
     let want = r#"k2_requests_total{code_class="2xx",outcome="proxied",route="checkout",tier="purchase"} 3"#;
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = c
-            .get(proxy.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if text.contains(want) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let text = proxy.metrics_when(want).await;
     assert!(text.contains(want), "{text}");
     assert!(
         text.contains(
@@ -370,19 +356,7 @@ async fn access_log_has_one_event_per_request_with_its_fields() {
         .send()
         .await
         .unwrap();
-    let mut line = None;
-    for _ in 0..100 {
-        line = proxy
-            .log_text()
-            .lines()
-            .find(|l| l.contains("log-me-1"))
-            .map(str::to_owned);
-        if line.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let line = line.expect("access log line");
+    let line = proxy.log_line("log-me-1").await;
     for field in [
         "route=\"checkout\"",
         "tier=\"purchase\"",
@@ -413,19 +387,8 @@ async fn json_log_format_writes_one_json_object_per_access_event() {
         .send()
         .await
         .unwrap();
-    let mut event = None;
-    for _ in 0..100 {
-        event = proxy
-            .log_text()
-            .lines()
-            .find(|l| l.contains("json-1"))
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"));
-        if event.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let event = event.expect("access event");
+    let line = proxy.log_line("json-1").await;
+    let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
     assert_eq!(event["route"], "admin");
     assert_eq!(event["tier"], "admin");
     assert_eq!(event["status"], 200);

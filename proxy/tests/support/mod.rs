@@ -268,6 +268,41 @@ impl Proxy {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The first log line containing `needle`, waiting up to 2 s for it:
+    /// the access event is written when the request's logging phase runs,
+    /// just after the client got its response.
+    pub async fn log_line(&self, needle: &str) -> String {
+        for _ in 0..200 {
+            if let Some(l) = self.log_text().lines().find(|l| l.contains(needle)) {
+                return l.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no log line with {needle:?} in:\n{}", self.log_text());
+    }
+
+    /// The `/metrics` text once it contains `want` (waiting up to 2 s, for the
+    /// same reason as [`Proxy::log_line`]); the last text seen otherwise.
+    pub async fn metrics_when(&self, want: &str) -> String {
+        let c = client();
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = c
+                .get(self.admin_url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if text.contains(want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        text
+    }
+
     /// What the proxy has logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
