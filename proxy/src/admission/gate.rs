@@ -1,0 +1,421 @@
+//! The synchronous heart of admission for one (cluster, site): every decision
+//! is a method call with `now` passed in, so the same code runs in the proxy
+//! (under a mutex) and in the scenario simulator (on a virtual clock).
+//!
+//! A request of tier `t` is, in order:
+//! 1. shed `forced` when ops pinned `t` off (`force_shed`);
+//! 2. shed `shed_level` when the shed level covers `t` (see [`super::shed_level`]);
+//! 3. admitted at once when in-flight < limit, nobody of its tier waits, and
+//!    `t` is within its share (or no other tier wants the room);
+//! 4. otherwise queued until a permit is handed to it, its deadline passes
+//!    (`queue_timeout`), or a full queue gives its place to a higher tier
+//!    (`queue_full`).
+
+use std::time::{Duration, Instant};
+
+use super::limit::{Limit, Sample};
+use super::queue::{TierQueue, Waiter};
+use super::shed_level::ShedLevel;
+
+/// Why a request was refused without reaching the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShedReason {
+    Forced,
+    ShedLevel,
+    QueueTimeout,
+    QueueFull,
+    NoHealthySite,
+}
+
+impl ShedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShedReason::Forced => "forced",
+            ShedReason::ShedLevel => "shed_level",
+            ShedReason::QueueTimeout => "queue_timeout",
+            ShedReason::QueueFull => "queue_full",
+            ShedReason::NoHealthySite => "no_healthy_site",
+        }
+    }
+}
+
+/// What the policy says about one tier, for admission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierRule {
+    pub max_wait: Duration,
+    /// In (0, 1]; 1 means no cap.
+    pub max_share: f64,
+    pub never_shed: bool,
+    pub force_shed: bool,
+}
+
+/// Admission settings of one site, highest tier first.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub tiers: Vec<TierRule>,
+    pub target_queue_delay: Duration,
+    pub max_queue: usize,
+}
+
+impl Rules {
+    /// Tiers the shed level may refuse, lowest first.
+    fn sheddable(&self) -> Vec<usize> {
+        (0..self.tiers.len())
+            .rev()
+            .filter(|&t| !self.tiers[t].never_shed)
+            .collect()
+    }
+}
+
+/// The first answer to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Admit,
+    Queue,
+    Shed(ShedReason),
+}
+
+/// The admission state of one site; `W` is how a waiter is told it got a permit.
+#[derive(Debug)]
+pub struct Gate<W> {
+    rules: Rules,
+    /// `shed_rank[t]`: t is shed by level when `shed_rank[t] < level`.
+    shed_rank: Vec<u32>,
+    limit: Limit,
+    inflight: u32,
+    tier_inflight: Vec<u32>,
+    queue: TierQueue<W>,
+    shed: ShedLevel,
+}
+
+impl<W> Gate<W> {
+    pub fn new(rules: Rules, limit: Limit, now: Instant) -> Gate<W> {
+        let n = rules.tiers.len();
+        let sheddable = rules.sheddable();
+        let mut g = Gate {
+            shed_rank: Vec::new(),
+            limit,
+            inflight: 0,
+            tier_inflight: vec![0; n],
+            queue: TierQueue::new(n),
+            shed: ShedLevel::new(rules.target_queue_delay, sheddable.len() as u32, now),
+            rules,
+        };
+        g.rank(sheddable);
+        g
+    }
+
+    fn rank(&mut self, sheddable: Vec<usize>) {
+        self.shed_rank = vec![u32::MAX; self.rules.tiers.len()];
+        for (rank, t) in sheddable.into_iter().enumerate() {
+            self.shed_rank[t] = rank as u32;
+        }
+    }
+
+    /// New settings from a reload; the learned limit, in-flight counts and
+    /// waiters are kept.
+    pub fn reconfigure(&mut self, rules: Rules, limit: &Limit) {
+        let n = rules.tiers.len();
+        self.tier_inflight.resize(n, 0);
+        self.queue.resize(n);
+        self.limit.reconfigure(limit);
+        let sheddable = rules.sheddable();
+        self.shed
+            .reconfigure(rules.target_queue_delay, sheddable.len() as u32);
+        self.rules = rules;
+        self.rank(sheddable);
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit.current()
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight
+    }
+
+    pub fn tier_inflight(&self, tier: usize) -> u32 {
+        self.tier_inflight.get(tier).copied().unwrap_or(0)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn shed_level(&self) -> u32 {
+        self.shed.level()
+    }
+
+    /// Max in flight for `tier` while others want the room.
+    fn cap(&self, tier: usize) -> u32 {
+        let share = self.rules.tiers[tier].max_share;
+        if share >= 1.0 {
+            return u32::MAX;
+        }
+        ((f64::from(self.limit.current()) * share).ceil() as u32).max(1)
+    }
+
+    fn eligible(&self, tier: usize) -> bool {
+        self.tier_inflight[tier] < self.cap(tier) || !self.queue.others_waiting(tier)
+    }
+
+    /// Whether `tier` is refused before it may even wait.
+    pub fn refused(&mut self, tier: usize, now: Instant) -> Option<ShedReason> {
+        self.shed.tick(now);
+        let rule = self.rules.tiers.get(tier)?;
+        if rule.force_shed {
+            return Some(ShedReason::Forced);
+        }
+        (self.shed_rank[tier] < self.shed.level()).then_some(ShedReason::ShedLevel)
+    }
+
+    /// The first answer for a request of `tier` arriving at `now`; `Admit`
+    /// counts it in flight.
+    pub fn try_admit(&mut self, tier: usize, now: Instant) -> Decision {
+        if tier >= self.rules.tiers.len() {
+            return Decision::Shed(ShedReason::Forced);
+        }
+        if let Some(reason) = self.refused(tier, now) {
+            return Decision::Shed(reason);
+        }
+        if self.inflight < self.limit.current()
+            && self.queue.tier_len(tier) == 0
+            && self.eligible(tier)
+        {
+            self.count_in(tier);
+            self.shed.record(now, Duration::ZERO);
+            return Decision::Admit;
+        }
+        Decision::Queue
+    }
+
+    /// The deadline of a request of `tier` queued at `now`.
+    pub fn deadline(&self, tier: usize, now: Instant) -> Instant {
+        now + self.rules.tiers[tier].max_wait
+    }
+
+    /// Queues a request after `try_admit` said `Queue`. A full queue gives up
+    /// its lowest, newest waiter for a higher-tier newcomer (returned, to be
+    /// told `queue_full`), or refuses the newcomer.
+    pub fn enqueue(
+        &mut self,
+        tier: usize,
+        now: Instant,
+        handle: W,
+    ) -> Result<Option<W>, ShedReason> {
+        self.queue.purge_expired(now);
+        let mut evicted = None;
+        if self.queue.len() >= self.rules.max_queue {
+            match self.queue.lowest_waiting() {
+                Some(lowest) if lowest > tier => {
+                    evicted = self.queue.evict_newest(lowest).map(|w| w.handle);
+                }
+                _ => return Err(ShedReason::QueueFull),
+            }
+        }
+        let deadline = self.deadline(tier, now);
+        self.queue.push(
+            tier,
+            Waiter {
+                handle,
+                enqueued: now,
+                deadline,
+            },
+        );
+        Ok(evicted)
+    }
+
+    /// A permit of `tier` came back; `sample` is what the backend showed.
+    pub fn release(&mut self, tier: usize, now: Instant, sample: Sample) {
+        self.inflight = self.inflight.saturating_sub(1);
+        if let Some(n) = self.tier_inflight.get_mut(tier) {
+            *n = n.saturating_sub(1);
+        }
+        self.limit.on_sample(now, sample, self.inflight + 1);
+        self.shed.tick(now);
+    }
+
+    /// Hands the next permit to the highest eligible live waiter, counting it
+    /// in flight; `None` when the limit is reached or nobody eligible waits.
+    /// If the waiter cannot be told, give the permit back with [`Gate::ungrant`].
+    pub fn grant_next(&mut self, now: Instant) -> Option<(usize, W)> {
+        if self.inflight >= self.limit.current() {
+            return None;
+        }
+        self.queue.purge_expired(now);
+        let caps: Vec<bool> = (0..self.rules.tiers.len())
+            .map(|t| self.eligible(t))
+            .collect();
+        let (tier, w) = self.queue.pop_highest(|t| caps[t])?;
+        self.count_in(tier);
+        self.shed.record(now, now.duration_since(w.enqueued));
+        Some((tier, w.handle))
+    }
+
+    /// Undoes a grant whose waiter was gone.
+    pub fn ungrant(&mut self, tier: usize) {
+        self.inflight = self.inflight.saturating_sub(1);
+        if let Some(n) = self.tier_inflight.get_mut(tier) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// A waiter gave up at its deadline after waiting `waited`.
+    pub fn note_timeout(&mut self, now: Instant, waited: Duration) {
+        self.shed.record(now, waited);
+    }
+
+    fn count_in(&mut self, tier: usize) {
+        self.inflight += 1;
+        self.tier_inflight[tier] += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn rules(max_queue: usize) -> Rules {
+        let tier = |wait: u32, share: f64, never: bool| TierRule {
+            max_wait: wait * MS,
+            max_share: share,
+            never_shed: never,
+            force_shed: false,
+        };
+        Rules {
+            // purchase, merchant, customer_service
+            tiers: vec![
+                tier(2000, 1.0, true),
+                tier(500, 1.0, false),
+                tier(100, 0.5, false),
+            ],
+            target_queue_delay: 20 * MS,
+            max_queue,
+        }
+    }
+
+    fn gate(limit: u32, max_queue: usize) -> (Gate<u32>, Instant) {
+        let now = Instant::now();
+        (Gate::new(rules(max_queue), Limit::fixed(limit), now), now)
+    }
+
+    #[test]
+    fn admits_up_to_the_limit_then_queues() {
+        let (mut g, now) = gate(2, 10);
+        assert_eq!(g.try_admit(0, now), Decision::Admit);
+        assert_eq!(g.try_admit(1, now), Decision::Admit);
+        assert_eq!(g.try_admit(0, now), Decision::Queue);
+        assert_eq!(g.inflight(), 2);
+    }
+
+    #[test]
+    fn a_released_permit_goes_to_the_highest_waiter() {
+        let (mut g, now) = gate(1, 10);
+        assert_eq!(g.try_admit(2, now), Decision::Admit);
+        g.enqueue(2, now, 20).unwrap();
+        g.enqueue(1, now, 10).unwrap();
+        g.enqueue(0, now + MS, 1).unwrap();
+        g.release(2, now + 2 * MS, Sample::Ignored);
+        assert_eq!(g.grant_next(now + 2 * MS), Some((0, 1)));
+        assert_eq!(g.grant_next(now + 2 * MS), None, "limit reached again");
+        g.release(0, now + 3 * MS, Sample::Ignored);
+        assert_eq!(g.grant_next(now + 3 * MS), Some((1, 10)));
+    }
+
+    #[test]
+    fn shares_bind_only_when_another_tier_wants_the_room() {
+        let (mut g, now) = gate(4, 10);
+        // customer_service (share 0.5 → 2 of 4) borrows idle capacity…
+        for _ in 0..4 {
+            assert_eq!(g.try_admit(2, now), Decision::Admit);
+        }
+        // …but once a purchase waits, released slots go to it, and
+        // customer_service cannot climb back above its share.
+        assert_eq!(g.try_admit(0, now), Decision::Queue);
+        g.enqueue(0, now, 100).unwrap();
+        g.enqueue(2, now, 200).unwrap();
+        g.release(2, now, Sample::Ignored);
+        assert_eq!(g.grant_next(now), Some((0, 100)));
+        g.release(2, now, Sample::Ignored);
+        g.release(2, now, Sample::Ignored);
+        // in flight: 1 customer_service + 1 purchase; cs may have 2.
+        assert_eq!(g.grant_next(now), Some((2, 200)));
+        assert_eq!(g.tier_inflight(2), 2);
+        g.enqueue(0, now, 101).unwrap();
+        g.enqueue(2, now, 201).unwrap();
+        assert_eq!(g.grant_next(now), Some((0, 101)));
+        assert_eq!(g.grant_next(now), None, "limit 4 reached");
+        g.release(0, now, Sample::Ignored);
+        assert_eq!(
+            g.grant_next(now),
+            Some((2, 201)),
+            "no one else waits: cs borrows"
+        );
+    }
+
+    #[test]
+    fn full_queue_evicts_the_lowest_newest_for_a_higher_newcomer() {
+        let (mut g, now) = gate(1, 2);
+        g.try_admit(0, now);
+        g.enqueue(2, now, 1).unwrap();
+        g.enqueue(2, now, 2).unwrap();
+        assert_eq!(
+            g.enqueue(0, now, 3),
+            Ok(Some(2)),
+            "newest customer_service gives way"
+        );
+        assert_eq!(
+            g.enqueue(2, now, 4),
+            Err(ShedReason::QueueFull),
+            "equal or lower newcomer is refused"
+        );
+        assert_eq!(g.queued(), 2);
+    }
+
+    #[test]
+    fn expired_waiters_are_not_granted() {
+        let (mut g, now) = gate(1, 10);
+        g.try_admit(0, now);
+        g.enqueue(2, now, 1).unwrap(); // deadline +100 ms
+        g.release(0, now + 150 * MS, Sample::Ignored);
+        assert_eq!(g.grant_next(now + 150 * MS), None);
+        assert_eq!(g.queued(), 0);
+    }
+
+    #[test]
+    fn forced_and_level_sheds_never_touch_never_shed_tiers() {
+        let now = Instant::now();
+        let mut r = rules(100);
+        r.tiers[1].force_shed = true;
+        let mut g: Gate<u32> = Gate::new(r, Limit::fixed(1), now);
+        assert_eq!(g.try_admit(1, now), Decision::Shed(ShedReason::Forced));
+        assert_eq!(g.try_admit(0, now), Decision::Admit);
+        // Long queueing delays push the level to its maximum (2 sheddable tiers).
+        let mut t = now;
+        for _ in 0..200 {
+            t += MS;
+            g.note_timeout(t, 500 * MS);
+        }
+        assert_eq!(g.shed_level(), 2);
+        assert_eq!(g.try_admit(2, t), Decision::Shed(ShedReason::ShedLevel));
+        assert_eq!(
+            g.try_admit(0, t),
+            Decision::Queue,
+            "purchases only ever wait"
+        );
+    }
+
+    #[test]
+    fn reconfigure_keeps_inflight_and_waiters() {
+        let (mut g, now) = gate(1, 10);
+        g.try_admit(0, now);
+        g.enqueue(1, now, 7).unwrap();
+        let mut r = rules(10);
+        r.tiers[1].max_wait = 900 * MS;
+        g.reconfigure(r, &Limit::fixed(2));
+        assert_eq!((g.inflight(), g.queued(), g.limit()), (1, 1, 2));
+        assert_eq!(g.grant_next(now), Some((1, 7)));
+    }
+}

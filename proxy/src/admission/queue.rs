@@ -1,0 +1,166 @@
+//! The admission wait queue: one FIFO per tier, served highest tier first.
+//!
+//! Within a tier every waiter has the same `max_queue_wait`, so deadlines are
+//! in arrival order and expired waiters are always at the front: purging them
+//! costs only what is purged. Pushing, popping and evicting are O(1) per tier.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// One request waiting for a permit; `handle` is how it is told.
+#[derive(Debug)]
+pub struct Waiter<W> {
+    pub handle: W,
+    pub enqueued: Instant,
+    pub deadline: Instant,
+}
+
+/// Waiters by tier; index 0 is the highest tier.
+#[derive(Debug)]
+pub struct TierQueue<W> {
+    tiers: Vec<VecDeque<Waiter<W>>>,
+    len: usize,
+}
+
+impl<W> TierQueue<W> {
+    pub fn new(tiers: usize) -> TierQueue<W> {
+        TierQueue {
+            tiers: (0..tiers).map(|_| VecDeque::new()).collect(),
+            len: 0,
+        }
+    }
+
+    /// Waiters, including any whose deadline passed but were not purged yet.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn tier_len(&self, tier: usize) -> usize {
+        self.tiers.get(tier).map_or(0, VecDeque::len)
+    }
+
+    /// Whether any tier other than `tier` has a waiter.
+    pub fn others_waiting(&self, tier: usize) -> bool {
+        self.len > self.tier_len(tier)
+    }
+
+    /// Grows or shrinks the tier count (a reload); waiters of removed tiers
+    /// are dropped, which tells them they were shed.
+    pub fn resize(&mut self, tiers: usize) {
+        while self.tiers.len() > tiers {
+            let q = self.tiers.pop().expect("non-empty");
+            self.len -= q.len();
+        }
+        while self.tiers.len() < tiers {
+            self.tiers.push(VecDeque::new());
+        }
+    }
+
+    pub fn push(&mut self, tier: usize, waiter: Waiter<W>) {
+        self.tiers[tier].push_back(waiter);
+        self.len += 1;
+    }
+
+    /// Drops waiters whose deadline is at or before `now`.
+    pub fn purge_expired(&mut self, now: Instant) {
+        for q in &mut self.tiers {
+            while q.front().is_some_and(|w| w.deadline <= now) {
+                q.pop_front();
+                self.len -= 1;
+            }
+        }
+    }
+
+    /// The lowest tier with a waiter.
+    pub fn lowest_waiting(&self) -> Option<usize> {
+        self.tiers.iter().rposition(|q| !q.is_empty())
+    }
+
+    /// Removes the newest waiter of `tier` (the one a full queue gives up).
+    pub fn evict_newest(&mut self, tier: usize) -> Option<Waiter<W>> {
+        let w = self.tiers[tier].pop_back()?;
+        self.len -= 1;
+        Some(w)
+    }
+
+    /// Removes the oldest waiter of the highest tier for which `eligible` holds.
+    pub fn pop_highest(
+        &mut self,
+        mut eligible: impl FnMut(usize) -> bool,
+    ) -> Option<(usize, Waiter<W>)> {
+        let tier = (0..self.tiers.len()).find(|&t| !self.tiers[t].is_empty() && eligible(t))?;
+        let w = self.tiers[tier].pop_front()?;
+        self.len -= 1;
+        Some((tier, w))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn waiter(id: u32, at: Instant, wait_ms: u64) -> Waiter<u32> {
+        Waiter {
+            handle: id,
+            enqueued: at,
+            deadline: at + Duration::from_millis(wait_ms),
+        }
+    }
+
+    #[test]
+    fn serves_highest_tier_first_then_arrival_order() {
+        let now = Instant::now();
+        let mut q = TierQueue::new(3);
+        q.push(2, waiter(1, now, 100));
+        q.push(1, waiter(2, now, 100));
+        q.push(1, waiter(3, now, 100));
+        q.push(0, waiter(4, now, 100));
+        let order: Vec<u32> =
+            std::iter::from_fn(|| q.pop_highest(|_| true).map(|(_, w)| w.handle)).collect();
+        assert_eq!(order, [4, 2, 3, 1]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn ineligible_tiers_are_skipped() {
+        let now = Instant::now();
+        let mut q = TierQueue::new(3);
+        q.push(0, waiter(1, now, 100));
+        q.push(2, waiter(2, now, 100));
+        assert_eq!(
+            q.pop_highest(|t| t != 0).map(|(t, w)| (t, w.handle)),
+            Some((2, 2))
+        );
+        assert!(q.others_waiting(2));
+        assert!(!q.others_waiting(0));
+    }
+
+    #[test]
+    fn expired_waiters_are_purged_from_the_front() {
+        let now = Instant::now();
+        let mut q = TierQueue::new(2);
+        q.push(1, waiter(1, now, 10));
+        q.push(1, waiter(2, now + Duration::from_millis(5), 10));
+        q.purge_expired(now + Duration::from_millis(12));
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.pop_highest(|_| true).unwrap().1.handle, 2);
+    }
+
+    #[test]
+    fn eviction_takes_the_newest_of_the_lowest_tier() {
+        let now = Instant::now();
+        let mut q = TierQueue::new(3);
+        q.push(1, waiter(1, now, 100));
+        q.push(1, waiter(2, now, 100));
+        q.push(0, waiter(3, now, 100));
+        let lowest = q.lowest_waiting().unwrap();
+        assert_eq!(lowest, 1);
+        assert_eq!(q.evict_newest(lowest).unwrap().handle, 2);
+        assert_eq!(q.len(), 2);
+    }
+}
