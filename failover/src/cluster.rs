@@ -76,13 +76,26 @@ impl Cluster {
     /// The next backend of the preferred site, round-robin; `None` when no
     /// site can take traffic.
     pub fn choose(&self) -> Option<Choice> {
-        let site = self.preferred?;
-        let backends = &self.sites[site].backends;
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let site = self.preferred()?;
         Some(Choice {
             site,
-            backend: backends[n % backends.len()],
+            backend: self.backend_in(site)?,
         })
+    }
+
+    /// The site that takes traffic now, if any.
+    pub fn preferred(&self) -> Option<usize> {
+        self.preferred
+    }
+
+    /// The next backend of `site`, round-robin.
+    pub fn backend_in(&self, site: usize) -> Option<SocketAddr> {
+        let backends = &self.sites.get(site)?.backends;
+        if backends.is_empty() {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(backends[n % backends.len()])
     }
 }
 

@@ -19,6 +19,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
+use crate::admission::{Permit, Sample, ShedReason};
 use crate::classify::{RequestView, TierId};
 use crate::config::Snapshot;
 use crate::metrics::code_class;
@@ -78,6 +79,10 @@ pub struct Ctx {
     upstream_status: Option<u16>,
     /// Connects that failed for this request (nothing was sent on them).
     connect_failures: usize,
+    /// The admission permit; dropped with the context, whatever the path.
+    permit: Option<Permit>,
+    /// When the request was sent upstream, for the latency sample.
+    upstream_sent: Option<Instant>,
     outcome: Outcome,
 }
 
@@ -148,6 +153,38 @@ async fn respond_json(
         .await
 }
 
+impl Gateway {
+    /// Answers a shed request per the wire contract: the tier's status (503
+    /// by default), `retry-after`, `x-k2-shed: <reason>` and a JSON body.
+    /// Nothing reaches the backend.
+    async fn shed(&self, session: &mut Session, ctx: &mut Ctx, reason: ShedReason) -> Result<()> {
+        let snap = ctx.snapshot.as_ref().expect("set before admission");
+        let status = ctx.tier.map_or(503, |t| snap.tier(t).shed_status);
+        let retry_after = snap.shedding.retry_after_s;
+        ctx.outcome = Outcome::Shed(reason.as_str());
+        self.shared
+            .metrics
+            .shed
+            .with_label_values(&[ctx.tier_name(), reason.as_str()])
+            .inc();
+        let body = serde_json::json!({
+            "error": "overloaded",
+            "tier": ctx.tier_name(),
+            "reason": reason.as_str(),
+            "retry_after_s": retry_after,
+        })
+        .to_string();
+        let mut extra = vec![
+            (http::header::RETRY_AFTER, HeaderValue::from(retry_after)),
+            (X_K2_SHED, HeaderValue::from_static(reason.as_str())),
+        ];
+        if let Some(rid) = &ctx.request_id {
+            extra.push((X_REQUEST_ID, rid.clone()));
+        }
+        respond_json(session, status, &extra, body).await
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
@@ -163,6 +200,8 @@ impl ProxyHttp for Gateway {
             site: None,
             upstream_status: None,
             connect_failures: 0,
+            permit: None,
+            upstream_sent: None,
             outcome: Outcome::Pending,
         }
     }
@@ -210,8 +249,48 @@ impl ProxyHttp for Gateway {
                 _ => {}
             }
         }
+        // Admission: a site that can take the request, then a permit there.
+        let cluster_id = snap.routes.get(route).expect("classified").cluster;
+        let cluster = snap.cluster(cluster_id);
+        let tier = ctx.tier.expect("set above");
+        let controller = cluster.sites.preferred().and_then(|site| {
+            Some((
+                site,
+                snap.controllers.get(cluster_id.0 as usize, site)?.clone(),
+            ))
+        });
         ctx.snapshot = Some(snap);
-        Ok(false)
+        let Some((site, controller)) = controller else {
+            self.shed(session, ctx, ShedReason::NoHealthySite).await?;
+            return Ok(true);
+        };
+        ctx.site = Some(site);
+        let m = &self.shared.metrics;
+        let tier_name = ctx.tier_name().to_string();
+        match controller.acquire(tier.0 as usize).await {
+            Ok(permit) => {
+                m.queue_wait
+                    .with_label_values(&[&tier_name])
+                    .observe(permit.waited().as_secs_f64());
+                ctx.permit = Some(permit);
+                Ok(false)
+            }
+            Err(reason) => {
+                if reason == ShedReason::QueueTimeout {
+                    let wait = ctx
+                        .snapshot
+                        .as_ref()
+                        .expect("set")
+                        .tier(tier)
+                        .max_queue_wait;
+                    m.queue_wait
+                        .with_label_values(&[&tier_name])
+                        .observe(wait.as_secs_f64());
+                }
+                self.shed(session, ctx, reason).await?;
+                Ok(true)
+            }
+        }
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -226,16 +305,18 @@ impl ProxyHttp for Gateway {
             .get(route)
             .expect("route index from this snapshot");
         let cluster = snap.cluster(route.cluster);
-        let Some(choice) = cluster.sites.choose() else {
-            ctx.outcome = Outcome::Shed("no_healthy_site");
+        let backend = ctx.site.and_then(|site| cluster.sites.backend_in(site));
+        let Some(backend) = backend else {
             return Error::e_explain(
-                ErrorType::HTTPStatus(503),
-                format!("cluster {} has no usable site", cluster.name),
+                ErrorType::InternalError,
+                format!(
+                    "cluster {} has no backend in the admitted site",
+                    cluster.name
+                ),
             );
         };
-        ctx.upstream = Some(choice.backend);
-        ctx.site = Some(choice.site);
-        let mut peer = HttpPeer::new(choice.backend, false, String::new());
+        ctx.upstream = Some(backend);
+        let mut peer = HttpPeer::new(backend, false, String::new());
         peer.options.connection_timeout = Some(cluster.connect_timeout);
         peer.options.read_timeout = Some(route.timeout);
         peer.options.write_timeout = Some(route.timeout);
@@ -250,6 +331,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let snap = ctx.snapshot.as_ref().expect("set in request_filter");
         let tier = snap.tier(ctx.tier.expect("set in request_filter"));
+        ctx.upstream_sent = Some(Instant::now());
         upstream.insert_header(X_K2_TIER, tier.name.as_str())?;
         if let Some(rid) = &ctx.request_id {
             upstream.insert_header(X_REQUEST_ID, rid.clone())?;
@@ -279,8 +361,19 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if !upstream_response.status.is_informational() {
-            ctx.upstream_status = Some(upstream_response.status.as_u16());
+            let status = upstream_response.status.as_u16();
+            ctx.upstream_status = Some(status);
             ctx.outcome = Outcome::Proxied;
+            // Time to the response header: the backend's own latency, without
+            // our queueing. A backend 503 means it is past its knee.
+            let sample = match (status, ctx.upstream_sent) {
+                (503, _) => Sample::Congestion,
+                (_, Some(sent)) => Sample::Latency(sent.elapsed()),
+                (_, None) => Sample::Ignored,
+            };
+            if let Some(p) = ctx.permit.as_mut() {
+                p.record(sample);
+            }
         }
         Ok(())
     }
@@ -341,6 +434,11 @@ impl ProxyHttp for Gateway {
         };
         if matches!(ctx.outcome, Outcome::Pending | Outcome::Proxied) {
             ctx.outcome = Outcome::Error;
+        }
+        if kind == "timeout" || kind == "connect_timeout" {
+            if let Some(p) = ctx.permit.as_mut() {
+                p.record(Sample::Congestion);
+            }
         }
         // Connect failures were counted per attempt in fail_to_connect.
         let connect = matches!(kind, "connect" | "connect_timeout");

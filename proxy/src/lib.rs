@@ -26,15 +26,29 @@ pub struct Shared {
     /// The config in force; swapped whole, never edited in place.
     pub config: ArcSwap<config::Snapshot>,
     pub metrics: metrics::Metrics,
+    /// Admission state by (cluster, site) name, kept across reloads.
+    pub admission: admission::Registry,
 }
 
 impl Shared {
-    pub fn new(snapshot: config::Snapshot) -> Shared {
+    pub fn new(mut snapshot: config::Snapshot) -> Shared {
         let metrics = metrics::Metrics::new();
+        let admission = admission::Registry::default();
+        snapshot.controllers = admission.sync(&snapshot, &metrics);
         metrics.config_generation.set(1);
         Shared {
             config: ArcSwap::from_pointee(snapshot),
             metrics,
+            admission,
         }
+    }
+
+    /// Makes `snapshot` the config in force, with its admission controllers
+    /// (existing ones keep their learned state). Requests in flight finish on
+    /// the snapshot they started with.
+    pub fn install(&self, mut snapshot: config::Snapshot) {
+        snapshot.controllers = self.admission.sync(&snapshot, &self.metrics);
+        self.config.store(std::sync::Arc::new(snapshot));
+        self.metrics.config_generation.inc();
     }
 }

@@ -1,7 +1,8 @@
 //! Every k2proxy metric, registered once in one registry (names from DESIGN).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets, seconds: from a fast shed (~1 ms) to a slow legacy call.
@@ -22,6 +23,18 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `k2_upstream_errors_total{cluster,site,kind}`.
     pub upstream_errors: IntCounterVec,
+    /// `k2_inflight{cluster,site,tier}`: permits held.
+    pub inflight: IntGaugeVec,
+    /// `k2_admission_limit{cluster,site}`.
+    pub admission_limit: IntGaugeVec,
+    /// `k2_shed_level{cluster,site}`: lowest tiers refused outright.
+    pub shed_level: IntGaugeVec,
+    /// `k2_queue_depth{cluster,site}`: requests waiting for admission.
+    pub queue_depth: IntGaugeVec,
+    /// `k2_queue_wait_seconds{tier}`: time from arrival to admission or shed.
+    pub queue_wait: HistogramVec,
+    /// `k2_shed_total{tier,reason}`.
+    pub shed: IntCounterVec,
 }
 
 impl Metrics {
@@ -65,12 +78,58 @@ impl Metrics {
             &["cluster", "site", "kind"],
         )
         .expect("static metric definition");
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition")
+        };
+        let inflight = gauge(
+            "k2_inflight",
+            "Requests holding an admission permit.",
+            &["cluster", "site", "tier"],
+        );
+        let admission_limit = gauge(
+            "k2_admission_limit",
+            "Concurrency limit in force.",
+            &["cluster", "site"],
+        );
+        let shed_level = gauge(
+            "k2_shed_level",
+            "How many of the lowest sheddable tiers are refused outright.",
+            &["cluster", "site"],
+        );
+        let queue_depth = gauge(
+            "k2_queue_depth",
+            "Requests waiting for admission.",
+            &["cluster", "site"],
+        );
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "k2_queue_wait_seconds",
+                "Time from arrival to admission (0 when admitted at once) or to a queue timeout.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["tier"],
+        )
+        .expect("static metric definition");
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "k2_shed_total",
+                "Requests answered without reaching a backend, by tier and reason.",
+            ),
+            &["tier", "reason"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
             Box::new(config_generation.clone()),
             Box::new(config_reloads.clone()),
             Box::new(upstream_errors.clone()),
+            Box::new(inflight.clone()),
+            Box::new(admission_limit.clone()),
+            Box::new(shed_level.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(queue_wait.clone()),
+            Box::new(shed.clone()),
         ] {
             registry
                 .register(c)
@@ -83,6 +142,12 @@ impl Metrics {
             config_generation,
             config_reloads,
             upstream_errors,
+            inflight,
+            admission_limit,
+            shed_level,
+            queue_depth,
+            queue_wait,
+            shed,
         }
     }
 

@@ -1,6 +1,328 @@
 //! Admission control and load shedding, per (cluster, site).
+//!
+//! [`gate::Gate`] decides (limit, priority queue, tier shares, shed level)
+//! and is plain synchronous code; [`Controller`] wraps it for the proxy: a
+//! mutex, a oneshot channel per waiter, the clock, metrics, and [`Permit`]s
+//! that give their slot back on `Drop`, whatever path a request ends on.
+//! [`Controllers`] keeps one controller per (cluster, site) name, so a reload
+//! keeps learned limits, in-flight counts and waiters. See docs/admission.md.
 
 pub mod gate;
 pub mod limit;
 pub mod queue;
 pub mod shed_level;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus::IntGauge;
+use tokio::sync::oneshot;
+
+use crate::config::{AdmissionMode, Snapshot};
+use crate::metrics::Metrics;
+pub use gate::ShedReason;
+use gate::{Decision, Gate, Rules, TierRule};
+pub use limit::Sample;
+use limit::{Bounds, Limit};
+
+/// The one clock of admission: tokio's, so tests can pause it.
+pub fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+type Reply = oneshot::Sender<Result<Permit, ShedReason>>;
+
+/// Gauges of one site, resolved once.
+struct SiteGauges {
+    limit: IntGauge,
+    shed_level: IntGauge,
+    queue_depth: IntGauge,
+    inflight: Vec<IntGauge>,
+}
+
+/// Admission for one (cluster, site).
+pub struct Controller {
+    cluster: String,
+    site: String,
+    gate: Mutex<Gate<Reply>>,
+    gauges: Mutex<SiteGauges>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Controller({}/{})", self.cluster, self.site)
+    }
+}
+
+impl Controller {
+    fn new(
+        cluster: &str,
+        site: &str,
+        rules: Rules,
+        limit: Limit,
+        tiers: &[String],
+        metrics: &Metrics,
+    ) -> Controller {
+        let c = Controller {
+            cluster: cluster.to_string(),
+            site: site.to_string(),
+            gate: Mutex::new(Gate::new(rules, limit, now())),
+            gauges: Mutex::new(SiteGauges::new(cluster, site, tiers, metrics)),
+        };
+        c.publish(&c.lock());
+        c
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    /// A poisoned lock only means a panic elsewhere; the gate's counters are
+    /// still consistent (every method leaves them so), so keep going.
+    fn lock(&self) -> MutexGuard<'_, Gate<Reply>> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, g: &Gate<Reply>) {
+        let gauges = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        gauges.limit.set(i64::from(g.limit()));
+        gauges.shed_level.set(i64::from(g.shed_level()));
+        gauges.queue_depth.set(g.queued() as i64);
+        for (t, gauge) in gauges.inflight.iter().enumerate() {
+            gauge.set(i64::from(g.tier_inflight(t)));
+        }
+    }
+
+    /// Current (limit, in flight, queued, shed level), for status and tests.
+    pub fn state(&self) -> (u32, u32, usize, u32) {
+        let g = self.lock();
+        (g.limit(), g.inflight(), g.queued(), g.shed_level())
+    }
+
+    /// Waits for a permit for `tier`, or says why the request is shed. Ends
+    /// by the tier's `max_queue_wait` at the latest.
+    pub async fn acquire(self: &Arc<Self>, tier: usize) -> Result<Permit, ShedReason> {
+        let start = now();
+        let (mut rx, deadline) = {
+            let mut g = self.lock();
+            match g.try_admit(tier, start) {
+                Decision::Admit => {
+                    self.publish(&g);
+                    return Ok(Permit::new(self.clone(), tier, Duration::ZERO));
+                }
+                Decision::Shed(reason) => {
+                    self.publish(&g);
+                    return Err(reason);
+                }
+                Decision::Queue => {}
+            }
+            let (tx, rx) = oneshot::channel();
+            match g.enqueue(tier, start, tx) {
+                Err(reason) => return Err(reason),
+                Ok(Some(evicted)) => {
+                    let _ = evicted.send(Err(ShedReason::QueueFull));
+                }
+                Ok(None) => {}
+            }
+            self.dispatch(&mut g, start);
+            self.publish(&g);
+            (rx, g.deadline(tier, start))
+        };
+        match tokio::time::timeout_at(deadline.into(), &mut rx).await {
+            Ok(Ok(Ok(mut permit))) => {
+                permit.waited = now().duration_since(start);
+                Ok(permit)
+            }
+            Ok(Ok(Err(reason))) => Err(reason),
+            // The gate dropped the waiter (a reload removed its tier).
+            Ok(Err(_)) => Err(ShedReason::QueueTimeout),
+            Err(_) => {
+                rx.close();
+                // A permit that arrived at the deadline is still a permit.
+                if let Ok(Ok(mut permit)) = rx.try_recv() {
+                    permit.waited = now().duration_since(start);
+                    return Ok(permit);
+                }
+                let at = now();
+                let mut g = self.lock();
+                g.note_timeout(at, at.duration_since(start));
+                self.publish(&g);
+                Err(ShedReason::QueueTimeout)
+            }
+        }
+    }
+
+    /// Hands free permits to waiters, highest first.
+    fn dispatch(self: &Arc<Self>, g: &mut Gate<Reply>, at: Instant) {
+        while let Some((tier, reply)) = g.grant_next(at) {
+            // The waiter sets `waited` from its own start time.
+            let permit = Permit::new(self.clone(), tier, Duration::ZERO);
+            if let Err(Ok(mut back)) = reply.send(Ok(permit)) {
+                // The waiter is gone: take the slot back without re-locking.
+                back.controller = None;
+                g.ungrant(tier);
+            }
+        }
+    }
+
+    fn release(self: &Arc<Self>, tier: usize, sample: Sample) {
+        let at = now();
+        let mut g = self.lock();
+        g.release(tier, at, sample);
+        self.dispatch(&mut g, at);
+        self.publish(&g);
+    }
+
+    fn reconfigure(&self, rules: Rules, limit: &Limit, tiers: &[String], metrics: &Metrics) {
+        let mut g = self.lock();
+        g.reconfigure(rules, limit);
+        *self.gauges.lock().unwrap_or_else(|e| e.into_inner()) =
+            SiteGauges::new(&self.cluster, &self.site, tiers, metrics);
+        self.publish(&g);
+    }
+}
+
+impl SiteGauges {
+    fn new(cluster: &str, site: &str, tiers: &[String], m: &Metrics) -> SiteGauges {
+        SiteGauges {
+            limit: m.admission_limit.with_label_values(&[cluster, site]),
+            shed_level: m.shed_level.with_label_values(&[cluster, site]),
+            queue_depth: m.queue_depth.with_label_values(&[cluster, site]),
+            inflight: tiers
+                .iter()
+                .map(|t| m.inflight.with_label_values(&[cluster, site, t]))
+                .collect(),
+        }
+    }
+}
+
+/// A slot at a site's backend; dropping it gives the slot back (and admits
+/// the next waiter), on every path: response, error, timeout, disconnect,
+/// panic.
+#[derive(Debug)]
+pub struct Permit {
+    controller: Option<Arc<Controller>>,
+    tier: usize,
+    sample: Sample,
+    waited: Duration,
+}
+
+impl Permit {
+    fn new(controller: Arc<Controller>, tier: usize, waited: Duration) -> Permit {
+        Permit {
+            controller: Some(controller),
+            tier,
+            sample: Sample::Ignored,
+            waited,
+        }
+    }
+
+    /// What the backend showed; fed to the limit when the permit is dropped.
+    pub fn record(&mut self, sample: Sample) {
+        self.sample = sample;
+    }
+
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(c) = self.controller.take() {
+            c.release(self.tier, self.sample);
+        }
+    }
+}
+
+/// Every controller, by (cluster, site) name; survives reloads.
+#[derive(Default)]
+pub struct Registry {
+    by_name: Mutex<HashMap<(String, String), Arc<Controller>>>,
+}
+
+/// The controllers of one snapshot: `[cluster][site]`.
+#[derive(Debug, Default, Clone)]
+pub struct Controllers(Vec<Vec<Arc<Controller>>>);
+
+impl Controllers {
+    pub fn get(&self, cluster: usize, site: usize) -> Option<&Arc<Controller>> {
+        self.0.get(cluster)?.get(site)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Controller>> {
+        self.0.iter().flatten()
+    }
+}
+
+/// The admission rules of `cluster` in `snap`.
+fn rules_for(snap: &Snapshot, cluster: usize) -> (Rules, Limit) {
+    let a = &snap.admission[cluster];
+    let tiers = snap
+        .tiers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let id = crate::classify::TierId(i as u8);
+            TierRule {
+                max_wait: t.max_queue_wait,
+                max_share: t.max_share,
+                never_shed: snap.shedding.never_shed.contains(&id),
+                force_shed: snap.shedding.force_shed.contains(&id),
+            }
+        })
+        .collect();
+    let rules = Rules {
+        tiers,
+        target_queue_delay: snap.shedding.target_queue_delay,
+        max_queue: a.max_queue as usize,
+    };
+    let limit = match a.mode {
+        AdmissionMode::Fixed { limit } => Limit::fixed(limit),
+        AdmissionMode::Adaptive { initial, min, max } => {
+            Limit::adaptive(Bounds { initial, min, max }, now())
+        }
+    };
+    (rules, limit)
+}
+
+impl Registry {
+    /// The controllers for `snap`: existing ones (same cluster and site name)
+    /// take the new settings and keep their state; new ones start fresh;
+    /// those of removed sites are forgotten once their last permit is gone.
+    pub fn sync(&self, snap: &Snapshot, metrics: &Metrics) -> Controllers {
+        let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
+        let tiers: Vec<String> = snap.tiers.iter().map(|t| t.name.clone()).collect();
+        let mut next = HashMap::new();
+        let mut out = Vec::with_capacity(snap.clusters.len());
+        for (ci, cluster) in snap.clusters.iter().enumerate() {
+            let mut sites = Vec::new();
+            for site in cluster.sites.sites() {
+                let key = (cluster.name.clone(), site.name.clone());
+                let (rules, limit) = rules_for(snap, ci);
+                let ctl = match by_name.remove(&key) {
+                    Some(existing) => {
+                        existing.reconfigure(rules, &limit, &tiers, metrics);
+                        existing
+                    }
+                    None => Arc::new(Controller::new(
+                        &key.0, &key.1, rules, limit, &tiers, metrics,
+                    )),
+                };
+                sites.push(ctl.clone());
+                next.insert(key, ctl);
+            }
+            out.push(sites);
+        }
+        *by_name = next;
+        Controllers(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

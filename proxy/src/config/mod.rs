@@ -83,6 +83,9 @@ pub struct Snapshot {
     pub rate_limits: Vec<RateLimit>,
     pub retries: Retries,
     pub trust: Trust,
+    /// Admission controllers, `[cluster][site]`; filled by
+    /// [`crate::Shared::install`] (they are state, kept across reloads).
+    pub controllers: crate::admission::Controllers,
 }
 
 impl Snapshot {

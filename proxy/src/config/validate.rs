@@ -223,6 +223,7 @@ pub(super) fn snapshot(
         rate_limits,
         retries,
         trust,
+        controllers: Default::default(),
     })
 }
 
