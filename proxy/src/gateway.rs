@@ -466,7 +466,11 @@ impl ProxyHttp for Gateway {
                 can_reuse_downstream: false,
             };
         }
-        let mut extra = Vec::with_capacity(2);
+        // The downstream connection is not reused after an error: say so
+        // (pingora writes `connection: close` from this), rather than let the
+        // client find a reset on its next request.
+        session.set_keepalive(None);
+        let mut extra = Vec::with_capacity(1);
         if let Some(rid) = &ctx.request_id {
             extra.push((X_REQUEST_ID, rid.clone()));
         }

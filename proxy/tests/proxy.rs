@@ -193,6 +193,11 @@ async fn refused_backend_gives_502_json() {
     let resp = client().get(proxy.url("/checkout/1")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(
+        resp.headers()["connection"],
+        "close",
+        "the connection is not reused"
+    );
     let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     let body: serde_json::Value = resp.json_body().await;
     assert_eq!(body["error"], "bad_gateway");

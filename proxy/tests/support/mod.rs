@@ -33,7 +33,8 @@ pub struct Seen {
 }
 
 /// A real HTTP/1.1 backend. `POST` echoes the body; `/chunked` answers with a
-/// chunked body of 64 chunks; anything else answers `backend <name>`.
+/// chunked body of 64 chunks; `…/slow/<ms>` answers after `ms` milliseconds;
+/// anything else answers `backend <name>`.
 pub struct Backend {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -106,6 +107,16 @@ impl Backend {
             headers: parts.headers.clone(),
             body_len: body.len(),
         });
+        // /slow/<ms>: answer after a delay (a backend past its knee).
+        if let Some(ms) = parts
+            .uri
+            .path()
+            .rsplit_once("/slow/")
+            .and_then(|(_, m)| m.parse().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            return Response::new(Full::new(Bytes::from("slow")).boxed());
+        }
         if parts.uri.path() == "/chunked" {
             return Response::new(Chunks((0..64).map(chunk).collect()).boxed());
         }

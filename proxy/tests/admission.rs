@@ -1,0 +1,229 @@
+//! Admission through the real proxy: shed answers per the wire contract,
+//! and permits that come back on every path.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const ROUTES: &str = r#"
+[[routes]]
+name = "checkout"
+match = { path_prefix = "/checkout/" }
+tier = "purchase"
+cluster = "main"
+
+[[routes]]
+name = "admin"
+match = { path_prefix = "/admin/" }
+tier = "admin"
+cluster = "main"
+
+[[routes]]
+name = "cs"
+match = { path_prefix = "/cs/" }
+tier = "customer_service"
+cluster = "main"
+timeout = "150ms"
+"#;
+
+fn policy(extra: &str) -> String {
+    format!(
+        r#"tiers = ["purchase", "merchant", "admin", "customer_service", "background"]
+
+[tier.customer_service]
+max_queue_wait = "100ms"
+
+[tier.admin]
+shed_status = 529
+
+{extra}
+"#
+    )
+}
+
+const FIXED_ONE: &str = "[admission.main]\nmode = \"fixed\"\nlimit = 1\n";
+
+async fn setup(policy_extra: &str) -> (Backend, Proxy) {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(&routes_toml(&[backend.addr], ROUTES), &policy(policy_extra)).await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn forced_tier_is_shed_per_the_wire_contract_and_never_reaches_the_backend() {
+    let (backend, proxy) =
+        setup("[shedding]\nforce_shed = [\"customer_service\", \"admin\"]\nretry_after = \"7s\"\n")
+            .await;
+    let c = client();
+    let start = Instant::now();
+    let resp = c.get(proxy.url("/cs/ticket")).send().await.unwrap();
+    let fast = start.elapsed();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    assert_eq!(resp.headers()["x-k2-shed"], "forced");
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "overloaded", "tier": "customer_service", "reason": "forced", "retry_after_s": 7})
+    );
+    assert!(
+        fast < Duration::from_millis(500),
+        "a shed is answered at once ({fast:?})"
+    );
+
+    // The per-tier status override.
+    let resp = c.get(proxy.url("/admin/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 529);
+    // Purchases pass.
+    assert_eq!(
+        c.get(proxy.url("/checkout/1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let seen: Vec<String> = backend.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(seen, ["/checkout/1"]);
+    let metrics = proxy
+        .metrics_when(r#"k2_shed_total{reason="forced",tier="admin"} 1"#)
+        .await;
+    assert!(
+        metrics.contains(r#"k2_shed_total{reason="forced",tier="customer_service"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"k2_requests_total{code_class="5xx",outcome="shed",route="cs",tier="customer_service"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_waiter_past_its_tiers_deadline_is_shed_with_queue_timeout() {
+    let (backend, proxy) = setup(FIXED_ONE).await;
+    let c = client();
+    // A slow purchase holds the only permit for 600 ms.
+    let slow = tokio::spawn({
+        let (c, url) = (c.clone(), proxy.url("/checkout/slow/600"));
+        async move { c.get(url).send().await.unwrap().status() }
+    });
+    wait_for_inflight(&proxy, 1).await;
+    let start = Instant::now();
+    let resp = c.get(proxy.url("/cs/x")).send().await.unwrap();
+    let waited = start.elapsed();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-k2-shed"], "queue_timeout");
+    assert!(
+        waited >= Duration::from_millis(95) && waited < Duration::from_millis(450),
+        "{waited:?}"
+    );
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(
+        backend.seen().len(),
+        1,
+        "the shed request never reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn permits_come_back_after_upstream_errors() {
+    let dead = refused_addr();
+    let proxy = Proxy::start(&routes_toml(&[dead], ROUTES), &policy(FIXED_ONE)).await;
+    let c = client();
+    for _ in 0..3 {
+        // With a leaked permit the second request would wait and be shed.
+        let resp = c.get(proxy.url("/cs/x")).send().await.unwrap();
+        assert_eq!(resp.status(), 502);
+    }
+    wait_for_inflight(&proxy, 0).await;
+}
+
+#[tokio::test]
+async fn permits_come_back_after_upstream_timeouts() {
+    let (_backend, proxy) = setup(FIXED_ONE).await;
+    let c = client();
+    for _ in 0..2 {
+        let resp = c.get(proxy.url("/cs/slow/400")).send().await.unwrap();
+        assert_eq!(resp.status(), 504, "the cs route's timeout is 150 ms");
+    }
+    wait_for_inflight(&proxy, 0).await;
+    assert_eq!(
+        c.get(proxy.url("/checkout/1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn permits_come_back_when_the_client_disconnects() {
+    let (_backend, proxy) = setup(FIXED_ONE).await;
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    assert!(impatient
+        .get(proxy.url("/checkout/slow/300"))
+        .send()
+        .await
+        .is_err());
+    // Queued and gone, too.
+    let _ = impatient.get(proxy.url("/checkout/slow/300")).send().await;
+    wait_for_inflight(&proxy, 0).await;
+    let resp = client().get(proxy.url("/checkout/1")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn admission_gauges_are_exported() {
+    let (_backend, proxy) = setup(FIXED_ONE).await;
+    client().get(proxy.url("/checkout/1")).send().await.unwrap();
+    // The permit is dropped just after the response: wait for it.
+    let m = proxy
+        .metrics_when(r#"k2_inflight{cluster="main",site="primary-site",tier="purchase"} 0"#)
+        .await;
+    for want in [
+        r#"k2_admission_limit{cluster="main",site="primary-site"} 1"#,
+        r#"k2_shed_level{cluster="main",site="primary-site"} 0"#,
+        r#"k2_queue_depth{cluster="main",site="primary-site"} 0"#,
+        r#"k2_inflight{cluster="main",site="primary-site",tier="purchase"} 0"#,
+        r#"k2_queue_wait_seconds_count{tier="purchase"} 1"#,
+    ] {
+        assert!(m.contains(want), "missing {want}:\n{m}");
+    }
+}
+
+/// Waits until the site's total in-flight gauge is `n` (up to 5 s).
+async fn wait_for_inflight(proxy: &Proxy, n: i64) {
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = c
+            .get(proxy.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let total: i64 = text
+            .lines()
+            .filter(|l| l.starts_with("k2_inflight{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+            .sum();
+        if total == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in flight stayed {total}, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
