@@ -1,8 +1,8 @@
 //! Every k2proxy metric, registered once in one registry (names from DESIGN).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets, seconds: from a fast shed (~1 ms) to a slow legacy call.
@@ -27,8 +27,9 @@ pub struct Metrics {
     pub inflight: IntGaugeVec,
     /// `k2_admission_limit{cluster,site}`.
     pub admission_limit: IntGaugeVec,
-    /// `k2_shed_level{cluster,site}`: lowest tiers refused outright.
-    pub shed_level: IntGaugeVec,
+    /// `k2_shed_level{cluster,site}`: lowest tiers refused outright
+    /// (fractional: 2.25 is two tiers and a quarter of the next).
+    pub shed_level: GaugeVec,
     /// `k2_queue_depth{cluster,site}`: requests waiting for admission.
     pub queue_depth: IntGaugeVec,
     /// `k2_queue_wait_seconds{tier}`: time from arrival to admission or shed.
@@ -91,11 +92,14 @@ impl Metrics {
             "Concurrency limit in force.",
             &["cluster", "site"],
         );
-        let shed_level = gauge(
-            "k2_shed_level",
-            "How many of the lowest sheddable tiers are refused outright.",
+        let shed_level = GaugeVec::new(
+            Opts::new(
+                "k2_shed_level",
+                "How many of the lowest sheddable tiers are refused outright (2.25: two tiers and a quarter of the next).",
+            ),
             &["cluster", "site"],
-        );
+        )
+        .expect("static metric definition");
         let queue_depth = gauge(
             "k2_queue_depth",
             "Requests waiting for admission.",

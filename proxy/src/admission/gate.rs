@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::limit::{Limit, Sample};
 use super::queue::{TierQueue, Waiter};
-use super::shed_level::ShedLevel;
+use super::shed_level::{Coverage, ShedLevel};
 
 /// Why a request was refused without reaching the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,6 +86,11 @@ pub struct Gate<W> {
     tier_inflight: Vec<u32>,
     queue: TierQueue<W>,
     shed: ShedLevel,
+    /// Waiters refused since the last [`Gate::take_shed`]: their tier came
+    /// under the shed level while they waited.
+    shed_waiters: Vec<W>,
+    /// Draws which requests of a partly shed tier are refused.
+    rng: fastrand::Rng,
 }
 
 impl<W> Gate<W> {
@@ -99,6 +104,8 @@ impl<W> Gate<W> {
             tier_inflight: vec![0; n],
             queue: TierQueue::new(n),
             shed: ShedLevel::new(rules.target_queue_delay, sheddable.len() as u32, now),
+            shed_waiters: Vec::new(),
+            rng: fastrand::Rng::with_seed(0x6b32),
             rules,
         };
         g.rank(sheddable);
@@ -124,6 +131,7 @@ impl<W> Gate<W> {
             .reconfigure(rules.target_queue_delay, sheddable.len() as u32);
         self.rules = rules;
         self.rank(sheddable);
+        self.shed_covered_waiters();
     }
 
     pub fn limit(&self) -> u32 {
@@ -142,8 +150,16 @@ impl<W> Gate<W> {
         self.queue.len()
     }
 
-    pub fn shed_level(&self) -> u32 {
+    /// The shed level in tiers (fractional: see [`super::shed_level`]).
+    pub fn shed_level(&self) -> f64 {
         self.shed.level()
+    }
+
+    fn coverage(&self, tier: usize) -> Coverage {
+        match self.shed_rank[tier] {
+            u32::MAX => Coverage::None,
+            rank => self.shed.coverage(rank),
+        }
     }
 
     /// Max in flight for `tier` while others want the room.
@@ -159,14 +175,44 @@ impl<W> Gate<W> {
         self.tier_inflight[tier] < self.cap(tier) || !self.queue.others_waiting(tier)
     }
 
+    /// Advances the shed level to `now`. When it rises, the waiters of the
+    /// tiers it now covers are refused too (as a new arrival of their tier
+    /// would be): they are collected for [`Gate::take_shed`].
+    fn tick(&mut self, now: Instant) {
+        if self.shed.tick(now) {
+            self.shed_covered_waiters();
+        }
+    }
+
+    fn shed_covered_waiters(&mut self) {
+        for t in 0..self.rules.tiers.len() {
+            if self.coverage(t) == Coverage::Whole || self.rules.tiers[t].force_shed {
+                while let Some(w) = self.queue.evict_newest(t) {
+                    self.shed_waiters.push(w.handle);
+                }
+            }
+        }
+    }
+
+    /// Waiters refused by the shed level since the last call; tell each one
+    /// `shed_level`.
+    pub fn take_shed(&mut self) -> Vec<W> {
+        std::mem::take(&mut self.shed_waiters)
+    }
+
     /// Whether `tier` is refused before it may even wait.
     pub fn refused(&mut self, tier: usize, now: Instant) -> Option<ShedReason> {
-        self.shed.tick(now);
+        self.tick(now);
         let rule = self.rules.tiers.get(tier)?;
         if rule.force_shed {
             return Some(ShedReason::Forced);
         }
-        (self.shed_rank[tier] < self.shed.level()).then_some(ShedReason::ShedLevel)
+        let shed = match self.coverage(tier) {
+            Coverage::None => false,
+            Coverage::Whole => true,
+            Coverage::Part(share) => self.rng.f64() < share,
+        };
+        shed.then_some(ShedReason::ShedLevel)
     }
 
     /// The first answer for a request of `tier` arriving at `now`; `Admit`
@@ -183,7 +229,7 @@ impl<W> Gate<W> {
             && self.eligible(tier)
         {
             self.count_in(tier);
-            self.shed.record(now, Duration::ZERO);
+            self.record_wait(now, Duration::ZERO);
             return Decision::Admit;
         }
         Decision::Queue
@@ -232,7 +278,7 @@ impl<W> Gate<W> {
             *n = n.saturating_sub(1);
         }
         self.limit.on_sample(now, sample, self.inflight + 1);
-        self.shed.tick(now);
+        self.tick(now);
     }
 
     /// Hands the next permit to the highest eligible live waiter, counting it
@@ -248,7 +294,7 @@ impl<W> Gate<W> {
             .collect();
         let (tier, w) = self.queue.pop_highest(|t| caps[t])?;
         self.count_in(tier);
-        self.shed.record(now, now.duration_since(w.enqueued));
+        self.record_wait(now, now.duration_since(w.enqueued));
         Some((tier, w.handle))
     }
 
@@ -262,6 +308,11 @@ impl<W> Gate<W> {
 
     /// A waiter gave up at its deadline after waiting `waited`.
     pub fn note_timeout(&mut self, now: Instant, waited: Duration) {
+        self.record_wait(now, waited);
+    }
+
+    fn record_wait(&mut self, now: Instant, waited: Duration) {
+        self.tick(now);
         self.shed.record(now, waited);
     }
 
@@ -392,19 +443,43 @@ mod tests {
         let mut g: Gate<u32> = Gate::new(r, Limit::fixed(1), now);
         assert_eq!(g.try_admit(1, now), Decision::Shed(ShedReason::Forced));
         assert_eq!(g.try_admit(0, now), Decision::Admit);
-        // Long queueing delays push the level to its maximum (2 sheddable tiers).
-        let mut t = now;
-        for _ in 0..200 {
+        // Long queueing delays (fresh ones: they began after the last level
+        // change) push the level to its maximum (2 sheddable tiers).
+        let mut t = now + Duration::from_secs(10);
+        for _ in 0..2000 {
             t += MS;
-            g.note_timeout(t, 500 * MS);
+            g.note_timeout(t, 40 * MS);
         }
-        assert_eq!(g.shed_level(), 2);
+        assert_eq!(g.shed_level(), 2.0);
         assert_eq!(g.try_admit(2, t), Decision::Shed(ShedReason::ShedLevel));
         assert_eq!(
             g.try_admit(0, t),
             Decision::Queue,
             "purchases only ever wait"
         );
+    }
+
+    #[test]
+    fn waiters_of_a_tier_the_level_comes_to_cover_are_shed_at_once() {
+        let (mut g, start) = gate(1, 100);
+        // Let the controller age so that waits of up to 10 s are fresh.
+        let now = start + Duration::from_secs(10);
+        g.try_admit(0, now);
+        g.enqueue(2, now, 20).unwrap();
+        g.enqueue(2, now, 21).unwrap();
+        g.enqueue(0, now, 1).unwrap();
+        // Windows of long (fresh) waits: the level rises to cover customer_service.
+        let mut t = now;
+        while g.shed_level() < 1.0 {
+            t += MS;
+            g.note_timeout(t, 500 * MS);
+            assert!(t < now + Duration::from_secs(1), "the level never rose");
+        }
+        let mut shed = g.take_shed();
+        shed.sort();
+        assert_eq!(shed, [20, 21]);
+        assert_eq!(g.queued(), 1, "the purchase still waits");
+        assert!(g.take_shed().is_empty());
     }
 
     #[test]

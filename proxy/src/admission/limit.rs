@@ -2,11 +2,18 @@
 //!
 //! The adaptive limit is a gradient controller in the family of Netflix's
 //! Gradient2: it compares the backend's recent latency (`short`, the mean of
-//! one window of samples) with its long-run latency (`long`, a slow moving
-//! average of windows). While `short` stays near `long` the backend is not
-//! queueing and the limit grows by about √limit per window; when `short`
-//! rises above `long × TOLERANCE` the limit shrinks in proportion. Timeouts
+//! one window of samples) with its uncongested latency (`baseline`). While
+//! `short` stays under `baseline × TOLERANCE` the backend is not queueing and
+//! the limit grows by about √limit per window; above it the limit shrinks in
+//! proportion (`limit × TOLERANCE × baseline / short + √limit`). Timeouts
 //! and backend 503s are congestion: the limit backs off multiplicatively.
+//!
+//! `baseline` is the lowest window mean seen, allowed to rise by
+//! [`BASELINE_DRIFT`] per second. Gradient2's long moving average follows the
+//! backend's own backlog up under sustained overload and lets the limit run
+//! away; a slowly rising minimum does not, because every cut drains the
+//! backlog and shows the uncongested latency again, while a backend that
+//! really became slower is followed within seconds.
 //!
 //! There is no warm-up that measures a minimum RTT at low concurrency (as
 //! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
@@ -15,10 +22,10 @@
 
 use std::time::{Duration, Instant};
 
-/// Latency above `long × TOLERANCE` counts as queueing at the backend.
+/// Latency above `baseline × TOLERANCE` counts as queueing at the backend.
 const TOLERANCE: f64 = 1.5;
-/// Weight of each new window in `long` (about the last 40 windows).
-const LONG_WEIGHT: f64 = 0.05;
+/// How fast `baseline` may rise, per second, when no lower window is seen.
+pub const BASELINE_DRIFT: f64 = 0.05;
 /// Weight of each new target in the limit.
 const SMOOTHING: f64 = 0.25;
 /// Multiplicative back-off on congestion (timeouts, backend 503s).
@@ -98,8 +105,8 @@ impl Limit {
 pub struct Gradient {
     bounds: Bounds,
     limit: f64,
-    /// Long-run latency, seconds; `None` until the first window.
-    long: Option<f64>,
+    /// Uncongested latency, seconds; `None` until the first window.
+    baseline: Option<f64>,
     window_start: Instant,
     window_sum: f64,
     window_count: u32,
@@ -117,7 +124,7 @@ impl Gradient {
         Gradient {
             limit: f64::from(bounds.initial.clamp(bounds.min, bounds.max)),
             bounds,
-            long: None,
+            baseline: None,
             window_start: now,
             window_sum: 0.0,
             window_count: 0,
@@ -154,6 +161,7 @@ impl Gradient {
         let congested = self.window_congested > 0;
         let short = (self.window_count > 0).then(|| self.window_sum / f64::from(self.window_count));
         let busy = f64::from(self.window_max_inflight) >= self.limit / 2.0;
+        let elapsed = now.duration_since(self.window_start).as_secs_f64();
         self.window_start = now;
         self.window_sum = 0.0;
         self.window_count = 0;
@@ -165,20 +173,12 @@ impl Gradient {
             return;
         }
         let Some(short) = short else { return };
-        let long = match self.long {
+        let baseline = match self.baseline {
             None => short,
-            Some(long) => {
-                let mut l = long * (1.0 - LONG_WEIGHT) + short * LONG_WEIGHT;
-                // After an overload the long average is inflated; let it fall
-                // quickly once latency is back to normal.
-                if l > 2.0 * short {
-                    l = l * 0.9 + short * 0.1;
-                }
-                l
-            }
+            Some(b) => (b * (1.0 + BASELINE_DRIFT * elapsed)).min(short),
         };
-        self.long = Some(long);
-        let gradient = (TOLERANCE * long / short).clamp(0.5, 1.0);
+        self.baseline = Some(baseline);
+        let gradient = (TOLERANCE * baseline / short).clamp(0.5, 1.0);
         if gradient >= 1.0 && !busy {
             return; // Not using the limit: no evidence that more would be fine.
         }
@@ -244,6 +244,22 @@ mod tests {
         assert!(l.current() * 4 < high * 3, "{} -> {}", high, l.current());
         feed(&mut l, &mut now, 200, 400 * MS, 1000);
         assert!(l.current() >= 4);
+    }
+
+    #[test]
+    fn follows_a_backend_that_really_became_slower() {
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(bounds(), now);
+        feed(&mut l, &mut now, 20, 20 * MS, 1000);
+        // Latency doubles for good: the limit first falls, then the baseline
+        // rises (5%/s) and the limit grows again.
+        feed(&mut l, &mut now, 20, 40 * MS, 1000);
+        let low = l.current();
+        for _ in 0..30 {
+            now += Duration::from_secs(1);
+            feed(&mut l, &mut now, 1, 40 * MS, 1000);
+        }
+        assert!(l.current() > low, "{low} -> {}", l.current());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use prometheus::IntGauge;
+use prometheus::{Gauge, IntGauge};
 use tokio::sync::oneshot;
 
 use crate::config::{AdmissionMode, Snapshot};
@@ -36,7 +36,7 @@ type Reply = oneshot::Sender<Result<Permit, ShedReason>>;
 /// Gauges of one site, resolved once.
 struct SiteGauges {
     limit: IntGauge,
-    shed_level: IntGauge,
+    shed_level: Gauge,
     queue_depth: IntGauge,
     inflight: Vec<IntGauge>,
 }
@@ -88,10 +88,18 @@ impl Controller {
         self.gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Tells the waiters the shed level came to cover, then publishes gauges.
+    fn settle(&self, g: &mut Gate<Reply>) {
+        for w in g.take_shed() {
+            let _ = w.send(Err(ShedReason::ShedLevel));
+        }
+        self.publish(g);
+    }
+
     fn publish(&self, g: &Gate<Reply>) {
         let gauges = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
         gauges.limit.set(i64::from(g.limit()));
-        gauges.shed_level.set(i64::from(g.shed_level()));
+        gauges.shed_level.set(g.shed_level());
         gauges.queue_depth.set(g.queued() as i64);
         for (t, gauge) in gauges.inflight.iter().enumerate() {
             gauge.set(i64::from(g.tier_inflight(t)));
@@ -99,7 +107,7 @@ impl Controller {
     }
 
     /// Current (limit, in flight, queued, shed level), for status and tests.
-    pub fn state(&self) -> (u32, u32, usize, u32) {
+    pub fn state(&self) -> (u32, u32, usize, f64) {
         let g = self.lock();
         (g.limit(), g.inflight(), g.queued(), g.shed_level())
     }
@@ -112,11 +120,11 @@ impl Controller {
             let mut g = self.lock();
             match g.try_admit(tier, start) {
                 Decision::Admit => {
-                    self.publish(&g);
+                    self.settle(&mut g);
                     return Ok(Permit::new(self.clone(), tier, Duration::ZERO));
                 }
                 Decision::Shed(reason) => {
-                    self.publish(&g);
+                    self.settle(&mut g);
                     return Err(reason);
                 }
                 Decision::Queue => {}
@@ -130,7 +138,7 @@ impl Controller {
                 Ok(None) => {}
             }
             self.dispatch(&mut g, start);
-            self.publish(&g);
+            self.settle(&mut g);
             (rx, g.deadline(tier, start))
         };
         match tokio::time::timeout_at(deadline.into(), &mut rx).await {
@@ -151,7 +159,7 @@ impl Controller {
                 let at = now();
                 let mut g = self.lock();
                 g.note_timeout(at, at.duration_since(start));
-                self.publish(&g);
+                self.settle(&mut g);
                 Err(ShedReason::QueueTimeout)
             }
         }
@@ -175,7 +183,7 @@ impl Controller {
         let mut g = self.lock();
         g.release(tier, at, sample);
         self.dispatch(&mut g, at);
-        self.publish(&g);
+        self.settle(&mut g);
     }
 
     fn reconfigure(&self, rules: Rules, limit: &Limit, tiers: &[String], metrics: &Metrics) {
@@ -183,7 +191,7 @@ impl Controller {
         g.reconfigure(rules, limit);
         *self.gauges.lock().unwrap_or_else(|e| e.into_inner()) =
             SiteGauges::new(&self.cluster, &self.site, tiers, metrics);
-        self.publish(&g);
+        self.settle(&mut g);
     }
 }
 
@@ -261,7 +269,7 @@ impl Controllers {
 }
 
 /// The admission rules of `cluster` in `snap`.
-fn rules_for(snap: &Snapshot, cluster: usize) -> (Rules, Limit) {
+pub fn rules_for(snap: &Snapshot, cluster: usize) -> (Rules, Limit) {
     let a = &snap.admission[cluster];
     let tiers = snap
         .tiers

@@ -1,37 +1,58 @@
-//! The shed level: how many of the lowest tiers are refused outright.
+//! The shed level: how much of the lowest tiers is refused outright.
 //!
 //! DAGOR-style: time is cut into windows of [`WINDOW`]; in each, the mean
 //! queueing delay of requests leaving the admission queue (0 for those
 //! admitted at once, the whole wait for those that timed out) is compared
 //! with the policy's `target_queue_delay`.
 //!
+//! Only requests that arrived since the level last moved count: a wait that
+//! began under the old level says nothing about the new one, and counting it
+//! makes the level overshoot (it keeps rising while the old queue drains).
+//!
+//! Whole tiers are too coarse (at 3x capacity the right answer is often "shed
+//! the two lowest tiers and a third of the next"), so, like DAGOR's user
+//! sub-priorities, each tier is cut into [`STEPS`] steps: the level counts
+//! steps, tiers below `steps / STEPS` are refused whole and the next one in
+//! part (each request with probability `(steps % STEPS) / STEPS`).
+//!
 //! States and transitions, per window:
-//! - delay > target → level + 1 (one more tier, the lowest still admitted,
-//!   is shed), at most up to the number of sheddable tiers;
-//! - delay < target / 2 for `calm_needed` windows in a row → level − 1 (one
-//!   tier re-admitted);
+//! - delay > target → rise by `delay / target` steps (at least 1, at most one
+//!   whole tier), up to every sheddable tier;
+//! - delay < target / 2 → one more calm window; from `calm_needed` calm
+//!   windows in a row on, each calm window re-admits one step;
 //! - otherwise → level unchanged, calm count reset.
 //!
 //! Anti-flapping: a rise within [`FLAP_WINDOW`] of a fall doubles
-//! `calm_needed` (up to [`MAX_CALM`] windows); [`FLAP_WINDOW`] × 4 without a
-//! rise resets it to [`MIN_CALM`].
+//! `calm_needed` (up to [`MAX_CALM`] windows); each calm window more than
+//! [`FLAP_WINDOW`] after the last rise halves it again (down to [`MIN_CALM`]).
 
 use std::time::{Duration, Instant};
 
 /// Length of one measurement window.
 pub const WINDOW: Duration = Duration::from_millis(50);
-/// Calm windows needed to re-admit a tier, normally (0.5 s).
+/// Steps per tier.
+pub const STEPS: u32 = 8;
+/// Calm windows needed before re-admitting starts, normally (0.5 s).
 pub const MIN_CALM: u32 = 10;
-/// Most calm windows ever needed (4 s).
-pub const MAX_CALM: u32 = 80;
+/// Most calm windows ever needed (2 s).
+pub const MAX_CALM: u32 = 40;
 /// A rise this soon after a fall counts as a flap.
 pub const FLAP_WINDOW: Duration = Duration::from_secs(2);
+
+/// How much of one tier the level refuses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Coverage {
+    None,
+    /// This share of the tier's requests, in (0, 1).
+    Part(f64),
+    Whole,
+}
 
 #[derive(Debug, Clone)]
 pub struct ShedLevel {
     target: Duration,
-    max_level: u32,
-    level: u32,
+    max_steps: u32,
+    steps: u32,
     window_start: Instant,
     sum: Duration,
     count: u32,
@@ -39,14 +60,17 @@ pub struct ShedLevel {
     calm_needed: u32,
     last_fall: Option<Instant>,
     last_rise: Option<Instant>,
+    /// When the level last moved; earlier arrivals are not counted.
+    last_change: Instant,
 }
 
 impl ShedLevel {
-    pub fn new(target: Duration, max_level: u32, now: Instant) -> ShedLevel {
+    /// `tiers`: how many tiers may be shed.
+    pub fn new(target: Duration, tiers: u32, now: Instant) -> ShedLevel {
         ShedLevel {
             target,
-            max_level,
-            level: 0,
+            max_steps: tiers * STEPS,
+            steps: 0,
             window_start: now,
             sum: Duration::ZERO,
             count: 0,
@@ -54,42 +78,63 @@ impl ShedLevel {
             calm_needed: MIN_CALM,
             last_fall: None,
             last_rise: None,
+            last_change: now,
         }
     }
 
-    pub fn level(&self) -> u32 {
-        self.level
+    /// The level in tiers (2.25 = two tiers and a quarter of the third).
+    pub fn level(&self) -> f64 {
+        f64::from(self.steps) / f64::from(STEPS)
     }
 
-    pub fn reconfigure(&mut self, target: Duration, max_level: u32) {
+    /// How much of the tier with shed rank `rank` (0 = lowest) is refused.
+    pub fn coverage(&self, rank: u32) -> Coverage {
+        let from = rank.saturating_mul(STEPS);
+        if self.steps <= from {
+            Coverage::None
+        } else if self.steps >= from + STEPS {
+            Coverage::Whole
+        } else {
+            Coverage::Part(f64::from(self.steps - from) / f64::from(STEPS))
+        }
+    }
+
+    pub fn reconfigure(&mut self, target: Duration, tiers: u32) {
         self.target = target;
-        self.max_level = max_level;
-        self.level = self.level.min(max_level);
+        self.max_steps = tiers * STEPS;
+        self.steps = self.steps.min(self.max_steps);
     }
 
-    /// Records the queueing delay of one request leaving the queue.
+    /// Records the queueing delay of one request leaving the queue `waited`
+    /// after it arrived.
     pub fn record(&mut self, now: Instant, waited: Duration) {
         self.tick(now);
+        if now
+            .checked_sub(waited)
+            .is_some_and(|arrived| arrived < self.last_change)
+        {
+            return;
+        }
         self.sum += waited;
         self.count += 1;
     }
 
-    /// Closes every window that ended by `now`. Returns true when the level moved.
+    /// Closes every window that ended by `now`. Returns true when the level rose.
     pub fn tick(&mut self, now: Instant) -> bool {
-        let before = self.level;
+        let before = self.steps;
         while now.duration_since(self.window_start) >= WINDOW {
             let end = self.window_start + WINDOW;
             self.close_window(end);
             self.window_start = end;
-            // A long quiet gap: the remaining empty windows are all calm.
-            if self.count == 0 && now.duration_since(self.window_start) > WINDOW * MAX_CALM {
+            // A long quiet gap: nothing is queueing; start afresh.
+            if self.count == 0 && now.duration_since(self.window_start) > WINDOW * MAX_CALM * 2 {
                 self.window_start = now;
                 self.calm = 0;
-                self.level = 0;
+                self.steps = 0;
                 break;
             }
         }
-        self.level != before
+        self.steps > before
     }
 
     fn close_window(&mut self, end: Instant) {
@@ -102,8 +147,9 @@ impl ShedLevel {
         self.count = 0;
         if mean > self.target {
             self.calm = 0;
-            if self.level < self.max_level {
-                self.level += 1;
+            if self.steps < self.max_steps {
+                let over = (mean.as_secs_f64() / self.target.as_secs_f64()) as u32;
+                self.steps = (self.steps + over.clamp(1, STEPS)).min(self.max_steps);
                 if self
                     .last_fall
                     .is_some_and(|f| end.duration_since(f) < FLAP_WINDOW)
@@ -111,19 +157,20 @@ impl ShedLevel {
                     self.calm_needed = (self.calm_needed * 2).min(MAX_CALM);
                 }
                 self.last_rise = Some(end);
+                self.last_change = end;
             }
         } else if mean < self.target / 2 {
             self.calm += 1;
-            if self.calm >= self.calm_needed && self.level > 0 {
-                self.level -= 1;
-                self.calm = 0;
+            if self.calm >= self.calm_needed && self.steps > 0 {
+                self.steps -= 1;
                 self.last_fall = Some(end);
+                self.last_change = end;
             }
             if self
                 .last_rise
-                .is_none_or(|r| end.duration_since(r) > FLAP_WINDOW * 4)
+                .is_none_or(|r| end.duration_since(r) > FLAP_WINDOW)
             {
-                self.calm_needed = MIN_CALM;
+                self.calm_needed = (self.calm_needed / 2).max(MIN_CALM);
             }
         } else {
             self.calm = 0;
@@ -137,74 +184,107 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// Feeds `ms` milliseconds of one request per millisecond waiting `wait`.
+    /// A controller made 10 s ago (so long waits can be fresh), and "now".
+    fn controller() -> (ShedLevel, Instant) {
+        let made = Instant::now();
+        let mut s = ShedLevel::new(20 * MS, 3, made);
+        let now = made + Duration::from_secs(10);
+        s.window_start = now; // no idle history to replay
+        (s, now)
+    }
+
+    /// Feeds `ms` milliseconds of one request per millisecond that waited
+    /// `wait`, or since the level last moved if that is shorter (as a real
+    /// queue would: nobody arriving after a change has waited longer).
     fn run(s: &mut ShedLevel, now: &mut Instant, ms: u32, wait: Duration) {
         for _ in 0..ms {
             *now += MS;
-            s.record(*now, wait);
+            s.tick(*now);
+            let fresh = wait.min(now.duration_since(s.last_change));
+            s.record(*now, fresh);
         }
     }
 
     #[test]
-    fn rises_one_tier_per_window_while_delay_is_over_target() {
-        let mut now = Instant::now();
-        let mut s = ShedLevel::new(20 * MS, 3, now);
+    fn rises_in_proportion_to_the_delay_up_to_a_tier_per_window() {
+        let (mut s, mut now) = controller();
         run(&mut s, &mut now, 49, 50 * MS);
-        assert_eq!(s.level(), 0, "no window closed yet");
+        assert_eq!(s.level(), 0.0, "no window closed yet");
         run(&mut s, &mut now, 2, 50 * MS);
-        assert_eq!(s.level(), 1);
-        run(&mut s, &mut now, 500, 50 * MS);
-        assert_eq!(s.level(), 3, "capped at the sheddable tiers");
+        assert_eq!(s.level(), 2.0 / 8.0, "50 ms is 2.5 targets: 2 steps");
+        run(&mut s, &mut now, 2000, 500 * MS);
+        assert_eq!(s.level(), 3.0, "capped at the sheddable tiers");
     }
 
     #[test]
-    fn falls_one_tier_after_half_a_second_of_calm() {
-        let mut now = Instant::now();
-        let mut s = ShedLevel::new(20 * MS, 3, now);
-        run(&mut s, &mut now, 160, 50 * MS);
-        assert_eq!(s.level(), 3);
+    fn waits_that_began_before_a_change_do_not_count() {
+        let (mut s, mut now) = controller();
+        run(&mut s, &mut now, 50, 30 * MS); // one step, at the end of the window
+        assert_eq!(s.level(), 1.0 / 8.0);
+        // Waiters that arrived before the change leave now with long waits.
+        for _ in 0..50 {
+            now += MS;
+            s.record(now, 200 * MS);
+        }
+        s.tick(now + MS);
+        assert_eq!(s.level(), 1.0 / 8.0, "stale waits ignored");
+    }
+
+    #[test]
+    fn coverage_is_whole_below_the_level_and_partial_at_it() {
+        let (mut s, _) = controller();
+        s.steps = 11;
+        assert_eq!(s.level(), 11.0 / 8.0);
+        assert_eq!(s.coverage(0), Coverage::Whole);
+        assert_eq!(s.coverage(1), Coverage::Part(3.0 / 8.0));
+        assert_eq!(s.coverage(2), Coverage::None);
+    }
+
+    #[test]
+    fn re_admits_a_step_per_calm_window_after_half_a_second() {
+        let (mut s, mut now) = controller();
+        s.steps = 8;
         run(&mut s, &mut now, 450, 5 * MS);
-        assert_eq!(s.level(), 3, "not calm for long enough");
+        assert_eq!(s.level(), 1.0, "not calm for long enough");
         run(&mut s, &mut now, 100, 5 * MS);
-        assert_eq!(s.level(), 2);
+        assert!(s.level() < 1.0 && s.level() > 0.5, "{}", s.level());
         run(&mut s, &mut now, 1000, 5 * MS);
-        assert_eq!(s.level(), 0, "every tier re-admitted");
+        assert_eq!(s.level(), 0.0, "every tier re-admitted");
     }
 
     #[test]
     fn delay_between_half_and_full_target_holds_the_level() {
-        let mut now = Instant::now();
-        let mut s = ShedLevel::new(20 * MS, 3, now);
-        run(&mut s, &mut now, 50, 50 * MS);
-        assert_eq!(s.level(), 1);
+        let (mut s, mut now) = controller();
+        s.steps = 5;
         run(&mut s, &mut now, 3000, 15 * MS);
-        assert_eq!(s.level(), 1);
+        assert_eq!(s.level(), 5.0 / 8.0);
     }
 
     #[test]
     fn flapping_doubles_the_calm_needed() {
-        let mut now = Instant::now();
-        let mut s = ShedLevel::new(20 * MS, 3, now);
-        run(&mut s, &mut now, 50, 50 * MS); // window 1 over target: rise to 1
-        assert_eq!(s.level(), 1);
-        run(&mut s, &mut now, 550, Duration::ZERO); // 10 calm windows: fall to 0
-        assert_eq!(s.level(), 0);
-        run(&mut s, &mut now, 50, 50 * MS); // a rise soon after a fall: a flap
-        assert_eq!(s.level(), 1);
+        let (mut s, mut now) = controller();
+        run(&mut s, &mut now, 50, 30 * MS); // one step
+        assert_eq!(s.level(), 1.0 / 8.0);
+        run(&mut s, &mut now, 550, Duration::ZERO); // 10 calm windows: back to 0
+        assert_eq!(s.level(), 0.0);
+        run(&mut s, &mut now, 50, 30 * MS); // a rise soon after a fall: a flap
+        assert_eq!(s.level(), 1.0 / 8.0);
         run(&mut s, &mut now, 600, Duration::ZERO);
-        assert_eq!(s.level(), 1, "a flap doubles the calm needed to 20 windows");
+        assert_eq!(
+            s.level(),
+            1.0 / 8.0,
+            "a flap doubles the calm needed to 20 windows"
+        );
         run(&mut s, &mut now, 450, Duration::ZERO);
-        assert_eq!(s.level(), 0);
+        assert_eq!(s.level(), 0.0);
     }
 
     #[test]
     fn a_long_idle_gap_resets_the_level() {
-        let mut now = Instant::now();
-        let mut s = ShedLevel::new(20 * MS, 3, now);
-        run(&mut s, &mut now, 200, 50 * MS);
-        assert_eq!(s.level(), 3);
+        let (mut s, mut now) = controller();
+        s.steps = 24;
         now += Duration::from_secs(60);
-        assert!(s.tick(now));
-        assert_eq!(s.level(), 0);
+        s.tick(now);
+        assert_eq!(s.level(), 0.0);
     }
 }

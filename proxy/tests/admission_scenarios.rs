@@ -1,0 +1,431 @@
+//! Admission scenarios: a discrete-event simulation of k2proxy's admission
+//! gate (the real `Gate`, with the repo's real policy files) in front of a
+//! model of the legacy backend, on a virtual clock. Each file in
+//! `tests/data/admission/*.toml` gives the load per phase and the expected
+//! `[min, max]` of what was measured; every miss of every file is reported
+//! before the test fails. Seeded: a run is repeatable.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use proxy::admission::gate::{Decision, Gate, ShedReason};
+use proxy::admission::{rules_for, Sample};
+use proxy::config::{self, Paths};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scenario {
+    /// What the scenario shows.
+    description: String,
+    /// Policy file, relative to the repo root.
+    policy: String,
+    seed: u64,
+    backend: Backend,
+    /// Share of arrivals per tier name.
+    mix: BTreeMap<String, f64>,
+    phase: Vec<Phase>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Backend {
+    workers: u32,
+    /// Median service time.
+    service_ms: f64,
+    /// Spread of the log-normal service time.
+    #[serde(default = "default_sigma")]
+    sigma: f64,
+}
+
+fn default_sigma() -> f64 {
+    0.25
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Phase {
+    name: String,
+    seconds: f64,
+    /// Offered load as a multiple of the backend's capacity (at the start).
+    load: f64,
+    /// Load at the end of the phase (a linear ramp); defaults to `load`.
+    load_to: Option<f64>,
+    /// Overrides the backend's median service time from this phase on.
+    service_ms: Option<f64>,
+    /// Overrides the tier mix for this phase.
+    mix: Option<BTreeMap<String, f64>>,
+    /// Expected ranges of this phase's measurements.
+    #[serde(default)]
+    expect: BTreeMap<String, [f64; 2]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Arrival,
+    BackendDone(usize),
+    Deadline(usize),
+    Sample,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Queued,
+    Running,
+    Done,
+    Shed,
+}
+
+struct Request {
+    tier: usize,
+    phase: usize,
+    arrived: u64,
+    started: u64,
+    state: State,
+}
+
+#[derive(Default)]
+struct PhaseStats {
+    arrivals: HashMap<usize, u64>,
+    ok: HashMap<usize, u64>,
+    shed: HashMap<(usize, ShedReason), u64>,
+    latencies: HashMap<usize, Vec<u64>>,
+    completions: u64,
+    limits: Vec<u32>,
+    levels: Vec<f64>,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Standard normal from two uniforms (Box–Muller).
+fn normal(rng: &mut fastrand::Rng) -> f64 {
+    let (u1, u2) = (rng.f64().max(1e-12), rng.f64());
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+fn pick<'a>(rng: &mut fastrand::Rng, mix: &'a BTreeMap<String, f64>) -> &'a str {
+    let total: f64 = mix.values().sum();
+    let mut x = rng.f64() * total;
+    for (name, w) in mix {
+        if x < *w {
+            return name;
+        }
+        x -= w;
+    }
+    mix.keys().last().unwrap()
+}
+
+const US: u64 = 1_000_000;
+
+/// Runs one scenario; returns the measurements per phase.
+fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
+    let snap = config::load(&Paths {
+        routes: repo().join("routes.toml"),
+        policy: Some(repo().join(&s.policy)),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (rules, limit) = rules_for(&snap, 0);
+    let tier_names: Vec<String> = snap.tiers.iter().map(|t| t.name.clone()).collect();
+    let tier_id = |name: &str| {
+        tier_names
+            .iter()
+            .position(|t| t == name)
+            .unwrap_or_else(|| panic!("unknown tier {name}"))
+    };
+
+    let base = Instant::now();
+    let at = |t: u64| base + Duration::from_micros(t);
+    let mut gate: Gate<usize> = Gate::new(rules, limit, base);
+    let mut rng = fastrand::Rng::with_seed(s.seed);
+    let mut events: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut push = |events: &mut BinaryHeap<_>, t: u64, e: Event| {
+        seq += 1;
+        events.push(Reverse((t, seq, e)));
+    };
+
+    // Phase boundaries, in µs.
+    let mut bounds = vec![0u64];
+    for p in &s.phase {
+        bounds.push(bounds.last().unwrap() + (p.seconds * US as f64) as u64);
+    }
+    let end = *bounds.last().unwrap();
+    let phase_at = |t: u64| {
+        bounds
+            .windows(2)
+            .position(|w| t >= w[0] && t < w[1])
+            .unwrap_or(s.phase.len() - 1)
+    };
+
+    let mut service_ms = s.backend.service_ms;
+    let mean_service = |median_ms: f64| median_ms * (s.backend.sigma * s.backend.sigma / 2.0).exp();
+    let capacity = |median_ms: f64| f64::from(s.backend.workers) * 1000.0 / mean_service(median_ms);
+
+    let mut reqs: Vec<Request> = Vec::new();
+    let mut stats: Vec<PhaseStats> = (0..s.phase.len()).map(|_| PhaseStats::default()).collect();
+    let mut busy = 0u32;
+    let mut backlog: VecDeque<usize> = VecDeque::new();
+    let mut current_phase = usize::MAX;
+
+    push(&mut events, 0, Event::Arrival);
+    push(&mut events, 0, Event::Sample);
+
+    // Starts a request at the backend (or queues it there).
+    macro_rules! to_backend {
+        ($id:expr, $now:expr) => {{
+            let id = $id;
+            reqs[id].state = State::Running;
+            reqs[id].started = $now;
+            if busy < s.backend.workers {
+                busy += 1;
+                let svc = (service_ms * (s.backend.sigma * normal(&mut rng)).exp() * 1000.0) as u64;
+                push(&mut events, $now + svc.max(1), Event::BackendDone(id));
+            } else {
+                backlog.push_back(id);
+            }
+        }};
+    }
+
+    while let Some(Reverse((now, _, event))) = events.pop() {
+        if now >= end && !matches!(event, Event::BackendDone(_)) {
+            continue;
+        }
+        let ph = phase_at(now);
+        if ph != current_phase {
+            current_phase = ph;
+            if let Some(ms) = s.phase[ph].service_ms {
+                service_ms = ms;
+            }
+        }
+        let shed_by_level =
+            |reqs: &mut Vec<Request>, stats: &mut Vec<PhaseStats>, gate: &mut Gate<usize>| {
+                for id in gate.take_shed() {
+                    reqs[id].state = State::Shed;
+                    *stats[reqs[id].phase]
+                        .shed
+                        .entry((reqs[id].tier, ShedReason::ShedLevel))
+                        .or_default() += 1;
+                }
+            };
+        match event {
+            Event::Arrival => {
+                let p = &s.phase[ph];
+                let frac = (now - bounds[ph]) as f64 / (bounds[ph + 1] - bounds[ph]) as f64;
+                let load = p.load + (p.load_to.unwrap_or(p.load) - p.load) * frac;
+                let rate = load * capacity(s.backend.service_ms);
+                let mix = p.mix.as_ref().unwrap_or(&s.mix);
+                let tier = tier_id(pick(&mut rng, mix));
+                let id = reqs.len();
+                reqs.push(Request {
+                    tier,
+                    phase: ph,
+                    arrived: now,
+                    started: 0,
+                    state: State::Queued,
+                });
+                *stats[ph].arrivals.entry(tier).or_default() += 1;
+                match gate.try_admit(tier, at(now)) {
+                    Decision::Admit => to_backend!(id, now),
+                    Decision::Shed(r) => {
+                        reqs[id].state = State::Shed;
+                        *stats[ph].shed.entry((tier, r)).or_default() += 1;
+                    }
+                    Decision::Queue => match gate.enqueue(tier, at(now), id) {
+                        Err(r) => {
+                            reqs[id].state = State::Shed;
+                            *stats[ph].shed.entry((tier, r)).or_default() += 1;
+                        }
+                        Ok(evicted) => {
+                            if let Some(e) = evicted {
+                                reqs[e].state = State::Shed;
+                                *stats[reqs[e].phase]
+                                    .shed
+                                    .entry((reqs[e].tier, ShedReason::QueueFull))
+                                    .or_default() += 1;
+                            }
+                            let deadline = gate
+                                .deadline(tier, at(now))
+                                .duration_since(base)
+                                .as_micros() as u64;
+                            push(&mut events, deadline, Event::Deadline(id));
+                        }
+                    },
+                }
+                shed_by_level(&mut reqs, &mut stats, &mut gate);
+                // Poisson arrivals.
+                let gap = (-rng.f64().max(1e-12).ln() / rate * US as f64) as u64;
+                push(&mut events, now + gap.max(1), Event::Arrival);
+            }
+            Event::BackendDone(id) => {
+                busy -= 1;
+                let r = &mut reqs[id];
+                r.state = State::Done;
+                let backend_latency = Duration::from_micros(now - r.started);
+                let p = &mut stats[r.phase];
+                *p.ok.entry(r.tier).or_default() += 1;
+                p.latencies.entry(r.tier).or_default().push(now - r.arrived);
+                if now < end {
+                    stats[phase_at(now)].completions += 1;
+                }
+                gate.release(r.tier, at(now), Sample::Latency(backend_latency));
+                if let Some(next) = backlog.pop_front() {
+                    busy += 1;
+                    let svc =
+                        (service_ms * (s.backend.sigma * normal(&mut rng)).exp() * 1000.0) as u64;
+                    push(&mut events, now + svc.max(1), Event::BackendDone(next));
+                }
+                while let Some((_, id)) = gate.grant_next(at(now)) {
+                    to_backend!(id, now);
+                }
+                shed_by_level(&mut reqs, &mut stats, &mut gate);
+            }
+            Event::Deadline(id) => {
+                if reqs[id].state == State::Queued {
+                    reqs[id].state = State::Shed;
+                    let waited = Duration::from_micros(now - reqs[id].arrived);
+                    gate.note_timeout(at(now), waited);
+                    shed_by_level(&mut reqs, &mut stats, &mut gate);
+                    *stats[reqs[id].phase]
+                        .shed
+                        .entry((reqs[id].tier, ShedReason::QueueTimeout))
+                        .or_default() += 1;
+                }
+            }
+            Event::Sample => {
+                stats[ph].limits.push(gate.limit());
+                gate.refused(0, at(now)); // advances the shed-level windows
+                shed_by_level(&mut reqs, &mut stats, &mut gate);
+                stats[ph].levels.push(gate.shed_level());
+                push(&mut events, now + 10_000, Event::Sample);
+            }
+        }
+    }
+
+    // Measurements per phase.
+    s.phase
+        .iter()
+        .zip(&stats)
+        .map(|(p, st)| {
+            let mut m = BTreeMap::new();
+            for (t, name) in tier_names.iter().enumerate() {
+                let arrivals = st.arrivals.get(&t).copied().unwrap_or(0);
+                let ok = st.ok.get(&t).copied().unwrap_or(0);
+                m.insert(
+                    format!("{name}_success"),
+                    if arrivals == 0 {
+                        1.0
+                    } else {
+                        ok as f64 / arrivals as f64
+                    },
+                );
+                let mut lat = st.latencies.get(&t).cloned().unwrap_or_default();
+                lat.sort_unstable();
+                let p99 = lat
+                    .get(((lat.len() as f64 * 0.99) as usize).min(lat.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or(0);
+                m.insert(format!("{name}_p99_ms"), p99 as f64 / 1000.0);
+                for reason in [
+                    ShedReason::ShedLevel,
+                    ShedReason::QueueTimeout,
+                    ShedReason::QueueFull,
+                    ShedReason::Forced,
+                ] {
+                    let n = st.shed.get(&(t, reason)).copied().unwrap_or(0);
+                    let share = if arrivals == 0 {
+                        0.0
+                    } else {
+                        n as f64 / arrivals as f64
+                    };
+                    m.insert(format!("{name}_{}", reason.as_str()), share);
+                }
+            }
+            let cap = capacity(p.service_ms.unwrap_or(service_ms)) * p.seconds;
+            if std::env::var("SIM_DEBUG").is_ok() {
+                eprintln!(
+                    "{}: completions {} cap {cap:.0} limit {:?}..{:?} end {:?} levels max {:?}",
+                    p.name,
+                    st.completions,
+                    st.limits.iter().min(),
+                    st.limits.iter().max(),
+                    st.limits.last(),
+                    st.levels.iter().copied().fold(0.0, f64::max)
+                );
+            }
+            m.insert("goodput".into(), st.completions as f64 / cap);
+            let l = &st.limits;
+            m.insert(
+                "limit_min".into(),
+                l.iter().copied().min().unwrap_or(0) as f64,
+            );
+            m.insert(
+                "limit_max".into(),
+                l.iter().copied().max().unwrap_or(0) as f64,
+            );
+            m.insert("limit_end".into(), l.last().copied().unwrap_or(0) as f64);
+            m.insert(
+                "shed_level_max".into(),
+                st.levels.iter().copied().fold(0.0, f64::max),
+            );
+            m.insert(
+                "shed_level_end".into(),
+                st.levels.last().copied().unwrap_or(0.0),
+            );
+            m
+        })
+        .collect()
+}
+
+#[test]
+fn admission_scenarios_meet_their_expected_ranges() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/admission");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 7, "scenarios missing in {}", dir.display());
+    let mut misses = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let s: Scenario =
+            toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let name = file.file_stem().unwrap().to_string_lossy().to_string();
+        let measured = simulate(&s);
+        println!("\n{name}: {}", s.description);
+        for (p, m) in s.phase.iter().zip(&measured) {
+            for (key, [lo, hi]) in &p.expect {
+                let Some(v) = m.get(key) else {
+                    misses.push(format!("{name}/{}: unknown measurement {key:?}", p.name));
+                    continue;
+                };
+                let ok = *v >= *lo && *v <= *hi;
+                println!(
+                    "  {:<10} {key:<32} {v:>10.3}  in [{lo}, {hi}] {}",
+                    p.name,
+                    if ok { "ok" } else { "MISS" }
+                );
+                if !ok {
+                    misses.push(format!(
+                        "{name}/{}: {key} = {v:.3}, expected [{lo}, {hi}]",
+                        p.name
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        misses.is_empty(),
+        "{} misses:\n{}",
+        misses.len(),
+        misses.join("\n")
+    );
+}
