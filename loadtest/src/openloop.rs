@@ -1,7 +1,8 @@
 //! A constant-rate open-loop generator: request `i` is due at
 //! `start + i / rate` whatever happened to the earlier ones, and its latency
 //! is counted from that intended time, so a slow target cannot hide behind
-//! the generator slowing down (coordinated omission, as in wrk2).
+//! the generator slowing down (coordinated omission, as in wrk2). Each
+//! arrival draws its target (a tier's request) from a weighted mix.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,24 +13,35 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+/// One kind of request in the mix (typically one tier's).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub url: hyper::Uri,
+    /// Relative share of arrivals.
+    pub weight: f64,
+    /// Extra request headers.
+    pub headers: Vec<(String, String)>,
+}
+
 /// What to send and how fast.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub url: hyper::Uri,
-    /// Requests per second.
+    pub targets: Vec<Target>,
+    /// Requests per second, all targets together.
     pub rate: u32,
     pub duration: Duration,
     /// Per-request client timeout.
     pub timeout: Duration,
-    /// Extra request headers.
-    pub headers: Vec<(String, String)>,
+    /// Seed of the mix draw.
+    pub seed: u64,
 }
 
 /// How requests ended.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Outcomes {
     pub ok: u64,
-    /// 503 carrying `x-k2-shed`.
+    /// 503 (or a tier's shed status) carrying `x-k2-shed`.
     pub shed: u64,
     pub rate_limited: u64,
     /// Any other status, or a connection error.
@@ -37,47 +49,121 @@ pub struct Outcomes {
     pub timeout: u64,
 }
 
+/// Results of one target.
+#[derive(Debug)]
+pub struct TargetReport {
+    pub name: String,
+    pub sent: u64,
+    pub outcomes: Outcomes,
+    /// Microseconds from intended send time to the end of a successful response.
+    pub ok_latency: Histogram<u64>,
+    /// The same for shed responses: how fast a refusal comes.
+    pub shed_latency: Histogram<u64>,
+}
+
+impl TargetReport {
+    pub fn success(&self) -> f64 {
+        if self.sent == 0 {
+            return 1.0;
+        }
+        self.outcomes.ok as f64 / self.sent as f64
+    }
+}
+
 /// The result of a run.
 #[derive(Debug)]
 pub struct Report {
-    pub sent: u64,
-    pub outcomes: Outcomes,
-    /// Microseconds from intended send time to the end of the response.
-    pub latency: Histogram<u64>,
+    pub targets: Vec<TargetReport>,
     /// Microseconds the generator sent late (its own lag).
     pub send_lag: Histogram<u64>,
     pub elapsed: Duration,
 }
 
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
 impl Report {
-    /// A short human summary.
+    pub fn target(&self, name: &str) -> Option<&TargetReport> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.targets.iter().map(|t| t.sent).sum()
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.targets.iter().map(|t| t.outcomes.ok).sum()
+    }
+
+    /// A text table, one line per target.
     pub fn summary(&self) -> String {
-        let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
-        let o = &self.outcomes;
-        format!(
-            "sent {} in {:.1}s ({:.0}/s): ok {} shed {} rate_limited {} error {} timeout {}\n\
-             latency from intended send (ms): p50 {:.3} p90 {:.3} p99 {:.3} max {:.3}\n\
-             generator send lag (ms): p50 {:.3} p99 {:.3}{}",
-            self.sent,
+        let mut out = format!(
+            "sent {} in {:.1}s ({:.0}/s), generator send lag p99 {:.3} ms{}\n",
+            self.sent(),
             self.elapsed.as_secs_f64(),
-            self.sent as f64 / self.elapsed.as_secs_f64(),
-            o.ok,
-            o.shed,
-            o.rate_limited,
-            o.error,
-            o.timeout,
-            q(&self.latency, 0.5),
-            q(&self.latency, 0.9),
-            q(&self.latency, 0.99),
-            self.latency.max() as f64 / 1000.0,
-            q(&self.send_lag, 0.5),
-            q(&self.send_lag, 0.99),
-            if q(&self.send_lag, 0.99) > 1.0 {
-                "  (over 1 ms: the generator itself is a bottleneck; latency figures include it)"
+            self.sent() as f64 / self.elapsed.as_secs_f64(),
+            ms(&self.send_lag, 0.99),
+            if ms(&self.send_lag, 0.99) > 1.0 {
+                " (over 1 ms: the generator itself is a bottleneck; latencies include it)"
             } else {
                 ""
             }
-        )
+        );
+        out.push_str(&format!(
+            "{:<18} {:>7} {:>8} {:>7} {:>6} {:>6} {:>7} {:>10} {:>10} {:>12}\n",
+            "target",
+            "sent",
+            "success",
+            "shed",
+            "429",
+            "error",
+            "timeout",
+            "ok p50 ms",
+            "ok p99 ms",
+            "shed p99 ms"
+        ));
+        for t in &self.targets {
+            let o = &t.outcomes;
+            out.push_str(&format!(
+                "{:<18} {:>7} {:>7.1}% {:>7} {:>6} {:>6} {:>7} {:>10.1} {:>10.1} {:>12.1}\n",
+                t.name,
+                t.sent,
+                t.success() * 100.0,
+                o.shed,
+                o.rate_limited,
+                o.error,
+                o.timeout,
+                ms(&t.ok_latency, 0.5),
+                ms(&t.ok_latency, 0.99),
+                ms(&t.shed_latency, 0.99),
+            ));
+        }
+        out
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let targets: Vec<_> = self
+            .targets
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name,
+                    "sent": t.sent,
+                    "success": t.success(),
+                    "outcomes": t.outcomes,
+                    "ok_ms": {"p50": ms(&t.ok_latency, 0.5), "p99": ms(&t.ok_latency, 0.99), "max": t.ok_latency.max() as f64 / 1000.0},
+                    "shed_ms": {"p50": ms(&t.shed_latency, 0.5), "p99": ms(&t.shed_latency, 0.99)},
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "sent": self.sent(),
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "send_lag_p99_ms": ms(&self.send_lag, 0.99),
+            "targets": targets,
+        })
     }
 }
 
@@ -85,14 +171,37 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid")
 }
 
+#[derive(Clone, Copy)]
+enum Class {
+    Ok,
+    Shed,
+    RateLimited,
+    Error,
+    Timeout,
+}
+
 /// Runs the plan to the end; every request is bounded by `timeout`.
 pub async fn run(plan: Plan) -> Report {
+    assert!(!plan.targets.is_empty(), "a plan needs at least one target");
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
     let total = (plan.rate as u64 * plan.duration.as_millis() as u64) / 1000;
     let interval = Duration::from_secs_f64(1.0 / plan.rate.max(1) as f64);
-    let shared = Arc::new(Mutex::new((Outcomes::default(), histogram())));
+    let weights: f64 = plan.targets.iter().map(|t| t.weight).sum();
+    let reports: Arc<Mutex<Vec<TargetReport>>> = Arc::new(Mutex::new(
+        plan.targets
+            .iter()
+            .map(|t| TargetReport {
+                name: t.name.clone(),
+                sent: 0,
+                outcomes: Outcomes::default(),
+                ok_latency: histogram(),
+                shed_latency: histogram(),
+            })
+            .collect(),
+    ));
+    let mut rng = fastrand::Rng::with_seed(plan.seed);
     let mut send_lag = histogram();
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
@@ -100,12 +209,22 @@ pub async fn run(plan: Plan) -> Report {
         let due = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due.into()).await;
         send_lag.saturating_record(due.elapsed().as_micros() as u64);
-        let mut req = hyper::Request::get(plan.url.clone());
-        for (k, v) in &plan.headers {
+        let mut x = rng.f64() * weights;
+        let idx = plan
+            .targets
+            .iter()
+            .position(|t| {
+                x -= t.weight;
+                x < 0.0
+            })
+            .unwrap_or(plan.targets.len() - 1);
+        let target = &plan.targets[idx];
+        let mut req = hyper::Request::get(target.url.clone());
+        for (k, v) in &target.headers {
             req = req.header(k, v);
         }
         let req = req.body(Empty::new()).expect("valid request parts");
-        let (client, shared, timeout) = (client.clone(), shared.clone(), plan.timeout);
+        let (client, reports, timeout) = (client.clone(), reports.clone(), plan.timeout);
         tasks.push(tokio::spawn(async move {
             let result = tokio::time::timeout(timeout, async {
                 let resp = client.request(req).await?;
@@ -116,31 +235,42 @@ pub async fn run(plan: Plan) -> Report {
             })
             .await;
             let latency = due.elapsed().as_micros() as u64;
-            let mut g = shared.lock().expect("outcome lock");
-            let o = &mut g.0;
-            match result {
-                Err(_) => o.timeout += 1,
-                Ok(Err(_)) => o.error += 1,
-                Ok(Ok((s, _))) if s.is_success() => o.ok += 1,
-                Ok(Ok((s, true))) if s.as_u16() == 429 => o.rate_limited += 1,
-                Ok(Ok((_, true))) => o.shed += 1,
-                Ok(Ok(_)) => o.error += 1,
+            let class = match result {
+                Err(_) => Class::Timeout,
+                Ok(Err(_)) => Class::Error,
+                Ok(Ok((s, _))) if s.is_success() => Class::Ok,
+                Ok(Ok((s, true))) if s.as_u16() == 429 => Class::RateLimited,
+                Ok(Ok((_, true))) => Class::Shed,
+                Ok(Ok(_)) => Class::Error,
+            };
+            let mut all = reports.lock().expect("report lock");
+            let r = &mut all[idx];
+            r.sent += 1;
+            match class {
+                Class::Ok => {
+                    r.outcomes.ok += 1;
+                    r.ok_latency.saturating_record(latency);
+                }
+                Class::Shed => {
+                    r.outcomes.shed += 1;
+                    r.shed_latency.saturating_record(latency);
+                }
+                Class::RateLimited => r.outcomes.rate_limited += 1,
+                Class::Error => r.outcomes.error += 1,
+                Class::Timeout => r.outcomes.timeout += 1,
             }
-            g.1.saturating_record(latency);
         }));
     }
     for t in tasks {
         let _ = t.await;
     }
     let elapsed = start.elapsed();
-    let (outcomes, latency) = Arc::try_unwrap(shared)
+    let targets = Arc::try_unwrap(reports)
         .expect("all tasks finished")
         .into_inner()
-        .expect("outcome lock");
+        .expect("report lock");
     Report {
-        sent: total,
-        outcomes,
-        latency,
+        targets,
         send_lag,
         elapsed,
     }

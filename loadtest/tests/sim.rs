@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use loadtest::openloop::{self, Plan};
+use loadtest::openloop::{self, Plan, Target};
 use loadtest::sim::{self, SimConfig};
 
 async fn start_sim(workers: usize, service_time: Duration) -> SocketAddr {
@@ -124,20 +124,38 @@ async fn stats_count_tiers_and_duplicate_request_ids_and_echo_bodies() {
     assert_eq!(stats["duplicate_request_ids"], 1);
 }
 
+fn target(name: &str, url: String, weight: f64) -> Target {
+    Target {
+        name: name.into(),
+        url: url.parse().unwrap(),
+        weight,
+        headers: vec![("x-k2-tier".into(), "purchase".into())],
+    }
+}
+
 #[tokio::test]
 async fn open_loop_sends_the_planned_count_and_classifies_outcomes() {
     let addr = start_sim(8, Duration::from_millis(1)).await;
-    let plan = |url: String| Plan {
-        url: url.parse().unwrap(),
-        rate: 200,
+    let plan = |base: String| Plan {
+        targets: vec![
+            target("a", format!("{base}/a"), 3.0),
+            target("b", format!("{base}/b"), 1.0),
+        ],
+        rate: 400,
         duration: Duration::from_millis(500),
         timeout: Duration::from_secs(2),
-        headers: vec![("x-k2-tier".into(), "purchase".into())],
+        seed: 7,
     };
-    let ok = openloop::run(plan(format!("http://{addr}/checkout/x"))).await;
-    assert_eq!(ok.sent, 100);
-    assert_eq!(ok.outcomes.ok, 100, "{}", ok.summary());
-    assert_eq!(ok.latency.len(), 100);
+    let ok = openloop::run(plan(format!("http://{addr}"))).await;
+    assert_eq!(ok.sent(), 200);
+    assert_eq!(ok.ok(), 200, "{}", ok.summary());
+    let a = ok.target("a").unwrap();
+    assert!(
+        (130..=170).contains(&a.sent),
+        "weights 3:1 give about 150 of 200, got {}",
+        a.sent
+    );
+    assert_eq!(a.ok_latency.len(), a.sent);
     assert!(
         ok.elapsed >= Duration::from_millis(495),
         "open loop keeps its schedule"
@@ -147,8 +165,9 @@ async fn open_loop_sends_the_planned_count_and_classifies_outcomes() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let refused = openloop::run(plan(format!("http://{dead}/x"))).await;
-    assert_eq!(refused.outcomes.error, 100, "{}", refused.summary());
+    let refused = openloop::run(plan(format!("http://{dead}"))).await;
+    let errors: u64 = refused.targets.iter().map(|t| t.outcomes.error).sum();
+    assert_eq!(errors, 200, "{}", refused.summary());
 }
 
 #[tokio::test]
@@ -157,18 +176,19 @@ async fn open_loop_counts_latency_from_the_intended_send_time() {
     // 20/s, so a queue builds and late requests wait far longer than 50 ms.
     let addr = start_sim(1, Duration::from_millis(50)).await;
     let report = openloop::run(Plan {
-        url: format!("http://{addr}/x").parse().unwrap(),
+        targets: vec![target("x", format!("http://{addr}/x"), 1.0)],
         rate: 40,
         duration: Duration::from_secs(1),
         timeout: Duration::from_secs(10),
-        headers: vec![],
+        seed: 1,
     })
     .await;
-    assert_eq!(report.outcomes.ok, 40);
+    let x = report.target("x").unwrap();
+    assert_eq!(x.outcomes.ok, 40);
     // The last request is due at ~975 ms but the 40th service ends at ~2000 ms.
     assert!(
-        report.latency.max() >= 800_000,
+        x.ok_latency.max() >= 800_000,
         "max {} us",
-        report.latency.max()
+        x.ok_latency.max()
     );
 }

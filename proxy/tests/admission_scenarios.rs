@@ -242,7 +242,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                             reqs[id].state = State::Shed;
                             *stats[ph].shed.entry((tier, r)).or_default() += 1;
                         }
-                        Ok(evicted) => {
+                        Ok((deadline, evicted)) => {
                             if let Some(e) = evicted {
                                 reqs[e].state = State::Shed;
                                 *stats[reqs[e].phase]
@@ -250,10 +250,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                                     .entry((reqs[e].tier, ShedReason::QueueFull))
                                     .or_default() += 1;
                             }
-                            let deadline = gate
-                                .deadline(tier, at(now))
-                                .duration_since(base)
-                                .as_micros() as u64;
+                            let deadline = deadline.duration_since(base).as_micros() as u64;
                             push(&mut events, deadline, Event::Deadline(id));
                         }
                     },

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use loadtest::openloop::{self, Plan};
+use loadtest::openloop::{self, Plan, Target};
 
 #[derive(Parser)]
 #[command(name = "loadtest", about = "Open-loop load generator for k2proxy")]
@@ -18,9 +18,13 @@ struct Cli {
 enum Command {
     /// Send a constant rate of GET requests for a fixed time.
     Run {
-        /// Full URL, e.g. http://127.0.0.1:8080/checkout/x
-        #[arg(long)]
-        target: hyper::Uri,
+        /// Full URL, e.g. http://127.0.0.1:8080/checkout/x (when no --mix is given).
+        #[arg(long, required_unless_present = "mix")]
+        target: Option<hyper::Uri>,
+        /// A weighted target, `name=weight=URL`, e.g.
+        /// `purchase=20=http://127.0.0.1:8080/checkout/x`; repeatable.
+        #[arg(long, value_parser = parse_mix)]
+        mix: Vec<(String, f64, hyper::Uri)>,
         /// Requests per second (1 to 100000).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         rate: u32,
@@ -47,6 +51,20 @@ fn parse_bounded(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_mix(s: &str) -> Result<(String, f64, hyper::Uri), String> {
+    let mut parts = s.splitn(3, '=');
+    let (Some(name), Some(weight), Some(url)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("{s:?}: expected name=weight=URL"));
+    };
+    let weight: f64 = weight
+        .parse()
+        .ok()
+        .filter(|w: &f64| *w > 0.0)
+        .ok_or_else(|| format!("{s:?}: weight {weight:?} must be a positive number"))?;
+    let url: hyper::Uri = url.parse().map_err(|e| format!("{s:?}: bad URL: {e}"))?;
+    Ok((name.to_string(), weight, url))
+}
+
 fn parse_header(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once(':')
@@ -58,35 +76,47 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 async fn main() {
     let Command::Run {
         target,
+        mix,
         rate,
         duration,
         timeout,
         headers,
         json,
     } = Cli::parse().command;
-    if target.scheme_str() != Some("http") || target.host().is_none() {
-        eprintln!("loadtest: --target {target}: expected an http:// URL with a host");
-        std::process::exit(2);
+    let mut targets: Vec<Target> = mix
+        .into_iter()
+        .map(|(name, weight, url)| Target {
+            name,
+            url,
+            weight,
+            headers: headers.clone(),
+        })
+        .collect();
+    if let Some(url) = target {
+        targets.push(Target {
+            name: url.path().to_string(),
+            url,
+            weight: 1.0,
+            headers,
+        });
+    }
+    for t in &targets {
+        if t.url.scheme_str() != Some("http") || t.url.host().is_none() {
+            eprintln!("loadtest: {}: expected an http:// URL with a host", t.url);
+            std::process::exit(2);
+        }
     }
     let report = openloop::run(Plan {
-        url: target,
+        targets,
         rate,
         duration,
         timeout,
-        headers,
+        seed: 1,
     })
     .await;
     if json {
-        let q = |p| report.latency.value_at_quantile(p) as f64 / 1000.0;
-        let out = serde_json::json!({
-            "sent": report.sent,
-            "outcomes": report.outcomes,
-            "latency_ms": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": report.latency.max() as f64 / 1000.0},
-            "send_lag_p99_ms": report.send_lag.value_at_quantile(0.99) as f64 / 1000.0,
-            "elapsed_s": report.elapsed.as_secs_f64(),
-        });
-        println!("{out}");
+        println!("{}", report.to_json());
     } else {
-        println!("{}", report.summary());
+        print!("{}", report.summary());
     }
 }

@@ -131,7 +131,7 @@ impl<W> Gate<W> {
             .reconfigure(rules.target_queue_delay, sheddable.len() as u32);
         self.rules = rules;
         self.rank(sheddable);
-        self.shed_covered_waiters();
+        self.shed_covered_waiters(None);
     }
 
     pub fn limit(&self) -> u32 {
@@ -175,21 +175,39 @@ impl<W> Gate<W> {
         self.tier_inflight[tier] < self.cap(tier) || !self.queue.others_waiting(tier)
     }
 
-    /// Advances the shed level to `now`. When it rises, the waiters of the
-    /// tiers it now covers are refused too (as a new arrival of their tier
-    /// would be): they are collected for [`Gate::take_shed`].
+    /// Advances the shed level to `now`. When it rises, the waiters it now
+    /// covers are refused (collected for [`Gate::take_shed`]): all of a
+    /// wholly covered tier, as a new arrival of it would be, and the standing
+    /// backlog (older than the target delay) of a partly covered one.
     fn tick(&mut self, now: Instant) {
-        if self.shed.tick(now) {
-            self.shed_covered_waiters();
+        self.queue.purge_expired(now);
+        let standing = self
+            .queue
+            .oldest(|_| true)
+            .map_or(Duration::ZERO, |at| now.duration_since(at));
+        if self.shed.tick(now, standing) {
+            self.shed_covered_waiters(Some(now));
         }
     }
 
-    fn shed_covered_waiters(&mut self) {
+    fn shed_covered_waiters(&mut self, now: Option<Instant>) {
         for t in 0..self.rules.tiers.len() {
-            if self.coverage(t) == Coverage::Whole || self.rules.tiers[t].force_shed {
-                while let Some(w) = self.queue.evict_newest(t) {
-                    self.shed_waiters.push(w.handle);
+            match self.coverage(t) {
+                _ if self.rules.tiers[t].force_shed => {}
+                Coverage::Whole => {}
+                Coverage::Part(_) => {
+                    if let Some(cutoff) =
+                        now.and_then(|n| n.checked_sub(self.rules.target_queue_delay))
+                    {
+                        self.queue
+                            .evict_older_than(t, cutoff, &mut self.shed_waiters);
+                    }
+                    continue;
                 }
+                Coverage::None => continue,
+            }
+            while let Some(w) = self.queue.evict_newest(t) {
+                self.shed_waiters.push(w.handle);
             }
         }
     }
@@ -235,9 +253,17 @@ impl<W> Gate<W> {
         Decision::Queue
     }
 
-    /// The deadline of a request of `tier` queued at `now`.
+    /// The deadline of a request of `tier` queued at `now`: its tier's
+    /// `max_queue_wait`, but at most the target delay while the shed level
+    /// covers part of its tier. A partly shed tier's requests that cannot get
+    /// in within the target are its excess: a 503 after 20 ms serves the
+    /// client better than one after its full wait.
     pub fn deadline(&self, tier: usize, now: Instant) -> Instant {
-        now + self.rules.tiers[tier].max_wait
+        let mut wait = self.rules.tiers[tier].max_wait;
+        if let Coverage::Part(_) = self.coverage(tier) {
+            wait = wait.min(self.rules.target_queue_delay);
+        }
+        now + wait
     }
 
     /// Queues a request after `try_admit` said `Queue`. A full queue gives up
@@ -248,7 +274,7 @@ impl<W> Gate<W> {
         tier: usize,
         now: Instant,
         handle: W,
-    ) -> Result<Option<W>, ShedReason> {
+    ) -> Result<(Instant, Option<W>), ShedReason> {
         self.queue.purge_expired(now);
         let mut evicted = None;
         if self.queue.len() >= self.rules.max_queue {
@@ -268,7 +294,7 @@ impl<W> Gate<W> {
                 deadline,
             },
         );
-        Ok(evicted)
+        Ok((deadline, evicted))
     }
 
     /// A permit of `tier` came back; `sample` is what the backend showed.
@@ -292,7 +318,7 @@ impl<W> Gate<W> {
         let caps: Vec<bool> = (0..self.rules.tiers.len())
             .map(|t| self.eligible(t))
             .collect();
-        let (tier, w) = self.queue.pop_highest(|t| caps[t])?;
+        let (tier, w) = self.queue.pop_highest(now, |t| caps[t])?;
         self.count_in(tier);
         self.record_wait(now, now.duration_since(w.enqueued));
         Some((tier, w.handle))
@@ -413,12 +439,12 @@ mod tests {
         g.enqueue(2, now, 1).unwrap();
         g.enqueue(2, now, 2).unwrap();
         assert_eq!(
-            g.enqueue(0, now, 3),
+            g.enqueue(0, now, 3).map(|(_, e)| e),
             Ok(Some(2)),
             "newest customer_service gives way"
         );
         assert_eq!(
-            g.enqueue(2, now, 4),
+            g.enqueue(2, now, 4).map(|(_, e)| e),
             Err(ShedReason::QueueFull),
             "equal or lower newcomer is refused"
         );

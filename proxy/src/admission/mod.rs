@@ -130,16 +130,18 @@ impl Controller {
                 Decision::Queue => {}
             }
             let (tx, rx) = oneshot::channel();
-            match g.enqueue(tier, start, tx) {
+            let deadline = match g.enqueue(tier, start, tx) {
                 Err(reason) => return Err(reason),
-                Ok(Some(evicted)) => {
-                    let _ = evicted.send(Err(ShedReason::QueueFull));
+                Ok((deadline, evicted)) => {
+                    if let Some(evicted) = evicted {
+                        let _ = evicted.send(Err(ShedReason::QueueFull));
+                    }
+                    deadline
                 }
-                Ok(None) => {}
-            }
+            };
             self.dispatch(&mut g, start);
             self.settle(&mut g);
-            (rx, g.deadline(tier, start))
+            (rx, deadline)
         };
         match tokio::time::timeout_at(deadline.into(), &mut rx).await {
             Ok(Ok(Ok(mut permit))) => {

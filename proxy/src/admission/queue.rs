@@ -1,8 +1,9 @@
 //! The admission wait queue: one FIFO per tier, served highest tier first.
 //!
-//! Within a tier every waiter has the same `max_queue_wait`, so deadlines are
-//! in arrival order and expired waiters are always at the front: purging them
-//! costs only what is purged. Pushing, popping and evicting are O(1) per tier.
+//! Within a tier waiters mostly share one `max_queue_wait`, so expired waiters
+//! gather at the front and purging costs only what is purged; a waiter whose
+//! deadline was shorter (see `Gate::deadline`) is skipped when popped.
+//! Pushing, popping and evicting are O(1) per tier.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -75,6 +76,23 @@ impl<W> TierQueue<W> {
         }
     }
 
+    /// When the oldest waiter of any tier for which `counted` holds arrived.
+    pub fn oldest(&self, mut counted: impl FnMut(usize) -> bool) -> Option<Instant> {
+        (0..self.tiers.len())
+            .filter(|&t| counted(t))
+            .filter_map(|t| self.tiers[t].front().map(|w| w.enqueued))
+            .min()
+    }
+
+    /// Removes the waiters of `tier` that arrived before `cutoff` (oldest first).
+    pub fn evict_older_than(&mut self, tier: usize, cutoff: Instant, out: &mut Vec<W>) {
+        let q = &mut self.tiers[tier];
+        while q.front().is_some_and(|w| w.enqueued < cutoff) {
+            out.push(q.pop_front().expect("front exists").handle);
+            self.len -= 1;
+        }
+    }
+
     /// The lowest tier with a waiter.
     pub fn lowest_waiting(&self) -> Option<usize> {
         self.tiers.iter().rposition(|q| !q.is_empty())
@@ -87,15 +105,25 @@ impl<W> TierQueue<W> {
         Some(w)
     }
 
-    /// Removes the oldest waiter of the highest tier for which `eligible` holds.
+    /// Removes the oldest live waiter (deadline after `now`) of the highest
+    /// tier for which `eligible` holds; expired ones met on the way are dropped.
     pub fn pop_highest(
         &mut self,
+        now: Instant,
         mut eligible: impl FnMut(usize) -> bool,
     ) -> Option<(usize, Waiter<W>)> {
-        let tier = (0..self.tiers.len()).find(|&t| !self.tiers[t].is_empty() && eligible(t))?;
-        let w = self.tiers[tier].pop_front()?;
-        self.len -= 1;
-        Some((tier, w))
+        for tier in 0..self.tiers.len() {
+            if self.tiers[tier].is_empty() || !eligible(tier) {
+                continue;
+            }
+            while let Some(w) = self.tiers[tier].pop_front() {
+                self.len -= 1;
+                if w.deadline > now {
+                    return Some((tier, w));
+                }
+            }
+        }
+        None
     }
 }
 
@@ -121,7 +149,7 @@ mod tests {
         q.push(1, waiter(3, now, 100));
         q.push(0, waiter(4, now, 100));
         let order: Vec<u32> =
-            std::iter::from_fn(|| q.pop_highest(|_| true).map(|(_, w)| w.handle)).collect();
+            std::iter::from_fn(|| q.pop_highest(now, |_| true).map(|(_, w)| w.handle)).collect();
         assert_eq!(order, [4, 2, 3, 1]);
         assert!(q.is_empty());
     }
@@ -133,7 +161,7 @@ mod tests {
         q.push(0, waiter(1, now, 100));
         q.push(2, waiter(2, now, 100));
         assert_eq!(
-            q.pop_highest(|t| t != 0).map(|(t, w)| (t, w.handle)),
+            q.pop_highest(now, |t| t != 0).map(|(t, w)| (t, w.handle)),
             Some((2, 2))
         );
         assert!(q.others_waiting(2));
@@ -148,7 +176,21 @@ mod tests {
         q.push(1, waiter(2, now + Duration::from_millis(5), 10));
         q.purge_expired(now + Duration::from_millis(12));
         assert_eq!(q.len(), 1);
-        assert_eq!(q.pop_highest(|_| true).unwrap().1.handle, 2);
+        assert_eq!(q.pop_highest(now, |_| true).unwrap().1.handle, 2);
+    }
+
+    #[test]
+    fn an_expired_waiter_behind_a_live_one_is_never_popped() {
+        let now = Instant::now();
+        let mut q = TierQueue::new(1);
+        q.push(0, waiter(1, now, 100));
+        q.push(0, waiter(2, now, 10));
+        q.push(0, waiter(3, now, 100));
+        let later = now + Duration::from_millis(20);
+        let got: Vec<u32> =
+            std::iter::from_fn(|| q.pop_highest(later, |_| true).map(|(_, w)| w.handle)).collect();
+        assert_eq!(got, [1, 3]);
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! The shed level: how much of the lowest tiers is refused outright.
 //!
-//! DAGOR-style: time is cut into windows of [`WINDOW`]; in each, the mean
-//! queueing delay of requests leaving the admission queue (0 for those
-//! admitted at once, the whole wait for those that timed out) is compared
-//! with the policy's `target_queue_delay`.
+//! DAGOR-style: time is cut into windows of [`WINDOW`]; in each, the
+//! queueing delay is compared with the policy's `target_queue_delay`. The
+//! delay of a window is the larger of the mean wait of requests leaving the
+//! admission queue (0 for those admitted at once, the whole wait for those
+//! that timed out) and the age of the oldest request still waiting when the
+//! window closes (CoDel's standing queue): the mean alone is diluted by
+//! high tiers that wait a few milliseconds while the lowest admitted tier's
+//! backlog ages unseen.
 //!
 //! Only requests that arrived since the level last moved count: a wait that
 //! began under the old level says nothing about the new one, and counting it
@@ -16,11 +20,15 @@
 //! part (each request with probability `(steps % STEPS) / STEPS`).
 //!
 //! States and transitions, per window:
-//! - delay > target → rise by `delay / target` steps (at least 1, at most one
-//!   whole tier), up to every sheddable tier;
+//! - delay > target → rise by one step, or by `delay / (2 × target)` steps
+//!   when that is more (at most one whole tier), up to every sheddable tier;
 //! - delay < target / 2 → one more calm window; from `calm_needed` calm
 //!   windows in a row on, each calm window re-admits one step;
 //! - otherwise → level unchanged, calm count reset.
+//!
+//! Between windows, a standing queue older than [`URGENT`] × target raises
+//! the level by half a tier at once (at most every [`URGENT_GAP`]), so a step
+//! to 5x is answered in tens of milliseconds, not after a window or two.
 //!
 //! Anti-flapping: a rise within [`FLAP_WINDOW`] of a fall doubles
 //! `calm_needed` (up to [`MAX_CALM`] windows); each calm window more than
@@ -32,8 +40,12 @@ use std::time::{Duration, Instant};
 pub const WINDOW: Duration = Duration::from_millis(50);
 /// Steps per tier.
 pub const STEPS: u32 = 8;
-/// Calm windows needed before re-admitting starts, normally (0.5 s).
-pub const MIN_CALM: u32 = 10;
+/// Calm windows needed before re-admitting starts, normally (0.3 s).
+pub const MIN_CALM: u32 = 6;
+/// A standing queue this many targets old raises the level at once.
+pub const URGENT: u32 = 3;
+/// Shortest time between two urgent rises.
+pub const URGENT_GAP: Duration = Duration::from_millis(10);
 /// Most calm windows ever needed (2 s).
 pub const MAX_CALM: u32 = 40;
 /// A rise this soon after a fall counts as a flap.
@@ -106,9 +118,8 @@ impl ShedLevel {
     }
 
     /// Records the queueing delay of one request leaving the queue `waited`
-    /// after it arrived.
+    /// after it arrived (call [`ShedLevel::tick`] first).
     pub fn record(&mut self, now: Instant, waited: Duration) {
-        self.tick(now);
         if now
             .checked_sub(waited)
             .is_some_and(|arrived| arrived < self.last_change)
@@ -119,12 +130,21 @@ impl ShedLevel {
         self.count += 1;
     }
 
-    /// Closes every window that ended by `now`. Returns true when the level rose.
-    pub fn tick(&mut self, now: Instant) -> bool {
+    /// Closes every window that ended by `now`; `standing` is the age of the
+    /// oldest request waiting now. Returns true when the level rose.
+    pub fn tick(&mut self, now: Instant, standing: Duration) -> bool {
         let before = self.steps;
+        if standing > self.target * URGENT
+            && self.steps < self.max_steps
+            && self
+                .last_rise
+                .is_none_or(|r| now.duration_since(r) >= URGENT_GAP)
+        {
+            self.rise(now, STEPS / 2);
+        }
         while now.duration_since(self.window_start) >= WINDOW {
             let end = self.window_start + WINDOW;
-            self.close_window(end);
+            self.close_window(end, standing);
             self.window_start = end;
             // A long quiet gap: nothing is queueing; start afresh.
             if self.count == 0 && now.duration_since(self.window_start) > WINDOW * MAX_CALM * 2 {
@@ -137,28 +157,34 @@ impl ShedLevel {
         self.steps > before
     }
 
-    fn close_window(&mut self, end: Instant) {
+    fn rise(&mut self, at: Instant, steps: u32) {
+        if self.steps >= self.max_steps {
+            return;
+        }
+        self.steps = (self.steps + steps).min(self.max_steps);
+        if self
+            .last_fall
+            .is_some_and(|f| at.duration_since(f) < FLAP_WINDOW)
+        {
+            self.calm_needed = (self.calm_needed * 2).min(MAX_CALM);
+        }
+        self.last_rise = Some(at);
+        self.last_change = at;
+    }
+
+    fn close_window(&mut self, end: Instant, standing: Duration) {
         let mean = if self.count == 0 {
             Duration::ZERO
         } else {
             self.sum / self.count
         };
+        let mean = mean.max(standing);
         self.sum = Duration::ZERO;
         self.count = 0;
         if mean > self.target {
             self.calm = 0;
-            if self.steps < self.max_steps {
-                let over = (mean.as_secs_f64() / self.target.as_secs_f64()) as u32;
-                self.steps = (self.steps + over.clamp(1, STEPS)).min(self.max_steps);
-                if self
-                    .last_fall
-                    .is_some_and(|f| end.duration_since(f) < FLAP_WINDOW)
-                {
-                    self.calm_needed = (self.calm_needed * 2).min(MAX_CALM);
-                }
-                self.last_rise = Some(end);
-                self.last_change = end;
-            }
+            let over = (mean.as_secs_f64() / (2.0 * self.target.as_secs_f64())) as u32;
+            self.rise(end, over.clamp(1, STEPS));
         } else if mean < self.target / 2 {
             self.calm += 1;
             if self.calm >= self.calm_needed && self.steps > 0 {
@@ -199,7 +225,7 @@ mod tests {
     fn run(s: &mut ShedLevel, now: &mut Instant, ms: u32, wait: Duration) {
         for _ in 0..ms {
             *now += MS;
-            s.tick(*now);
+            s.tick(*now, Duration::ZERO);
             let fresh = wait.min(now.duration_since(s.last_change));
             s.record(*now, fresh);
         }
@@ -211,7 +237,7 @@ mod tests {
         run(&mut s, &mut now, 49, 50 * MS);
         assert_eq!(s.level(), 0.0, "no window closed yet");
         run(&mut s, &mut now, 2, 50 * MS);
-        assert_eq!(s.level(), 2.0 / 8.0, "50 ms is 2.5 targets: 2 steps");
+        assert_eq!(s.level(), 1.0 / 8.0, "50 ms is 1.25 double targets: 1 step");
         run(&mut s, &mut now, 2000, 500 * MS);
         assert_eq!(s.level(), 3.0, "capped at the sheddable tiers");
     }
@@ -224,9 +250,10 @@ mod tests {
         // Waiters that arrived before the change leave now with long waits.
         for _ in 0..50 {
             now += MS;
+            s.tick(now, Duration::ZERO);
             s.record(now, 200 * MS);
         }
-        s.tick(now + MS);
+        s.tick(now + MS, Duration::ZERO);
         assert_eq!(s.level(), 1.0 / 8.0, "stale waits ignored");
     }
 
@@ -241,11 +268,11 @@ mod tests {
     }
 
     #[test]
-    fn re_admits_a_step_per_calm_window_after_half_a_second() {
+    fn re_admits_a_step_per_calm_window_after_the_calm_period() {
         let (mut s, mut now) = controller();
         s.steps = 8;
-        run(&mut s, &mut now, 450, 5 * MS);
-        assert_eq!(s.level(), 1.0, "not calm for long enough");
+        run(&mut s, &mut now, 250, 5 * MS);
+        assert_eq!(s.level(), 1.0, "not calm for long enough (6 windows)");
         run(&mut s, &mut now, 100, 5 * MS);
         assert!(s.level() < 1.0 && s.level() > 0.5, "{}", s.level());
         run(&mut s, &mut now, 1000, 5 * MS);
@@ -265,17 +292,17 @@ mod tests {
         let (mut s, mut now) = controller();
         run(&mut s, &mut now, 50, 30 * MS); // one step
         assert_eq!(s.level(), 1.0 / 8.0);
-        run(&mut s, &mut now, 550, Duration::ZERO); // 10 calm windows: back to 0
+        run(&mut s, &mut now, 350, Duration::ZERO); // 6 calm windows: back to 0
         assert_eq!(s.level(), 0.0);
         run(&mut s, &mut now, 50, 30 * MS); // a rise soon after a fall: a flap
         assert_eq!(s.level(), 1.0 / 8.0);
-        run(&mut s, &mut now, 600, Duration::ZERO);
+        run(&mut s, &mut now, 500, Duration::ZERO);
         assert_eq!(
             s.level(),
             1.0 / 8.0,
-            "a flap doubles the calm needed to 20 windows"
+            "a flap doubles the calm needed to 12 windows"
         );
-        run(&mut s, &mut now, 450, Duration::ZERO);
+        run(&mut s, &mut now, 200, Duration::ZERO);
         assert_eq!(s.level(), 0.0);
     }
 
@@ -284,7 +311,37 @@ mod tests {
         let (mut s, mut now) = controller();
         s.steps = 24;
         now += Duration::from_secs(60);
-        s.tick(now);
+        s.tick(now, Duration::ZERO);
         assert_eq!(s.level(), 0.0);
+    }
+
+    #[test]
+    fn a_standing_queue_raises_the_level_even_when_leavers_wait_little() {
+        let (mut s, mut now) = controller();
+        // Every leaver was admitted at once, but someone has waited 50 ms.
+        for _ in 0..51 {
+            now += MS;
+            s.tick(now, 50 * MS);
+            s.record(now, Duration::ZERO);
+        }
+        assert_eq!(
+            s.level(),
+            1.0 / 8.0,
+            "2.5 targets: one step at the window's end"
+        );
+    }
+
+    #[test]
+    fn an_old_standing_queue_raises_the_level_at_once() {
+        let (mut s, mut now) = controller();
+        now += MS;
+        s.tick(now, 100 * MS); // over 3 targets: half a tier now, not at the window's end
+        assert_eq!(s.level(), 0.5);
+        now += 5 * MS;
+        s.tick(now, 100 * MS);
+        assert_eq!(s.level(), 0.5, "at most one urgent rise per 10 ms");
+        now += 5 * MS;
+        s.tick(now, 100 * MS);
+        assert_eq!(s.level(), 1.0);
     }
 }

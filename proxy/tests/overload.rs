@@ -1,0 +1,163 @@
+//! End to end at 3x capacity: the real k2proxy with the repo's default policy
+//! in front of a legacy-sim of fixed capacity, open-loop load with the
+//! holiday mix (20% purchase, 30% merchant, 30% admin, 20% customer service)
+//! for 10 s. Purchases keep succeeding, refusals are fast, nobody times out,
+//! and the backend stays busy.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use loadtest::openloop::{self, Plan, Target};
+use loadtest::sim::{self, SimConfig};
+use support::*;
+
+const WORKERS: usize = 4;
+const SERVICE: Duration = Duration::from_millis(25);
+/// Requests per second the simulator can serve.
+const CAPACITY: f64 = WORKERS as f64 / 0.025;
+const SECONDS: u64 = 10;
+
+fn routes(backend: std::net::SocketAddr) -> String {
+    format!(
+        r#"[server]
+listen = ["{{LISTEN}}"]
+admin = "{{ADMIN}}"
+threads = 2
+policy = "policy.toml"
+
+[clusters.kred]
+[[clusters.kred.sites]]
+name = "skondal"
+role = "primary"
+backends = ["{backend}"]
+
+[[routes]]
+name = "checkout"
+match = {{ path_prefix = "/checkout/" }}
+tier = "purchase"
+cluster = "kred"
+
+[[routes]]
+name = "merchant-api"
+match = {{ path_prefix = "/api/" }}
+tier = "merchant"
+cluster = "kred"
+
+[[routes]]
+name = "admin"
+match = {{ path_prefix = "/admin/" }}
+tier = "admin"
+cluster = "kred"
+
+[[routes]]
+name = "customer-service"
+match = {{ path_prefix = "/cs/" }}
+tier = "customer_service"
+cluster = "kred"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_keep_flowing_at_three_times_capacity() {
+    let config = SimConfig {
+        name: "legacy".into(),
+        workers: WORKERS,
+        service_time: SERVICE,
+    };
+    let (backend, _sim) = sim::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let policy_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml");
+    let policy = std::fs::read_to_string(policy_path).unwrap();
+    let proxy = Proxy::start(&routes(backend), &policy).await;
+
+    let target = |name: &str, path: &str, weight: f64| Target {
+        name: name.into(),
+        url: proxy.url(path).parse().unwrap(),
+        weight,
+        headers: vec![("x-merchant-id".into(), "m-1".into())],
+    };
+    let report = openloop::run(Plan {
+        targets: vec![
+            target("purchase", "/checkout/pay", 20.0),
+            target("merchant", "/api/invoices", 30.0),
+            target("admin", "/admin/users", 30.0),
+            target("customer_service", "/cs/tickets", 20.0),
+        ],
+        rate: (3.0 * CAPACITY) as u32,
+        duration: Duration::from_secs(SECONDS),
+        timeout: Duration::from_secs(5),
+        seed: 42,
+    })
+    .await;
+    println!("{}", report.summary());
+    let metrics = client()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for t in &report.targets {
+        let h = &t.shed_latency;
+        println!(
+            "{} shed ms: p50 {:.1} p90 {:.1} p95 {:.1} p99 {:.1} max {:.1} n {}",
+            t.name,
+            h.value_at_quantile(0.5) as f64 / 1e3,
+            h.value_at_quantile(0.9) as f64 / 1e3,
+            h.value_at_quantile(0.95) as f64 / 1e3,
+            h.value_at_quantile(0.99) as f64 / 1e3,
+            h.max() as f64 / 1e3,
+            h.len()
+        );
+    }
+    for l in metrics.lines().filter(|l| {
+        l.starts_with("k2_shed")
+            || l.starts_with("k2_admission_limit")
+            || l.starts_with("k2_queue_depth")
+    }) {
+        println!("{l}");
+    }
+
+    let purchase = report.target("purchase").unwrap();
+    assert!(
+        purchase.success() >= 0.99,
+        "purchase success {:.4}\n{}",
+        purchase.success(),
+        report.summary()
+    );
+    let p99 = Duration::from_micros(purchase.ok_latency.value_at_quantile(0.99));
+    assert!(
+        p99 < Duration::from_secs(2),
+        "purchase p99 {p99:?} is not below max_queue_wait"
+    );
+
+    let mut shed = Histogram::<u64>::new(3).unwrap();
+    for name in ["merchant", "admin", "customer_service"] {
+        shed.add(&report.target(name).unwrap().shed_latency)
+            .unwrap();
+    }
+    assert!(shed.len() > 0, "lower tiers were shed");
+    let shed_p99 = Duration::from_micros(shed.value_at_quantile(0.99));
+    assert!(
+        shed_p99 < Duration::from_millis(50),
+        "shed p99 {shed_p99:?}\n{}",
+        report.summary()
+    );
+
+    let timeouts: u64 = report.targets.iter().map(|t| t.outcomes.timeout).sum();
+    let errors: u64 = report.targets.iter().map(|t| t.outcomes.error).sum();
+    assert_eq!((timeouts, errors), (0, 0), "{}", report.summary());
+
+    let goodput = report.ok() as f64 / (CAPACITY * SECONDS as f64);
+    assert!(
+        goodput >= 0.8,
+        "goodput {goodput:.3} of capacity\n{}",
+        report.summary()
+    );
+}
