@@ -21,7 +21,7 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::admission::{Permit, Sample, ShedReason};
 use crate::classify::{RequestView, TierId};
-use crate::config::Snapshot;
+use crate::config::{AdmissionMode, Snapshot};
 use crate::metrics::code_class;
 use crate::Shared;
 
@@ -253,6 +253,7 @@ impl ProxyHttp for Gateway {
         let cluster_id = snap.routes.get(route).expect("classified").cluster;
         let cluster = snap.cluster(cluster_id);
         let tier = ctx.tier.expect("set above");
+        let admission_off = snap.admission[cluster_id.0 as usize].mode == AdmissionMode::Off;
         let controller = cluster.sites.preferred().and_then(|site| {
             Some((
                 site,
@@ -265,6 +266,9 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
         ctx.site = Some(site);
+        if admission_off {
+            return Ok(false);
+        }
         let m = &self.shared.metrics;
         let tier_name = ctx.tier_name().to_string();
         match controller.acquire(tier.0 as usize).await {

@@ -199,6 +199,26 @@ async fn admission_gauges_are_exported() {
     }
 }
 
+#[tokio::test]
+async fn admission_off_is_plain_proxying() {
+    // With a fixed limit of 1 the second concurrent cs request would wait
+    // and be shed; with admission off both reach the backend.
+    let (backend, proxy) = setup("[admission.main]\nmode = \"off\"\n").await;
+    let c = client();
+    let slow = tokio::spawn({
+        let (c, url) = (c.clone(), proxy.url("/cs/slow/120"));
+        async move { c.get(url).send().await.unwrap().status() }
+    });
+    let second = c
+        .get(proxy.url("/cs/slow/120"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!((slow.await.unwrap().as_u16(), second.as_u16()), (200, 200));
+    assert_eq!(backend.seen().len(), 2);
+}
+
 /// Waits until the site's total in-flight gauge is `n` (up to 5 s).
 async fn wait_for_inflight(proxy: &Proxy, n: i64) {
     let c = client();

@@ -142,7 +142,7 @@ async fn purchases_keep_flowing_at_three_times_capacity() {
         shed.add(&report.target(name).unwrap().shed_latency)
             .unwrap();
     }
-    assert!(shed.len() > 0, "lower tiers were shed");
+    assert!(!shed.is_empty(), "lower tiers were shed");
     let shed_p99 = Duration::from_micros(shed.value_at_quantile(0.99));
     assert!(
         shed_p99 < Duration::from_millis(50),

@@ -297,6 +297,8 @@ pub fn rules_for(snap: &Snapshot, cluster: usize) -> (Rules, Limit) {
         AdmissionMode::Adaptive { initial, min, max } => {
             Limit::adaptive(Bounds { initial, min, max }, now())
         }
+        // Not consulted: the gateway skips admission for such a cluster.
+        AdmissionMode::Off => Limit::fixed(u32::MAX),
     };
     (rules, limit)
 }

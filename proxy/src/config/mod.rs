@@ -194,8 +194,16 @@ pub struct Shedding {
 /// `[admission.<cluster>]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdmissionMode {
-    Adaptive { initial: u32, min: u32, max: u32 },
-    Fixed { limit: u32 },
+    Adaptive {
+        initial: u32,
+        min: u32,
+        max: u32,
+    },
+    Fixed {
+        limit: u32,
+    },
+    /// No admission control: plain proxying (no limit, queue or shedding).
+    Off,
 }
 
 /// Admission control of one cluster (applies to each of its sites).

@@ -182,7 +182,7 @@ pub struct SheddingRaw {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdmissionRaw {
-    /// `adaptive` or `fixed`.
+    /// `adaptive`, `fixed` or `off`.
     pub mode: Option<Spanned<String>>,
     /// Fixed limit (mode = "fixed").
     pub limit: Option<Spanned<i64>>,

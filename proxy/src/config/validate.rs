@@ -756,10 +756,11 @@ fn admission(
                     AdmissionMode::Fixed { limit: 1 }
                 }
             },
+            Some((_, "off")) => AdmissionMode::Off,
             Some((m, other)) => {
                 c.err(
                     m,
-                    format!("unknown admission mode {other:?}: expected \"adaptive\" or \"fixed\""),
+                    format!("unknown admission mode {other:?}: expected \"adaptive\", \"fixed\" or \"off\""),
                 );
                 default.mode.clone()
             }
