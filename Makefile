@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Installing system packages needs root; use sudo when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: deps build run test check lint bench bench-classify bench-overhead clean
+.PHONY: deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
 
 ## deps: install what the build needs when missing (cmake for pingora's C deps).
 deps:
@@ -36,8 +36,15 @@ lint: deps
 check: deps
 	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml
 
-## bench: classification cost and proxy overhead against the backend direct (wrk).
-bench: bench-classify bench-overhead
+## bench: classification and shed-decision cost, proxy overhead (wrk), overload side by side.
+bench: bench-classify bench-admission bench-overhead bench-overload
+
+bench-admission: deps
+	$(CARGO) bench -p proxy --bench admission
+
+## bench-overload: k2proxy vs admission off at 1x, 2x, 3x, 5x capacity (about 3 minutes).
+bench-overload: build
+	@scripts/bench-overload.sh
 
 bench-classify: deps
 	$(CARGO) bench -p proxy --bench classify
