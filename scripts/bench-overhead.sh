@@ -18,11 +18,7 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { # url
-  for _ in $(seq 150); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
-  return 1
-}
+source scripts/lib.sh
 
 sim_port=$(free_port)
 target/release/legacy-sim --listen "127.0.0.1:$sim_port" --workers 100000 --service-time 0ms >/dev/null &
@@ -35,19 +31,7 @@ for v in $VARIANTS; do
   name=${v%%=*} bin=${v#*=}
   proxy_port=$(free_port) admin_port=$(free_port)
   # The repo's own routes and default policy, pointed at the bench's ports.
-  python3 - "$work/$name.toml" "$proxy_port" "$admin_port" "$sim_port" "$PROXY_THREADS" "$PWD" <<'PY'
-import re, sys
-path, proxy, admin, sim, threads, repo = sys.argv[1:]
-t = open(f"{repo}/routes.toml").read()
-t = re.sub(r'(?m)^listen = .*$', f'listen = ["127.0.0.1:{proxy}"]', t)
-t = re.sub(r'(?m)^admin = .*$', f'admin = "127.0.0.1:{admin}"', t)
-t = re.sub(r'(?m)^threads = .*$', f'threads = {threads}', t)
-t = re.sub(r'(?m)^policy = .*$', f'policy = "{repo}/policies/default.toml"', t)
-# Primary site: the sim. Secondary: one more port that the primary keeps unused.
-sites = iter([f'backends = ["127.0.0.1:{sim}"]', f'backends = ["127.0.0.1:{int(sim) + 1}"]'])
-t = re.sub(r'(?m)^backends = .*$', lambda m: next(sites), t)
-open(path, "w").write(t)
-PY
+  python3 scripts/bench_routes.py "$work/$name.toml" "$proxy_port" "$admin_port" "$sim_port" "$PROXY_THREADS" "$PWD/policies/default.toml" "$PWD"
   RUST_LOG=warn "$bin" run --routes "$work/$name.toml" 2>"$out/$name-overhead.log" &
   pids+=($!)
   wait_http "http://127.0.0.1:$admin_port/healthz" || { echo "$name did not start:" >&2; cat "$out/$name-overhead.log" >&2; exit 1; }

@@ -18,8 +18,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 150); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+source scripts/lib.sh
 service_ms=$(python3 -c "import sys; v='$SERVICE'; print(float(v[:-2]) if v.endswith('ms') else float(v[:-1])*1000)")
 capacity=$(python3 -c "print($WORKERS * 1000 / $service_ms)")
 
@@ -29,16 +28,11 @@ run_one() { # variant load
   sim_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
   "$bin/legacy-sim" --listen "127.0.0.1:$sim_port" --workers "$WORKERS" --service-time "$SERVICE" >/dev/null &
   local sim_pid=$!
-  python3 - "$work/routes.toml" "$work/policy.toml" "$proxy_port" "$admin_port" "$sim_port" "$variant" "$PWD" <<'PY'
+  python3 scripts/bench_routes.py "$work/routes.toml" "$proxy_port" "$admin_port" "$sim_port" 2 "$work/policy.toml" "$PWD"
+  # The default policy; for the comparison, the same with admission off.
+  python3 - "$work/policy.toml" "$variant" "$PWD" <<'PY'
 import re, sys
-routes, policy, proxy, admin, sim, variant, repo = sys.argv[1:]
-t = open(f"{repo}/routes.toml").read()
-t = re.sub(r'(?m)^listen = .*$', f'listen = ["127.0.0.1:{proxy}"]', t)
-t = re.sub(r'(?m)^admin = .*$', f'admin = "127.0.0.1:{admin}"', t)
-t = re.sub(r'(?m)^policy = .*$', f'policy = "{policy}"', t)
-sites = iter([f'backends = ["127.0.0.1:{sim}"]', f'backends = ["127.0.0.1:{int(sim) + 1}"]'])
-t = re.sub(r'(?m)^backends = .*$', lambda m: next(sites), t)
-open(routes, "w").write(t)
+policy, variant, repo = sys.argv[1:]
 p = open(f"{repo}/policies/default.toml").read()
 if variant == "admission-off":
     p = re.sub(r'(?ms)^\[admission\.kred\].*?(?=^\[)', '[admission.kred]\nmode = "off"\n\n', p)

@@ -143,3 +143,96 @@ async fn a_full_queue_sheds_the_lowest_waiter_for_a_purchase() {
     drop(_held);
     assert!(high.await.unwrap().is_ok());
 }
+
+fn snapshot(policy_extra: &str, site_b: &str) -> crate::config::Snapshot {
+    use crate::config::{load_sources, SourceFile};
+    let routes = format!(
+        r#"[server]
+listen = ["127.0.0.1:1"]
+[clusters.kred]
+[[clusters.kred.sites]]
+name = "skondal"
+role = "primary"
+backends = ["127.0.0.1:2"]
+[[clusters.kred.sites]]
+name = "{site_b}"
+role = "secondary"
+backends = ["127.0.0.1:3"]
+[[routes]]
+name = "r"
+match = {{}}
+tier = "purchase"
+cluster = "kred"
+"#
+    );
+    let policy = format!("tiers = [\"purchase\", \"cs\"]\n{policy_extra}");
+    let src = |path: &str, text: String| SourceFile {
+        path: path.into(),
+        text,
+    };
+    load_sources(&src("routes.toml", routes), &src("policy.toml", policy)).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_each_sites_state_by_name() {
+    let metrics = Metrics::new();
+    let registry = Registry::default();
+    let first = registry.sync(
+        &snapshot("[admission.kred]\nmode = \"fixed\"\nlimit = 2\n", "verizon"),
+        &metrics,
+    );
+    let skondal = first.get(0, 0).unwrap().clone();
+    let held = skondal.acquire(0).await.unwrap();
+
+    // New settings, same names: the same controller, its permit still counted,
+    // the new limit in force; a renamed site starts fresh.
+    let second = registry.sync(
+        &snapshot("[admission.kred]\nmode = \"fixed\"\nlimit = 5\n", "oslo"),
+        &metrics,
+    );
+    assert!(Arc::ptr_eq(&skondal, second.get(0, 0).unwrap()));
+    assert_eq!(skondal.state().0, 5);
+    assert_eq!(skondal.state().1, 1, "in flight carried over");
+    assert!(!Arc::ptr_eq(
+        first.get(0, 1).unwrap(),
+        second.get(0, 1).unwrap()
+    ));
+    assert_eq!(second.get(0, 1).unwrap().site(), "oslo");
+    drop(held);
+    assert_eq!(skondal.state().1, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_a_learned_adaptive_limit() {
+    let metrics = Metrics::new();
+    let registry = Registry::default();
+    let policy = "[admission.kred]\ninitial = 10\nmin = 2\nmax = 100\n";
+    let ctl = registry
+        .sync(&snapshot(policy, "verizon"), &metrics)
+        .get(0, 0)
+        .unwrap()
+        .clone();
+    // Fast, fully used backend: the limit learns upwards.
+    for _ in 0..20 {
+        let mut permits = Vec::new();
+        for _ in 0..ctl.state().0 {
+            permits.push(ctl.acquire(0).await.unwrap());
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+        for mut p in permits {
+            p.record(Sample::Latency(Duration::from_millis(10)));
+        }
+    }
+    let learned = ctl.state().0;
+    assert!(learned > 10, "limit learned {learned}");
+    let after = registry
+        .sync(&snapshot(policy, "verizon"), &metrics)
+        .get(0, 0)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        after.state().0,
+        learned,
+        "a reload does not reset the learned limit"
+    );
+}
