@@ -526,6 +526,15 @@ impl ProxyHttp for Gateway {
         m.requests
             .with_label_values(&[route, tier, ctx.outcome.label(), code_class(status)])
             .inc();
+        if let Some(t) = ctx.tier {
+            match ctx.outcome {
+                Outcome::Shed(_) => self.shared.tier_stats.shed(t.0 as usize),
+                Outcome::Proxied | Outcome::Error if ctx.upstream.is_some() => {
+                    self.shared.tier_stats.admitted(t.0 as usize)
+                }
+                _ => {}
+            }
+        }
         m.request_duration
             .with_label_values(&[tier])
             .observe(elapsed.as_secs_f64());

@@ -1,13 +1,14 @@
 //! k2proxy: the load-shedding front tier of a payment checkout, on pingora.
 //!
 //! A request meets the stages in the order of the modules below: [`config`]
-//! gives the immutable [`config::Snapshot`] it runs with, [`classify`] finds
-//! its route and tier, [`gateway`] (pingora's `ProxyHttp`) carries it to a
-//! backend chosen by the `failover` crate, [`metrics`] and the access log
-//! record it, and [`admin`] serves `/metrics` and `/healthz`. The binary
-//! (`main.rs`) wires them into a pingora server. Start with
-//! `docs/concepts.md`; the files ops edit are described in
-//! `docs/routes.md` and `docs/policy.md`.
+//! gives the immutable [`config::Snapshot`] it runs with ([`reload`] swaps
+//! it), [`classify`] finds its route and tier, [`admission`] admits, queues
+//! or sheds it, [`gateway`] (pingora's `ProxyHttp`) carries it to a backend
+//! chosen by the `failover` crate, [`metrics`] and the access log record it,
+//! and [`admin`] serves `/metrics`, `/status`, the status page and `/reload`.
+//! The binary (`main.rs`) wires them into a pingora server. Start with
+//! `docs/concepts.md`; the files ops edit are described in `docs/routes.md`
+//! and `docs/policy.md`.
 
 #![forbid(unsafe_code)]
 
@@ -17,38 +18,81 @@ pub mod classify;
 pub mod config;
 pub mod gateway;
 pub mod metrics;
+pub mod reload;
 pub mod server;
+pub mod stats;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use arc_swap::ArcSwap;
 
-/// State every request and the admin listener share.
+/// State every request, the admin listener and the reload service share.
 pub struct Shared {
     /// The config in force; swapped whole, never edited in place.
     pub config: ArcSwap<config::Snapshot>,
     pub metrics: metrics::Metrics,
     /// Admission state by (cluster, site) name, kept across reloads.
     pub admission: admission::Registry,
+    /// Where the config comes from, for reloads.
+    pub paths: config::Paths,
+    /// `[server]` as read at start: what the running listeners are.
+    pub started: config::Server,
+    /// Bearer token required by the admin POST endpoints, if set.
+    pub admin_token: Option<String>,
+    /// Outcome of the last reload.
+    pub last_reload: Mutex<Option<reload::LastReload>>,
+    /// Whether the config files are watched for changes.
+    pub watching: AtomicBool,
+    /// Requests per tier, for `/status`.
+    pub tier_stats: stats::TierStats,
+    reload_lock: Mutex<()>,
+    generation: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(mut snapshot: config::Snapshot) -> Shared {
+    pub fn new(
+        mut snapshot: config::Snapshot,
+        paths: config::Paths,
+        admin_token: Option<String>,
+    ) -> Shared {
         let metrics = metrics::Metrics::new();
         let admission = admission::Registry::default();
         snapshot.controllers = admission.sync(&snapshot, &metrics);
         metrics.config_generation.set(1);
         Shared {
+            started: snapshot.server.clone(),
             config: ArcSwap::from_pointee(snapshot),
             metrics,
             admission,
+            paths,
+            admin_token,
+            last_reload: Mutex::new(None),
+            watching: AtomicBool::new(false),
+            tier_stats: stats::TierStats::default(),
+            reload_lock: Mutex::new(()),
+            generation: AtomicU64::new(1),
         }
     }
 
     /// Makes `snapshot` the config in force, with its admission controllers
-    /// (existing ones keep their learned state). Requests in flight finish on
-    /// the snapshot they started with.
-    pub fn install(&self, mut snapshot: config::Snapshot) {
+    /// (existing ones keep their learned state); returns its generation.
+    /// Requests in flight finish on the snapshot they started with.
+    pub fn install(&self, mut snapshot: config::Snapshot) -> u64 {
         snapshot.controllers = self.admission.sync(&snapshot, &self.metrics);
         self.config.store(std::sync::Arc::new(snapshot));
-        self.metrics.config_generation.inc();
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.metrics.config_generation.set(generation as i64);
+        generation
+    }
+
+    /// Generation of the config in force: 1 at start, +1 per reload.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Once a second: per-tier rates for `/status`.
+    pub fn upkeep(&self) {
+        self.tier_stats.sample();
     }
 }

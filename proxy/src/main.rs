@@ -105,7 +105,8 @@ fn main() -> ExitCode {
             log_format,
             upgrade,
         } => {
-            let snapshot = match config::load(&paths(files)) {
+            let paths = paths(files);
+            let snapshot = match config::load(&paths) {
                 Ok(s) => s,
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -120,8 +121,24 @@ fn main() -> ExitCode {
                 "{}",
                 snapshot.summary()
             );
-            let shared = Arc::new(Shared::new(snapshot));
-            server::build(shared, &RunOptions { upgrade }).run_forever()
+            let sighup = match proxy::reload::sighup_flag() {
+                Ok(flag) => flag,
+                Err(e) => {
+                    eprintln!("k2proxy: cannot handle SIGHUP: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let admin_token = std::env::var("K2PROXY_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty());
+            if !snapshot.server.admin.ip().is_loopback() && admin_token.is_none() {
+                tracing::warn!(
+                    admin = %snapshot.server.admin,
+                    "the admin listener is not on loopback and no K2PROXY_ADMIN_TOKEN is set: anyone who reaches it can reload the config"
+                );
+            }
+            let shared = Arc::new(Shared::new(snapshot, paths.clone(), admin_token));
+            server::build(shared, &RunOptions { upgrade, sighup }).run_forever()
         }
     }
 }

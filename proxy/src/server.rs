@@ -9,6 +9,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::gateway::Gateway;
+use crate::reload::ReloadService;
 use crate::Shared;
 
 /// Options of `k2proxy run` that reach pingora.
@@ -16,6 +17,8 @@ use crate::Shared;
 pub struct RunOptions {
     /// Take over the listeners of a running k2proxy (graceful upgrade).
     pub upgrade: bool,
+    /// Set by SIGHUP (registered before the server starts); asks for a reload.
+    pub sighup: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A server ready to `run_forever`.
@@ -41,11 +44,18 @@ pub fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
     for addr in &snap.server.listen {
         proxy.add_tcp(&addr.to_string());
     }
+    let shared_for_reload = shared.clone();
     let mut admin = Service::new("k2proxy admin".to_string(), Admin::new(shared));
     admin.add_tcp(&snap.server.admin.to_string());
     admin.threads = Some(1);
 
+    let reload = pingora::services::background::background_service(
+        "k2proxy reload",
+        ReloadService::new(shared_for_reload, opts.sighup.clone()),
+    );
+
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(reload);
     server
 }

@@ -199,6 +199,8 @@ tier_header_from = [{}]
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// `at_unix_ms` of the last reload a test has seen.
+    reload_mark: std::sync::atomic::AtomicU64,
     child: Child,
     _dir: tempfile::TempDir,
     log: PathBuf,
@@ -213,10 +215,20 @@ impl Proxy {
 
     /// As [`Proxy::start`], with extra arguments to `k2proxy run`.
     pub async fn start_with_args(routes: &str, policy: &str, args: &[&str]) -> Proxy {
+        Proxy::start_with(routes, policy, args, &[]).await
+    }
+
+    /// As [`Proxy::start`], with extra arguments and environment variables.
+    pub async fn start_with(
+        routes: &str,
+        policy: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proxy {
         // A port picked here may be taken before the proxy binds it: retry.
         let mut last = String::new();
         for _ in 0..3 {
-            match Proxy::try_start(routes, policy, args).await {
+            match Proxy::try_start(routes, policy, args, env).await {
                 Ok(p) => return p,
                 Err(e) => last = e,
             }
@@ -224,7 +236,12 @@ impl Proxy {
         panic!("k2proxy did not start: {last}");
     }
 
-    async fn try_start(routes: &str, policy: &str, args: &[&str]) -> Result<Proxy, String> {
+    async fn try_start(
+        routes: &str,
+        policy: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Proxy, String> {
         let dir = tempfile::tempdir().unwrap();
         let (addr, admin) = (free_addr(), free_addr());
         let routes = routes
@@ -239,6 +256,7 @@ impl Proxy {
             .arg(dir.path().join("routes.toml"))
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -246,6 +264,7 @@ impl Proxy {
         let mut proxy = Proxy {
             addr,
             admin,
+            reload_mark: Default::default(),
             child,
             _dir: dir,
             log,
@@ -312,6 +331,60 @@ impl Proxy {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         text
+    }
+
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The directory holding `routes.toml` and `policy.toml`.
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// Replaces a config file atomically (write aside, rename), as editors
+    /// and deploy tools do.
+    pub fn write_file(&self, name: &str, text: &str) {
+        let tmp = self.dir().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir().join(name)).unwrap();
+    }
+
+    /// `GET /status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        let text = client()
+            .get(self.admin_url("/status"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {text}"))
+    }
+
+    /// Waits for a reload attempt (ok or rejected) newer than the last one
+    /// this test saw, and returns `/status` then. Panics after `within`.
+    pub async fn wait_reload(&self, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        let mark = self.reload_mark.load(std::sync::atomic::Ordering::Relaxed);
+        loop {
+            let s = self.status().await;
+            if let Some(at) = s["last_reload"]["at_unix_ms"]
+                .as_u64()
+                .filter(|at| *at > mark)
+            {
+                self.reload_mark
+                    .store(at, std::sync::atomic::Ordering::Relaxed);
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reload within {within:?}: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// What the proxy has logged so far.

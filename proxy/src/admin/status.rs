@@ -1,0 +1,85 @@
+//! The data behind `GET /status` and the status page: config generation and
+//! the last reload, per-tier rates and settings, and per cluster and site
+//! the admission limit, in-flight, queue depth, shed level and backends.
+
+use serde_json::{json, Value};
+
+use crate::Shared;
+
+/// `/status` as JSON.
+pub fn status(shared: &Shared) -> Value {
+    let snap = shared.config.load();
+    let rates = shared.tier_stats.rates(snap.tiers.len());
+    let tiers: Vec<Value> = snap
+        .tiers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let id = crate::classify::TierId(i as u8);
+            json!({
+                "name": t.name,
+                "admitted_per_s": round(rates[i].admitted_per_s),
+                "shed_per_s": round(rates[i].shed_per_s),
+                "max_queue_wait_ms": t.max_queue_wait.as_millis() as u64,
+                "max_share": t.max_share,
+                "never_shed": snap.shedding.never_shed.contains(&id),
+                "force_shed": snap.shedding.force_shed.contains(&id),
+            })
+        })
+        .collect();
+    let clusters: Vec<Value> = snap
+        .clusters
+        .iter()
+        .enumerate()
+        .map(|(ci, c)| {
+            let preferred = c.sites.preferred();
+            let sites: Vec<Value> = c
+                .sites
+                .sites()
+                .iter()
+                .enumerate()
+                .map(|(si, s)| {
+                    let (limit, inflight, queued, level) = snap
+                        .controllers
+                        .get(ci, si)
+                        .map_or((0, 0, 0, 0.0), |ctl| ctl.state());
+                    json!({
+                        "name": s.name,
+                        "role": s.role.as_str(),
+                        "enabled": s.enabled,
+                        "serving": preferred == Some(si),
+                        "limit": limit,
+                        "inflight": inflight,
+                        "queued": queued,
+                        "shed_level": level,
+                        // Active health checks arrive with the failover feature.
+                        "backends": s.backends.iter().map(|b| json!({"addr": b.to_string(), "health": "unchecked"})).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": c.name,
+                "admission": format!("{:?}", snap.admission[ci].mode),
+                "sites": sites,
+            })
+        })
+        .collect();
+    let last = shared
+        .last_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    json!({
+        "generation": shared.generation(),
+        "routes_file": snap.routes_path.display().to_string(),
+        "policy_file": snap.policy_path.display().to_string(),
+        "watching_files": shared.watching.load(std::sync::atomic::Ordering::Acquire),
+        "last_reload": last,
+        "tiers": tiers,
+        "clusters": clusters,
+    })
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
