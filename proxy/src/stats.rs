@@ -14,11 +14,18 @@ pub struct Rates {
     pub shed_per_s: f64,
 }
 
+/// The last sample: when, the counts then, and the rates it computed.
+struct Sample {
+    at: Instant,
+    counts: Vec<(u64, u64)>,
+    rates: Vec<Rates>,
+}
+
 /// Counters by tier index, and the last sampled rates.
 pub struct TierStats {
     admitted: Vec<AtomicU64>,
     shed: Vec<AtomicU64>,
-    last: Mutex<(Instant, Vec<(u64, u64)>, Vec<Rates>)>,
+    last: Mutex<Sample>,
 }
 
 impl Default for TierStats {
@@ -72,6 +79,6 @@ impl TierStats {
     /// The rates of the first `tiers` tiers, as last sampled.
     pub fn rates(&self, tiers: usize) -> Vec<Rates> {
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.2.iter().take(tiers).copied().collect()
+        last.rates.iter().take(tiers).copied().collect()
     }
 }
