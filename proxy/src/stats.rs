@@ -33,11 +33,11 @@ impl Default for TierStats {
         TierStats {
             admitted: (0..MAX_TIERS).map(|_| AtomicU64::new(0)).collect(),
             shed: (0..MAX_TIERS).map(|_| AtomicU64::new(0)).collect(),
-            last: Mutex::new((
-                Instant::now(),
-                vec![(0, 0); MAX_TIERS],
-                vec![Rates::default(); MAX_TIERS],
-            )),
+            last: Mutex::new(Sample {
+                at: Instant::now(),
+                counts: vec![(0, 0); MAX_TIERS],
+                rates: vec![Rates::default(); MAX_TIERS],
+            }),
         }
     }
 }
@@ -60,20 +60,20 @@ impl TierStats {
     /// Computes the rates since the last sample.
     pub fn sample(&self) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+        let dt = last.at.elapsed().as_secs_f64().max(1e-3);
         for t in 0..MAX_TIERS {
             let now = (
                 self.admitted[t].load(Ordering::Relaxed),
                 self.shed[t].load(Ordering::Relaxed),
             );
-            let prev = last.1[t];
-            last.2[t] = Rates {
+            let prev = last.counts[t];
+            last.rates[t] = Rates {
                 admitted_per_s: (now.0 - prev.0) as f64 / dt,
                 shed_per_s: (now.1 - prev.1) as f64 / dt,
             };
-            last.1[t] = now;
+            last.counts[t] = now;
         }
-        last.0 = Instant::now();
+        last.at = Instant::now();
     }
 
     /// The rates of the first `tiers` tiers, as last sampled.
