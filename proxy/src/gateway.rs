@@ -52,6 +52,7 @@ enum Outcome {
     NoRoute,
     Proxied,
     Shed(&'static str),
+    RateLimited,
     Error,
 }
 
@@ -62,6 +63,7 @@ impl Outcome {
             Outcome::NoRoute => "no_route",
             Outcome::Proxied => "proxied",
             Outcome::Shed(_) => "shed",
+            Outcome::RateLimited => "rate_limited",
         }
     }
 }
@@ -153,30 +155,56 @@ async fn respond_json(
         .await
 }
 
+/// Why k2proxy answers a request itself instead of sending it upstream.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Shed(ShedReason),
+    RateLimited { retry_after_s: u64 },
+}
+
 impl Gateway {
     /// Answers a shed request per the wire contract: the tier's status (503
     /// by default), `retry-after`, `x-k2-shed: <reason>` and a JSON body.
     /// Nothing reaches the backend.
     async fn shed(&self, session: &mut Session, ctx: &mut Ctx, reason: ShedReason) -> Result<()> {
-        let snap = ctx.snapshot.as_ref().expect("set before admission");
-        let status = ctx.tier.map_or(503, |t| snap.tier(t).shed_status);
-        let retry_after = snap.shedding.retry_after_s;
-        ctx.outcome = Outcome::Shed(reason.as_str());
+        self.refuse(session, ctx, Refusal::Shed(reason)).await
+    }
+
+    /// Answers a refused request: shed (the tier's status, 503 by default)
+    /// or rate limited (429), with `retry-after`, `x-k2-shed: <reason>` and
+    /// the wire contract's JSON body.
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, refusal: Refusal) -> Result<()> {
+        let snap = ctx.snapshot.as_ref().expect("set before refusing");
+        let (status, reason, retry_after) = match refusal {
+            Refusal::Shed(r) => {
+                ctx.outcome = Outcome::Shed(r.as_str());
+                let status = ctx.tier.map_or(503, |t| snap.tier(t).shed_status);
+                (status, r.as_str(), snap.shedding.retry_after_s)
+            }
+            Refusal::RateLimited { retry_after_s } => {
+                ctx.outcome = Outcome::RateLimited;
+                (429, "rate_limited", retry_after_s)
+            }
+        };
         self.shared
             .metrics
             .shed
-            .with_label_values(&[ctx.tier_name(), reason.as_str()])
+            .with_label_values(&[ctx.tier_name(), reason])
             .inc();
+        let error = match refusal {
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::Shed(_) => "overloaded",
+        };
         let body = serde_json::json!({
-            "error": "overloaded",
+            "error": error,
             "tier": ctx.tier_name(),
-            "reason": reason.as_str(),
+            "reason": reason,
             "retry_after_s": retry_after,
         })
         .to_string();
         let mut extra = vec![
             (http::header::RETRY_AFTER, HeaderValue::from(retry_after)),
-            (X_K2_SHED, HeaderValue::from_static(reason.as_str())),
+            (X_K2_SHED, HeaderValue::from_static(reason)),
         ];
         if let Some(rid) = &ctx.request_id {
             extra.push((X_REQUEST_ID, rid.clone()));
@@ -249,6 +277,29 @@ impl ProxyHttp for Gateway {
                 _ => {}
             }
         }
+        // Rate limits: per route or tier, per client IP or header value.
+        let client = client_ip(session);
+        let wait = snap.limiters.check(
+            route,
+            ctx.tier.expect("set above"),
+            client,
+            &session.req_header().headers,
+        );
+        if let Some(wait) = wait {
+            ctx.snapshot = Some(snap);
+            // Whole seconds, rounded up: a client never comes back too early.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            self.refuse(
+                session,
+                ctx,
+                Refusal::RateLimited {
+                    retry_after_s: secs.max(1),
+                },
+            )
+            .await?;
+            return Ok(true);
+        }
+
         // Admission: a site that can take the request, then a permit there.
         let cluster_id = snap.routes.get(route).expect("classified").cluster;
         let cluster = snap.cluster(cluster_id);
@@ -528,7 +579,9 @@ impl ProxyHttp for Gateway {
             .inc();
         if let Some(t) = ctx.tier {
             match ctx.outcome {
-                Outcome::Shed(_) => self.shared.tier_stats.shed(t.0 as usize),
+                Outcome::Shed(_) | Outcome::RateLimited => {
+                    self.shared.tier_stats.shed(t.0 as usize)
+                }
                 Outcome::Proxied | Outcome::Error if ctx.upstream.is_some() => {
                     self.shared.tier_stats.admitted(t.0 as usize)
                 }
@@ -541,6 +594,7 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let shed = match ctx.outcome {
             Outcome::Shed(r) => Some(r),
+            Outcome::RateLimited => Some("rate_limited"),
             _ => None,
         };
         tracing::info!(

@@ -17,6 +17,7 @@ pub mod admission;
 pub mod classify;
 pub mod config;
 pub mod gateway;
+pub mod limits;
 pub mod metrics;
 pub mod reload;
 pub mod server;
@@ -34,6 +35,8 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// Admission state by (cluster, site) name, kept across reloads.
     pub admission: admission::Registry,
+    /// Rate-limit buckets by rule, kept across reloads.
+    pub limits: limits::Registry,
     /// Where the config comes from, for reloads.
     pub paths: config::Paths,
     /// `[server]` as read at start: what the running listeners are.
@@ -59,12 +62,15 @@ impl Shared {
         let metrics = metrics::Metrics::new();
         let admission = admission::Registry::default();
         snapshot.controllers = admission.sync(&snapshot, &metrics);
+        let limits = limits::Registry::default();
+        snapshot.limiters = limits.sync(&snapshot.rate_limits);
         metrics.config_generation.set(1);
         Shared {
             started: snapshot.server.clone(),
             config: ArcSwap::from_pointee(snapshot),
             metrics,
             admission,
+            limits,
             paths,
             admin_token,
             last_reload: Mutex::new(None),
@@ -80,6 +86,7 @@ impl Shared {
     /// Requests in flight finish on the snapshot they started with.
     pub fn install(&self, mut snapshot: config::Snapshot) -> u64 {
         snapshot.controllers = self.admission.sync(&snapshot, &self.metrics);
+        snapshot.limiters = self.limits.sync(&snapshot.rate_limits);
         self.config.store(std::sync::Arc::new(snapshot));
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.metrics.config_generation.set(generation as i64);
@@ -91,8 +98,9 @@ impl Shared {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Once a second: per-tier rates for `/status`.
+    /// Once a second: per-tier rates for `/status`, idle rate-limit keys out.
     pub fn upkeep(&self) {
         self.tier_stats.sample();
+        self.config.load().limiters.evict_idle();
     }
 }

@@ -86,6 +86,8 @@ pub struct Snapshot {
     /// Admission controllers, `[cluster][site]`; filled by
     /// [`crate::Shared::install`] (they are state, kept across reloads).
     pub controllers: crate::admission::Controllers,
+    /// Rate limiters of `rate_limits`; filled like `controllers`.
+    pub limiters: crate::limits::Limiters,
 }
 
 impl Snapshot {

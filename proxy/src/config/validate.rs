@@ -224,6 +224,7 @@ pub(super) fn snapshot(
         retries,
         trust,
         controllers: Default::default(),
+        limiters: Default::default(),
     })
 }
 

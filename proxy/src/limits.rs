@@ -1,0 +1,215 @@
+//! Rate limits, per `[[rate_limit]]` (governor, GCRA): a rule applies to a
+//! route or a tier and counts per key — the client's IP or a header's value
+//! (a request without that header is not counted by that rule). Over the
+//! limit: 429 with `retry-after` and `x-k2-shed: rate_limited`, before
+//! admission, never sent upstream.
+//!
+//! Memory is bounded: keys idle long enough to be back at a full bucket are
+//! evicted once a second ([`Limiters::evict_idle`]). A rule that a reload
+//! leaves unchanged keeps its buckets ([`Registry`]).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::HeaderMap;
+
+use crate::classify::TierId;
+use crate::config::{RateKey, RateLimit, RateScope};
+
+/// One rule with its buckets.
+pub struct Limiter {
+    rule: RateLimit,
+    buckets: DefaultKeyedRateLimiter<String>,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Limiter({:?}, {} keys)", self.rule, self.buckets.len())
+    }
+}
+
+impl Limiter {
+    fn new(rule: RateLimit) -> Limiter {
+        let per_second = NonZeroU32::new(rule.per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(rule.burst).unwrap_or(per_second);
+        Limiter {
+            buckets: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            rule,
+        }
+    }
+
+    fn applies(&self, route: usize, tier: TierId) -> bool {
+        match self.rule.scope {
+            RateScope::Route(r) => r == route,
+            RateScope::Tier(t) => t == tier,
+        }
+    }
+
+    fn key(&self, client: Option<IpAddr>, headers: &HeaderMap) -> Option<String> {
+        match &self.rule.key {
+            RateKey::ClientIp => client.map(|ip| ip.to_string()),
+            RateKey::Header(name) => headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        }
+    }
+
+    /// `Err(wait)` when `key` is over the limit.
+    fn check(&self, key: &String) -> Result<(), Duration> {
+        self.buckets
+            .check_key(key)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Keys currently held.
+    pub fn keys(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+/// The limiters of one snapshot, in policy order.
+#[derive(Debug, Default, Clone)]
+pub struct Limiters(Vec<Arc<Limiter>>);
+
+impl Limiters {
+    /// `Some(wait)` when a rule that applies refuses the request.
+    pub fn check(
+        &self,
+        route: usize,
+        tier: TierId,
+        client: Option<IpAddr>,
+        headers: &HeaderMap,
+    ) -> Option<Duration> {
+        let mut wait: Option<Duration> = None;
+        for l in self.0.iter().filter(|l| l.applies(route, tier)) {
+            let Some(key) = l.key(client, headers) else {
+                continue;
+            };
+            if let Err(w) = l.check(&key) {
+                wait = Some(wait.map_or(w, |x| x.max(w)));
+            }
+        }
+        wait
+    }
+
+    /// Drops keys whose bucket is full again (idle), and frees their memory.
+    pub fn evict_idle(&self) {
+        for l in &self.0 {
+            l.buckets.retain_recent();
+            l.buckets.shrink_to_fit();
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Limiter>> {
+        self.0.iter()
+    }
+}
+
+/// Limiters by rule, kept across reloads while the rule is unchanged.
+#[derive(Default)]
+pub struct Registry {
+    by_rule: Mutex<HashMap<String, Arc<Limiter>>>,
+}
+
+impl Registry {
+    pub fn sync(&self, rules: &[RateLimit]) -> Limiters {
+        let mut by_rule = self.by_rule.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = HashMap::new();
+        let mut out = Vec::with_capacity(rules.len());
+        for rule in rules {
+            let id = format!("{rule:?}");
+            let l = by_rule
+                .remove(&id)
+                .unwrap_or_else(|| Arc::new(Limiter::new(rule.clone())));
+            next.insert(id, l.clone());
+            out.push(l);
+        }
+        *by_rule = next;
+        Limiters(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn rule(per_second: u32, burst: u32) -> RateLimit {
+        RateLimit {
+            scope: RateScope::Route(0),
+            key: RateKey::Header(http::HeaderName::from_static("x-merchant-id")),
+            per_second,
+            burst,
+        }
+    }
+
+    fn headers(merchant: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-merchant-id", HeaderValue::from_str(merchant).unwrap());
+        h
+    }
+
+    #[test]
+    fn burst_then_refusal_with_a_wait_and_keys_are_separate() {
+        let ls = Registry::default().sync(&[rule(1, 3)]);
+        let a = headers("a");
+        for _ in 0..3 {
+            assert_eq!(ls.check(0, TierId(0), None, &a), None);
+        }
+        let wait = ls.check(0, TierId(0), None, &a).expect("over the burst");
+        assert!(
+            wait > Duration::from_millis(500) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert_eq!(
+            ls.check(0, TierId(0), None, &headers("b")),
+            None,
+            "another key is unaffected"
+        );
+        assert_eq!(
+            ls.check(1, TierId(0), None, &a),
+            None,
+            "another route is unaffected"
+        );
+        assert_eq!(
+            ls.check(0, TierId(0), None, &HeaderMap::new()),
+            None,
+            "no key header: not counted"
+        );
+    }
+
+    #[test]
+    fn idle_keys_are_evicted() {
+        let ls = Registry::default().sync(&[rule(1000, 1)]);
+        for m in 0..100 {
+            ls.check(0, TierId(0), None, &headers(&format!("m{m}")));
+        }
+        assert_eq!(ls.iter().next().unwrap().keys(), 100);
+        std::thread::sleep(Duration::from_millis(20));
+        ls.evict_idle();
+        assert_eq!(ls.iter().next().unwrap().keys(), 0);
+    }
+
+    #[test]
+    fn an_unchanged_rule_keeps_its_buckets_across_a_reload() {
+        let reg = Registry::default();
+        let first = reg.sync(&[rule(1, 1)]);
+        assert_eq!(first.check(0, TierId(0), None, &headers("a")), None);
+        let second = reg.sync(&[rule(1, 1)]);
+        assert!(
+            second.check(0, TierId(0), None, &headers("a")).is_some(),
+            "bucket kept"
+        );
+        let third = reg.sync(&[rule(5, 5)]);
+        assert_eq!(
+            third.check(0, TierId(0), None, &headers("a")),
+            None,
+            "a changed rule starts afresh"
+        );
+    }
+}
