@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 
+use crate::config::AdmissionMode;
 use crate::Shared;
 
 /// `/status` as JSON.
@@ -59,7 +60,11 @@ pub fn status(shared: &Shared) -> Value {
                 .collect();
             json!({
                 "name": c.name,
-                "admission": format!("{:?}", snap.admission[ci].mode),
+                "admission": match snap.admission[ci].mode {
+                    AdmissionMode::Adaptive { min, max, .. } => format!("adaptive {min}..{max}"),
+                    AdmissionMode::Fixed { limit } => format!("fixed {limit}"),
+                    AdmissionMode::Off => "off".to_string(),
+                },
                 "sites": sites,
             })
         })

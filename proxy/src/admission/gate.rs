@@ -58,11 +58,13 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// Tiers the shed level may refuse, lowest first.
+    /// Tiers the shed level may refuse, lowest first: not `never_shed`, and
+    /// not already pinned off by `force_shed` (the level starts at the lowest
+    /// tier still admitted).
     fn sheddable(&self) -> Vec<usize> {
         (0..self.tiers.len())
             .rev()
-            .filter(|&t| !self.tiers[t].never_shed)
+            .filter(|&t| !self.tiers[t].never_shed && !self.tiers[t].force_shed)
             .collect()
     }
 }
@@ -470,13 +472,14 @@ mod tests {
         assert_eq!(g.try_admit(1, now), Decision::Shed(ShedReason::Forced));
         assert_eq!(g.try_admit(0, now), Decision::Admit);
         // Long queueing delays (fresh ones: they began after the last level
-        // change) push the level to its maximum (2 sheddable tiers).
+        // change) push the level to its maximum: 1 tier, customer_service
+        // (merchant is forced off already, purchase never shed).
         let mut t = now + Duration::from_secs(10);
         for _ in 0..2000 {
             t += MS;
             g.note_timeout(t, 40 * MS);
         }
-        assert_eq!(g.shed_level(), 2.0);
+        assert_eq!(g.shed_level(), 1.0);
         assert_eq!(g.try_admit(2, t), Decision::Shed(ShedReason::ShedLevel));
         assert_eq!(
             g.try_admit(0, t),

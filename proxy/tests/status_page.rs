@@ -1,0 +1,170 @@
+//! The live status page in a real browser: headless Chromium loads it from a
+//! k2proxy under overload and the rendered page shows the tiers, the sites
+//! and the shed level. A screenshot is kept in target/test-artifacts/.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use loadtest::openloop::{self, Plan, Target};
+use support::*;
+
+const ROUTES: &str = r#"
+[[routes]]
+name = "checkout"
+match = { path_prefix = "/checkout/" }
+tier = "purchase"
+cluster = "main"
+
+[[routes]]
+name = "cs"
+match = { path_prefix = "/cs/" }
+tier = "customer_service"
+cluster = "main"
+"#;
+
+const POLICY: &str = r#"tiers = ["purchase", "merchant", "admin", "customer_service", "background"]
+
+[shedding]
+never_shed = ["purchase"]
+force_shed = ["background"]
+
+[admission.main]
+mode = "fixed"
+limit = 4
+"#;
+
+fn chromium() -> PathBuf {
+    for p in [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("headless Chromium is needed for this test: `apt-get install chromium` (make test installs it)");
+}
+
+/// Runs headless Chromium on `url` with `extra` arguments; returns stdout.
+fn headless(url: &str, extra: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1280,1100",
+            "--virtual-time-budget=4000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("chromium runs");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_tiers_sites_and_the_shed_level_under_load() {
+    let backend = Backend::start("b").await;
+    let proxy = Proxy::start(&routes_toml(&[backend.addr], ROUTES), POLICY).await;
+    // 4 permits of a 50 ms backend serve 80 req/s; offer 200 of customer
+    // service and 10 of purchases for 12 s, so the shed level rises.
+    let target = |name: &str, path: &str, weight: f64| Target {
+        name: name.into(),
+        url: proxy.url(path).parse().unwrap(),
+        weight,
+        headers: vec![],
+    };
+    let load = tokio::spawn(openloop::run(Plan {
+        targets: vec![
+            target("cs", "/cs/slow/50", 20.0),
+            target("purchase", "/checkout/slow/50", 1.0),
+        ],
+        rate: 210,
+        duration: Duration::from_secs(12),
+        timeout: Duration::from_secs(5),
+        seed: 9,
+    }));
+    // Wait until the overload shows in /status.
+    let mut level = 0.0;
+    for _ in 0..300 {
+        level = proxy.status().await["clusters"][0]["sites"][0]["shed_level"]
+            .as_f64()
+            .unwrap();
+        if level > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(level > 0.0, "the overload raised the shed level");
+
+    let url = proxy.admin_url("/");
+    let dom = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || headless(&url, &["--dump-dom"])
+    })
+    .await
+    .unwrap();
+    // What is rendered, not the page's script (which names states too).
+    let dom = dom[..dom.find("<script").expect("the page has its script")].to_string();
+    for want in [
+        "purchase",
+        "merchant",
+        "admin",
+        "customer_service",
+        "background",
+        "primary-site",
+        "shed level",
+        "forced off",
+        "never shed",
+        "partly shed",
+        "fixed 4",
+    ] {
+        assert!(
+            dom.contains(want),
+            "the page does not show {want:?}:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains("Shedding automatically: customer_service"),
+        "the banner says what is shed:\n{dom}"
+    );
+    assert!(
+        dom.contains("config generation <b id=\"generation\">1</b>"),
+        "generation rendered"
+    );
+
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let png = artifacts.join("status-page.png");
+    let shot = format!("--screenshot={}", png.display());
+    tokio::task::spawn_blocking(move || headless(&url, &[&shot]))
+        .await
+        .unwrap();
+    let bytes = std::fs::read(&png).expect("screenshot written");
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "a real PNG"
+    );
+    println!(
+        "status page screenshot: {}",
+        png.canonicalize().unwrap().display()
+    );
+    load.await.unwrap();
+}
