@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Installing system packages needs root; use sudo when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
+.PHONY: deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
 
 ## deps: install what the build needs when missing (cmake for pingora's C deps).
 deps:
@@ -22,8 +22,13 @@ build: deps
 run: build
 	@scripts/run.sh
 
+## test-deps: what the tests drive besides k2proxy (headless Chromium for the status page).
+test-deps: deps
+	@command -v chromium >/dev/null || { echo "installing chromium (headless, for the status-page test)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
 ## test: formatting, lints, every test, and the repo's own config files.
-test: deps lint
+test: test-deps lint
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml
 	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml --policy policies/holiday-peak.toml

@@ -66,6 +66,13 @@ fn restart_needed(running: &Server, new: &Server) -> Vec<String> {
             running.admin, new.admin
         ));
     }
+    if running.upgrade_sock != new.upgrade_sock {
+        out.push(format!(
+            "[server].upgrade_sock: {} -> {}",
+            running.upgrade_sock.display(),
+            new.upgrade_sock.display()
+        ));
+    }
     if running.threads != new.threads {
         out.push(format!(
             "[server].threads: {} -> {}",
@@ -284,6 +291,7 @@ mod tests {
             listen: vec!["127.0.0.1:1".parse().unwrap()],
             admin: "127.0.0.1:2".parse().unwrap(),
             threads: 2,
+            upgrade_sock: PathBuf::from("/tmp/x.sock"),
         };
         let mut b = a.clone();
         assert!(restart_needed(&a, &b).is_empty());

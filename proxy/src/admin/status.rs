@@ -75,6 +75,7 @@ pub fn status(shared: &Shared) -> Value {
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     json!({
+        "pid": std::process::id(),
         "generation": shared.generation(),
         "routes_file": snap.routes_path.display().to_string(),
         "policy_file": snap.policy_path.display().to_string(),

@@ -135,6 +135,8 @@ pub struct Server {
     pub listen: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub threads: usize,
+    /// Where a graceful upgrade hands the listeners over.
+    pub upgrade_sock: PathBuf,
 }
 
 /// One tier of the policy.

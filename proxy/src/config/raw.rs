@@ -34,6 +34,9 @@ pub struct ServerRaw {
     pub threads: Option<Spanned<i64>>,
     /// Policy file, relative to the directory of `routes.toml`.
     pub policy: Option<Spanned<String>>,
+    /// Unix socket through which a new process (`k2proxy run --upgrade`)
+    /// takes over the listeners; one per instance on a machine.
+    pub upgrade_sock: Option<Spanned<String>>,
 }
 
 /// `[clusters.<name>]`.

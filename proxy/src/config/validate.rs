@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -407,10 +408,23 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
     }
     .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9901)));
     let threads = c.int(raw.threads.as_ref(), "threads", (1, 1024), 2) as usize;
+    let upgrade_sock = match &raw.upgrade_sock {
+        Some(p) if p.get_ref().trim().is_empty() => {
+            c.err(p, "`upgrade_sock` is empty: expected a path for a unix socket");
+            PathBuf::new()
+        }
+        Some(p) => PathBuf::from(p.get_ref()),
+        // One per instance: two k2proxy on one machine must not share it.
+        None => PathBuf::from(format!(
+            "/tmp/k2proxy-{}.upgrade.sock",
+            listen.first().map_or(0, |a| a.port())
+        )),
+    };
     Server {
         listen,
         admin,
         threads,
+        upgrade_sock,
     }
 }
 
