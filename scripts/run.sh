@@ -40,7 +40,7 @@ cat <<MSG
 
   k2proxy is up
     proxy    http://127.0.0.1:8080     try: curl -i localhost:8080/checkout/x
-    admin    http://127.0.0.1:9901/metrics   http://127.0.0.1:9901/healthz
+    admin    http://127.0.0.1:9901/    (live status page)   /status   /metrics   /healthz
     backends skondal (primary) 127.0.0.1:9001 127.0.0.1:9002, verizon (secondary) 127.0.0.1:9101
   Ctrl-C stops everything.
 
