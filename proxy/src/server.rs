@@ -29,7 +29,12 @@ pub fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
     // A stopping k2proxy finishes in-flight checkouts, but not forever.
     conf.grace_period_seconds = Some(5);
     conf.upgrade_sock = snap.server.upgrade_sock.display().to_string();
-    conf.pid_file = snap.server.upgrade_sock.with_extension("pid").display().to_string();
+    conf.pid_file = snap
+        .server
+        .upgrade_sock
+        .with_extension("pid")
+        .display()
+        .to_string();
     conf.graceful_shutdown_timeout_seconds = Some(10);
     let opt = Opt {
         upgrade: opts.upgrade,

@@ -28,7 +28,11 @@ impl Drop for Killed {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "kill {sig} {pid}");
 }
 
@@ -82,7 +86,8 @@ async fn an_upgrade_hands_over_the_listeners_without_failing_a_request() {
             None => None,
         };
         let old_gone = !std::path::Path::new(&format!("/proc/{old_pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{old_pid}/stat")).is_ok_and(|s| s.contains(") Z "));
+            || std::fs::read_to_string(format!("/proc/{old_pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "));
         if pid == Some(u64::from(new_pid)) && old_gone {
             break;
         }
@@ -96,8 +101,17 @@ async fn an_upgrade_hands_over_the_listeners_without_failing_a_request() {
 
     let report = load.await.unwrap();
     let t = &report.targets[0];
-    assert_eq!(t.outcomes.ok, t.sent, "no request failed during the upgrade:\n{}", report.summary());
-    let r = client().get(old.url("/checkout/after")).send().await.unwrap();
+    assert_eq!(
+        t.outcomes.ok,
+        t.sent,
+        "no request failed during the upgrade:\n{}",
+        report.summary()
+    );
+    let r = client()
+        .get(old.url("/checkout/after"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "the new process serves the old address");
 }
 

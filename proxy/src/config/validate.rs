@@ -410,7 +410,10 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
     let threads = c.int(raw.threads.as_ref(), "threads", (1, 1024), 2) as usize;
     let upgrade_sock = match &raw.upgrade_sock {
         Some(p) if p.get_ref().trim().is_empty() => {
-            c.err(p, "`upgrade_sock` is empty: expected a path for a unix socket");
+            c.err(
+                p,
+                "`upgrade_sock` is empty: expected a path for a unix socket",
+            );
             PathBuf::new()
         }
         Some(p) => PathBuf::from(p.get_ref()),
