@@ -6,16 +6,20 @@ use std::time::{Duration, Instant};
 use loadtest::openloop::{self, Plan, Target};
 use loadtest::sim::{self, SimConfig};
 
+/// Starts a simulator that serves until the test's runtime ends.
 async fn start_sim(workers: usize, service_time: Duration) -> SocketAddr {
     let config = SimConfig {
         name: "test-sim".into(),
         workers,
         service_time,
     };
-    sim::start(config, "127.0.0.1:0".parse().unwrap())
+    let handle = sim::start(config, "127.0.0.1:0".parse().unwrap())
         .await
-        .unwrap()
-        .0
+        .unwrap();
+    let addr = handle.addr;
+    // Dropping the handle would stop it; the runtime's end stops it instead.
+    std::mem::forget(handle);
+    addr
 }
 
 fn client() -> reqwest::Client {

@@ -48,6 +48,7 @@ pub fn table_50() -> RouteTable {
             tier: TierId((i % 5) as u8),
             cluster: ClusterId(0),
             timeout: Duration::from_secs(10),
+            retry_with_idempotency_key: false,
         });
     }
     RouteTable::new(routes)

@@ -27,6 +27,8 @@ pub struct Route {
     pub cluster: ClusterId,
     /// Time allowed for the backend's response once the request was sent.
     pub timeout: Duration,
+    /// A request with the idempotency header may be retried after sending.
+    pub retry_with_idempotency_key: bool,
 }
 
 /// Host pattern: exact, or `*.suffix` for any subdomain.
@@ -195,6 +197,7 @@ mod tests {
             tier: TierId(0),
             cluster: ClusterId(0),
             timeout: Duration::from_secs(1),
+            retry_with_idempotency_key: false,
         }
     }
 

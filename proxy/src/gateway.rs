@@ -85,10 +85,41 @@ pub struct Ctx {
     permit: Option<Permit>,
     /// When the request was sent upstream, for the latency sample.
     upstream_sent: Option<Instant>,
+    /// Backends this request was sent or tried to be sent to.
+    tried: Vec<SocketAddr>,
+    /// Sites whose backends were all tried.
+    tried_sites: Vec<usize>,
+    /// Counts the request at its backend (least-in-flight balancing).
+    backend_guard: Option<failover::InflightGuard>,
+    /// Admitted on another site's spare capacity.
+    spilled: bool,
     outcome: Outcome,
 }
 
 impl Ctx {
+    /// Whether a retry has somewhere to go: an untried backend in this site
+    /// or another site that can take it.
+    fn alternative(&self, now: Instant) -> bool {
+        let (Some(cluster), Some(site)) = (self.cluster(), self.site) else {
+            return false;
+        };
+        if cluster.sites.backend_in(site, now, &self.tried).is_some() {
+            return true;
+        }
+        let mut exclude = self.tried_sites.clone();
+        exclude.push(site);
+        cluster
+            .sites
+            .choose_site(now, &exclude)
+            .is_some_and(|other| cluster.sites.backend_in(other, now, &self.tried).is_some())
+    }
+
+    /// The cluster of the request's route.
+    fn cluster(&self) -> Option<&crate::config::Cluster> {
+        let snap = self.snapshot.as_ref()?;
+        Some(snap.cluster(snap.routes.get(self.route?)?.cluster))
+    }
+
     fn route_name(&self) -> &str {
         match (&self.snapshot, self.route) {
             (Some(s), Some(i)) => s.routes.get(i).map_or("none", |r| r.name.as_str()),
@@ -163,6 +194,18 @@ enum Refusal {
 }
 
 impl Gateway {
+    /// Tells the cluster how the request fared at its backend (passive
+    /// health); an ejection is logged.
+    fn passive(&self, ctx: &Ctx, ok: bool, now: Instant) {
+        let (Some(cluster), Some(site), Some(backend)) = (ctx.cluster(), ctx.site, ctx.upstream)
+        else {
+            return;
+        };
+        if cluster.sites.report(site, backend, ok, now) {
+            tracing::warn!(cluster = %cluster.name, site = ctx.site_name(), %backend, "backend ejected after consecutive failures");
+        }
+    }
+
     /// Answers a shed request per the wire contract: the tier's status (503
     /// by default), `retry-after`, `x-k2-shed: <reason>` and a JSON body.
     /// Nothing reaches the backend.
@@ -230,6 +273,10 @@ impl ProxyHttp for Gateway {
             connect_failures: 0,
             permit: None,
             upstream_sent: None,
+            tried: Vec::new(),
+            tried_sites: Vec::new(),
+            backend_guard: None,
+            spilled: false,
             outcome: Outcome::Pending,
         }
     }
@@ -300,19 +347,27 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
-        // Admission: a site that can take the request, then a permit there.
+        // A site that can take the request (health, failover), then a
+        // permit there; a tier that may spill tries the next site's spare
+        // capacity before it queues.
         let cluster_id = snap.routes.get(route).expect("classified").cluster;
+        let ci = cluster_id.0 as usize;
         let cluster = snap.cluster(cluster_id);
         let tier = ctx.tier.expect("set above");
-        let admission_off = snap.admission[cluster_id.0 as usize].mode == AdmissionMode::Off;
-        let controller = cluster.sites.preferred().and_then(|site| {
-            Some((
-                site,
-                snap.controllers.get(cluster_id.0 as usize, site)?.clone(),
-            ))
-        });
+        let now = Instant::now();
+        cluster.budget.request(now);
+        let admission_off = snap.admission[ci].mode == AdmissionMode::Off;
+        let preferred = cluster.sites.choose_site(now, &[]);
+        let controller_at = |site: usize| Some((site, snap.controllers.get(ci, site)?.clone()));
+        let pick = preferred.and_then(controller_at);
+        let spill_to = match preferred {
+            Some(p) if snap.tier(tier).spill => {
+                cluster.sites.choose_site(now, &[p]).and_then(controller_at)
+            }
+            _ => None,
+        };
         ctx.snapshot = Some(snap);
-        let Some((site, controller)) = controller else {
+        let Some((site, controller)) = pick else {
             self.shed(session, ctx, ShedReason::NoHealthySite).await?;
             return Ok(true);
         };
@@ -322,6 +377,21 @@ impl ProxyHttp for Gateway {
         }
         let m = &self.shared.metrics;
         let tier_name = ctx.tier_name().to_string();
+        if let Some((other, other_controller)) = spill_to {
+            let here = controller.try_acquire(tier.0 as usize);
+            let permit = match here {
+                Some(p) => Some(p),
+                None => other_controller.try_acquire(tier.0 as usize).inspect(|_| {
+                    ctx.site = Some(other);
+                    ctx.spilled = true;
+                }),
+            };
+            if let Some(permit) = permit {
+                m.queue_wait.with_label_values(&[&tier_name]).observe(0.0);
+                ctx.permit = Some(permit);
+                return Ok(false);
+            }
+        }
         match controller.acquire(tier.0 as usize).await {
             Ok(permit) => {
                 m.queue_wait
@@ -349,7 +419,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let (Some(snap), Some(route)) = (&ctx.snapshot, ctx.route) else {
+        let (Some(snap), Some(route), Some(mut site)) = (ctx.snapshot.clone(), ctx.route, ctx.site)
+        else {
             return Error::e_explain(
                 ErrorType::InternalError,
                 "upstream_peer before classification",
@@ -360,17 +431,28 @@ impl ProxyHttp for Gateway {
             .get(route)
             .expect("route index from this snapshot");
         let cluster = snap.cluster(route.cluster);
-        let backend = ctx.site.and_then(|site| cluster.sites.backend_in(site));
+        let now = Instant::now();
+        // A retry goes to a backend not tried yet: in this site, then in the
+        // next site that can take it (failover within the request).
+        let mut backend = cluster.sites.backend_in(site, now, &ctx.tried);
+        while backend.is_none() {
+            ctx.tried_sites.push(site);
+            let Some(next) = cluster.sites.choose_site(now, &ctx.tried_sites) else {
+                break;
+            };
+            site = next;
+            backend = cluster.sites.backend_in(site, now, &ctx.tried);
+        }
         let Some(backend) = backend else {
             return Error::e_explain(
-                ErrorType::InternalError,
-                format!(
-                    "cluster {} has no backend in the admitted site",
-                    cluster.name
-                ),
+                ErrorType::ConnectNoRoute,
+                format!("cluster {}: no backend left to try", cluster.name),
             );
         };
+        ctx.site = Some(site);
         ctx.upstream = Some(backend);
+        ctx.tried.push(backend);
+        ctx.backend_guard = cluster.sites.begin(site, backend);
         let mut peer = HttpPeer::new(backend, false, String::new());
         peer.options.connection_timeout = Some(cluster.connect_timeout);
         peer.options.read_timeout = Some(route.timeout);
@@ -429,6 +511,8 @@ impl ProxyHttp for Gateway {
             if let Some(p) = ctx.permit.as_mut() {
                 p.record(sample);
             }
+            // Passive health: a 5xx counts against the backend.
+            self.passive(ctx, status < 500, Instant::now());
         }
         Ok(())
     }
@@ -446,10 +530,8 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// A failed connect sent nothing, so any method may try the next backend
-    /// of the site, once per backend. Errors after a connection was made go
-    /// through pingora's `error_while_proxy`, which never retries a
-    /// non-idempotent request.
+    /// A failed connect sent nothing: any method may go to another backend
+    /// (then another site), within the retry budget.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -458,18 +540,80 @@ impl ProxyHttp for Gateway {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.connect_failures += 1;
-        if let (Some(snap), Some(r), Some(site)) = (&ctx.snapshot, ctx.route, ctx.site) {
-            let cluster = snap.cluster(snap.routes.get(r).expect("route").cluster);
+        let now = Instant::now();
+        if let Some(cluster) = ctx.cluster() {
+            self.passive(ctx, false, now);
             self.shared
                 .metrics
                 .upstream_errors
                 .with_label_values(&[cluster.name.as_str(), ctx.site_name(), "connect"])
                 .inc();
-            let backends = cluster.sites.sites()[site].backends.len();
-            if ctx.connect_failures < backends {
-                e.set_retry(true);
+            let retry = ctx.alternative(now) && cluster.budget.try_retry(now);
+            if retry {
+                self.shared
+                    .metrics
+                    .retries
+                    .with_label_values(&[cluster.name.as_str(), "connect"])
+                    .inc();
             }
+            e.set_retry(retry);
         }
+        e
+    }
+
+    /// An error once a connection was made: bytes may have reached the
+    /// backend, so only an idempotent method, or a request carrying the
+    /// idempotency header on a route that allows it, is retried — never once
+    /// the response began, never past the budget. A purchase (POST) without
+    /// a key is never sent twice. (This replaces pingora's default, which
+    /// also retries idempotent requests on reused connections.)
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let now = Instant::now();
+        self.passive(ctx, false, now);
+        let Some(cluster) = ctx.cluster() else {
+            e.set_retry(false);
+            return e;
+        };
+        let snap = ctx.snapshot.as_ref().expect("cluster implies snapshot");
+        let route = ctx.route.and_then(|r| snap.routes.get(r));
+        let req = session.req_header();
+        let reason = if req.method.is_idempotent() {
+            Some("idempotent")
+        } else if route.is_some_and(|r| r.retry_with_idempotency_key)
+            && req.headers.contains_key(&snap.retries.idempotency_header)
+        {
+            Some("idempotency_key")
+        } else {
+            None
+        };
+        let response_began = ctx.upstream_status.is_some() || session.response_written().is_some();
+        // A slow backend is not helped by a second request: no retry on timeouts.
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        let safe = reason.is_some()
+            && !response_began
+            && !timed_out
+            && !session.as_ref().retry_buffer_truncated()
+            && ctx.alternative(now);
+        let retry = safe && cluster.budget.try_retry(now);
+        if let (true, Some(reason)) = (retry, reason) {
+            self.shared
+                .metrics
+                .retries
+                .with_label_values(&[cluster.name.as_str(), reason])
+                .inc();
+        }
+        e.set_retry(retry);
         e
     }
 

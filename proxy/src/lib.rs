@@ -17,6 +17,7 @@ pub mod admission;
 pub mod classify;
 pub mod config;
 pub mod gateway;
+pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod reload;
@@ -85,6 +86,12 @@ impl Shared {
     /// (existing ones keep their learned state); returns its generation.
     /// Requests in flight finish on the snapshot they started with.
     pub fn install(&self, mut snapshot: config::Snapshot) -> u64 {
+        let old = self.config.load();
+        for cluster in &snapshot.clusters {
+            if let Some(prev) = old.clusters.iter().find(|c| c.name == cluster.name) {
+                cluster.sites.adopt(&prev.sites);
+            }
+        }
         snapshot.controllers = self.admission.sync(&snapshot, &self.metrics);
         snapshot.limiters = self.limits.sync(&snapshot.rate_limits);
         self.config.store(std::sync::Arc::new(snapshot));

@@ -36,6 +36,14 @@ pub struct Metrics {
     pub queue_wait: HistogramVec,
     /// `k2_shed_total{tier,reason}`.
     pub shed: IntCounterVec,
+    /// `k2_backend_up{cluster,site,backend}`: 1 when the backend takes requests.
+    pub backend_up: IntGaugeVec,
+    /// `k2_site_up{cluster,site}`: 1 when a backend of the site takes requests.
+    pub site_up: IntGaugeVec,
+    /// `k2_failovers_total{cluster,from,to}`: changes of the serving site.
+    pub failovers: IntCounterVec,
+    /// `k2_retries_total{cluster,reason}`: connect, idempotent, idempotency_key.
+    pub retries: IntCounterVec,
 }
 
 impl Metrics {
@@ -122,6 +130,26 @@ impl Metrics {
             &["tier", "reason"],
         )
         .expect("static metric definition");
+        let backend_up = gauge(
+            "k2_backend_up",
+            "1 when the backend takes new requests (checks up or not yet checked, not ejected, not drained).",
+            &["cluster", "site", "backend"],
+        );
+        let site_up = gauge(
+            "k2_site_up",
+            "1 when a backend of the site takes new requests.",
+            &["cluster", "site"],
+        );
+        let failovers = IntCounterVec::new(
+            Opts::new("k2_failovers_total", "Changes of a cluster's serving site."),
+            &["cluster", "from", "to"],
+        )
+        .expect("static metric definition");
+        let retries = IntCounterVec::new(
+            Opts::new("k2_retries_total", "Requests sent again, by cluster and reason (connect, idempotent, idempotency_key)."),
+            &["cluster", "reason"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -134,6 +162,10 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(queue_wait.clone()),
             Box::new(shed.clone()),
+            Box::new(backend_up.clone()),
+            Box::new(site_up.clone()),
+            Box::new(failovers.clone()),
+            Box::new(retries.clone()),
         ] {
             registry
                 .register(c)
@@ -152,6 +184,10 @@ impl Metrics {
             queue_depth,
             queue_wait,
             shed,
+            backend_up,
+            site_up,
+            failovers,
+            retries,
         }
     }
 

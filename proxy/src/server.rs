@@ -52,6 +52,10 @@ pub fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
         proxy.add_tcp(&addr.to_string());
     }
     let shared_for_reload = shared.clone();
+    let health = pingora::services::background::background_service(
+        "k2proxy health",
+        crate::health::HealthService::new(shared.clone()),
+    );
     let mut admin = Service::new("k2proxy admin".to_string(), Admin::new(shared));
     admin.add_tcp(&snap.server.admin.to_string());
     admin.threads = Some(1);
@@ -64,5 +68,6 @@ pub fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(reload);
+    server.add_service(health);
     server
 }

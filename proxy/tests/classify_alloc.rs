@@ -36,6 +36,7 @@ fn classify_does_not_allocate() {
         tier: TierId(0),
         cluster: ClusterId(0),
         timeout: Duration::from_secs(1),
+        retry_with_idempotency_key: false,
     };
     let table = RouteTable::new(vec![
         route(

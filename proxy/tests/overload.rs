@@ -68,9 +68,10 @@ async fn purchases_keep_flowing_at_three_times_capacity() {
         workers: WORKERS,
         service_time: SERVICE,
     };
-    let (backend, _sim) = sim::start(config, "127.0.0.1:0".parse().unwrap())
+    let sim = sim::start(config, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
+    let backend = sim.addr;
     let policy_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml");
     let policy = std::fs::read_to_string(policy_path).unwrap();
     let proxy = Proxy::start(&routes(backend), &policy).await;

@@ -37,12 +37,9 @@ async fn main() {
     };
     let name = config.name.clone();
     match sim::start(config, args.listen).await {
-        Ok((addr, task)) => {
-            println!("legacy-sim {name} listening on http://{addr}");
-            tokio::select! {
-                _ = task => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+        Ok(handle) => {
+            println!("legacy-sim {name} listening on http://{}", handle.addr);
+            let _ = tokio::signal::ctrl_c().await;
         }
         Err(e) => {
             eprintln!("legacy-sim: cannot listen on {}: {e}", args.listen);

@@ -33,7 +33,9 @@ pub fn status(shared: &Shared) -> Value {
         .iter()
         .enumerate()
         .map(|(ci, c)| {
-            let preferred = c.sites.preferred();
+            let now = std::time::Instant::now();
+            let serving = c.sites.serving(now);
+            let view = c.sites.view(now);
             let sites: Vec<Value> = c
                 .sites
                 .sites()
@@ -48,13 +50,18 @@ pub fn status(shared: &Shared) -> Value {
                         "name": s.name,
                         "role": s.role.as_str(),
                         "enabled": s.enabled,
-                        "serving": preferred == Some(si),
+                        "serving": serving == Some(si),
+                        "up": c.sites.site_is_up(si, now),
                         "limit": limit,
                         "inflight": inflight,
                         "queued": queued,
                         "shed_level": level,
-                        // Active health checks arrive with the failover feature.
-                        "backends": s.backends.iter().map(|b| json!({"addr": b.to_string(), "health": "unchecked"})).collect::<Vec<_>>(),
+                        "backends": view[si].iter().map(|b| json!({
+                            "addr": b.addr.to_string(),
+                            "health": if b.drained { "drained" } else if b.ejected { "ejected" } else { b.active.as_str() },
+                            "usable": b.usable,
+                            "inflight": b.inflight,
+                        })).collect::<Vec<_>>(),
                     })
                 })
                 .collect();

@@ -112,6 +112,15 @@ impl Controller {
         (g.limit(), g.inflight(), g.queued(), g.shed_level())
     }
 
+    /// A permit for `tier` only if one is free right now (spill): never
+    /// queues, never sheds.
+    pub fn try_acquire(self: &Arc<Self>, tier: usize) -> Option<Permit> {
+        let mut g = self.lock();
+        let admitted = g.try_admit(tier, now()) == Decision::Admit;
+        self.settle(&mut g);
+        admitted.then(|| Permit::new(self.clone(), tier, Duration::ZERO))
+    }
+
     /// Waits for a permit for `tier`, or says why the request is shed. Ends
     /// by the tier's `max_queue_wait` at the latest.
     pub async fn acquire(self: &Arc<Self>, tier: usize) -> Result<Permit, ShedReason> {

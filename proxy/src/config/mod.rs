@@ -147,6 +147,8 @@ pub struct Tier {
     /// In (0, 1].
     pub max_share: f64,
     pub shed_status: u16,
+    /// May use another site's spare capacity.
+    pub spill: bool,
 }
 
 /// `failover = …`.
@@ -181,8 +183,10 @@ pub struct Cluster {
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub health: HealthCheck,
-    /// The sites and the backend choice.
+    /// The sites, their health and the backend choice.
     pub sites: Arc<failover::Cluster>,
+    /// The retry budget (policy `[retries].budget`).
+    pub budget: Arc<failover::RetryBudget>,
 }
 
 /// `[shedding]`.

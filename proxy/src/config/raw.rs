@@ -49,6 +49,8 @@ pub struct ClusterRaw {
     pub connect_timeout: Option<Spanned<String>>,
     /// Active health check of every backend.
     pub health: Option<HealthRaw>,
+    /// Passive outlier detection.
+    pub outlier: Option<OutlierRaw>,
     /// How a backend is picked inside a site: `round-robin` or `least-inflight`.
     pub balance: Option<Spanned<String>>,
     /// The sites of the cluster, at least one.
@@ -83,8 +85,69 @@ pub struct SiteRaw {
     pub weight: Option<Spanned<i64>>,
     /// `false` drains the site: no new requests go there.
     pub enabled: Option<bool>,
-    /// Backends, `ip:port`, at least one.
-    pub backends: Spanned<Vec<Spanned<String>>>,
+    /// Backends, `ip:port` or `{ addr = "ip:port", enabled = false }`; at least one.
+    pub backends: Spanned<Vec<Spanned<BackendRaw>>>,
+}
+
+/// One backend: `"ip:port"`, or `{ addr = "ip:port", enabled = false }` to
+/// drain it (no new requests, in-flight ones finish).
+#[derive(Debug)]
+pub struct BackendRaw {
+    pub addr: String,
+    pub enabled: bool,
+}
+
+impl<'de> Deserialize<'de> for BackendRaw {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = BackendRaw;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"ip:port\" or { addr = \"ip:port\", enabled = false }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<BackendRaw, E> {
+                Ok(BackendRaw {
+                    addr: v.to_string(),
+                    enabled: true,
+                })
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<BackendRaw, M::Error> {
+                let (mut addr, mut enabled) = (None, true);
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "addr" => addr = Some(map.next_value::<String>()?),
+                        "enabled" => enabled = map.next_value::<bool>()?,
+                        other => {
+                            return Err(serde::de::Error::unknown_field(
+                                other,
+                                &["addr", "enabled"],
+                            ))
+                        }
+                    }
+                }
+                let addr = addr.ok_or_else(|| serde::de::Error::missing_field("addr"))?;
+                Ok(BackendRaw { addr, enabled })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// `outlier = { … }` inside a cluster: passive outlier detection.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierRaw {
+    /// Failed requests in a row (connect failure, timeout, 5xx) that eject a backend.
+    pub consecutive_failures: Option<Spanned<i64>>,
+    /// First ejection time; doubles on each repeat.
+    pub base_ejection: Option<Spanned<String>>,
+    /// Longest ejection.
+    pub max_ejection: Option<Spanned<String>>,
+    /// Largest share of a site's backends ejected at once, in (0, 1].
+    pub max_ejected_share: Option<Spanned<f64>>,
 }
 
 /// `[[routes]]`.
@@ -102,6 +165,9 @@ pub struct RouteRaw {
     pub cluster: Spanned<String>,
     /// Time allowed for the backend's response once the request was sent.
     pub timeout: Option<Spanned<String>>,
+    /// Whether a non-idempotent request carrying the policy's idempotency
+    /// header may be retried after it reached a backend.
+    pub retry_with_idempotency_key: Option<bool>,
 }
 
 /// `match = { … }`.
@@ -163,6 +229,8 @@ pub struct TierRaw {
     pub max_share: Option<Spanned<f64>>,
     /// Status code of this tier's shed responses (default 503).
     pub shed_status: Option<Spanned<i64>>,
+    /// May use another site's spare capacity before queueing at its own.
+    pub spill: Option<bool>,
 }
 
 /// `[shedding]`.

@@ -95,7 +95,7 @@ fn unknown_field_is_an_error_with_its_location() {
     let e = only_error(&routes, POLICY);
     assert_eq!(
         headline(&e),
-        "routes.toml:24:1: error: unknown field `retries`, expected one of `name`, `match`, `tier`, `cluster`, `timeout`"
+        "routes.toml:24:1: error: unknown field `retries`, expected one of `name`, `match`, `tier`, `cluster`, `timeout`, `retry_with_idempotency_key`"
     );
 }
 
@@ -204,6 +204,27 @@ fn bad_backend_address_says_ip_port() {
         headline(&e).ends_with("invalid backend address \"backend-2\": expected ip:port, like \"127.0.0.1:9001\" or \"[::1]:9001\""),
         "{e}"
     );
+}
+
+#[test]
+fn a_backend_table_drains_it_and_a_bad_one_says_what_is_expected() {
+    let routes = ROUTES.replace(
+        "\"127.0.0.1:9002\"]",
+        "{ addr = \"127.0.0.1:9002\", enabled = false }]",
+    );
+    let s = load(&routes, POLICY).expect("valid");
+    assert_eq!(
+        s.clusters[0].sites.sites()[0].drained,
+        ["127.0.0.1:9002".parse().unwrap()]
+    );
+    let routes = ROUTES.replace("\"127.0.0.1:9002\"]", "{ address = \"127.0.0.1:9002\" }]");
+    let e = only_error(&routes, POLICY);
+    assert!(
+        e.message
+            .contains("unknown field `address`, expected `addr` or `enabled`"),
+        "{e}"
+    );
+    assert_eq!(e.line, 11);
 }
 
 #[test]

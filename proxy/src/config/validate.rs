@@ -181,7 +181,7 @@ pub(super) fn snapshot(
         errors: &mut errors,
     };
     let server = server(&mut rc, &routes.server);
-    let clusters = clusters(&mut rc, &routes.clusters);
+    let clusters = clusters(&mut rc, &routes.clusters, retries.budget);
     let cluster_ids: HashMap<&str, ClusterId> = routes
         .clusters
         .keys()
@@ -281,6 +281,7 @@ fn tiers(c: &mut Check<'_>, policy: &raw::PolicyFile, names: &TierNames) -> Vec<
                 max_queue_wait: Duration::from_millis(500),
                 max_share: 1.0,
                 shed_status: 503,
+                spill: false,
             })
             .collect()
     };
@@ -296,6 +297,7 @@ fn tiers(c: &mut Check<'_>, policy: &raw::PolicyFile, names: &TierNames) -> Vec<
         );
         tier.max_share = c.share(t.max_share.as_ref(), "max_share", false, 1.0);
         tier.shed_status = c.int(t.shed_status.as_ref(), "shed_status", (400, 599), 503) as u16;
+        tier.spill = t.spill.unwrap_or(false);
     }
     tiers
 }
@@ -434,6 +436,7 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
 fn clusters(
     c: &mut Check<'_>,
     raw: &std::collections::BTreeMap<Spanned<String>, raw::ClusterRaw>,
+    retry_budget: f64,
 ) -> Vec<Cluster> {
     let mut out = Vec::new();
     for (name, cl) in raw {
@@ -464,17 +467,66 @@ fn clusters(
             Duration::from_millis(500),
         );
         let health = health(c, cl.health.as_ref());
+        let outlier = outlier(c, cl.outlier.as_ref());
         let sites = sites(c, name, cl, failover);
+        let settings = failover::Settings {
+            mode: match failover {
+                FailoverMode::ActivePassive => failover::Mode::ActivePassive,
+                FailoverMode::ActiveActive => failover::Mode::ActiveActive,
+            },
+            balance: match balance {
+                Balance::RoundRobin => failover::Balance::RoundRobin,
+                Balance::LeastInflight => failover::Balance::LeastInflight,
+            },
+            thresholds: failover::Thresholds {
+                rise: health.rise,
+                fall: health.fall,
+            },
+            outlier,
+        };
         out.push(Cluster {
             name: name.get_ref().clone(),
             failover,
             balance,
             connect_timeout,
             health,
-            sites: Arc::new(failover::Cluster::new(name.get_ref().clone(), sites)),
+            sites: Arc::new(failover::Cluster::with_settings(
+                name.get_ref().clone(),
+                sites,
+                settings,
+            )),
+            budget: Arc::new(failover::RetryBudget::new(
+                retry_budget,
+                std::time::Instant::now(),
+            )),
         });
     }
     out
+}
+
+fn outlier(c: &mut Check<'_>, raw: Option<&raw::OutlierRaw>) -> failover::Outlier {
+    let mut o = failover::Outlier::default();
+    let Some(raw) = raw else { return o };
+    o.consecutive = c.int(
+        raw.consecutive_failures.as_ref(),
+        "consecutive_failures",
+        (1, 1000),
+        o.consecutive,
+    );
+    o.base = c.duration(raw.base_ejection.as_ref(), "base_ejection", o.base);
+    o.max = c.duration(raw.max_ejection.as_ref(), "max_ejection", o.max);
+    o.max_share = c.share(
+        raw.max_ejected_share.as_ref(),
+        "max_ejected_share",
+        false,
+        o.max_share,
+    );
+    if o.max < o.base {
+        if let Some(m) = &raw.max_ejection {
+            c.err(m, "`max_ejection` is shorter than `base_ejection`");
+        }
+    }
+    o
 }
 
 fn health(c: &mut Check<'_>, raw: Option<&raw::HealthRaw>) -> HealthCheck {
@@ -559,15 +611,21 @@ fn sites(
             );
         }
         let mut backends = Vec::new();
+        let mut drained = Vec::new();
         for b in s.backends.get_ref() {
-            if let Some(a) = c.addr(b, "backend") {
+            let spanned = Spanned::new(b.span(), b.get_ref().addr.clone());
+            let (spanned, enabled) = (&spanned, b.get_ref().enabled);
+            if let Some(a) = c.addr(spanned, "backend") {
                 if !seen_backends.insert(a) {
                     c.err(
-                        b,
+                        spanned,
                         format!("duplicate backend {a} in cluster {:?}", cluster.get_ref()),
                     );
                 }
                 backends.push(a);
+                if !enabled {
+                    drained.push(a);
+                }
             }
         }
         out.push(failover::Site {
@@ -576,6 +634,7 @@ fn sites(
             weight,
             enabled: s.enabled.unwrap_or(true),
             backends,
+            drained,
         });
     }
     if mode == FailoverMode::ActivePassive
@@ -632,6 +691,7 @@ fn route_list(
                 tier,
                 cluster,
                 timeout,
+                retry_with_idempotency_key: r.retry_with_idempotency_key.unwrap_or(false),
             });
         }
     }

@@ -126,9 +126,20 @@ impl Backend {
         Response::new(Full::new(Bytes::from(format!("backend {name}"))).boxed())
     }
 
-    /// Every request this backend has seen so far.
+    /// Every client request this backend has seen so far (k2proxy's own
+    /// health probes left out).
     pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s.headers
+                    .get("user-agent")
+                    .is_none_or(|ua| ua != "k2proxy-health")
+            })
+            .cloned()
+            .collect()
     }
 }
 
