@@ -418,7 +418,7 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let (Some(snap), Some(route), Some(mut site)) = (ctx.snapshot.clone(), ctx.route, ctx.site)
         else {
             return Error::e_explain(
@@ -454,6 +454,15 @@ impl ProxyHttp for Gateway {
         ctx.tried.push(backend);
         ctx.backend_guard = cluster.sites.begin(site, backend);
         let mut peer = HttpPeer::new(backend, false, String::new());
+        if !session.req_header().method.is_idempotent() {
+            // Never on a pooled connection: a backend that died (or closed
+            // the idle connection) as a purchase was written cannot tell us
+            // whether it read it, so it could not be retried. On a fresh
+            // connection a dead backend is a refused connect: nothing sent,
+            // safe to retry elsewhere. Closed 1 ms after use, not pooled.
+            peer.group_key = fastrand::u64(..);
+            peer.options.idle_timeout = Some(Duration::from_millis(1));
+        }
         peer.options.connection_timeout = Some(cluster.connect_timeout);
         peer.options.read_timeout = Some(route.timeout);
         peer.options.write_timeout = Some(route.timeout);
