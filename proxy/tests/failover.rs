@@ -393,3 +393,56 @@ async fn f_spill_uses_the_idle_secondary_when_the_primary_is_saturated() {
         success[1]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_drained_on_reload_gets_no_new_requests_and_in_flight_ones_finish() {
+    let s = sites(Duration::from_millis(300), &policy(false, None)).await;
+    // A slow purchase in flight at p1 or p2 while we drain p1.
+    let in_flight = purchases(
+        s.proxy.url("/checkout/pay"),
+        10,
+        Duration::from_millis(200),
+        "drain-a",
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let routes = std::fs::read_to_string(s.proxy.dir().join("routes.toml")).unwrap();
+    let drained = routes.replace(
+        &format!("backends = [\"{}\", \"{}\"]", s.p1.addr, s.p2.addr),
+        &format!(
+            "backends = [{{ addr = \"{}\", enabled = false }}, \"{}\"]",
+            s.p1.addr, s.p2.addr
+        ),
+    );
+    assert_ne!(drained, routes);
+    s.proxy.write_file("routes.toml", &drained);
+    let st = s.proxy.wait_reload(Duration::from_secs(1)).await;
+    assert_eq!(st["last_reload"]["ok"], true, "{st}");
+    assert_eq!(
+        st["clusters"][0]["sites"][0]["backends"][0]["health"],
+        "drained"
+    );
+    assert!(
+        in_flight.await.unwrap().iter().all(|p| p.status == 200),
+        "in-flight purchases finish"
+    );
+    let before = s.p1.sim.total();
+    let ps = purchases(
+        s.proxy.url("/checkout/pay"),
+        20,
+        Duration::from_secs(1),
+        "drain-b",
+    )
+    .await
+    .unwrap();
+    assert!(
+        ps.iter()
+            .all(|p| p.status == 200 && p.sim.as_deref() == Some("p2")),
+        "{ps:?}"
+    );
+    assert_eq!(
+        s.p1.sim.total(),
+        before,
+        "no new request reached the drained backend"
+    );
+    assert_no_duplicates(&s);
+}
