@@ -401,3 +401,21 @@ async fn two_hundred_reloads_under_load_fail_no_request() {
         "no reload failed:\n{m}"
     );
 }
+
+#[tokio::test]
+async fn health_states_survive_a_reload() {
+    let (_b, proxy) = setup().await;
+    // Wait for the first health check to mark the backend up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.status().await["clusters"][0]["sites"][0]["backends"][0]["health"] != "up" {
+        assert!(Instant::now() < deadline, "backend never checked up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.write_file("policy.toml", &policy("123ms"));
+    let s = proxy.wait_reload(WITHIN).await;
+    assert_eq!(cs_wait_ms(&s), 123);
+    assert_eq!(
+        s["clusters"][0]["sites"][0]["backends"][0]["health"], "up",
+        "a reload never marks a healthy backend unknown: {s}"
+    );
+}
