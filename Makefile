@@ -22,16 +22,21 @@ build: deps
 run: build
 	@scripts/run.sh
 
-## test-deps: what the tests drive besides k2proxy (headless Chromium for the status page).
+## test-deps: what the tests drive besides k2proxy (headless Chromium for the status page,
+## Prometheus and promtool for the dashboards and alerts).
 test-deps: deps
 	@command -v chromium >/dev/null || { echo "installing chromium (headless, for the status-page test)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@command -v promtool >/dev/null || { echo "installing prometheus (for the dashboard and alert tests)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus >/dev/null; }
 
 ## test: formatting, lints, every test, and the repo's own config files.
 test: test-deps lint
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml
 	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml --policy policies/holiday-peak.toml
+	promtool check rules dashboards/alerts.yml
+	cd dashboards && promtool test rules alerts_test.yml
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -20,6 +20,7 @@ pub mod gateway;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod process;
 pub mod reload;
 pub mod server;
 pub mod stats;
@@ -54,6 +55,21 @@ pub struct Shared {
     generation: AtomicU64,
 }
 
+/// Creates at 0 the failover series of every pair of sites, so the first
+/// failover shows in `increase()`/`changes()` (a counter first seen at 1
+/// would hide it).
+fn precreate_failovers(snapshot: &config::Snapshot, metrics: &metrics::Metrics) {
+    for c in &snapshot.clusters {
+        for from in c.sites.sites() {
+            for to in c.sites.sites().iter().filter(|to| to.name != from.name) {
+                metrics
+                    .failovers
+                    .with_label_values(&[&c.name, &from.name, &to.name]);
+            }
+        }
+    }
+}
+
 impl Shared {
     pub fn new(
         mut snapshot: config::Snapshot,
@@ -63,6 +79,7 @@ impl Shared {
         let metrics = metrics::Metrics::new();
         let admission = admission::Registry::default();
         snapshot.controllers = admission.sync(&snapshot, &metrics);
+        precreate_failovers(&snapshot, &metrics);
         let limits = limits::Registry::default();
         snapshot.limiters = limits.sync(&snapshot.rate_limits);
         metrics.config_generation.set(1);
@@ -93,6 +110,7 @@ impl Shared {
             }
         }
         snapshot.controllers = self.admission.sync(&snapshot, &self.metrics);
+        precreate_failovers(&snapshot, &self.metrics);
         snapshot.limiters = self.limits.sync(&snapshot.rate_limits);
         self.config.store(std::sync::Arc::new(snapshot));
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub failovers: IntCounterVec,
     /// `k2_retries_total{cluster,reason}`: connect, idempotent, idempotency_key.
     pub retries: IntCounterVec,
+    process: crate::process::ProcessMetrics,
 }
 
 impl Metrics {
@@ -171,6 +172,12 @@ impl Metrics {
                 .register(c)
                 .expect("each metric is registered once");
         }
+        let process = crate::process::ProcessMetrics::register(&registry);
+        // Series that alerts take increase() of must exist before their first
+        // event, or the first event is invisible (a series first seen at 1).
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
         Metrics {
             registry,
             requests,
@@ -188,11 +195,13 @@ impl Metrics {
             site_up,
             failovers,
             retries,
+            process,
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
+        self.process.refresh();
         let mut buf = Vec::with_capacity(8 * 1024);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
@@ -216,5 +225,25 @@ pub fn code_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn process_metrics_are_exported() {
+        let text = String::from_utf8(super::Metrics::new().encode()).unwrap();
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("\n{name} ")),
+                "missing {name}:\n{text}"
+            );
+        }
     }
 }
