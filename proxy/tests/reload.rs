@@ -114,9 +114,10 @@ async fn refused_then_fixed(proxy: &Proxy, bad: impl FnOnce(&Proxy), want: &str)
     );
     proxy.write_file("routes.toml", &good_routes);
     proxy.write_file("policy.toml", &policy("300ms"));
+    // Two files are rewritten: a reload may land between the two writes.
     let fixed = loop {
         let s = proxy.wait_reload(WITHIN).await;
-        if s["last_reload"]["ok"] == true {
+        if s["last_reload"]["ok"] == true && cs_wait_ms(&s) == 300 {
             break s;
         }
     };
