@@ -24,6 +24,7 @@ pub mod process;
 pub mod reload;
 pub mod server;
 pub mod stats;
+pub mod xmlrpc;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
