@@ -49,6 +49,7 @@ pub fn table_50() -> RouteTable {
             cluster: ClusterId(0),
             timeout: Duration::from_secs(10),
             retry_with_idempotency_key: false,
+            inspect: None,
         });
     }
     RouteTable::new(routes)

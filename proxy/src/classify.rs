@@ -10,6 +10,8 @@ use std::time::Duration;
 use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use http::{Method, Uri};
 
+use crate::xmlrpc::MethodPattern;
+
 /// Index of a tier in the policy's `tiers`, 0 being the highest priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TierId(pub u8);
@@ -29,6 +31,37 @@ pub struct Route {
     pub timeout: Duration,
     /// A request with the idempotency header may be retried after sending.
     pub retry_with_idempotency_key: bool,
+    /// How the body is read when the match needs an XML-RPC method.
+    pub inspect: Option<Inspect>,
+}
+
+/// Reading the body for an XML-RPC method.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspect {
+    /// Most bytes read (≤ 64 KiB: what can be forwarded byte for byte).
+    pub limit: usize,
+    pub timeout: Duration,
+    /// A body with no usable method is refused (400) instead of trying the next route.
+    pub reject_bad: bool,
+}
+
+/// What is known of the body when classifying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyView<'a> {
+    /// Not read: a route that needs it stops classification.
+    Unread,
+    Method(&'a str),
+    /// Read, with no usable method: routes that need one do not match.
+    Unusable,
+}
+
+/// The answer of [`RouteTable::classify_body`].
+#[derive(Debug, Clone, Copy)]
+pub enum Classification<'t> {
+    Route(usize, &'t Route),
+    /// Route `.0` fits but for its XML-RPC method: read the body, classify again.
+    NeedsBody(usize),
+    NoRoute,
 }
 
 /// Host pattern: exact, or `*.suffix` for any subdomain.
@@ -61,6 +94,8 @@ pub struct Matcher {
     /// Empty means any method.
     pub methods: Vec<Method>,
     pub header: Option<HeaderMatch>,
+    /// XML-RPC methods (from the body); empty: not looked at.
+    pub xmlrpc: Vec<MethodPattern>,
 }
 
 /// The parts of a request that classification looks at, all borrowed.
@@ -160,13 +195,36 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// The first route that fits the request, with its index.
+    /// The first route that fits the request, with its index; routes that
+    /// need the body are skipped (see [`RouteTable::classify_body`]).
     pub fn classify(&self, req: &RequestView<'_>) -> Option<(usize, &Route)> {
         let mut host = None;
         self.routes
             .iter()
             .enumerate()
-            .find(|(_, r)| r.matcher.matches_with(req, &mut host))
+            .find(|(_, r)| r.matcher.xmlrpc.is_empty() && r.matcher.matches_with(req, &mut host))
+    }
+
+    /// The first route that fits, knowing `body`; a route that fits but for
+    /// an XML-RPC method not yet read answers `NeedsBody`.
+    pub fn classify_body(&self, req: &RequestView<'_>, body: BodyView<'_>) -> Classification<'_> {
+        let mut host = None;
+        for (i, r) in self.routes.iter().enumerate() {
+            if !r.matcher.matches_with(req, &mut host) {
+                continue;
+            }
+            if r.matcher.xmlrpc.is_empty() {
+                return Classification::Route(i, r);
+            }
+            match body {
+                BodyView::Unread => return Classification::NeedsBody(i),
+                BodyView::Method(m) if r.matcher.xmlrpc.iter().any(|p| p.matches(m)) => {
+                    return Classification::Route(i, r)
+                }
+                _ => {}
+            }
+        }
+        Classification::NoRoute
     }
 
     pub fn get(&self, index: usize) -> Option<&Route> {
@@ -198,6 +256,7 @@ mod tests {
             cluster: ClusterId(0),
             timeout: Duration::from_secs(1),
             retry_with_idempotency_key: false,
+            inspect: None,
         }
     }
 

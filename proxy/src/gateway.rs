@@ -20,9 +20,10 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::admission::{Permit, Sample, ShedReason};
-use crate::classify::{RequestView, TierId};
+use crate::classify::{BodyView, Classification, Inspect, RequestView, TierId};
 use crate::config::{AdmissionMode, Snapshot};
 use crate::metrics::code_class;
+use crate::xmlrpc::{method_name, xml_content_type, BadBody, Extract};
 use crate::Shared;
 
 pub const X_K2_TIER: HeaderName = HeaderName::from_static("x-k2-tier");
@@ -93,6 +94,8 @@ pub struct Ctx {
     backend_guard: Option<failover::InflightGuard>,
     /// Admitted on another site's spare capacity.
     spilled: bool,
+    /// The XML-RPC method when it matched a configured name, else why not.
+    xmlrpc: Option<String>,
     outcome: Outcome,
 }
 
@@ -166,6 +169,45 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
+/// Reads up to `inspect.limit` body bytes within `inspect.timeout`, stopping
+/// as soon as the XML-RPC method is known. The bytes stay in pingora's retry
+/// buffer, which sends them upstream first, byte for byte, then the rest.
+async fn inspect_body(session: &mut Session, inspect: &Inspect) -> Extract {
+    let ct = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes());
+    if !xml_content_type(ct) {
+        return Extract::Bad(BadBody::ContentType);
+    }
+    session.as_mut().enable_retry_buffering();
+    let deadline = tokio::time::Instant::now() + inspect.timeout;
+    let mut body = bytes::BytesMut::new();
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Err(_) => return Extract::Bad(BadBody::Timeout),
+            Ok(Err(_)) => return Extract::Bad(BadBody::Malformed),
+            Ok(Ok(chunk)) => chunk,
+        };
+        let complete = chunk.is_none();
+        if let Some(c) = chunk {
+            body.extend_from_slice(&c);
+        }
+        if body.len() >= inspect.limit {
+            return match method_name(&body[..inspect.limit], false) {
+                Extract::NeedMore => Extract::Bad(BadBody::TooLarge),
+                found => found,
+            };
+        }
+        match method_name(&body, complete) {
+            Extract::NeedMore if !complete => continue,
+            Extract::NeedMore => return Extract::Bad(BadBody::NoMethodName),
+            found => return found,
+        }
+    }
+}
+
 /// Writes a complete JSON response; used for every answer k2proxy gives itself.
 async fn respond_json(
     session: &mut Session,
@@ -194,6 +236,26 @@ enum Refusal {
 }
 
 impl Gateway {
+    /// Refuses a request whose body cannot be classified or forwarded intact.
+    async fn bad_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        reason: &str,
+    ) -> Result<bool> {
+        session.set_keepalive(None);
+        let body = serde_json::json!({
+            "error": if status == 413 { "payload_too_large" } else { "bad_request" },
+            "reason": reason,
+            "message": "the XML-RPC methodName could not be read from the request body",
+        })
+        .to_string();
+        let rid = ctx.request_id.clone().expect("set first");
+        respond_json(session, status, &[(X_REQUEST_ID, rid)], body).await?;
+        Ok(true)
+    }
+
     /// Tells the cluster how the request fared at its backend (passive
     /// health); an ejection is logged.
     fn passive(&self, ctx: &Ctx, ok: bool, now: Instant) {
@@ -277,6 +339,7 @@ impl ProxyHttp for Gateway {
             tried_sites: Vec::new(),
             backend_guard: None,
             spilled: false,
+            xmlrpc: None,
             outcome: Outcome::Pending,
         }
     }
@@ -289,11 +352,84 @@ impl ProxyHttp for Gateway {
             uri: &req.uri,
             headers: &req.headers,
         };
-        let classified = snap.routes.classify(&view).map(|(i, r)| (i, r.tier));
-
+        let first = match snap.routes.classify_body(&view, BodyView::Unread) {
+            Classification::Route(i, r) => Ok(Some((i, r.tier))),
+            Classification::NeedsBody(i) => Err(i),
+            Classification::NoRoute => Ok(None),
+        };
         ctx.request_id = match req.headers.get(X_REQUEST_ID) {
             Some(v) if !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN => Some(v.clone()),
             _ => Some(new_request_id()),
+        };
+        let classified = match first {
+            Ok(c) => c,
+            // A route needs the XML-RPC method: read the body, classify again.
+            Err(i) => {
+                let inspect = snap
+                    .routes
+                    .get(i)
+                    .and_then(|r| r.inspect.clone())
+                    .expect("needs body");
+                let outcome = inspect_body(session, &inspect).await;
+                if session.as_ref().retry_buffer_truncated() {
+                    // More was read than can be replayed: forwarding would alter the body.
+                    ctx.snapshot = Some(snap);
+                    ctx.outcome = Outcome::Error;
+                    return self
+                        .bad_request(session, ctx, 413, "body_too_large_to_inspect")
+                        .await;
+                }
+                let route_name = snap
+                    .routes
+                    .get(i)
+                    .map_or("", |r| r.name.as_str())
+                    .to_string();
+                match &outcome {
+                    Extract::Bad(bad) if inspect.reject_bad => {
+                        self.shared
+                            .metrics
+                            .xmlrpc
+                            .with_label_values(&[route_name.as_str(), bad.as_str()])
+                            .inc();
+                        ctx.snapshot = Some(snap);
+                        ctx.outcome = Outcome::Error;
+                        return self.bad_request(session, ctx, 400, bad.as_str()).await;
+                    }
+                    _ => {}
+                }
+                let body = match &outcome {
+                    Extract::Method(m) => BodyView::Method(m),
+                    _ => BodyView::Unusable,
+                };
+                let req = session.req_header();
+                let view = RequestView {
+                    method: &req.method,
+                    uri: &req.uri,
+                    headers: &req.headers,
+                };
+                let c = match snap.routes.classify_body(&view, body) {
+                    Classification::Route(j, r) => Some((j, r.tier)),
+                    _ => None,
+                };
+                // Only a configured name is logged or used as a label.
+                let label = match (&outcome, c) {
+                    (Extract::Method(m), Some((j, _))) => snap
+                        .routes
+                        .get(j)
+                        .and_then(|route| route.matcher.xmlrpc.iter().find(|p| p.matches(m)))
+                        .map_or_else(|| "unmatched".to_string(), |p| p.to_string()),
+                    (Extract::Method(_), None) => "unmatched".to_string(),
+                    (Extract::Bad(b), _) => b.as_str().to_string(),
+                    (Extract::NeedMore, _) => "too_large".to_string(),
+                };
+                self.shared
+                    .metrics
+                    .xmlrpc
+                    .with_label_values(&[route_name.as_str(), label.as_str()])
+                    .inc();
+                ctx.xmlrpc = Some(label);
+                c
+            }
         };
         let Some((route, tier)) = classified else {
             ctx.snapshot = Some(snap);
@@ -761,6 +897,7 @@ impl ProxyHttp for Gateway {
             shed,
             upstream = %ctx.upstream.map_or_else(|| "-".to_string(), |a| a.to_string()),
             site = ctx.site_name(),
+            xmlrpc = ctx.xmlrpc.as_deref(),
             duration_ms = duration_ms(elapsed),
             request_id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
             client = %client_ip(session).map_or_else(|| "-".to_string(), |a| a.to_string()),

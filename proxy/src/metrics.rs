@@ -44,6 +44,9 @@ pub struct Metrics {
     pub failovers: IntCounterVec,
     /// `k2_retries_total{cluster,reason}`: connect, idempotent, idempotency_key.
     pub retries: IntCounterVec,
+    /// `k2_xmlrpc_requests_total{route,method}`: method is a configured
+    /// name, `unmatched`, or why none was read (bounded).
+    pub xmlrpc: IntCounterVec,
     process: crate::process::ProcessMetrics,
 }
 
@@ -172,6 +175,17 @@ impl Metrics {
                 .register(c)
                 .expect("each metric is registered once");
         }
+        let xmlrpc = IntCounterVec::new(
+            Opts::new(
+                "k2_xmlrpc_requests_total",
+                "Requests classified by XML-RPC method: a configured name, unmatched, or why none was read.",
+            ),
+            &["route", "method"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(xmlrpc.clone()))
+            .expect("registered once");
         let process = crate::process::ProcessMetrics::register(&registry);
         // Series that alerts take increase() of must exist before their first
         // event, or the first event is invisible (a series first seen at 1).
@@ -195,6 +209,7 @@ impl Metrics {
             site_up,
             failovers,
             retries,
+            xmlrpc,
             process,
         }
     }

@@ -166,6 +166,15 @@ pub enum MethodPattern {
     Prefix(String),
 }
 
+impl std::fmt::Display for MethodPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MethodPattern::Exact(m) => f.write_str(m),
+            MethodPattern::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
 impl MethodPattern {
     pub fn parse(s: &str) -> MethodPattern {
         match s.strip_suffix('*') {

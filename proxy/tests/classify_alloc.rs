@@ -37,6 +37,7 @@ fn classify_does_not_allocate() {
         cluster: ClusterId(0),
         timeout: Duration::from_secs(1),
         retry_with_idempotency_key: false,
+        inspect: None,
     };
     let table = RouteTable::new(vec![
         route(

@@ -168,6 +168,12 @@ pub struct RouteRaw {
     /// Whether a non-idempotent request carrying the policy's idempotency
     /// header may be retried after it reached a backend.
     pub retry_with_idempotency_key: Option<bool>,
+    /// Most body bytes read to find an XML-RPC `methodName` (≤ 65536).
+    pub inspect_limit: Option<Spanned<i64>>,
+    /// Longest wait for those bytes.
+    pub inspect_timeout: Option<Spanned<String>>,
+    /// A body without a usable `methodName`: `"next"` route, or `"reject"` (400).
+    pub on_bad_body: Option<Spanned<String>>,
 }
 
 /// `match = { … }`.
@@ -184,6 +190,8 @@ pub struct MatchRaw {
     pub methods: Option<Vec<Spanned<String>>>,
     /// A header that must be present, optionally with an exact value.
     pub header: Option<HeaderMatchRaw>,
+    /// XML-RPC `methodName`s (exact, or `prefix*`) read from the request body.
+    pub xmlrpc_method: Option<Vec<Spanned<String>>>,
 }
 
 /// `header = { name = "…", value = "…" }`.

@@ -95,7 +95,7 @@ fn unknown_field_is_an_error_with_its_location() {
     let e = only_error(&routes, POLICY);
     assert_eq!(
         headline(&e),
-        "routes.toml:24:1: error: unknown field `retries`, expected one of `name`, `match`, `tier`, `cluster`, `timeout`, `retry_with_idempotency_key`"
+        "routes.toml:24:1: error: unknown field `retries`, expected one of `name`, `match`, `tier`, `cluster`, `timeout`, `retry_with_idempotency_key`, `inspect_limit`, `inspect_timeout`, `on_bad_body`"
     );
 }
 
@@ -225,6 +225,37 @@ fn a_backend_table_drains_it_and_a_bad_one_says_what_is_expected() {
         "{e}"
     );
     assert_eq!(e.line, 11);
+}
+
+#[test]
+fn xmlrpc_methods_and_inspection_settings_are_checked() {
+    let routes = ROUTES.replace(
+        "match = { path_prefix = \"/checkout/\" }",
+        "match = { path = \"/xmlrpc\", xmlrpc_method = [\"add_invoice\", \"list_*\"] }\ninspect_limit = 2048\non_bad_body = \"reject\"",
+    );
+    let s = load(&routes, POLICY).expect("valid");
+    let r = s.routes.get(0).unwrap();
+    assert_eq!(r.matcher.xmlrpc.len(), 2);
+    assert_eq!(
+        r.inspect.as_ref().map(|i| (i.limit, i.reject_bad)),
+        Some((2048, true))
+    );
+    let bad = routes.replace("\"list_*\"", "\"li*st\"");
+    assert!(only_error(&bad, POLICY)
+        .message
+        .contains("xmlrpc_method \"li*st\": expected a method name"));
+    let bad = routes.replace("inspect_limit = 2048", "inspect_limit = 100000");
+    assert!(only_error(&bad, POLICY)
+        .message
+        .contains("`inspect_limit` is 100000: expected a whole number from 1 to 65536"));
+    let bad = routes.replace("\"reject\"", "\"drop\"");
+    assert!(only_error(&bad, POLICY)
+        .message
+        .contains("expected \"next\" (try the next route) or \"reject\" (400)"));
+    let stray = ROUTES.replace("timeout = \"10s\"", "timeout = \"10s\"\ninspect_limit = 10");
+    assert!(only_error(&stray, POLICY)
+        .message
+        .contains("body inspection settings on a route whose match has no `xmlrpc_method`"));
 }
 
 #[test]

@@ -684,6 +684,7 @@ fn route_list(
         }
         let timeout = c.duration(r.timeout.as_ref(), "timeout", Duration::from_secs(10));
         let matcher = matcher(c, &r.matcher);
+        let inspect = inspect(c, r);
         if let (Some(tier), Some(cluster), Some(matcher)) = (tier, cluster, matcher) {
             out.push(Route {
                 name: r.name.get_ref().clone(),
@@ -692,10 +693,59 @@ fn route_list(
                 cluster,
                 timeout,
                 retry_with_idempotency_key: r.retry_with_idempotency_key.unwrap_or(false),
+                inspect: inspect.clone(),
             });
         }
     }
     out
+}
+
+/// How a route reads the body for an XML-RPC method; `None` when its match
+/// does not need one (and then the inspection settings are refused).
+fn inspect(c: &mut Check<'_>, r: &raw::RouteRaw) -> Option<crate::classify::Inspect> {
+    let needs = r
+        .matcher
+        .xmlrpc_method
+        .as_ref()
+        .is_some_and(|m| !m.is_empty());
+    if !needs {
+        let stray = [
+            r.inspect_limit.as_ref().map(|s| s.span()),
+            r.inspect_timeout.as_ref().map(|s| s.span()),
+            r.on_bad_body.as_ref().map(|s| s.span()),
+        ];
+        if let Some(span) = stray.into_iter().flatten().next() {
+            c.errors.push(c.src.error(
+                Some(span),
+                "body inspection settings on a route whose match has no `xmlrpc_method`: expected them only with `match = { xmlrpc_method = [...] }`",
+            ));
+        }
+        return None;
+    }
+    let limit = c.int(
+        r.inspect_limit.as_ref(),
+        "inspect_limit",
+        (1, 65_536),
+        65_536,
+    ) as usize;
+    let timeout = c.duration(
+        r.inspect_timeout.as_ref(),
+        "inspect_timeout",
+        Duration::from_secs(1),
+    );
+    let reject_bad = match r.on_bad_body.as_ref().map(|s| (s, s.get_ref().as_str())) {
+        None | Some((_, "next")) => false,
+        Some((_, "reject")) => true,
+        Some((s, other)) => {
+            c.err(s, format!("on_bad_body {other:?}: expected \"next\" (try the next route) or \"reject\" (400)"));
+            false
+        }
+    };
+    Some(crate::classify::Inspect {
+        limit,
+        timeout,
+        reject_bad,
+    })
 }
 
 fn matcher(c: &mut Check<'_>, raw: &raw::MatchRaw) -> Option<Matcher> {
@@ -769,6 +819,20 @@ fn matcher(c: &mut Check<'_>, raw: &raw::MatchRaw) -> Option<Matcher> {
                 },
             };
             m.header = Some(HeaderMatch { name, value });
+        }
+    }
+    for name in raw.xmlrpc_method.iter().flatten() {
+        let n = name.get_ref().trim();
+        let body = n.strip_suffix('*').unwrap_or(n);
+        if body.is_empty()
+            || !body
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.:/-".contains(&b))
+            || body.contains('*')
+        {
+            c.err(name, format!("xmlrpc_method {n:?}: expected a method name like \"add_invoice\" or a prefix like \"list_*\""));
+        } else {
+            m.xmlrpc.push(crate::xmlrpc::MethodPattern::parse(n));
         }
     }
     (c.errors.len() == before).then_some(m)
