@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -22,6 +22,8 @@ pub struct Target {
     pub weight: f64,
     /// Extra request headers.
     pub headers: Vec<(String, String)>,
+    /// A body: sent as a POST (a GET without one).
+    pub body: Option<Bytes>,
 }
 
 /// What to send and how fast.
@@ -183,7 +185,7 @@ enum Class {
 /// Runs the plan to the end; every request is bounded by `timeout`.
 pub async fn run(plan: Plan) -> Report {
     assert!(!plan.targets.is_empty(), "a plan needs at least one target");
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
     let total = (plan.rate as u64 * plan.duration.as_millis() as u64) / 1000;
@@ -219,11 +221,21 @@ pub async fn run(plan: Plan) -> Report {
             })
             .unwrap_or(plan.targets.len() - 1);
         let target = &plan.targets[idx];
-        let mut req = hyper::Request::get(target.url.clone());
+        let method = if target.body.is_some() {
+            hyper::Method::POST
+        } else {
+            hyper::Method::GET
+        };
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(target.url.clone());
+        // Every request has its own id (the simulator counts duplicates by it).
+        req = req.header("x-request-id", format!("lt-{}-{i}", plan.seed));
         for (k, v) in &target.headers {
             req = req.header(k, v);
         }
-        let req = req.body(Empty::new()).expect("valid request parts");
+        let body = target.body.clone().unwrap_or_default();
+        let req = req.body(Full::new(body)).expect("valid request parts");
         let (client, reports, timeout) = (client.clone(), reports.clone(), plan.timeout);
         tasks.push(tokio::spawn(async move {
             let result = tokio::time::timeout(timeout, async {

@@ -134,6 +134,7 @@ fn target(name: &str, url: String, weight: f64) -> Target {
         url: url.parse().unwrap(),
         weight,
         headers: vec![("x-k2-tier".into(), "purchase".into())],
+        body: None,
     }
 }
 

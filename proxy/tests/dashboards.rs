@@ -264,6 +264,7 @@ cluster = "kred"
         url: proxy.url(path).parse().unwrap(),
         weight,
         headers: vec![],
+        body: None,
     };
     let load = tokio::spawn(openloop::run(Plan {
         targets: vec![

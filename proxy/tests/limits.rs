@@ -45,6 +45,7 @@ fn plan(proxy: &Proxy, merchant: &str, rate: u32) -> Plan {
             url: proxy.url("/api/orders").parse().unwrap(),
             weight: 1.0,
             headers: vec![("x-merchant-id".into(), merchant.into())],
+            body: None,
         }],
         rate,
         duration: Duration::from_secs(5),

@@ -81,6 +81,7 @@ async fn purchases_keep_flowing_at_three_times_capacity() {
         url: proxy.url(path).parse().unwrap(),
         weight,
         headers: vec![("x-merchant-id".into(), "m-1".into())],
+        body: None,
     };
     let report = openloop::run(Plan {
         targets: vec![

@@ -348,6 +348,7 @@ async fn two_hundred_reloads_under_load_fail_no_request() {
         url: proxy.url(path).parse().unwrap(),
         weight: 1.0,
         headers: vec![],
+        body: None,
     };
     let load = tokio::spawn(openloop::run(Plan {
         targets: vec![target("purchase", "/checkout/x"), target("cs", "/cs/x")],

@@ -90,6 +90,7 @@ async fn the_status_page_shows_tiers_sites_and_the_shed_level_under_load() {
         url: proxy.url(path).parse().unwrap(),
         weight,
         headers: vec![],
+        body: None,
     };
     let load = tokio::spawn(openloop::run(Plan {
         targets: vec![

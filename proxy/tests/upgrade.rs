@@ -49,6 +49,7 @@ async fn an_upgrade_hands_over_the_listeners_without_failing_a_request() {
             url: old.url("/checkout/pay").parse().unwrap(),
             weight: 1.0,
             headers: vec![],
+            body: None,
         }],
         rate: 100,
         duration: Duration::from_secs(9),

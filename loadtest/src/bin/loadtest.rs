@@ -90,6 +90,7 @@ async fn main() {
             url,
             weight,
             headers: headers.clone(),
+            body: None,
         })
         .collect();
     if let Some(url) = target {
@@ -98,6 +99,7 @@ async fn main() {
             url,
             weight: 1.0,
             headers,
+            body: None,
         });
     }
     for t in &targets {
