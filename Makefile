@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Installing system packages needs root; use sudo when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
+.PHONY: fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
 
 ## deps: install what the build needs when missing (cmake for pingora's C deps).
 deps:
@@ -62,6 +62,13 @@ bench-classify: deps
 bench-overhead: build
 	@command -v wrk >/dev/null || { echo "installing wrk"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	@scripts/bench-overhead.sh
+
+## fuzz: fuzz the XML-RPC methodName extractor for FUZZ_SECONDS (60) with cargo-fuzz (libFuzzer).
+## The toolchain here is stable: RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z flags.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || { echo "installing cargo-fuzz"; $(CARGO) install cargo-fuzz; }
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run xmlrpc_extract --sanitizer none fuzz/corpus/xmlrpc_extract -- -max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	$(CARGO) clean

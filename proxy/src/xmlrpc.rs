@@ -58,15 +58,28 @@ pub fn xml_content_type(value: Option<&[u8]>) -> bool {
 
 /// Looks for the method in `body` (the first bytes of the request);
 /// `complete` says whether the body ends there.
+///
+/// Only the bytes up to the end of `methodName` are judged: what follows
+/// (even invalid UTF-8) does not change the answer, so a body gives the same
+/// answer however it is cut into chunks (found by fuzzing).
 pub fn method_name(body: &[u8], complete: bool) -> Extract {
-    // A prefix may end inside a multi-byte character: parse up to it.
-    let text = match std::str::from_utf8(body) {
-        Ok(t) => t,
-        Err(e) if !complete && e.error_len().is_none() => {
-            std::str::from_utf8(&body[..e.valid_up_to()]).expect("checked")
+    match std::str::from_utf8(body) {
+        Ok(text) => parse(text, complete),
+        Err(e) => {
+            let valid = std::str::from_utf8(&body[..e.valid_up_to()]).expect("checked");
+            // Bytes that can never become UTF-8 (or a body that ends inside a
+            // character) end the usable text; a character cut by the end of
+            // a prefix may still complete.
+            let broken = e.error_len().is_some() || complete;
+            match parse(valid, false) {
+                Extract::NeedMore if broken => Extract::Bad(BadBody::Malformed),
+                answer => answer,
+            }
         }
-        Err(_) => return Extract::Bad(BadBody::Malformed),
-    };
+    }
+}
+
+fn parse(text: &str, complete: bool) -> Extract {
     let truncated = |bad| {
         if complete {
             Extract::Bad(bad)
@@ -298,6 +311,24 @@ mod tests {
             Extract::Bad(BadBody::Malformed)
         );
         assert_eq!(method_name(b"", true), Extract::Bad(BadBody::NoMethodName));
+    }
+
+    #[test]
+    fn bytes_after_the_name_do_not_change_the_answer() {
+        // Found by fuzzing: invalid UTF-8 after </methodName> made the whole
+        // body "malformed" while a prefix gave the method.
+        let mut body = b"<methodCall><methodName>add_invoice</methodName></meth".to_vec();
+        body.extend_from_slice(&[0xff, 0xff]);
+        body.extend_from_slice(b"odCall>");
+        assert_eq!(
+            method_name(&body, true),
+            Extract::Method("add_invoice".into())
+        );
+        assert_eq!(
+            method_name(&body[..50], false),
+            Extract::Method("add_invoice".into())
+        );
+        assert_eq!(method_name(&body[..40], false), Extract::NeedMore);
     }
 
     #[test]
