@@ -68,7 +68,9 @@ bench-overhead: build
 FUZZ_SECONDS ?= 60
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || { echo "installing cargo-fuzz"; $(CARGO) install cargo-fuzz; }
-	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run xmlrpc_extract --sanitizer none fuzz/corpus/xmlrpc_extract -- -max_total_time=$(FUZZ_SECONDS)
+	@mkdir -p fuzz/corpus-run
+	# New inputs go to fuzz/corpus-run (not committed); the seeds are read from fuzz/corpus.
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run xmlrpc_extract --sanitizer none fuzz/corpus-run fuzz/corpus/xmlrpc_extract -- -max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	$(CARGO) clean
