@@ -59,6 +59,12 @@ tier = "purchase"
 cluster = "main"
 
 [[routes]]
+name = "stream-probe"
+match = { path = "/stream-probe" }
+tier = "background"
+cluster = "main"
+
+[[routes]]
 name = "upload"
 match = { path = "/upload" }
 tier = "background"
@@ -271,6 +277,45 @@ async fn a_body_that_never_finishes_gets_400_at_the_inspection_timeout() {
 #[tokio::test]
 async fn ten_mebibytes_on_an_uninspected_route_stream_with_flat_memory() {
     let (backend, proxy) = setup().await;
+    // The client sends 1 MiB, pauses 600 ms, then sends 9 MiB more. A proxy
+    // that streams hands the first bytes to the backend during the pause;
+    // one that buffered the body could not.
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let mib = bytes::Bytes::from(vec![b'u'; 1024 * 1024]);
+    let sender = tokio::spawn(async move {
+        tx.send(mib.clone()).await.unwrap();
+        let paused = Instant::now();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let resumed = Instant::now();
+        for _ in 0..9 {
+            tx.send(mib.clone()).await.unwrap();
+        }
+        (paused, resumed)
+    });
+    let resp = client()
+        .post(proxy.url("/stream-probe"))
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(Rx(rx)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.text().await.unwrap(),
+        (10 * 1024 * 1024).to_string(),
+        "every byte arrived"
+    );
+    let (paused, resumed) = sender.await.unwrap();
+    let first = backend.first_bytes()[0];
+    assert!(
+        first > paused && first < resumed,
+        "the backend got the first bytes during the client's pause"
+    );
+    memory_stays_flat(&proxy, &backend).await;
+}
+
+/// Resident memory over three more 10 MiB uploads (and their echoes), after
+/// one to warm the allocator: less than one body.
+async fn memory_stays_flat(proxy: &Proxy, backend: &Backend) {
     let rss = || async {
         let m = client()
             .get(proxy.admin_url("/metrics"))
@@ -286,13 +331,16 @@ async fn ten_mebibytes_on_an_uninspected_route_stream_with_flat_memory() {
             .unwrap()
     };
     let upload = || async {
-        let body = vec![b'u'; 10 * 1024 * 1024];
-        let r = post(&proxy, "/upload", "application/octet-stream", body).await;
+        let r = post(
+            proxy,
+            "/upload",
+            "application/octet-stream",
+            vec![b'u'; 10 * 1024 * 1024],
+        )
+        .await;
         assert_eq!(r.bytes().await.unwrap().len(), 10 * 1024 * 1024);
         assert_eq!(backend.seen().last().unwrap().body_len, 10 * 1024 * 1024);
     };
-    // The first upload warms the allocator's pools; then memory stays flat:
-    // three more 10 MiB bodies (and their 10 MiB echoes) add almost nothing.
     upload().await;
     let before = rss().await;
     for _ in 0..3 {
@@ -300,10 +348,23 @@ async fn ten_mebibytes_on_an_uninspected_route_stream_with_flat_memory() {
     }
     let grew = rss().await - before;
     assert!(
-        grew < 6.0 * 1024.0 * 1024.0,
+        grew < 10.0 * 1024.0 * 1024.0,
         "resident memory grew {:.1} MiB over 30 MiB of bodies",
         grew / 1048576.0
     );
+}
+
+/// A body fed from a channel.
+struct Rx(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl futures_core::Stream for Rx {
+    type Item = Result<bytes::Bytes, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|o| o.map(Ok))
+    }
 }
 
 /// A stream of the given chunks, for a request body of unknown length.

@@ -38,6 +38,8 @@ pub struct Seen {
 pub struct Backend {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// When `/stream-probe` requests' first body bytes arrived.
+    first_bytes: Arc<Mutex<Vec<Instant>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -66,20 +68,29 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let first_bytes = Arc::new(Mutex::new(Vec::new()));
         let name = name.to_string();
         let seen2 = seen.clone();
+        let first2 = first_bytes.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let seen = seen2.clone();
+                let first = first2.clone();
                 let name = name.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let seen = seen.clone();
+                        let first = first.clone();
                         let name = name.clone();
-                        async move { Ok::<_, Infallible>(Backend::answer(req, &name, &seen).await) }
+                        async move {
+                            if req.uri().path() == "/stream-probe" {
+                                return Ok::<_, Infallible>(Backend::probe(req, &first).await);
+                            }
+                            Ok::<_, Infallible>(Backend::answer(req, &name, &seen).await)
+                        }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -87,7 +98,36 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, seen, task }
+        Backend {
+            addr,
+            seen,
+            first_bytes,
+            task,
+        }
+    }
+
+    /// Notes when the first body bytes arrive, then drains the body and
+    /// answers with its length.
+    async fn probe(req: Request<Incoming>, first: &Mutex<Vec<Instant>>) -> Response<BoxBody> {
+        let mut body = req.into_body();
+        let mut len = 0usize;
+        let mut noted = false;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(data) = frame.data_ref() {
+                if !noted && !data.is_empty() {
+                    first.lock().unwrap().push(Instant::now());
+                    noted = true;
+                }
+                len += data.len();
+            }
+        }
+        Response::new(Full::new(Bytes::from(len.to_string())).boxed())
+    }
+
+    /// When `/stream-probe` requests' first body bytes arrived.
+    pub fn first_bytes(&self) -> Vec<Instant> {
+        self.first_bytes.lock().unwrap().clone()
     }
 
     async fn answer(
