@@ -71,6 +71,19 @@ fn precreate_failovers(snapshot: &config::Snapshot, metrics: &metrics::Metrics) 
     }
 }
 
+/// Gives a snapshot its state: admission controllers and rate-limit buckets
+/// (existing ones, by name, keep what they learned) and its failover series.
+fn attach(
+    snapshot: &mut config::Snapshot,
+    admission: &admission::Registry,
+    limits: &limits::Registry,
+    metrics: &metrics::Metrics,
+) {
+    snapshot.controllers = admission.sync(snapshot, metrics);
+    snapshot.limiters = limits.sync(&snapshot.rate_limits);
+    precreate_failovers(snapshot, metrics);
+}
+
 impl Shared {
     pub fn new(
         mut snapshot: config::Snapshot,
@@ -79,10 +92,8 @@ impl Shared {
     ) -> Shared {
         let metrics = metrics::Metrics::new();
         let admission = admission::Registry::default();
-        snapshot.controllers = admission.sync(&snapshot, &metrics);
-        precreate_failovers(&snapshot, &metrics);
         let limits = limits::Registry::default();
-        snapshot.limiters = limits.sync(&snapshot.rate_limits);
+        attach(&mut snapshot, &admission, &limits, &metrics);
         metrics.config_generation.set(1);
         Shared {
             started: snapshot.server.clone(),
@@ -110,9 +121,7 @@ impl Shared {
                 cluster.sites.adopt(&prev.sites);
             }
         }
-        snapshot.controllers = self.admission.sync(&snapshot, &self.metrics);
-        precreate_failovers(&snapshot, &self.metrics);
-        snapshot.limiters = self.limits.sync(&snapshot.rate_limits);
+        attach(&mut snapshot, &self.admission, &self.limits, &self.metrics);
         self.config.store(std::sync::Arc::new(snapshot));
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.metrics.config_generation.set(generation as i64);

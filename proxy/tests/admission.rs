@@ -232,11 +232,7 @@ async fn wait_for_inflight(proxy: &Proxy, n: i64) {
             .text()
             .await
             .unwrap();
-        let total: i64 = text
-            .lines()
-            .filter(|l| l.starts_with("k2_inflight{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-            .sum();
+        let total = metric_sum(&text, "k2_inflight{") as i64;
         if total == n {
             return;
         }

@@ -10,7 +10,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use loadtest::openloop::{self, Plan, Target};
@@ -120,23 +120,6 @@ fn the_dashboard_is_well_formed() {
         first["title"], "Purchase success ratio (5m)",
         "purchase health comes first"
     );
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn query(prom: &str, expr: &str) -> Result<usize, String> {

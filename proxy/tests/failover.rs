@@ -194,12 +194,7 @@ fn report(name: &str, ps: &[Purchase], fault_at: Duration) {
 
 async fn retries(proxy: &Proxy) -> (u64, u64) {
     let m = proxy.metrics_when("k2_requests_total").await;
-    let sum = |prefix: &str| -> u64 {
-        m.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    };
+    let sum = |prefix: &str| metric_sum(&m, prefix) as u64;
     (sum("k2_retries_total{"), sum("k2_requests_total{"))
 }
 

@@ -232,13 +232,7 @@ async fn refused_connect_goes_to_the_next_backend_even_for_a_post() {
     // failure that happened was retried.
     assert_eq!(backend.seen().len(), 6);
     let metrics = proxy.metrics_when("k2_requests_total").await;
-    let count = |prefix: &str| -> u64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let count = |prefix: &str| metric_sum(&metrics, prefix);
     assert_eq!(
         count(r#"k2_upstream_errors_total{cluster="main",kind="connect""#),
         count(r#"k2_retries_total{cluster="main",reason="connect"}"#),
@@ -400,23 +394,6 @@ async fn json_log_format_writes_one_json_object_per_access_event() {
     assert_eq!(event["status"], 200);
     assert_eq!(event["upstream"], backend.addr.to_string());
     assert!(event["duration_ms"].as_f64().is_some());
-}
-
-/// A stream of the given chunks, for a request body of unknown length.
-fn futures_stream(
-    chunks: Vec<bytes::Bytes>,
-) -> impl futures_core::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
-    struct S(std::collections::VecDeque<bytes::Bytes>);
-    impl futures_core::Stream for S {
-        type Item = Result<bytes::Bytes, std::io::Error>;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            std::task::Poll::Ready(self.0.pop_front().map(Ok))
-        }
-    }
-    S(chunks.into())
 }
 
 trait JsonBody {

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use loadtest::openloop::{self, Plan, Target};
@@ -17,15 +17,6 @@ match = { path_prefix = "/checkout/" }
 tier = "purchase"
 cluster = "main"
 "#;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")

@@ -367,23 +367,6 @@ impl futures_core::Stream for Rx {
     }
 }
 
-/// A stream of the given chunks, for a request body of unknown length.
-fn futures_stream(
-    chunks: Vec<bytes::Bytes>,
-) -> impl futures_core::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
-    struct S(std::collections::VecDeque<bytes::Bytes>);
-    impl futures_core::Stream for S {
-        type Item = Result<bytes::Bytes, std::io::Error>;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            std::task::Poll::Ready(self.0.pop_front().map(Ok))
-        }
-    }
-    S(chunks.into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_three_times_capacity_purchase_methods_flow_and_listing_calls_are_shed() {
     use loadtest::openloop::{self, Plan, Target};

@@ -203,6 +203,43 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// A free loopback port number.
+pub fn free_port() -> u16 {
+    free_addr().port()
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The sum of every sample in Prometheus text whose line starts with `prefix`.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A stream of the given chunks, for a request body of unknown length.
+pub fn futures_stream(
+    chunks: Vec<Bytes>,
+) -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> {
+    struct S(VecDeque<Bytes>);
+    impl futures_core::Stream for S {
+        type Item = Result<Bytes, std::io::Error>;
+        fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+    S(chunks.into())
+}
+
 /// Path of the built `k2proxy` binary.
 pub fn k2proxy_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_k2proxy"))
