@@ -207,14 +207,25 @@ async fn a_primary_killed_costs_no_purchase_and_moves_within_a_health_interval()
         Duration::from_secs(4),
         "a",
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let killed_at = Duration::from_secs(1);
+    // Arrivals are 10 ms apart and served at once: killing half-way between
+    // two arrivals normally finds nothing in flight.
+    let killed_at = Duration::from_millis(1005);
+    tokio::time::sleep(killed_at).await;
     s.p1.stop().await;
     s.p2.stop().await;
     let ps = load.await.unwrap();
     report("a. primary killed", &ps, killed_at);
+    // A purchase whose bytes had reached the primary when it died cannot be
+    // retried (it may have been processed): on a loaded machine the one due
+    // just before the kill can still be in flight. Any other failure means a
+    // refused connection was not moved to another backend or site.
     let failed: Vec<_> = ps.iter().filter(|p| p.status != 200).collect();
-    assert!(failed.is_empty(), "lost purchases: {failed:?}");
+    let in_flight =
+        |p: &&Purchase| p.due <= killed_at && killed_at - p.due <= Duration::from_millis(30);
+    assert!(
+        failed.iter().all(in_flight) && failed.len() <= 1,
+        "lost purchases: {failed:?}"
+    );
     let moved = moved_after(&ps, killed_at).expect("traffic moved to the secondary");
     assert!(
         moved <= Duration::from_millis(200 + 50),
