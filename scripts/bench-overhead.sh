@@ -21,7 +21,7 @@ trap cleanup EXIT INT TERM
 source scripts/lib.sh
 
 sim_port=$(free_port)
-target/release/legacy-sim --listen "127.0.0.1:$sim_port" --workers 100000 --service-time 0ms >/dev/null &
+target/release/legacy-sim --listen "127.0.0.1:$sim_port" --workers 100000 --service 0ms >/dev/null &
 pids+=($!)
 wait_http "http://127.0.0.1:$sim_port/health"
 

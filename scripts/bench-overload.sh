@@ -26,7 +26,7 @@ run_one() { # variant load
   local variant=$1 load=$2
   local sim_port proxy_port admin_port
   sim_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
-  "$bin/legacy-sim" --listen "127.0.0.1:$sim_port" --workers "$WORKERS" --service-time "$SERVICE" >/dev/null &
+  "$bin/legacy-sim" --listen "127.0.0.1:$sim_port" --workers "$WORKERS" --service "$SERVICE" >/dev/null &
   local sim_pid=$!
   python3 scripts/bench_routes.py "$work/routes.toml" "$proxy_port" "$admin_port" "$sim_port" 2 "$work/policy.toml" "$PWD"
   # The default policy; for the comparison, the same with admission off.

@@ -19,7 +19,7 @@ trap 'stop; exit 0' INT TERM
 "$bin/k2proxy" check --routes routes.toml
 
 start_sim() { # name address
-  "$bin/legacy-sim" --name "$1" --listen "$2" --workers 16 --service-time 20ms &
+  "$bin/legacy-sim" --name "$1" --listen "$2" --workers 16 --service 20ms &
   pids+=($!)
 }
 start_sim skondal-1 127.0.0.1:9001

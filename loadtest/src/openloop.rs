@@ -1,19 +1,57 @@
-//! A constant-rate open-loop generator: request `i` is due at
-//! `start + i / rate` whatever happened to the earlier ones, and its latency
-//! is counted from that intended time, so a slow target cannot hide behind
-//! the generator slowing down (coordinated omission, as in wrk2). Each
-//! arrival draws its target (a tier's request) from a weighted mix.
+//! The open-loop generator: arrival `i` is due at the time the rate profile
+//! says ([`crate::schedule`]) whatever happened to the earlier ones, and its
+//! latency is counted from that intended time, so a slow target cannot hide
+//! behind the generator slowing down (coordinated omission, as in wrk2).
+//! Latency from the actual send time is kept too: the difference is the
+//! generator's own lag, which the report states.
+//!
+//! Arrivals are paced on a thread of their own (an OS timer, not tokio's
+//! millisecond wheel) and each request runs as a task on the caller's
+//! runtime. Each arrival draws its tier's request from a weighted mix.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
+use hyper::header::HeaderName;
+use hyper::Method;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-/// One kind of request in the mix (typically one tier's).
+use crate::schedule::{pace, Mix, Schedule};
+use crate::template::Template;
+
+/// One kind of request in the mix (typically one tier's), templated.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub name: String,
+    /// Relative share of arrivals.
+    pub weight: f64,
+    pub method: Method,
+    /// Full URL, `http://host:port/path?query`.
+    pub url: Template,
+    pub headers: Vec<(HeaderName, Template)>,
+    pub body: Option<Template>,
+    /// A header carrying a key unique to the request (the request id), as a
+    /// client that may retry a purchase sends it.
+    pub idempotency_header: Option<HeaderName>,
+}
+
+/// A whole load: what to send and when.
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub requests: Vec<Request>,
+    pub schedule: Schedule,
+    /// Per-request client timeout (connect to last body byte).
+    pub timeout: Duration,
+    /// Seed of the mix and of `{rand:N}`; also part of every request id.
+    pub seed: u64,
+}
+
+/// One kind of request, simple form: a constant URL.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: String,
@@ -26,7 +64,7 @@ pub struct Target {
     pub body: Option<Bytes>,
 }
 
-/// What to send and how fast.
+/// A constant-rate load of simple targets.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub targets: Vec<Target>,
@@ -39,37 +77,171 @@ pub struct Plan {
     pub seed: u64,
 }
 
+fn literal(s: &str) -> Template {
+    // Escape nothing: a literal URL or header never holds `{`; if it does,
+    // it is sent as written.
+    Template::parse(s).unwrap_or_else(|_| Template::parse("").expect("empty template"))
+}
+
+impl From<Plan> for Load {
+    fn from(plan: Plan) -> Load {
+        let requests = plan
+            .targets
+            .into_iter()
+            .map(|t| Request {
+                name: t.name,
+                weight: t.weight,
+                method: if t.body.is_some() {
+                    Method::POST
+                } else {
+                    Method::GET
+                },
+                url: literal(&t.url.to_string()),
+                headers: t
+                    .headers
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.parse().ok()?, literal(v))))
+                    .collect(),
+                body: t.body.map(|b| literal(&String::from_utf8_lossy(&b))),
+                idempotency_header: None,
+            })
+            .collect();
+        Load {
+            requests,
+            schedule: Schedule::constant(plan.rate as f64, plan.duration),
+            timeout: plan.timeout,
+            seed: plan.seed,
+        }
+    }
+}
+
+/// Runs a constant-rate plan to the end.
+pub async fn run(plan: Plan) -> Report {
+    let load = Load::from(plan);
+    let live = Live::new(&load);
+    run_load(load, live).await
+}
+
 /// How requests ended.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Outcomes {
     pub ok: u64,
-    /// 503 (or a tier's shed status) carrying `x-k2-shed`.
+    /// A response carrying `x-k2-shed` (503 or a tier's shed status).
     pub shed: u64,
+    /// 429.
     pub rate_limited: u64,
     /// Any other status, or a connection error.
     pub error: u64,
+    /// No complete response within the client timeout.
     pub timeout: u64,
 }
 
-/// Results of one target.
+impl Outcomes {
+    pub fn total(&self) -> u64 {
+        self.ok + self.shed + self.rate_limited + self.error + self.timeout
+    }
+
+    fn add(&mut self, class: Class) {
+        match class {
+            Class::Ok => self.ok += 1,
+            Class::Shed => self.shed += 1,
+            Class::RateLimited => self.rate_limited += 1,
+            Class::Error => self.error += 1,
+            Class::Timeout => self.timeout += 1,
+        }
+    }
+}
+
+/// Counters read while the run goes on (progress display).
+#[derive(Debug)]
+pub struct Live {
+    pub names: Vec<String>,
+    /// Arrivals sent so far, per request kind.
+    pub sent: Vec<AtomicU64>,
+    /// Completed successfully so far, per request kind.
+    pub ok: Vec<AtomicU64>,
+    /// Completed (any outcome) so far, per request kind.
+    pub done: Vec<AtomicU64>,
+    /// Set when the run is over (observers stop).
+    pub finished: std::sync::atomic::AtomicBool,
+}
+
+impl Live {
+    pub fn new(load: &Load) -> Arc<Live> {
+        let n = load.requests.len();
+        let zeros = || (0..n).map(|_| AtomicU64::new(0)).collect();
+        Arc::new(Live {
+            names: load.requests.iter().map(|r| r.name.clone()).collect(),
+            sent: zeros(),
+            ok: zeros(),
+            done: zeros(),
+            finished: Default::default(),
+        })
+    }
+
+    pub fn total(counters: &[AtomicU64]) -> u64 {
+        counters.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Results of one kind of request (one tier).
 #[derive(Debug)]
 pub struct TargetReport {
     pub name: String,
     pub sent: u64,
     pub outcomes: Outcomes,
-    /// Microseconds from intended send time to the end of a successful response.
+    /// Microseconds from the intended send time to the end of a successful
+    /// response: what the shopper waited.
     pub ok_latency: Histogram<u64>,
-    /// The same for shed responses: how fast a refusal comes.
+    /// The same from the actual send time (without the generator's lag).
+    pub ok_latency_sent: Histogram<u64>,
+    /// From intended send time to a shed response: how fast a refusal comes.
     pub shed_latency: Histogram<u64>,
 }
 
 impl TargetReport {
+    fn new(name: &str) -> TargetReport {
+        TargetReport {
+            name: name.to_string(),
+            sent: 0,
+            outcomes: Outcomes::default(),
+            ok_latency: histogram(),
+            ok_latency_sent: histogram(),
+            shed_latency: histogram(),
+        }
+    }
+
     pub fn success(&self) -> f64 {
         if self.sent == 0 {
             return 1.0;
         }
         self.outcomes.ok as f64 / self.sent as f64
     }
+
+    /// Share of requests that ended so (0 when none were sent).
+    pub fn share(&self, n: u64) -> f64 {
+        if self.sent == 0 {
+            return 0.0;
+        }
+        n as f64 / self.sent as f64
+    }
+}
+
+/// One second of the run (by intended send time), per request kind.
+#[derive(Debug, Clone)]
+pub struct Second {
+    pub outcomes: Vec<Outcomes>,
+    /// Latency of successful responses from the intended send time, µs.
+    pub ok_latency: Vec<Histogram<u64>>,
+}
+
+/// Something that happened during the run (a fault, a reload), for the
+/// report's time axis.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Event {
+    /// Seconds from the start of the load.
+    pub at_s: f64,
+    pub what: String,
 }
 
 /// The result of a run.
@@ -79,10 +251,10 @@ pub struct Report {
     /// Microseconds the generator sent late (its own lag).
     pub send_lag: Histogram<u64>,
     pub elapsed: Duration,
-}
-
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
+    pub timeline: Vec<Second>,
+    /// The offered rate per second of the profile, all kinds together.
+    pub offered_rate: Vec<f64>,
+    pub events: Vec<Event>,
 }
 
 impl Report {
@@ -98,79 +270,31 @@ impl Report {
         self.targets.iter().map(|t| t.outcomes.ok).sum()
     }
 
-    /// A text table, one line per target.
-    pub fn summary(&self) -> String {
-        let mut out = format!(
-            "sent {} in {:.1}s ({:.0}/s), generator send lag p99 {:.3} ms{}\n",
-            self.sent(),
-            self.elapsed.as_secs_f64(),
-            self.sent() as f64 / self.elapsed.as_secs_f64(),
-            ms(&self.send_lag, 0.99),
-            if ms(&self.send_lag, 0.99) > 1.0 {
-                " (over 1 ms: the generator itself is a bottleneck; latencies include it)"
-            } else {
-                ""
-            }
-        );
-        out.push_str(&format!(
-            "{:<18} {:>7} {:>8} {:>7} {:>6} {:>6} {:>7} {:>10} {:>10} {:>12}\n",
-            "target",
-            "sent",
-            "success",
-            "shed",
-            "429",
-            "error",
-            "timeout",
-            "ok p50 ms",
-            "ok p99 ms",
-            "shed p99 ms"
-        ));
+    /// All kinds together, as one more target named `all`.
+    pub fn all(&self) -> TargetReport {
+        let mut all = TargetReport::new("all");
         for t in &self.targets {
-            let o = &t.outcomes;
-            out.push_str(&format!(
-                "{:<18} {:>7} {:>7.1}% {:>7} {:>6} {:>6} {:>7} {:>10.1} {:>10.1} {:>12.1}\n",
-                t.name,
-                t.sent,
-                t.success() * 100.0,
-                o.shed,
-                o.rate_limited,
-                o.error,
-                o.timeout,
-                ms(&t.ok_latency, 0.5),
-                ms(&t.ok_latency, 0.99),
-                ms(&t.shed_latency, 0.99),
-            ));
+            all.sent += t.sent;
+            let (a, o) = (&mut all.outcomes, &t.outcomes);
+            a.ok += o.ok;
+            a.shed += o.shed;
+            a.rate_limited += o.rate_limited;
+            a.error += o.error;
+            a.timeout += o.timeout;
+            let _ = all.ok_latency.add(&t.ok_latency);
+            let _ = all.ok_latency_sent.add(&t.ok_latency_sent);
+            let _ = all.shed_latency.add(&t.shed_latency);
         }
-        out
-    }
-
-    /// The report as JSON.
-    pub fn to_json(&self) -> serde_json::Value {
-        let targets: Vec<_> = self
-            .targets
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "name": t.name,
-                    "sent": t.sent,
-                    "success": t.success(),
-                    "outcomes": t.outcomes,
-                    "ok_ms": {"p50": ms(&t.ok_latency, 0.5), "p99": ms(&t.ok_latency, 0.99), "max": t.ok_latency.max() as f64 / 1000.0},
-                    "shed_ms": {"p50": ms(&t.shed_latency, 0.5), "p99": ms(&t.shed_latency, 0.99)},
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "sent": self.sent(),
-            "elapsed_s": self.elapsed.as_secs_f64(),
-            "send_lag_p99_ms": ms(&self.send_lag, 0.99),
-            "targets": targets,
-        })
+        all
     }
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid")
+}
+
+fn coarse_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("static bounds are valid")
 }
 
 #[derive(Clone, Copy)]
@@ -182,108 +306,172 @@ enum Class {
     Timeout,
 }
 
-/// Runs the plan to the end; every request is bounded by `timeout`.
-pub async fn run(plan: Plan) -> Report {
-    assert!(!plan.targets.is_empty(), "a plan needs at least one target");
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+/// What the request tasks fill in.
+struct Acc {
+    targets: Vec<TargetReport>,
+    timeline: Vec<Second>,
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// Runs the load to the end; every request is bounded by `load.timeout`.
+/// `live` is updated as requests are sent and answered.
+pub async fn run_load(load: Load, live: Arc<Live>) -> Report {
+    assert!(
+        !load.requests.is_empty(),
+        "a load needs at least one request"
+    );
+    let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
-    let total = (plan.rate as u64 * plan.duration.as_millis() as u64) / 1000;
-    let interval = Duration::from_secs_f64(1.0 / plan.rate.max(1) as f64);
-    let weights: f64 = plan.targets.iter().map(|t| t.weight).sum();
-    let reports: Arc<Mutex<Vec<TargetReport>>> = Arc::new(Mutex::new(
-        plan.targets
+    let seconds = load.schedule.duration().as_secs() as usize + 1;
+    let kinds = load.requests.len();
+    let acc = Arc::new(Mutex::new(Acc {
+        targets: load
+            .requests
             .iter()
-            .map(|t| TargetReport {
-                name: t.name.clone(),
-                sent: 0,
-                outcomes: Outcomes::default(),
-                ok_latency: histogram(),
-                shed_latency: histogram(),
+            .map(|r| TargetReport::new(&r.name))
+            .collect(),
+        timeline: (0..seconds)
+            .map(|_| Second {
+                outcomes: vec![Outcomes::default(); kinds],
+                ok_latency: (0..kinds).map(|_| coarse_histogram()).collect(),
             })
             .collect(),
-    ));
-    let mut rng = fastrand::Rng::with_seed(plan.seed);
-    let mut send_lag = histogram();
+    }));
+    let offered_rate = (0..seconds)
+        .map(|s| load.schedule.rate_at(Duration::from_secs(s as u64)))
+        .collect();
+    let runtime = tokio::runtime::Handle::current();
+    // Every request task holds a sender; `recv` ends when the last is gone.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let due = start + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(due.into()).await;
-        send_lag.saturating_record(due.elapsed().as_micros() as u64);
-        let mut x = rng.f64() * weights;
-        let idx = plan
-            .targets
-            .iter()
-            .position(|t| {
-                x -= t.weight;
-                x < 0.0
+    let pacer = {
+        let (acc, live, load) = (acc.clone(), live.clone(), Arc::new(load));
+        std::thread::Builder::new()
+            .name("loadtest-pacer".into())
+            .spawn(move || {
+                let local = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("a current-thread runtime");
+                let weights: Vec<f64> = load.requests.iter().map(|r| r.weight).collect();
+                let mut mix = Mix::new(&weights, load.seed);
+                let mut lag = histogram();
+                local.block_on(pace(load.schedule.arrivals(), true, |i, offset, late| {
+                    lag.saturating_record(late.as_micros() as u64);
+                    let due = Instant::now() - late;
+                    let kind = mix.draw();
+                    live.sent[kind].fetch_add(1, Ordering::Relaxed);
+                    let req = build(&load.requests[kind], load.seed, i, &mut mix);
+                    let ctx = (client.clone(), acc.clone(), live.clone(), done_tx.clone());
+                    let second = (offset.as_secs() as usize).min(seconds - 1);
+                    runtime.spawn(send(ctx, req, kind, due, second, load.timeout));
+                }));
+                lag
             })
-            .unwrap_or(plan.targets.len() - 1);
-        let target = &plan.targets[idx];
-        let method = if target.body.is_some() {
-            hyper::Method::POST
-        } else {
-            hyper::Method::GET
-        };
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(target.url.clone());
-        // Every request has its own id (the simulator counts duplicates by it).
-        req = req.header("x-request-id", format!("lt-{}-{i}", plan.seed));
-        for (k, v) in &target.headers {
-            req = req.header(k, v);
-        }
-        let body = target.body.clone().unwrap_or_default();
-        let req = req.body(Full::new(body)).expect("valid request parts");
-        let (client, reports, timeout) = (client.clone(), reports.clone(), plan.timeout);
-        tasks.push(tokio::spawn(async move {
-            let result = tokio::time::timeout(timeout, async {
+            .expect("spawn the pacer thread")
+    };
+    let send_lag = tokio::task::spawn_blocking(move || pacer.join().expect("pacer panicked"))
+        .await
+        .expect("pacer join");
+    let _ = done_rx.recv().await;
+    let elapsed = start.elapsed();
+    live.finished.store(true, Ordering::Relaxed);
+    let acc = Arc::try_unwrap(acc)
+        .ok()
+        .expect("all request tasks finished")
+        .into_inner()
+        .expect("report lock");
+    Report {
+        targets: acc.targets,
+        send_lag,
+        elapsed,
+        timeline: acc.timeline,
+        offered_rate,
+        events: Vec::new(),
+    }
+}
+
+/// Renders arrival `i`'s request; an invalid rendering (checked at load
+/// time, so not expected) becomes a request to a URL that fails.
+fn build(r: &Request, seed: u64, i: u64, rng: &mut Mix) -> Option<hyper::Request<Full<Bytes>>> {
+    let id = format!("lt-{seed}-{i}");
+    let mut req = hyper::Request::builder()
+        .method(r.method.clone())
+        .uri(r.url.render(i, &id, rng))
+        .header("x-request-id", id.as_str());
+    for (k, v) in &r.headers {
+        req = req.header(k, v.render(i, &id, rng));
+    }
+    if let Some(h) = &r.idempotency_header {
+        req = req.header(h, id.as_str());
+    }
+    let body = r
+        .body
+        .as_ref()
+        .map(|b| Bytes::from(b.render(i, &id, rng)))
+        .unwrap_or_default();
+    req.body(Full::new(body)).ok()
+}
+
+async fn send(
+    (client, acc, live, _done): (
+        HttpClient,
+        Arc<Mutex<Acc>>,
+        Arc<Live>,
+        tokio::sync::mpsc::Sender<()>,
+    ),
+    req: Option<hyper::Request<Full<Bytes>>>,
+    kind: usize,
+    due: Instant,
+    second: usize,
+    timeout: Duration,
+) {
+    let sent_at = Instant::now();
+    let result = match req {
+        None => Ok(Err("request did not render".into())),
+        Some(req) => {
+            tokio::time::timeout(timeout, async {
                 let resp = client.request(req).await?;
                 let status = resp.status();
                 let shed = resp.headers().contains_key("x-k2-shed");
                 resp.into_body().collect().await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, shed))
             })
-            .await;
-            let latency = due.elapsed().as_micros() as u64;
-            let class = match result {
-                Err(_) => Class::Timeout,
-                Ok(Err(_)) => Class::Error,
-                Ok(Ok((s, _))) if s.is_success() => Class::Ok,
-                Ok(Ok((s, true))) if s.as_u16() == 429 => Class::RateLimited,
-                Ok(Ok((_, true))) => Class::Shed,
-                Ok(Ok(_)) => Class::Error,
-            };
-            let mut all = reports.lock().expect("report lock");
-            let r = &mut all[idx];
-            r.sent += 1;
-            match class {
-                Class::Ok => {
-                    r.outcomes.ok += 1;
-                    r.ok_latency.saturating_record(latency);
-                }
-                Class::Shed => {
-                    r.outcomes.shed += 1;
-                    r.shed_latency.saturating_record(latency);
-                }
-                Class::RateLimited => r.outcomes.rate_limited += 1,
-                Class::Error => r.outcomes.error += 1,
-                Class::Timeout => r.outcomes.timeout += 1,
-            }
-        }));
+            .await
+        }
+    };
+    let end = Instant::now();
+    let latency = (end - due).as_micros() as u64;
+    let class = match result {
+        Err(_) => Class::Timeout,
+        Ok(Err(_)) => Class::Error,
+        Ok(Ok((s, _))) if s.is_success() => Class::Ok,
+        Ok(Ok((s, _))) if s.as_u16() == 429 => Class::RateLimited,
+        Ok(Ok((_, true))) => Class::Shed,
+        Ok(Ok(_)) => Class::Error,
+    };
+    live.done[kind].fetch_add(1, Ordering::Relaxed);
+    if matches!(class, Class::Ok) {
+        live.ok[kind].fetch_add(1, Ordering::Relaxed);
     }
-    for t in tasks {
-        let _ = t.await;
+    let mut acc = acc.lock().expect("report lock");
+    let r = &mut acc.targets[kind];
+    r.sent += 1;
+    r.outcomes.add(class);
+    match class {
+        Class::Ok => {
+            r.ok_latency.saturating_record(latency);
+            r.ok_latency_sent
+                .saturating_record((end - sent_at).as_micros() as u64);
+        }
+        Class::Shed => r.shed_latency.saturating_record(latency),
+        _ => {}
     }
-    let elapsed = start.elapsed();
-    let targets = Arc::try_unwrap(reports)
-        .expect("all tasks finished")
-        .into_inner()
-        .expect("report lock");
-    Report {
-        targets,
-        send_lag,
-        elapsed,
+    let s = &mut acc.timeline[second];
+    s.outcomes[kind].add(class);
+    if matches!(class, Class::Ok) {
+        s.ok_latency[kind].saturating_record(latency);
     }
 }

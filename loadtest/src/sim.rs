@@ -1,21 +1,32 @@
-//! The legacy backend simulator: a worker pool of `workers` that serves each
-//! request in `service_time`; requests beyond the pool wait for a worker.
+//! The legacy backend simulator: a model of the legacy checkout backend at
+//! one site. A pool of `workers` serves requests; the rest wait in a queue
+//! (bounded by `queue`, 0 = unbounded). Each request holds a worker for a
+//! service time drawn from a distribution chosen by path prefix ([`Dist`]:
+//! fixed, uniform, log-normal). Past the knee the backend collapses the way
+//! the seed system did: every request waiting stretches the service time of
+//! the next one by `collapse / workers` (context switches, lock contention,
+//! a database gone cold), so an unprotected backend gets slower exactly when
+//! it is most needed.
 //!
 //! Endpoints: `GET /health` (never queued), `GET /_sim/stats` (requests per
-//! tier from `x-k2-tier`, duplicate `x-request-id`s), `POST
-//! /_sim/fault?mode=normal|hang|errors[&rate=0.5][&health=1]` (fault
-//! injection), anything else: a request with a body gets the body echoed, one
+//! tier from `x-k2-tier`, duplicate `x-request-id`s, busy workers, queue),
+//! `POST /_sim/fault?mode=…[&for=5s]` (fault injection; `for` recovers by
+//! itself), anything else: a request with a body gets the body echoed, one
 //! without gets a JSON description of what the simulator saw (`tier`,
 //! `request_id`, …).
 //!
-//! Faults: `hang` accepts and never answers (until the fault is cleared);
-//! `errors` answers 500 to a share of requests (and to `/health` too when
-//! `health` is set); a [`SimHandle`] can also stop the simulator (listener
-//! and open connections gone: connections are refused) and start it again.
+//! Faults ([`Fault`]): `refuse` closes the listener and every open
+//! connection (connections are refused, a dead host), `hang` accepts and
+//! never answers, `slow&factor=F` multiplies service times, `errors&rate=R`
+//! answers 500 to a share of requests (`&health=1`: health checks too),
+//! `normal` recovers. While refusing, the control endpoint is reachable only
+//! on a separate control listener (`legacy-sim --control`), or use `for=`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +38,92 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+
+/// A service-time distribution, written `20ms`, `uniform(10ms, 30ms)` or
+/// `lognormal(20ms, 0.5)` (median and sigma of the underlying normal).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum Dist {
+    Fixed(Duration),
+    Uniform(Duration, Duration),
+    LogNormal { median: Duration, sigma: f64 },
+}
+
+impl Dist {
+    pub fn sample(&self, rng: &mut fastrand::Rng) -> Duration {
+        match *self {
+            Dist::Fixed(d) => d,
+            Dist::Uniform(lo, hi) => lo + (hi - lo).mul_f64(rng.f64()),
+            Dist::LogNormal { median, sigma } => {
+                // Box-Muller: one standard normal draw from two uniforms.
+                let (u1, u2) = (1.0 - rng.f64(), rng.f64());
+                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                // Capped at 1000x the median: a sample, not an outage.
+                median.mul_f64((sigma * z).exp().min(1000.0))
+            }
+        }
+    }
+
+    /// The mean service time (capacity = workers / mean).
+    pub fn mean(&self) -> Duration {
+        match *self {
+            Dist::Fixed(d) => d,
+            Dist::Uniform(lo, hi) => (lo + hi) / 2,
+            Dist::LogNormal { median, sigma } => median.mul_f64((sigma * sigma / 2.0).exp()),
+        }
+    }
+}
+
+impl FromStr for Dist {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Dist, String> {
+        let expected = "expected a duration (20ms), uniform(10ms, 30ms) or lognormal(20ms, 0.5)";
+        let dur = |v: &str| {
+            humantime::parse_duration(v.trim()).map_err(|e| format!("{v:?}: {e}; {expected}"))
+        };
+        let s = s.trim();
+        let Some((kind, args)) = s.split_once('(') else {
+            return dur(s).map(Dist::Fixed);
+        };
+        let args = args
+            .strip_suffix(')')
+            .ok_or_else(|| format!("{s:?}: missing `)`; {expected}"))?;
+        let (a, b) = args
+            .split_once(',')
+            .ok_or_else(|| format!("{s:?}: two arguments; {expected}"))?;
+        match kind.trim() {
+            "uniform" => {
+                let (lo, hi) = (dur(a)?, dur(b)?);
+                if lo > hi {
+                    return Err(format!("{s:?}: the low bound is above the high one"));
+                }
+                Ok(Dist::Uniform(lo, hi))
+            }
+            "lognormal" => {
+                let sigma: f64 = b
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|v: &f64| (0.0..=3.0).contains(v))
+                    .ok_or_else(|| format!("{s:?}: sigma must be a number from 0 to 3"))?;
+                Ok(Dist::LogNormal {
+                    median: dur(a)?,
+                    sigma,
+                })
+            }
+            other => Err(format!("{s:?}: unknown distribution {other:?}; {expected}")),
+        }
+    }
+}
+
+impl TryFrom<String> for Dist {
+    type Error = String;
+    fn try_from(s: String) -> Result<Dist, String> {
+        s.parse()
+    }
+}
 
 /// How one simulated site behaves.
 #[derive(Debug, Clone)]
@@ -36,21 +132,87 @@ pub struct SimConfig {
     pub name: String,
     /// Requests served at once; the rest wait.
     pub workers: usize,
-    /// Time one request holds a worker.
-    pub service_time: Duration,
+    /// Service time of requests no class matches.
+    pub service: Dist,
+    /// Service time by path prefix, first match wins.
+    pub classes: Vec<(String, Dist)>,
+    /// Requests allowed to wait for a worker; beyond it they get 503 at once
+    /// (no `x-k2-shed`: the backend's own refusal). 0 = unbounded.
+    pub queue: usize,
+    /// Congestion collapse: each waiting request adds `collapse / workers`
+    /// to the service-time factor. 0 = an ideal queue.
+    pub collapse: f64,
+}
+
+impl SimConfig {
+    /// `workers` serving every request in exactly `service`; no collapse.
+    pub fn fixed(name: &str, workers: usize, service: Duration) -> SimConfig {
+        SimConfig {
+            name: name.into(),
+            workers,
+            service: Dist::Fixed(service),
+            classes: Vec::new(),
+            queue: 0,
+            collapse: 0.0,
+        }
+    }
+
+    /// Requests per second the pool sustains without queueing (mean service).
+    pub fn capacity(&self) -> f64 {
+        self.capacity_for(&[("/", 1.0)])
+    }
+
+    /// The same for a mix of paths with weights: the mean service time is
+    /// weighted by how often each path's class is hit.
+    pub fn capacity_for(&self, mix: &[(&str, f64)]) -> f64 {
+        let total: f64 = mix.iter().map(|(_, w)| w).sum();
+        let mean: f64 = mix
+            .iter()
+            .map(|(path, w)| self.dist_for(path).mean().as_secs_f64() * w)
+            .sum::<f64>()
+            / total.max(f64::MIN_POSITIVE);
+        if mean <= 0.0 {
+            return f64::INFINITY;
+        }
+        self.workers as f64 / mean
+    }
+
+    fn dist_for(&self, path: &str) -> &Dist {
+        self.classes
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(&self.service, |(_, d)| d)
+    }
 }
 
 /// A fault the simulator plays.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Fault {
     None,
+    /// Listener and open connections closed: connections are refused.
+    Refuse,
     /// Accept, never answer.
     Hang,
+    /// Service times multiplied by this factor.
+    Slow(f64),
     /// Answer 500 to this share of requests; `health`: to `/health` too.
     Errors {
         rate: f64,
         health: bool,
     },
+}
+
+impl Fault {
+    /// The fault as written in scenario files and the control endpoint.
+    pub fn name(&self) -> String {
+        match self {
+            Fault::None => "normal".into(),
+            Fault::Refuse => "refuse".into(),
+            Fault::Hang => "hang".into(),
+            Fault::Slow(f) => format!("slow x{f}"),
+            Fault::Errors { rate, .. } => format!("errors {:.0}%", rate * 100.0),
+        }
+    }
 }
 
 /// Counters behind `GET /_sim/stats`.
@@ -60,32 +222,56 @@ struct Stats {
     per_tier: HashMap<String, u64>,
     id_counts: HashMap<String, u64>,
     duplicates: u64,
+    queue_full: u64,
 }
 
 /// A running simulator.
 pub struct Sim {
     config: SimConfig,
     workers: Semaphore,
+    waiting: AtomicUsize,
     stats: Mutex<Stats>,
-    fault: Mutex<Fault>,
+    fault: watch::Sender<Fault>,
+    /// Bumped on every fault change, so a timed recovery only undoes its own.
+    fault_generation: AtomicUsize,
 }
 
 impl Sim {
     pub fn new(config: SimConfig) -> Arc<Sim> {
         Arc::new(Sim {
             workers: Semaphore::new(config.workers.max(1)),
+            waiting: AtomicUsize::new(0),
             config,
             stats: Mutex::new(Stats::default()),
-            fault: Mutex::new(Fault::None),
+            fault: watch::Sender::new(Fault::None),
+            fault_generation: AtomicUsize::new(0),
         })
     }
 
-    pub fn set_fault(&self, fault: Fault) {
-        *self.fault.lock().expect("fault lock") = fault;
+    pub fn config(&self) -> &SimConfig {
+        &self.config
     }
 
-    fn fault(&self) -> Fault {
-        *self.fault.lock().expect("fault lock")
+    pub fn set_fault(&self, fault: Fault) {
+        self.fault_generation.fetch_add(1, Ordering::SeqCst);
+        self.fault.send_replace(fault);
+    }
+
+    /// Plays `fault` for `duration`, then recovers unless it was changed since.
+    pub fn set_fault_for(self: &Arc<Self>, fault: Fault, duration: Duration) {
+        self.set_fault(fault);
+        let generation = self.fault_generation.load(Ordering::SeqCst);
+        let sim = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            if sim.fault_generation.load(Ordering::SeqCst) == generation {
+                sim.set_fault(Fault::None);
+            }
+        });
+    }
+
+    pub fn fault(&self) -> Fault {
+        *self.fault.borrow()
     }
 
     /// Every `x-request-id` seen, with how often.
@@ -100,10 +286,11 @@ impl Sim {
 
     /// Plays the current fault; `Some(response)` when it answers instead.
     async fn play_fault(&self, health: bool) -> Option<Response<Full<Bytes>>> {
+        let mut changes = self.fault.subscribe();
         loop {
-            match self.fault() {
-                Fault::None => return None,
-                Fault::Hang => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            match *changes.borrow_and_update() {
+                Fault::None | Fault::Slow(_) | Fault::Refuse => return None,
+                Fault::Hang => {}
                 Fault::Errors { rate, health: h } => {
                     if (health && !h) || fastrand::f64() >= rate {
                         return None;
@@ -111,15 +298,42 @@ impl Sim {
                     return Some(text(StatusCode::INTERNAL_SERVER_ERROR, "injected error\n"));
                 }
             }
+            // Hanging: wait for the fault to change.
+            if changes.changed().await.is_err() {
+                return None;
+            }
         }
     }
 
     /// Accepts connections until the future is dropped; dropping it also
     /// closes every open connection (a dead host, not just a closed port).
+    /// While the fault is [`Fault::Refuse`] the listener is closed and opened
+    /// again on the same address when the fault clears.
     pub async fn serve(self: Arc<Sim>, listener: TcpListener) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        let mut listener = Some(listener);
+        let mut changes = self.fault.subscribe();
         let mut connections = tokio::task::JoinSet::new();
         loop {
-            let (stream, _) = listener.accept().await?;
+            let refusing = *changes.borrow_and_update() == Fault::Refuse;
+            match (refusing, &listener) {
+                (true, Some(_)) => {
+                    listener = None;
+                    connections.abort_all();
+                }
+                (false, None) => listener = Some(rebind(addr).await?),
+                _ => {}
+            }
+            let Some(l) = &listener else {
+                if changes.changed().await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            };
+            let stream = tokio::select! {
+                accepted = l.accept() => accepted?.0,
+                _ = changes.changed() => continue,
+            };
             while connections.try_join_next().is_some() {}
             let _ = stream.set_nodelay(true);
             let sim = self.clone();
@@ -135,7 +349,35 @@ impl Sim {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Serves only `/_sim/*` (stats and faults) on a listener that faults do
+    /// not touch, so a refusing simulator can still be told to recover.
+    pub async fn serve_control(self: Arc<Sim>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let sim = self.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let sim = sim.clone();
+                    async move {
+                        let r = if req.uri().path().starts_with("/_sim/") {
+                            sim.handle(req).await
+                        } else {
+                            text(
+                                StatusCode::NOT_FOUND,
+                                "control listener: /_sim/stats, /_sim/fault\n",
+                            )
+                        };
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match req.uri().path() {
             "/health" => {
                 if let Some(r) = self.play_fault(true).await {
@@ -164,17 +406,30 @@ impl Sim {
         }
 
         // Holding a worker for the service time is the capacity limit.
+        let waiting = Waiting::enter(&self.waiting);
+        if self.config.queue > 0 && waiting.ahead >= self.config.queue {
+            self.stats.lock().expect("stats lock").queue_full += 1;
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "legacy backend queue full\n",
+            );
+        }
         let _worker = self
             .workers
             .acquire()
             .await
             .expect("semaphore never closed");
+        // The queue behind this request at the moment it starts: the longer
+        // it is, the slower the backend works (congestion collapse).
+        let queued = self.waiting.load(Ordering::Relaxed).saturating_sub(1);
+        drop(waiting);
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return text(StatusCode::BAD_REQUEST, "body read failed\n"),
         };
-        if !self.config.service_time.is_zero() {
-            tokio::time::sleep(self.config.service_time).await;
+        let service = self.service_time(&path, queued);
+        if !service.is_zero() {
+            tokio::time::sleep(service).await;
         }
 
         let mut resp = if body.is_empty() {
@@ -203,6 +458,20 @@ impl Sim {
         resp
     }
 
+    /// The service time of one request to `path` with `queued` waiting.
+    pub fn service_time(&self, path: &str, queued: usize) -> Duration {
+        let dist = self.config.dist_for(path);
+        let base = dist.sample(&mut fastrand::Rng::new());
+        let slow = match self.fault() {
+            Fault::Slow(f) => f,
+            _ => 1.0,
+        };
+        let collapse =
+            1.0 + self.config.collapse * queued as f64 / self.config.workers.max(1) as f64;
+        // Capped: a collapsed backend is very slow, not stopped.
+        base.mul_f64((slow * collapse).min(1000.0))
+    }
+
     fn record(&self, tier: Option<&str>, request_id: Option<&str>) {
         let mut s = self.stats.lock().expect("stats lock");
         s.total += 1;
@@ -219,29 +488,16 @@ impl Sim {
     }
 
     /// `POST /_sim/fault?mode=…`: sets a fault.
-    fn fault_request(&self, query: &str) -> Response<Full<Bytes>> {
-        let arg = |k: &str| {
-            query
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(key, _)| *key == k)
-                .map(|(_, v)| v)
-        };
-        let fault = match arg("mode") {
-            Some("normal") => Fault::None,
-            Some("hang") => Fault::Hang,
-            Some("errors") => Fault::Errors {
-                rate: arg("rate").and_then(|r| r.parse().ok()).unwrap_or(1.0),
-                health: arg("health") == Some("1"),
-            },
-            _ => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    "expected mode=normal|hang|errors[&rate=R][&health=1]\n",
-                )
+    fn fault_request(self: &Arc<Self>, query: &str) -> Response<Full<Bytes>> {
+        match parse_fault_query(query) {
+            Ok((fault, None)) => self.set_fault(fault),
+            Ok((fault, Some(d))) => self.set_fault_for(fault, d),
+            Err(e) => {
+                let mut r = text(StatusCode::BAD_REQUEST, "");
+                *r.body_mut() = Full::new(Bytes::from(format!("{e}\n")));
+                return r;
             }
-        };
-        self.set_fault(fault);
+        }
         text(StatusCode::OK, "ok\n")
     }
 
@@ -252,12 +508,89 @@ impl Sim {
             "total": s.total,
             "per_tier": s.per_tier,
             "duplicate_request_ids": s.duplicates,
+            "queue_full": s.queue_full,
+            "busy_workers": self.config.workers.max(1) - self.workers.available_permits(),
+            "waiting": self.waiting.load(Ordering::Relaxed),
+            "fault": self.fault().name(),
         });
         let mut r = Response::new(Full::new(Bytes::from(json.to_string())));
         r.headers_mut()
             .insert("content-type", "application/json".parse().expect("static"));
         r
     }
+}
+
+/// Counts a request as waiting for a worker while it lives.
+struct Waiting<'a> {
+    count: &'a AtomicUsize,
+    /// Requests that were already waiting when this one arrived.
+    ahead: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Waiting<'a> {
+        let ahead = count.fetch_add(1, Ordering::Relaxed);
+        Waiting { count, ahead }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Binds `addr` again after a refuse fault; the old socket may linger briefly.
+async fn rebind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let mut tries = 0;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if tries >= 50 => return Err(e),
+            Err(_) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// `mode=normal|refuse|hang|slow|errors[&factor=F][&rate=R][&health=1][&for=D]`.
+pub fn parse_fault_query(query: &str) -> Result<(Fault, Option<Duration>), String> {
+    let arg = |k: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(key, _)| *key == k)
+            .map(|(_, v)| v)
+    };
+    let number = |k: &str, default: f64, ok: fn(f64) -> bool| match arg(k) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|x| ok(*x))
+            .ok_or_else(|| format!("{k}={v}: out of range")),
+    };
+    let fault = match arg("mode") {
+        Some("normal") => Fault::None,
+        Some("refuse") => Fault::Refuse,
+        Some("hang") => Fault::Hang,
+        Some("slow") => Fault::Slow(number("factor", 2.0, |f| (1.0..=1000.0).contains(&f))?),
+        Some("errors") => Fault::Errors {
+            rate: number("rate", 1.0, |r| (0.0..=1.0).contains(&r))?,
+            health: arg("health") == Some("1"),
+        },
+        _ => return Err(
+            "expected mode=normal|refuse|hang|slow|errors[&factor=F][&rate=R][&health=1][&for=5s]"
+                .into(),
+        ),
+    };
+    let duration = match arg("for") {
+        None => None,
+        Some(v) => Some(humantime::parse_duration(v).map_err(|e| format!("for={v}: {e}"))?),
+    };
+    Ok((fault, duration))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -8,11 +8,7 @@ use loadtest::sim::{self, SimConfig};
 
 /// Starts a simulator that serves until the test's runtime ends.
 async fn start_sim(workers: usize, service_time: Duration) -> SocketAddr {
-    let config = SimConfig {
-        name: "test-sim".into(),
-        workers,
-        service_time,
-    };
+    let config = SimConfig::fixed("test-sim", workers, service_time);
     let handle = sim::start(config, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();

@@ -1,14 +1,22 @@
-//! `loadtest run --target URL --rate N --duration D`: a constant-rate,
-//! open-loop load at a k2proxy (or any HTTP target), reporting outcomes and
-//! latency from the intended send time. See `loadtest::openloop`.
+//! `loadtest run SCENARIO.toml [--target URL] [--compare]`: runs a scenario
+//! (docs/loadtest.md) — brings up its topology, plays the open-loop load with
+//! live progress, writes text, JSON and HTML reports, and exits 1 when a
+//! threshold is missed. `loadtest run --target URL --rate N --duration D`
+//! (or `--mix`) runs a quick constant-rate load without a scenario file.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use loadtest::drill::{self, Options};
 use loadtest::openloop::{self, Plan, Target};
+use loadtest::scenario::Scenario;
 
 #[derive(Parser)]
-#[command(name = "loadtest", about = "Open-loop load generator for k2proxy")]
+#[command(
+    name = "loadtest",
+    about = "Open-loop load generator and drill runner for k2proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,28 +24,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Send a constant rate of GET requests for a fixed time.
+    /// Run a scenario file, or a quick constant-rate load (--rate/--mix).
     Run {
-        /// Full URL, e.g. http://127.0.0.1:8080/checkout/x (when no --mix is given).
-        #[arg(long, required_unless_present = "mix")]
-        target: Option<hyper::Uri>,
-        /// A weighted target, `name=weight=URL`, e.g.
-        /// `purchase=20=http://127.0.0.1:8080/checkout/x`; repeatable.
-        #[arg(long, value_parser = parse_mix)]
+        /// A scenario file (see loadtest/scenarios/ and docs/loadtest.md).
+        scenario: Option<PathBuf>,
+        /// With a scenario: the base URL to load (http://host:port) instead of
+        /// bringing up its topology. Without: the full URL to GET.
+        #[arg(long)]
+        target: Option<String>,
+        /// Run the scenario twice, with admission as configured and with
+        /// admission off, and print both side by side.
+        #[arg(long, requires = "scenario")]
+        compare: bool,
+        /// Where reports go (default target/loadtest/<name>-<time>/).
+        #[arg(long, requires = "scenario")]
+        out: Option<PathBuf>,
+        /// The k2proxy binary for topologies (default: next to loadtest, or $K2PROXY).
+        #[arg(long, requires = "scenario")]
+        k2proxy: Option<PathBuf>,
+        /// No live progress.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Without a scenario: a weighted target, `name=weight=URL`; repeatable.
+        #[arg(long, value_parser = parse_mix, conflicts_with = "scenario")]
         mix: Vec<(String, f64, hyper::Uri)>,
-        /// Requests per second (1 to 100000).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        /// Without a scenario: requests per second (1 to 100000).
+        #[arg(long, default_value_t = 100, conflicts_with = "scenario", value_parser = clap::value_parser!(u32).range(1..=100_000))]
         rate: u32,
-        /// How long to send, e.g. 10s (at most 1h).
-        #[arg(long, default_value = "10s", value_parser = parse_bounded)]
+        /// Without a scenario: how long to send, e.g. 10s (at most 1h).
+        #[arg(long, default_value = "10s", conflicts_with = "scenario", value_parser = parse_bounded)]
         duration: Duration,
-        /// Per-request timeout.
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        /// Without a scenario: per-request timeout.
+        #[arg(long, default_value = "5s", conflicts_with = "scenario", value_parser = humantime::parse_duration)]
         timeout: Duration,
-        /// Extra header, `name: value`; repeatable.
-        #[arg(long = "header", value_parser = parse_header)]
+        /// Without a scenario: extra header, `name: value`; repeatable.
+        #[arg(long = "header", value_parser = parse_header, conflicts_with = "scenario")]
         headers: Vec<(String, String)>,
-        /// Print the report as JSON.
+        /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -72,10 +95,28 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
     Ok((k.trim().to_string(), v.trim().to_string()))
 }
 
+fn fail(code: i32, msg: &str) -> ! {
+    eprintln!("loadtest: {msg}");
+    std::process::exit(code);
+}
+
+fn check_base(url: &str) -> Result<(), String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("--target {url}: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(format!("--target {url}: expected http://host:port"));
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
     let Command::Run {
+        scenario,
         target,
+        compare,
+        out,
+        k2proxy,
+        quiet,
         mix,
         rate,
         duration,
@@ -83,6 +124,76 @@ async fn main() {
         headers,
         json,
     } = Cli::parse().command;
+
+    let Some(path) = scenario else {
+        quick(target, mix, rate, duration, timeout, headers, json).await;
+        return;
+    };
+    let scenario = Scenario::load(&path).unwrap_or_else(|e| fail(2, &e));
+    if let Some(t) = &target {
+        check_base(t).unwrap_or_else(|e| fail(2, &e));
+    }
+    let opts = Options {
+        out: out.unwrap_or_else(|| drill::default_out(&scenario)),
+        target,
+        k2proxy: k2proxy.unwrap_or_else(loadtest::topology::k2proxy_binary),
+        quiet,
+    };
+    let primary = if compare {
+        let (on, off) = drill::compare(&scenario, &opts)
+            .await
+            .unwrap_or_else(|e| fail(2, &e));
+        let table = drill::side_by_side(&on, &off);
+        let _ = std::fs::write(opts.out.join("compare.txt"), &table);
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"admission_on": on.json, "admission_off": off.json})
+            );
+        } else {
+            println!("{}\n{}", scenario.name, table);
+            println!(
+                "reports: {}\n         {}",
+                on.html_path().display(),
+                off.html_path().display()
+            );
+        }
+        on
+    } else {
+        let o = drill::run(&scenario, &opts, None, "run")
+            .await
+            .unwrap_or_else(|e| fail(2, &e));
+        if json {
+            println!("{}", o.json);
+        } else {
+            print!("{}\n{}", scenario.name, o.report.summary());
+            println!("report: {}", o.html_path().display());
+        }
+        o
+    };
+    let missed: Vec<_> = primary.verdicts.iter().filter(|v| !v.pass).collect();
+    if !missed.is_empty() {
+        eprintln!("loadtest: {} threshold(s) missed:", missed.len());
+        for v in missed {
+            eprintln!("  {v}");
+        }
+        std::process::exit(1);
+    }
+    if !primary.verdicts.is_empty() && !json {
+        println!("all {} thresholds met", primary.verdicts.len());
+    }
+}
+
+/// A constant-rate load without a scenario file.
+async fn quick(
+    target: Option<String>,
+    mix: Vec<(String, f64, hyper::Uri)>,
+    rate: u32,
+    duration: Duration,
+    timeout: Duration,
+    headers: Vec<(String, String)>,
+    json: bool,
+) {
     let mut targets: Vec<Target> = mix
         .into_iter()
         .map(|(name, weight, url)| Target {
@@ -94,6 +205,9 @@ async fn main() {
         })
         .collect();
     if let Some(url) = target {
+        let url: hyper::Uri = url
+            .parse()
+            .unwrap_or_else(|e| fail(2, &format!("--target {url}: {e}")));
         targets.push(Target {
             name: url.path().to_string(),
             url,
@@ -102,10 +216,18 @@ async fn main() {
             body: None,
         });
     }
+    if targets.is_empty() {
+        fail(
+            2,
+            "give a SCENARIO file, or --target URL or --mix name=weight=URL",
+        );
+    }
     for t in &targets {
         if t.url.scheme_str() != Some("http") || t.url.host().is_none() {
-            eprintln!("loadtest: {}: expected an http:// URL with a host", t.url);
-            std::process::exit(2);
+            fail(
+                2,
+                &format!("{}: expected an http:// URL with a host", t.url),
+            );
         }
     }
     let report = openloop::run(Plan {

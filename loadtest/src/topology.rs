@@ -1,0 +1,337 @@
+//! Brings up a scenario's topology and tears it down: legacy-sims per site
+//! (in this process, on loopback ports the OS picks) and a real k2proxy
+//! process running the scenario's routes.toml, whose sites' backends are
+//! rewritten to the simulators and whose listeners move to free ports.
+//! Events are applied here: faults on a site's simulators, and reloads that
+//! rewrite the routes file's `policy` (k2proxy's watcher picks it up).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::scenario::{Action, TopologySpec};
+use crate::sim::{self, SimConfig, SimHandle};
+
+/// A running topology; dropping it stops k2proxy and the simulators.
+pub struct Topology {
+    pub sites: Vec<(String, Vec<SimHandle>)>,
+    proxy: Child,
+    /// `http://127.0.0.1:port` of k2proxy's listener.
+    pub base_url: String,
+    pub admin: SocketAddr,
+    routes_path: PathBuf,
+    routes: toml::Table,
+    admission: bool,
+    out: PathBuf,
+    reloads: usize,
+}
+
+fn free_addr() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// Where the k2proxy binary is: `K2PROXY`, else next to this executable
+/// (cargo puts workspace binaries together), else `k2proxy` on the PATH.
+pub fn k2proxy_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("K2PROXY") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("k2proxy");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("k2proxy")
+}
+
+fn read_toml(path: &Path) -> Result<toml::Table, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    text.parse::<toml::Table>()
+        .map_err(|e| format!("{}: {}", path.display(), e.message()))
+}
+
+impl Topology {
+    /// Starts the simulators and k2proxy, and waits until k2proxy reports
+    /// every backend healthy. Files and k2proxy's log go to `out`.
+    pub async fn up(spec: &TopologySpec, out: &Path, k2proxy: &Path) -> Result<Topology, String> {
+        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let mut routes = read_toml(&spec.routes)?;
+        let routes_dir = spec.routes.parent().unwrap_or(Path::new(".")).to_path_buf();
+
+        let mut sites = Vec::new();
+        for s in &spec.sites {
+            let mut handles = Vec::new();
+            for i in 0..s.backends {
+                let config = SimConfig {
+                    name: format!("{}-{}", s.name, i + 1),
+                    ..s.sim.clone()
+                };
+                let h = sim::start(config, "127.0.0.1:0".parse().expect("static addr"))
+                    .await
+                    .map_err(|e| format!("cannot start a simulator for site {}: {e}", s.name))?;
+                handles.push(h);
+            }
+            sites.push((s.name.clone(), handles));
+        }
+
+        // Point every site named in the scenario at its simulators.
+        let mut seen = Vec::new();
+        let clusters = routes
+            .get_mut("clusters")
+            .and_then(|c| c.as_table_mut())
+            .ok_or_else(|| format!("{}: no [clusters]", spec.routes.display()))?;
+        for (_, cluster) in clusters.iter_mut() {
+            let Some(list) = cluster.get_mut("sites").and_then(|s| s.as_array_mut()) else {
+                continue;
+            };
+            for site in list {
+                let Some(t) = site.as_table_mut() else {
+                    continue;
+                };
+                let name = t
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or("")
+                    .to_string();
+                let Some((_, handles)) = sites.iter().find(|(n, _)| *n == name) else {
+                    return Err(format!(
+                        "{}: site {name:?} has no simulators: add [topology.sites.{name}] to the scenario",
+                        spec.routes.display()
+                    ));
+                };
+                let backends = handles
+                    .iter()
+                    .map(|h| toml::Value::String(h.addr.to_string()));
+                t.insert("backends".into(), toml::Value::Array(backends.collect()));
+                seen.push(name);
+            }
+        }
+        for (name, _) in &sites {
+            if !seen.contains(name) {
+                return Err(format!(
+                    "scenario site {name:?} is not a site in {}",
+                    spec.routes.display()
+                ));
+            }
+        }
+        // Routes order: the first site is the preferred one.
+        sites.sort_by_key(|(name, _)| seen.iter().position(|s| s == name));
+
+        let (listen, admin) = (
+            free_addr().map_err(|e| e.to_string())?,
+            free_addr().map_err(|e| e.to_string())?,
+        );
+        let server = routes
+            .entry("server")
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or("routes.toml: [server] is not a table")?;
+        server.insert(
+            "listen".into(),
+            toml::Value::Array(vec![listen.to_string().into()]),
+        );
+        server.insert("admin".into(), admin.to_string().into());
+        let policy = match &spec.policy {
+            Some(p) => p.clone(),
+            None => routes_dir.join(
+                server
+                    .get("policy")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or("policies/default.toml"),
+            ),
+        };
+
+        let mut topo = Topology {
+            sites,
+            proxy: Command::new("true").spawn().map_err(|e| e.to_string())?,
+            base_url: format!("http://{listen}"),
+            admin,
+            routes_path: out.join("routes.toml"),
+            routes,
+            admission: spec.admission,
+            out: out.to_path_buf(),
+            reloads: 0,
+        };
+        let _ = topo.proxy.wait();
+        topo.write_files(&policy)?;
+
+        let log = std::fs::File::create(out.join("k2proxy.log"))
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+        topo.proxy = Command::new(k2proxy)
+            .arg("run")
+            .arg("--routes")
+            .arg(&topo.routes_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start k2proxy ({}): {e}; build it (cargo build --release) or set K2PROXY",
+                    k2proxy.display()
+                )
+            })?;
+        topo.wait_ready().await?;
+        Ok(topo)
+    }
+
+    /// Writes routes.toml (with `policy` pointing at a copy in `out`) and the
+    /// policy copy, with admission turned off when the scenario says so.
+    fn write_files(&mut self, policy: &Path) -> Result<(), String> {
+        let mut p = read_toml(policy)?;
+        if !self.admission {
+            let clusters: Vec<String> = self
+                .routes
+                .get("clusters")
+                .and_then(|c| c.as_table())
+                .map(|c| c.keys().cloned().collect())
+                .unwrap_or_default();
+            let mut off = toml::Table::new();
+            for c in clusters {
+                let mut t = toml::Table::new();
+                t.insert("mode".into(), "off".into());
+                off.insert(c, toml::Value::Table(t));
+            }
+            p.insert("admission".into(), toml::Value::Table(off));
+        }
+        let name = format!("policy-{}.toml", self.reloads);
+        let copy = self.out.join(&name);
+        std::fs::write(&copy, toml::to_string(&p).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("{}: {e}", copy.display()))?;
+        if let Some(server) = self.routes.get_mut("server").and_then(|s| s.as_table_mut()) {
+            server.insert("policy".into(), name.into());
+        }
+        let text = toml::to_string(&self.routes).map_err(|e| e.to_string())?;
+        // Write then rename: k2proxy never reads half a file.
+        let tmp = self.out.join(".routes.toml.tmp");
+        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.routes_path).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    async fn status(&self) -> Option<serde_json::Value> {
+        let body = http_get(self.admin, "/status").await?;
+        serde_json::from_str(&body).ok()
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.proxy.try_wait() {
+                return Err(format!(
+                    "k2proxy exited ({status}) before it was ready:\n{}",
+                    self.log_tail()
+                ));
+            }
+            if let Some(s) = self.status().await {
+                let all_up = s["clusters"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .flat_map(|c| c["sites"].as_array().cloned().unwrap_or_default())
+                        .flat_map(|site| site["backends"].as_array().cloned().unwrap_or_default())
+                        .all(|b| b["health"] == "up")
+                });
+                if all_up {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "k2proxy's backends were not all up within 20 s:\n{}",
+                    self.log_tail()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.out.join("k2proxy.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// The preferred site's simulators: the first site in routes order.
+    pub fn preferred(&self) -> &[SimHandle] {
+        self.sites.first().map_or(&[], |(_, hs)| hs.as_slice())
+    }
+
+    /// Applies one event; returns what happened, for the report.
+    pub async fn apply(&mut self, action: &Action) -> String {
+        match action {
+            Action::Fault { site, fault } => {
+                if let Some((_, handles)) = self.sites.iter().find(|(n, _)| n == site) {
+                    for h in handles {
+                        h.sim.set_fault(*fault);
+                    }
+                }
+                format!("{site}: {}", fault.name())
+            }
+            Action::Reload { policy } => {
+                self.reloads += 1;
+                let name = policy
+                    .file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+                match self.write_files(policy) {
+                    Ok(()) => format!("reload {name}"),
+                    Err(e) => format!("reload {name} failed: {e}"),
+                }
+            }
+        }
+    }
+
+    /// k2proxy's config generation and last reload result, from /status.
+    pub async fn reload_state(&self) -> Option<serde_json::Value> {
+        let s = self.status().await?;
+        Some(serde_json::json!({"generation": s["generation"], "last_reload": s["last_reload"]}))
+    }
+
+    /// Duplicate request ids seen by all simulators together.
+    pub fn duplicates(&self) -> u64 {
+        let mut all: std::collections::HashMap<String, u64> = Default::default();
+        for (_, hs) in &self.sites {
+            for h in hs {
+                for (id, n) in h.sim.request_ids() {
+                    *all.entry(id).or_default() += n;
+                }
+            }
+        }
+        all.values().filter(|n| **n > 1).map(|n| n - 1).sum()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Only the child this topology started.
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+    }
+}
+
+/// A minimal GET on loopback; None on any failure.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(2), sender.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some(String::from_utf8_lossy(&body).into_owned())
+}
