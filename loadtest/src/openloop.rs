@@ -378,11 +378,15 @@ pub async fn run_load(load: Load, live: Arc<Live>) -> Report {
     let _ = done_rx.recv().await;
     let elapsed = start.elapsed();
     live.finished.store(true, Ordering::Relaxed);
-    let acc = Arc::try_unwrap(acc)
-        .ok()
-        .expect("all request tasks finished")
-        .into_inner()
-        .expect("report lock");
+    // Every task has sent its result (a task may still be dropping its
+    // clone of `acc`, so take the contents rather than the Arc).
+    let acc = std::mem::replace(
+        &mut *acc.lock().expect("report lock"),
+        Acc {
+            targets: Vec::new(),
+            timeline: Vec::new(),
+        },
+    );
     Report {
         targets: acc.targets,
         send_lag,

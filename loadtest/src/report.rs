@@ -374,10 +374,23 @@ where
     for l in lines {
         let style = l.color.stroke_width(l.width);
         let color = l.color;
-        chart
-            .draw_series(LineSeries::new(l.points.iter().copied(), style))?
-            .label(l.label.clone())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+        // A second without data (no successful request) breaks the line
+        // instead of bridging it.
+        let mut runs: Vec<Vec<(f64, f64)>> = Vec::new();
+        for p in &l.points {
+            match runs.last_mut() {
+                Some(run) if run.last().is_some_and(|q| p.0 - q.0 <= 1.01) => run.push(*p),
+                _ => runs.push(vec![*p]),
+            }
+        }
+        for (i, run) in runs.into_iter().enumerate() {
+            let series = chart.draw_series(LineSeries::new(run, style))?;
+            if i == 0 {
+                series.label(l.label.clone()).legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+            }
+        }
     }
     Ok(())
 }

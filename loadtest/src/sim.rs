@@ -651,3 +651,91 @@ pub async fn start(config: SimConfig, addr: SocketAddr) -> std::io::Result<SimHa
         task: Some(task),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distributions_parse_and_sample_in_shape() {
+        let mut rng = fastrand::Rng::with_seed(9);
+        assert_eq!(
+            "20ms".parse::<Dist>().unwrap(),
+            Dist::Fixed(Duration::from_millis(20))
+        );
+        let u: Dist = "uniform(10ms, 30ms)".parse().unwrap();
+        for _ in 0..1000 {
+            let d = u.sample(&mut rng);
+            assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(30));
+        }
+        let l: Dist = "lognormal(20ms, 0.5)".parse().unwrap();
+        let mut v: Vec<Duration> = (0..10_001).map(|_| l.sample(&mut rng)).collect();
+        v.sort();
+        let median = v[5000].as_secs_f64() * 1000.0;
+        assert!((18.0..22.0).contains(&median), "median {median} ms");
+        // Right-skewed: the p99 is far above the median (e^(2.33·0.5) ≈ 3.2x).
+        let p99 = v[9900].as_secs_f64() * 1000.0;
+        assert!((50.0..80.0).contains(&p99), "p99 {p99} ms");
+        for bad in [
+            "fast",
+            "uniform(30ms, 10ms)",
+            "lognormal(20ms)",
+            "gamma(1ms, 2)",
+            "lognormal(20ms, 9)",
+        ] {
+            assert!(bad.parse::<Dist>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn service_time_follows_the_path_class_the_slow_fault_and_the_queue() {
+        let sim = Sim::new(SimConfig {
+            classes: vec![("/reports/".into(), Dist::Fixed(Duration::from_millis(200)))],
+            collapse: 0.5,
+            ..SimConfig::fixed("t", 4, Duration::from_millis(10))
+        });
+        let ms = |d: Duration| d.as_millis();
+        assert_eq!(ms(sim.service_time("/checkout/x", 0)), 10);
+        assert_eq!(ms(sim.service_time("/reports/daily", 0)), 200);
+        // 8 waiting on 4 workers at collapse 0.5: factor 1 + 0.5·8/4 = 2.
+        assert_eq!(ms(sim.service_time("/checkout/x", 8)), 20);
+        assert_eq!(ms(sim.service_time("/checkout/x", 40)), 60);
+        sim.set_fault(Fault::Slow(3.0));
+        assert_eq!(ms(sim.service_time("/checkout/x", 0)), 30);
+        // Capacity under a mix: 3/4 at 10 ms, 1/4 at 200 ms → mean 57.5 ms.
+        let cap = sim
+            .config()
+            .capacity_for(&[("/checkout/", 3.0), ("/reports/", 1.0)]);
+        assert!((cap - 4.0 / 0.0575).abs() < 0.01, "{cap}");
+    }
+
+    #[test]
+    fn fault_queries_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!(
+            parse_fault_query("mode=refuse&for=2s").unwrap(),
+            (Fault::Refuse, Some(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            parse_fault_query("mode=slow&factor=4").unwrap().0,
+            Fault::Slow(4.0)
+        );
+        assert_eq!(
+            parse_fault_query("mode=errors&rate=0.25&health=1")
+                .unwrap()
+                .0,
+            Fault::Errors {
+                rate: 0.25,
+                health: true
+            }
+        );
+        assert!(parse_fault_query("mode=explode")
+            .unwrap_err()
+            .contains("expected mode="));
+        assert!(parse_fault_query("mode=errors&rate=3")
+            .unwrap_err()
+            .contains("rate=3"));
+        assert!(parse_fault_query("mode=hang&for=soon")
+            .unwrap_err()
+            .contains("for=soon"));
+    }
+}

@@ -193,3 +193,182 @@ async fn open_loop_counts_latency_from_the_intended_send_time() {
         x.ok_latency.max()
     );
 }
+
+async fn start_with(config: SimConfig) -> (SocketAddr, std::sync::Arc<sim::Sim>) {
+    let handle = sim::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let out = (handle.addr, handle.sim.clone());
+    std::mem::forget(handle);
+    out
+}
+
+async fn fault(addr: SocketAddr, query: &str) {
+    let r = client()
+        .post(format!("http://{addr}/_sim/fault?{query}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{query}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn congestion_collapse_slows_the_backend_down_past_the_knee() {
+    // 40 requests at once on 4 workers of 10 ms: an ideal queue drains in
+    // 10 rounds (~100 ms); a collapsing one takes several times longer.
+    let ideal = start_sim(4, Duration::from_millis(10)).await;
+    let (collapsing, _) = start_with(SimConfig {
+        collapse: 1.0,
+        ..SimConfig::fixed("c", 4, Duration::from_millis(10))
+    })
+    .await;
+    let a = concurrent(ideal, 40).await;
+    let b = concurrent(collapsing, 40).await;
+    assert!(a < Duration::from_millis(400), "ideal {a:?}");
+    assert!(b > a * 3, "collapse {b:?} vs ideal {a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_mode_plays_and_recovers() {
+    let (addr, sim) = start_with(SimConfig::fixed("f", 4, Duration::from_millis(20))).await;
+    let c = client();
+    let get = |path: &'static str| {
+        let c = c.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_millis(600),
+                c.get(format!("http://{addr}{path}")).send(),
+            )
+            .await
+        }
+    };
+
+    // errors: every request 500, health still fine unless asked.
+    fault(addr, "mode=errors&rate=1").await;
+    assert_eq!(get("/x").await.unwrap().unwrap().status(), 500);
+    assert_eq!(get("/health").await.unwrap().unwrap().status(), 200);
+    fault(addr, "mode=errors&rate=1&health=1").await;
+    assert_eq!(get("/health").await.unwrap().unwrap().status(), 500);
+
+    // slow: service time x5.
+    fault(addr, "mode=slow&factor=5").await;
+    let t = Instant::now();
+    assert_eq!(get("/x").await.unwrap().unwrap().status(), 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // hang: accepted, never answered, until the fault clears (here by `for`).
+    fault(addr, "mode=hang&for=800ms").await;
+    assert!(get("/x").await.is_err(), "a hanging backend answered");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(get("/x").await.unwrap().unwrap().status(), 200);
+
+    // refuse: the listener is gone (connect refused), then back.
+    fault(addr, "mode=refuse&for=500ms").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "connect should be refused");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(get("/x").await.unwrap().unwrap().status(), 200);
+    assert_eq!(sim.fault(), sim::Fault::None);
+
+    let bad = c
+        .post(format!("http://{addr}/_sim/fault?mode=melt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await.unwrap().contains("expected mode="));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_and_the_control_listener_survives_refuse() {
+    let (addr, sim) = start_with(SimConfig {
+        queue: 2,
+        ..SimConfig::fixed("q", 1, Duration::from_millis(300))
+    })
+    .await;
+    let statuses: Vec<u16> = {
+        let c = client();
+        let reqs: Vec<_> = (0..5)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    c.get(format!("http://{addr}/q/{i}"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for r in reqs {
+            out.push(r.await.unwrap());
+        }
+        out
+    };
+    // One served, two waiting, the rest refused by the backend itself.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 503).count(),
+        2,
+        "{statuses:?}"
+    );
+
+    let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control_addr = control.local_addr().unwrap();
+    tokio::spawn(sim.clone().serve_control(control));
+    fault(control_addr, "mode=refuse").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    fault(control_addr, "mode=normal").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats: serde_json::Value = client()
+        .get(format!("http://{addr}/_sim/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["queue_full"], 2);
+    assert_eq!(stats["fault"], "normal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_stalls_shows_in_the_p99_from_the_intended_time() {
+    // 200/s for 2 s at a fast backend that stops answering for 500 ms at
+    // 1 s: requests due during the stall wait it out, and the generator
+    // keeps sending on schedule, so the stall is in the p99.
+    let (addr, sim) = start_with(SimConfig::fixed("s", 64, Duration::from_millis(1))).await;
+    let load = tokio::spawn(openloop::run(Plan {
+        targets: vec![target("x", format!("http://{addr}/x"), 1.0)],
+        rate: 200,
+        duration: Duration::from_secs(2),
+        timeout: Duration::from_secs(5),
+        seed: 3,
+    }));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sim.set_fault_for(sim::Fault::Hang, Duration::from_millis(500));
+    let report = load.await.unwrap();
+    let x = report.target("x").unwrap();
+    assert_eq!(x.outcomes.ok, 400, "{}", report.summary());
+    let p99 = x.ok_latency.value_at_quantile(0.99);
+    let p50 = x.ok_latency.value_at_quantile(0.5);
+    assert!(p99 >= 400_000, "p99 {p99} us");
+    assert!(p50 < 50_000, "p50 {p50} us");
+    assert!(
+        report.lag_p99_ms() < 5.0,
+        "the generator kept its schedule: {}",
+        report.generator_line()
+    );
+}

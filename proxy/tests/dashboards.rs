@@ -143,11 +143,7 @@ async fn every_dashboard_and_alert_expression_returns_series_from_a_real_prometh
         .into_iter()
         .find(|p| Path::new(p).exists())
         .expect("Prometheus is needed: apt-get install prometheus (make test installs it)");
-    let slow = |name: &str| SimConfig {
-        name: name.into(),
-        workers: 64,
-        service_time: Duration::from_millis(30),
-    };
+    let slow = |name: &str| SimConfig::fixed(name, 64, Duration::from_millis(30));
     let mut primary = sim::start(slow("p1"), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();

@@ -19,11 +19,7 @@ struct Sites {
 }
 
 async fn start_sim(name: &str, service: Duration) -> SimHandle {
-    let config = SimConfig {
-        name: name.into(),
-        workers: 64,
-        service_time: service,
-    };
+    let config = SimConfig::fixed(name, 64, service);
     sim::start(config, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap()

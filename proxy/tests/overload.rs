@@ -63,11 +63,7 @@ cluster = "kred"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchases_keep_flowing_at_three_times_capacity() {
-    let config = SimConfig {
-        name: "legacy".into(),
-        workers: WORKERS,
-        service_time: SERVICE,
-    };
+    let config = SimConfig::fixed("legacy", WORKERS, SERVICE);
     let sim = sim::start(config, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();

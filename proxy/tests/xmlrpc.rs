@@ -373,11 +373,7 @@ async fn at_three_times_capacity_purchase_methods_flow_and_listing_calls_are_she
     use loadtest::sim::{self, SimConfig};
     // 4 workers × 25 ms: 160 calls/s. Offer 480/s for 8 s, all to /xmlrpc:
     // 30% purchases (add_invoice, reserve_amount), 70% listing calls.
-    let config = SimConfig {
-        name: "legacy".into(),
-        workers: 4,
-        service_time: Duration::from_millis(25),
-    };
+    let config = SimConfig::fixed("legacy", 4, Duration::from_millis(25));
     let sim = sim::start(config, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
