@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Installing system packages needs root; use sudo when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
+.PHONY: peak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
 
 ## deps: install what the build needs when missing (cmake for pingora's C deps).
 deps:
@@ -51,6 +51,15 @@ bench: bench-classify bench-admission bench-overhead bench-overload
 
 bench-admission: deps
 	$(CARGO) bench -p proxy --bench admission
+
+## peak: the black-friday scenario (0.5x → 5x → 0.5x over 90 s) with admission on and
+## off, side by side; prints where the HTML reports are (about 4 minutes).
+peak: build
+	target/release/loadtest run loadtest/scenarios/black-friday.toml --compare --out target/loadtest/peak
+
+## lag: the load generator's own send lag at 10,000 requests/s against a legacy-sim.
+lag: build
+	@scripts/lag.sh
 
 ## bench-overload: k2proxy vs admission off at 1x, 2x, 3x, 5x capacity (about 3 minutes).
 bench-overload: build
