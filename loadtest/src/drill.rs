@@ -132,8 +132,10 @@ pub async fn run(
     json["thresholds"] = serde_json::to_value(&verdicts).unwrap_or_default();
     json["passed"] = verdicts.iter().all(|v| v.pass).into();
     if let Some(t) = &topology {
+        let (all, unsafe_) = t.duplicates();
         json["backend"] = serde_json::json!({
-            "duplicate_request_ids": t.duplicates(),
+            "duplicate_request_ids": all,
+            "duplicate_non_idempotent": unsafe_,
             "config": t.reload_state().await,
         });
     }

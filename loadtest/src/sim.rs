@@ -222,6 +222,10 @@ struct Stats {
     per_tier: HashMap<String, u64>,
     id_counts: HashMap<String, u64>,
     duplicates: u64,
+    /// Ids of non-idempotent requests (POST, PATCH) seen more than once:
+    /// a purchase processed twice.
+    unsafe_ids: HashMap<String, u64>,
+    unsafe_duplicates: u64,
     queue_full: u64,
 }
 
@@ -277,6 +281,11 @@ impl Sim {
     /// Every `x-request-id` seen, with how often.
     pub fn request_ids(&self) -> HashMap<String, u64> {
         self.stats.lock().expect("stats lock").id_counts.clone()
+    }
+
+    /// Ids of non-idempotent requests (POST, PATCH) with how often each was seen.
+    pub fn unsafe_request_ids(&self) -> HashMap<String, u64> {
+        self.stats.lock().expect("stats lock").unsafe_ids.clone()
     }
 
     /// Requests seen (excluding `/health` and `/_sim/*`).
@@ -400,7 +409,7 @@ impl Sim {
         let forwarded_for = header("x-forwarded-for");
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
-        self.record(tier.as_deref(), request_id.as_deref());
+        self.record(&method, tier.as_deref(), request_id.as_deref());
         if let Some(r) = self.play_fault(false).await {
             return r;
         }
@@ -472,8 +481,15 @@ impl Sim {
         base.mul_f64((slow * collapse).min(1000.0))
     }
 
-    fn record(&self, tier: Option<&str>, request_id: Option<&str>) {
+    fn record(&self, method: &str, tier: Option<&str>, request_id: Option<&str>) {
         let mut s = self.stats.lock().expect("stats lock");
+        if let (Some(id), "POST" | "PATCH") = (request_id, method) {
+            let n = s.unsafe_ids.entry(id.to_string()).or_default();
+            *n += 1;
+            if *n > 1 {
+                s.unsafe_duplicates += 1;
+            }
+        }
         s.total += 1;
         *s.per_tier
             .entry(tier.unwrap_or("none").to_string())
@@ -508,6 +524,7 @@ impl Sim {
             "total": s.total,
             "per_tier": s.per_tier,
             "duplicate_request_ids": s.duplicates,
+            "duplicate_non_idempotent": s.unsafe_duplicates,
             "queue_full": s.queue_full,
             "busy_workers": self.config.workers.max(1) - self.workers.available_permits(),
             "waiting": self.waiting.load(Ordering::Relaxed),

@@ -290,17 +290,25 @@ impl Topology {
         Some(serde_json::json!({"generation": s["generation"], "last_reload": s["last_reload"]}))
     }
 
-    /// Duplicate request ids seen by all simulators together.
-    pub fn duplicates(&self) -> u64 {
-        let mut all: std::collections::HashMap<String, u64> = Default::default();
-        for (_, hs) in &self.sites {
-            for h in hs {
-                for (id, n) in h.sim.request_ids() {
-                    *all.entry(id).or_default() += n;
+    /// Request ids seen more than once across all simulators: (all
+    /// requests, non-idempotent ones only). A GET may be retried safely; a
+    /// POST seen twice is a purchase processed twice.
+    pub fn duplicates(&self) -> (u64, u64) {
+        let count = |ids: &dyn Fn(&SimHandle) -> std::collections::HashMap<String, u64>| {
+            let mut all: std::collections::HashMap<String, u64> = Default::default();
+            for (_, hs) in &self.sites {
+                for h in hs {
+                    for (id, n) in ids(h) {
+                        *all.entry(id).or_default() += n;
+                    }
                 }
             }
-        }
-        all.values().filter(|n| **n > 1).map(|n| n - 1).sum()
+            all.values().filter(|n| **n > 1).map(|n| n - 1).sum()
+        };
+        (
+            count(&|h| h.sim.request_ids()),
+            count(&|h| h.sim.unsafe_request_ids()),
+        )
     }
 }
 

@@ -181,7 +181,7 @@ async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
     assert_eq!(events[0]["what"], "secondary: slow x1.5");
     let at = events[0]["at_s"].as_f64().unwrap();
     assert!((5.9..6.5).contains(&at), "{at}");
-    assert_eq!(json["backend"]["duplicate_request_ids"], 0);
+    assert_eq!(json["backend"]["duplicate_non_idempotent"], 0);
     // Lower tiers were shed fast, and purchases kept flowing.
     assert_eq!(json["passed"], true, "{}", json["thresholds"]);
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
