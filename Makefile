@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Installing system packages needs root; use sudo when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: peak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
+.PHONY: bench-peers peak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
 
 ## deps: install what the build needs when missing (cmake for pingora's C deps).
 deps:
@@ -46,8 +46,18 @@ lint: deps
 check: deps
 	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml
 
-## bench: classification and shed-decision cost, proxy overhead (wrk), overload side by side.
-bench: bench-classify bench-admission bench-overhead bench-overload
+## bench: classification and shed-decision cost, then k2proxy against a bare pingora proxy,
+## nginx and HAProxy: overhead, overload at 1x-5x, failover (about 20 minutes; results/).
+bench: bench-classify bench-admission bench-peers
+
+## bench-peers: the side-by-side comparison alone (scripts/bench_peers.py; PHASES to pick
+## overhead, overload and/or failover).
+PHASES ?= overhead overload failover
+bench-peers: build
+	@for tool in nginx haproxy wrk; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$tool >/dev/null; }; done
+	$(CARGO) build --release -q --example bare_pingora
+	python3 scripts/bench_peers.py $(PHASES)
 
 bench-admission: deps
 	$(CARGO) bench -p proxy --bench admission

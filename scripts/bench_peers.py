@@ -1,0 +1,465 @@
+#!/usr/bin/env python3
+"""k2proxy side by side with its peers, on loopback, interleaved.
+
+  overhead  the same no-wait backend direct, through k2proxy (full default
+            policy, rate limits off), a bare pingora proxy, nginx and HAProxy,
+            all with 2 workers/threads: wrk saturation req/s, and p50/p99 at a
+            fixed open-loop rate (loadtest) below saturation.
+  overload  a legacy-sim of fixed capacity behind k2proxy (default policy),
+            HAProxy (per-tier set-priority-class, server maxconn, timeout
+            queue) and nginx (no priority), open-loop mixed load at 1x, 2x, 3x,
+            5x capacity (20% purchase, 30% merchant, 30% admin, 20% cs).
+  failover  purchases at a steady rate; the primary backends start refusing
+            connections mid-run: k2proxy (secondary site), HAProxy and nginx
+            (backup servers). Failed purchases and time to recover.
+
+Every measurement runs ROUNDS times, the targets interleaved (A B C A B C ...),
+so machine drift hits all alike; medians are reported. Results go to
+results/peers-<stamp>.md and .json.
+
+usage: bench_peers.py [overhead] [overload] [failover]     (default: all)
+env:   ROUNDS (3), DURATION (8s), OVERLOAD_DURATION (10s), RATE (4000)
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+BIN = os.path.join(REPO, "target/release")
+BARE = os.path.join(BIN, "examples/bare_pingora")
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+DURATION = os.environ.get("DURATION", "8s")
+OVERLOAD_DURATION = os.environ.get("OVERLOAD_DURATION", "10s")
+RATE = int(os.environ.get("RATE", "4000"))
+THREADS = 2
+WORK = tempfile.mkdtemp(prefix="k2bench-")
+PROCS = []
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def start(cmd, name):
+    out = open(os.path.join(WORK, f"{name}.log"), "ab")
+    p = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    PROCS.append(p)
+    return p
+
+
+def stop(p):
+    """Ends a process this script started, by its PID."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p in PROCS:
+        PROCS.remove(p)
+
+
+def stop_all():
+    for p in list(PROCS):
+        stop(p)
+
+
+def wait_http(url, timeout=20.0, ok=lambda status: 200 <= status < 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if ok(r.status):
+                    return True
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s; logs in {WORK}")
+
+
+def sim(workers, service, name, control=False):
+    port = free_port()
+    cmd = [f"{BIN}/legacy-sim", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
+           "--service", service, "--name", name]
+    ctl = None
+    if control:
+        ctl = free_port()
+        cmd += ["--control", f"127.0.0.1:{ctl}"]
+    p = start(cmd, name)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return p, port, ctl
+
+
+def fault(ctl, mode):
+    urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{ctl}/_sim/fault?mode={mode}", method="POST"), timeout=2).read()
+
+
+# --- the peers -------------------------------------------------------------
+
+def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None):
+    """The repo's routes.toml and default policy, pointed at the bench's ports."""
+    port, admin = free_port(), free_port()
+    routes = open(f"{REPO}/routes.toml").read()
+    policy = open(f"{REPO}/policies/default.toml").read()
+    if policy_edit:
+        policy = policy_edit(policy)
+    ppath = os.path.join(WORK, f"policy-{port}.toml")
+    open(ppath, "w").write(policy)
+    routes = re.sub(r"(?m)^listen = .*$", f'listen = ["127.0.0.1:{port}"]', routes)
+    routes = re.sub(r"(?m)^admin = .*$", f'admin = "127.0.0.1:{admin}"', routes)
+    routes = re.sub(r"(?m)^threads = .*$", f"threads = {THREADS}", routes)
+    routes = re.sub(r"(?m)^policy = .*$", f'policy = "{ppath}"', routes)
+    sec = secondary or [free_port()]
+    sites = iter([f"backends = {json.dumps([f'127.0.0.1:{p}' for p in primary])}",
+                  f"backends = {json.dumps([f'127.0.0.1:{p}' for p in sec])}"])
+    routes = re.sub(r"(?m)^backends = .*$", lambda m: next(sites), routes)
+    if secondary is None:
+        # No secondary in this bench: drain it so it is never chosen.
+        routes = routes.replace('role = "secondary"', 'role = "secondary"\nenabled = false')
+    if health_interval:
+        routes = re.sub(r'interval = "1s"', f'interval = "{health_interval}"', routes)
+    rpath = os.path.join(WORK, f"routes-{port}.toml")
+    open(rpath, "w").write(routes)
+    env = dict(os.environ, RUST_LOG="warn")
+    out = open(os.path.join(WORK, f"k2proxy-{port}.log"), "ab")
+    p = subprocess.Popen([f"{BIN}/k2proxy", "run", "--routes", rpath], stdout=out, stderr=out,
+                         stdin=subprocess.DEVNULL, env=env)
+    PROCS.append(p)
+    wait_http(f"http://127.0.0.1:{admin}/healthz")
+    # Ready when the primary's backends are checked up.
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=2))
+        site = s["clusters"][0]["sites"][0]
+        if all(b["health"] == "up" for b in site["backends"]):
+            break
+        time.sleep(0.05)
+    return p, port
+
+
+def no_rate_limits(policy):
+    return re.sub(r"(?ms)^\[\[rate_limit\]\].*?(?=^\[|\Z)", "", policy)
+
+
+def bare(upstream):
+    port = free_port()
+    p = start([BARE, "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}",
+               "--threads", str(THREADS)], f"bare-{port}")
+    wait_http(f"http://127.0.0.1:{port}/checkout/x")
+    return p, port
+
+
+def nginx(primary, backup=(), extra_server=""):
+    port = free_port()
+    d = os.path.join(WORK, f"nginx-{port}")
+    os.makedirs(os.path.join(d, "logs"), exist_ok=True)
+    servers = "".join(f"    server 127.0.0.1:{p} {extra_server};\n" for p in primary)
+    servers += "".join(f"    server 127.0.0.1:{p} backup;\n" for p in backup)
+    conf = f"""worker_processes {THREADS};
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  upstream be {{
+{servers}    keepalive 128;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://be;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_read_timeout 30s;
+    }}
+  }}
+}}
+"""
+    open(os.path.join(d, "nginx.conf"), "w").write(conf)
+    p = start(["nginx", "-p", d, "-c", os.path.join(d, "nginx.conf")], f"nginx-{port}")
+    wait_http(f"http://127.0.0.1:{port}/checkout/x", ok=lambda s: True)
+    return p, port
+
+
+def haproxy(primary, backup=(), maxconn=None, priority=False, check=None):
+    port = free_port()
+    d = os.path.join(WORK, f"haproxy-{port}")
+    os.makedirs(d, exist_ok=True)
+    mc = f" maxconn {maxconn}" if maxconn else ""
+    chk = f" check inter {check} fall 2 rise 2" if check else ""
+    servers = "".join(f"  server p{i} 127.0.0.1:{p}{mc}{chk}\n" for i, p in enumerate(primary))
+    servers += "".join(f"  server b{i} 127.0.0.1:{p}{mc}{chk} backup\n" for i, p in enumerate(backup))
+    prio = ""
+    if priority:
+        # Lower class is served first; the queue wait is HAProxy's only
+        # per-request deadline (one per backend, not per tier).
+        prio = """  http-request set-priority-class int(1) if { path_beg /checkout/ }
+  http-request set-priority-class int(2) if { path_beg /api/ }
+  http-request set-priority-class int(3) if { path_beg /admin/ }
+  http-request set-priority-class int(4) if { path_beg /cs/ }
+"""
+    conf = f"""global
+  nbthread {THREADS}
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  timeout queue 2s
+  retries 2
+  option redispatch
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{port}
+{prio}  default_backend be
+backend be
+  http-reuse always
+{servers}"""
+    path = os.path.join(d, "haproxy.cfg")
+    open(path, "w").write(conf)
+    p = start(["haproxy", "-db", "-f", path], f"haproxy-{port}")
+    wait_http(f"http://127.0.0.1:{port}/checkout/x", ok=lambda s: True)
+    return p, port
+
+
+# --- measurements ----------------------------------------------------------
+
+def wrk(url):
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{DURATION}", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, int(errors.group(1)) if errors else 0
+
+
+def loadtest_quick(url, rate, duration):
+    out = subprocess.run([f"{BIN}/loadtest", "run", "--target", url, "--rate", str(rate),
+                          "--duration", duration, "--timeout", "5s", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def scenario_file(rate_x, capacity, duration, purchases_only=False):
+    """A scenario for --target: the holiday mix at rate_x times capacity."""
+    mix = "purchase = 1\n" if purchases_only else \
+        "purchase = 20\nmerchant = 30\nadmin = 30\ncustomer_service = 20\n"
+    text = f"""name = "bench"
+seed = 7
+timeout = "5s"
+[load]
+capacity = {capacity}
+stages = [{{ duration = "{duration}", rate = "{rate_x}x" }}]
+[mix]
+{mix}
+[tiers.purchase]
+method = "POST"
+path = "/checkout/pay/{{seq}}"
+body = '{{"amount": 1999}}'
+[tiers.merchant]
+path = "/api/orders?page={{rand:20}}"
+headers = {{ x-merchant-id = "m-{{rand:500}}" }}
+[tiers.admin]
+path = "/admin/users/{{rand:1000}}"
+[tiers.customer_service]
+path = "/cs/tickets/{{rand:1000}}"
+"""
+    path = os.path.join(WORK, f"scenario-{rate_x}-{int(time.time()*1000)}.toml")
+    open(path, "w").write(text)
+    return path
+
+
+def run_scenario(path, base):
+    out_dir = path + ".out"
+    r = subprocess.run([f"{BIN}/loadtest", "run", path, "--target", base, "--quiet", "--out", out_dir],
+                       capture_output=True, text=True)
+    if r.returncode not in (0, 1):
+        raise RuntimeError(f"loadtest failed: {r.stderr}")
+    return json.load(open(os.path.join(out_dir, "report.json")))
+
+
+def med(xs):
+    return statistics.median(xs) if xs else 0.0
+
+
+def overhead():
+    log("== overhead: direct, k2proxy, bare pingora, nginx, haproxy")
+    _, sim_port = sim(100000, "0ms", "fast")[:2]
+    targets = {"direct": sim_port}
+    _, targets["k2proxy"] = k2proxy([sim_port], policy_edit=no_rate_limits)
+    _, targets["bare pingora"] = bare(sim_port)
+    _, targets["nginx"] = nginx([sim_port])
+    _, targets["haproxy"] = haproxy([sim_port])
+    rows = {t: {"rps": [], "p50": [], "p99": [], "non2xx": 0} for t in targets}
+    for rnd in range(1, ROUNDS + 1):
+        for name, port in targets.items():
+            url = f"http://127.0.0.1:{port}/checkout/x"
+            rps, errors = wrk(url)
+            rows[name]["rps"].append(rps)
+            rows[name]["non2xx"] += errors
+            log(f"round {rnd} {name:<13} {rps:>9.0f} req/s")
+        for name, port in targets.items():
+            r = loadtest_quick(f"http://127.0.0.1:{port}/checkout/x", RATE, DURATION)
+            t = r["targets"][0]
+            rows[name]["p50"].append(t["ok_ms"]["p50"])
+            rows[name]["p99"].append(t["ok_ms"]["p99"])
+            log(f"round {rnd} {name:<13} at {RATE}/s p50 {t['ok_ms']['p50']:.3f} ms p99 {t['ok_ms']['p99']:.3f} ms, success {t['success']:.4f}")
+    stop_all()
+    result = {t: {"rps": med(v["rps"]), "p50_ms": med(v["p50"]), "p99_ms": med(v["p99"]),
+                  "rps_rounds": v["rps"], "non2xx": v["non2xx"]} for t, v in rows.items()}
+    n, b = result["nginx"]["rps"], result["bare pingora"]["rps"]
+    md = [f"### Overhead (wrk -t1 -c32 -d{DURATION}; open loop {RATE} req/s for {DURATION}; "
+          f"{THREADS} workers/threads each; median of {ROUNDS} interleaved rounds)", "",
+          "| target | req/s | vs nginx | vs bare pingora | p50 ms @ " + str(RATE) + "/s | p99 ms @ " + str(RATE) + "/s |",
+          "|---|---|---|---|---|---|"]
+    for t, v in result.items():
+        md.append(f"| {t} | {v['rps']:.0f} | {v['rps']/n:.2f} | {v['rps']/b:.2f} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} |")
+    return result, md
+
+
+def overload():
+    workers, service = 16, "20ms"
+    capacity = 800
+    log(f"== overload: legacy-sim {workers} workers x {service} (capacity {capacity}/s)")
+    variants = ["k2proxy", "haproxy priority", "nginx"]
+    runs = []
+    for load in (1, 2, 3, 5):
+        for rnd in range(1, ROUNDS + 1):
+            for v in variants:
+                sp, sim_port, _ = sim(workers, service, "legacy")
+                if v == "k2proxy":
+                    pp, port = k2proxy([sim_port])
+                elif v == "haproxy priority":
+                    pp, port = haproxy([sim_port], maxconn=workers, priority=True)
+                else:
+                    pp, port = nginx([sim_port])
+                r = run_scenario(scenario_file(load, capacity, OVERLOAD_DURATION), f"http://127.0.0.1:{port}")
+                stop(pp)
+                stop(sp)
+                t = {x["name"]: x for x in r["targets"]}
+                a = r["all"]["outcomes"]
+                fails = a["shed"] + a["error"] + a["rate_limited"] + a["timeout"]
+                row = {
+                    "load": load, "variant": v, "round": rnd,
+                    "purchase_success": t["purchase"]["success"],
+                    "purchase_p99_ms": t["purchase"]["ok_ms"]["p99"],
+                    "success": {n: x["success"] for n, x in t.items()},
+                    "goodput_share": a["ok"] / (capacity * r["elapsed_s"]),
+                    "fast_failure_share": (fails - a["timeout"]) / fails if fails else 1.0,
+                    "timeouts": a["timeout"],
+                    "failures": fails,
+                }
+                runs.append(row)
+                log(f"{load}x {v:<17} purchase {row['purchase_success']*100:6.2f}% p99 {row['purchase_p99_ms']:7.1f} ms, "
+                    f"goodput {row['goodput_share']:.2f}x, timeouts {a['timeout']}")
+                time.sleep(0.3)
+    md = [f"### Overload (legacy-sim {workers} workers x {service} = {capacity} req/s; open loop {OVERLOAD_DURATION} per run; "
+          "mix 20% purchase / 30% merchant / 30% admin / 20% customer service; client timeout 5s; "
+          f"median of {ROUNDS} interleaved rounds)", "",
+          "| load | proxy | purchase ok | purchase p99 ms | merchant ok | admin ok | cs ok | goodput / capacity | failures fast (503) | timeouts |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for load in (1, 2, 3, 5):
+        for v in variants:
+            rs = [r for r in runs if r["load"] == load and r["variant"] == v]
+            ok = lambda tier: med([r["success"][tier] for r in rs]) * 100
+            md.append(f"| {load}x | {v} | {ok('purchase'):.1f}% | {med([r['purchase_p99_ms'] for r in rs]):.0f} | "
+                      f"{ok('merchant'):.1f}% | {ok('admin'):.1f}% | {ok('customer_service'):.1f}% | "
+                      f"{med([r['goodput_share'] for r in rs]):.2f} | {med([r['fast_failure_share'] for r in rs])*100:.0f}% | "
+                      f"{med([r['timeouts'] for r in rs]):.0f} |")
+    return runs, md
+
+
+def failover():
+    log("== failover: primary refuses connections at 5 s under 200 purchases/s")
+    variants = ["k2proxy", "haproxy backup", "nginx backup"]
+    runs = []
+    for rnd in range(1, ROUNDS + 1):
+        for v in variants:
+            p1, port1, ctl1 = sim(64, "5ms", "p1", control=True)
+            p2, port2, ctl2 = sim(64, "5ms", "p2", control=True)
+            s1, sport, _ = sim(64, "5ms", "s1")
+            if v == "k2proxy":
+                pp, port = k2proxy([port1, port2], secondary=[sport])
+            elif v == "haproxy backup":
+                pp, port = haproxy([port1, port2], backup=[sport], check="1s")
+            else:
+                pp, port = nginx([port1, port2], backup=[sport], extra_server="max_fails=1 fail_timeout=10s")
+            path = scenario_file(200, 1, "15s", purchases_only=True)
+            proc = subprocess.Popen([f"{BIN}/loadtest", "run", path, "--target", f"http://127.0.0.1:{port}",
+                                     "--quiet", "--out", path + ".out"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(5.0)
+            fault(ctl1, "refuse")
+            fault(ctl2, "refuse")
+            proc.wait(120)
+            r = json.load(open(os.path.join(path + ".out", "report.json")))
+            for p in (pp, p1, p2, s1):
+                stop(p)
+            failed_seconds = [s["second"] for s in r["timeline"]
+                              if s["tiers"]["purchase"]["offered"] - s["tiers"]["purchase"]["ok"] > 0]
+            failed = r["all"]["sent"] - r["all"]["outcomes"]["ok"]
+            recover = (max(failed_seconds) + 1 - 5) if failed_seconds else 0
+            runs.append({"variant": v, "round": rnd, "failed": failed, "sent": r["all"]["sent"],
+                         "recovered_within_s": max(recover, 0)})
+            log(f"round {rnd} {v:<15} failed purchases {failed} of {r['all']['sent']}, recovered within {max(recover, 0)} s")
+    md = ["### Failover (200 purchases/s for 15 s; both primary backends refuse connections at 5 s; "
+          "health checks every 1 s, fall 2 — as in routes.toml; median of rounds)", "",
+          "| proxy | failed purchases | time to recover (s, 1 s resolution) |", "|---|---|---|"]
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v]
+        md.append(f"| {v} | {med([r['failed'] for r in rs]):.0f} (rounds: {', '.join(str(r['failed']) for r in rs)}) | "
+                  f"{med([r['recovered_within_s'] for r in rs]):.0f} |")
+    return runs, md
+
+
+def main():
+    phases = sys.argv[1:] or ["overhead", "overload", "failover"]
+    for tool in ("nginx", "haproxy", "wrk"):
+        if not shutil.which(tool):
+            sys.exit(f"bench_peers: {tool} not found (make bench-peers installs it)")
+    os.makedirs(os.path.join(REPO, "results"), exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    all_json, all_md = {}, [f"## k2proxy and its peers ({stamp}, {os.cpu_count()} cores)", ""]
+    try:
+        for phase in phases:
+            data, md = {"overhead": overhead, "overload": overload, "failover": failover}[phase]()
+            all_json[phase] = data
+            all_md += md + [""]
+            print("\n".join(md) + "\n", flush=True)
+    finally:
+        stop_all()
+    base = os.path.join(REPO, "results", f"peers-{stamp}")
+    json.dump(all_json, open(base + ".json", "w"), indent=2)
+    open(base + ".md", "w").write("\n".join(all_md))
+    print(f"wrote {base}.md and {base}.json")
+    shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
