@@ -226,7 +226,7 @@ def haproxy(primary, backup=(), maxconn=None, priority=False, check=None):
 """
     conf = f"""global
   nbthread {THREADS}
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 1s

@@ -12,6 +12,9 @@ use pingora::server::configuration::ServerConf;
 
 struct Bare {
     upstream: String,
+    /// `--timeouts`: per-peer connect/read/write timeouts, as k2proxy sets
+    /// them (to measure what they cost).
+    timeouts: bool,
 }
 
 #[async_trait]
@@ -21,11 +24,14 @@ impl ProxyHttp for Bare {
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(
-            self.upstream.as_str(),
-            false,
-            String::new(),
-        )))
+        let mut peer = HttpPeer::new(self.upstream.as_str(), false, String::new());
+        if self.timeouts {
+            let t = std::time::Duration::from_secs(10);
+            peer.options.connection_timeout = Some(std::time::Duration::from_millis(500));
+            peer.options.read_timeout = Some(t);
+            peer.options.write_timeout = Some(t);
+        }
+        Ok(Box::new(peer))
     }
 }
 
@@ -49,7 +55,8 @@ fn main() {
     conf.threads = threads;
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
-    let mut proxy = http_proxy_service(&server.configuration, Bare { upstream });
+    let timeouts = args.iter().any(|a| a == "--timeouts");
+    let mut proxy = http_proxy_service(&server.configuration, Bare { upstream, timeouts });
     proxy.add_tcp(&listen);
     server.add_service(proxy);
     server.run_forever();
