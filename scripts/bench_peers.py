@@ -268,8 +268,14 @@ def loadtest_quick(url, rate, duration):
 
 def scenario_file(rate_x, capacity, duration, purchases_only=False):
     """A scenario for --target: the holiday mix at rate_x times capacity."""
-    mix = "purchase = 1\n" if purchases_only else \
-        "purchase = 20\nmerchant = 30\nadmin = 30\ncustomer_service = 20\n"
+    tiers = {
+        "purchase": (20, 'method = "POST"\npath = "/checkout/pay/{seq}"\nbody = \'{"amount": 1999}\'\n'),
+        "merchant": (30, 'path = "/api/orders?page={rand:20}"\nheaders = { x-merchant-id = "m-{rand:500}" }\n'),
+        "admin": (30, 'path = "/admin/users/{rand:1000}"\n'),
+        "customer_service": (20, 'path = "/cs/tickets/{rand:1000}"\n'),
+    }
+    if purchases_only:
+        tiers = {"purchase": tiers["purchase"]}
     text = f"""name = "bench"
 seed = 7
 timeout = "5s"
@@ -277,19 +283,9 @@ timeout = "5s"
 capacity = {capacity}
 stages = [{{ duration = "{duration}", rate = "{rate_x}x" }}]
 [mix]
-{mix}
-[tiers.purchase]
-method = "POST"
-path = "/checkout/pay/{{seq}}"
-body = '{{"amount": 1999}}'
-[tiers.merchant]
-path = "/api/orders?page={{rand:20}}"
-headers = {{ x-merchant-id = "m-{{rand:500}}" }}
-[tiers.admin]
-path = "/admin/users/{{rand:1000}}"
-[tiers.customer_service]
-path = "/cs/tickets/{{rand:1000}}"
 """
+    text += "".join(f"{name} = {w}\n" for name, (w, _) in tiers.items())
+    text += "".join(f"[tiers.{name}]\n{body}" for name, (_, body) in tiers.items())
     path = os.path.join(WORK, f"scenario-{rate_x}-{int(time.time()*1000)}.toml")
     open(path, "w").write(text)
     return path
@@ -445,6 +441,7 @@ def main():
             sys.exit(f"bench_peers: {tool} not found (make bench-peers installs it)")
     os.makedirs(os.path.join(REPO, "results"), exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = os.path.join(REPO, "results", f"peers-{stamp}")
     all_json, all_md = {}, [f"## k2proxy and its peers ({stamp}, {os.cpu_count()} cores)", ""]
     try:
         for phase in phases:
@@ -452,11 +449,11 @@ def main():
             all_json[phase] = data
             all_md += md + [""]
             print("\n".join(md) + "\n", flush=True)
+            # Written after every phase: a later failure keeps what was measured.
+            json.dump(all_json, open(base + ".json", "w"), indent=2)
+            open(base + ".md", "w").write("\n".join(all_md))
     finally:
         stop_all()
-    base = os.path.join(REPO, "results", f"peers-{stamp}")
-    json.dump(all_json, open(base + ".json", "w"), indent=2)
-    open(base + ".md", "w").write("\n".join(all_md))
     print(f"wrote {base}.md and {base}.json")
     shutil.rmtree(WORK, ignore_errors=True)
 

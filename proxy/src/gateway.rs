@@ -693,7 +693,16 @@ impl ProxyHttp for Gateway {
                 .upstream_errors
                 .with_label_values(&[cluster.name.as_str(), ctx.site_name(), "connect"])
                 .inc();
-            let retry = ctx.alternative(now) && cluster.budget.try_retry(now);
+            // A refused connect cost the backend nothing and sent nothing:
+            // moving on to another backend or site is not the work
+            // amplification the budget guards against, and budgeting it
+            // loses purchases when a whole site dies (the retries of every
+            // request exceed any share until health checks catch up). The
+            // tried list bounds it to one try per backend. Other connect
+            // failures (timeouts: a backend too busy to accept) stay
+            // within the budget.
+            let refused = matches!(e.etype(), ErrorType::ConnectRefused);
+            let retry = ctx.alternative(now) && (refused || cluster.budget.try_retry(now));
             if retry {
                 self.shared
                     .metrics

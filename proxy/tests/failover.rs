@@ -281,6 +281,66 @@ async fn a_primary_killed_costs_no_purchase_and_moves_within_a_health_interval()
     assert_no_duplicates(&s);
 }
 
+/// A whole site dying must not run into the retry budget: every request
+/// needs a retry or two (refused connects) until health checks catch up,
+/// far above any budget share. Slow checks and no ejection here, so only
+/// the refused-connect retries can save the purchases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2_refused_connects_are_retried_beyond_the_retry_budget() {
+    let (mut p1, mut p2, s1) = (
+        start_sim("p1", Duration::ZERO).await,
+        start_sim("p2", Duration::ZERO).await,
+        start_sim("s1", Duration::ZERO).await,
+    );
+    let routes = routes(&p1, &p2, &s1)
+        .replace(r#"interval = "200ms""#, r#"interval = "30s""#)
+        .replace(
+            "outlier = { consecutive_failures = 3, base_ejection = \"2s\", max_ejected_share = 1.0 }",
+            "outlier = { consecutive_failures = 1000 }",
+        );
+    assert!(routes.contains("consecutive_failures = 1000"));
+    let policy = format!("{}\n[retries]\nbudget = 0.01\n", policy(false, None));
+    let proxy = Proxy::start(&routes, &policy).await;
+    let client = client();
+    // Both primaries up (first checks) before the kill.
+    for i in 0..20 {
+        let r = client
+            .post(proxy.url("/checkout/pay"))
+            .header("x-request-id", format!("warm-{i}"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    p1.stop().await;
+    p2.stop().await;
+    let load = purchases(
+        proxy.url("/checkout/pay"),
+        100,
+        Duration::from_secs(2),
+        "a2",
+    );
+    let ps = load.await.unwrap();
+    let failed: Vec<_> = ps.iter().filter(|p| p.status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} purchases lost: {:?}",
+        failed.len(),
+        ps.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ps.iter().all(|p| p.sim.as_deref() == Some("s1")));
+    let (retries, requests) = retries(&proxy).await;
+    println!("a2. retries {retries} of {requests} requests, budget 1%");
+    assert!(
+        retries >= 200,
+        "two refused connects per purchase: {retries}"
+    );
+    let sites = Sites { p1, p2, s1, proxy };
+    assert_no_duplicates(&sites);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_a_blackholed_primary_loses_only_what_was_in_flight_until_the_checks_fall() {
     let s = sites(Duration::ZERO, &policy(false, None)).await;
