@@ -77,12 +77,6 @@ pub struct Plan {
     pub seed: u64,
 }
 
-fn literal(s: &str) -> Template {
-    // Escape nothing: a literal URL or header never holds `{`; if it does,
-    // it is sent as written.
-    Template::parse(s).unwrap_or_else(|_| Template::parse("").expect("empty template"))
-}
-
 impl From<Plan> for Load {
     fn from(plan: Plan) -> Load {
         let requests = plan
@@ -96,13 +90,15 @@ impl From<Plan> for Load {
                 } else {
                     Method::GET
                 },
-                url: literal(&t.url.to_string()),
+                url: Template::literal(&t.url.to_string()),
                 headers: t
                     .headers
                     .iter()
-                    .filter_map(|(k, v)| Some((k.parse().ok()?, literal(v))))
+                    .filter_map(|(k, v)| Some((k.parse().ok()?, Template::literal(v))))
                     .collect(),
-                body: t.body.map(|b| literal(&String::from_utf8_lossy(&b))),
+                body: t
+                    .body
+                    .map(|b| Template::literal(&String::from_utf8_lossy(&b))),
                 idempotency_header: None,
             })
             .collect();

@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 
 use crate::openloop::{Report, TargetReport};
@@ -301,34 +302,11 @@ impl Report {
                     .x_label_area_size(36)
                     .y_label_area_size(64);
                 if log {
-                    let mut chart =
-                        builder.build_cartesian_2d(0f64..x_end, y.clone().log_scale())?;
-                    chart
-                        .configure_mesh()
-                        .x_desc("seconds")
-                        .y_desc(y_desc)
-                        .draw()?;
-                    draw_lines(&mut chart, lines, &self.events, y.clone())?;
-                    chart
-                        .configure_series_labels()
-                        .border_style(BLACK)
-                        .background_style(WHITE.mix(0.85))
-                        .position(SeriesLabelPosition::UpperLeft)
-                        .draw()?;
+                    let chart = builder.build_cartesian_2d(0f64..x_end, y.clone().log_scale())?;
+                    draw_chart(chart, lines, &self.events, y.clone(), y_desc)?;
                 } else {
-                    let mut chart = builder.build_cartesian_2d(0f64..x_end, y.clone())?;
-                    chart
-                        .configure_mesh()
-                        .x_desc("seconds")
-                        .y_desc(y_desc)
-                        .draw()?;
-                    draw_lines(&mut chart, lines, &self.events, y.clone())?;
-                    chart
-                        .configure_series_labels()
-                        .border_style(BLACK)
-                        .background_style(WHITE.mix(0.85))
-                        .position(SeriesLabelPosition::UpperLeft)
-                        .draw()?;
+                    let chart = builder.build_cartesian_2d(0f64..x_end, y.clone())?;
+                    draw_chart(chart, lines, &self.events, y.clone(), y_desc)?;
                 }
                 root.present()?;
                 Ok(())
@@ -348,17 +326,24 @@ struct Line {
     points: Vec<(f64, f64)>,
 }
 
-fn draw_lines<'a, DB, X, Y>(
-    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+/// Mesh, event rules, lines and legend on a chart of either y scale.
+fn draw_chart<'a, DB, X, Y>(
+    mut chart: ChartContext<'a, DB, Cartesian2d<X, Y>>,
     lines: &[Line],
     events: &[crate::openloop::Event],
     y: std::ops::Range<f64>,
+    y_desc: &str,
 ) -> Result<(), Box<dyn std::error::Error + 'a>>
 where
     DB: DrawingBackend + 'a,
-    X: Ranged<ValueType = f64>,
-    Y: Ranged<ValueType = f64>,
+    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
 {
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc(y_desc)
+        .draw()?;
     for e in events {
         let red = RGBColor(200, 40, 40);
         chart.draw_series(LineSeries::new(
@@ -392,6 +377,12 @@ where
             }
         }
     }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
     Ok(())
 }
 

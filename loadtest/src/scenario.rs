@@ -559,12 +559,10 @@ impl Scenario {
 
     /// One simulator's capacity under this scenario's tier mix.
     pub fn site_capacity(&self, sim: &SimConfig) -> f64 {
-        let sources: Vec<String> = self.tiers.iter().map(|t| t.path.source()).collect();
         let mix: Vec<(&str, f64)> = self
             .tiers
             .iter()
-            .zip(&sources)
-            .map(|(t, p)| (p.as_str(), t.weight))
+            .map(|t| (t.path.source(), t.weight))
             .collect();
         sim.capacity_for(&mix)
     }
@@ -614,7 +612,7 @@ impl Scenario {
             .tiers
             .iter()
             .map(|t| {
-                let url = Template::parse(&format!("{base}{}", t.path_text()))?;
+                let url = Template::parse(&format!("{base}{}", t.path.source()))?;
                 Ok(Request {
                     name: t.name.clone(),
                     weight: t.weight,
@@ -643,11 +641,5 @@ impl Scenario {
             timeout: self.timeout,
             seed: self.seed,
         })
-    }
-}
-
-impl TierSpec {
-    fn path_text(&self) -> String {
-        self.path.source()
     }
 }

@@ -71,9 +71,17 @@ impl Template {
         })
     }
 
+    /// Text sent as it is, braces included.
+    pub fn literal(s: &str) -> Template {
+        Template {
+            source: s.to_string(),
+            parts: vec![Part::Text(s.to_string())],
+        }
+    }
+
     /// The template as written.
-    pub fn source(&self) -> String {
-        self.source.clone()
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// True when every request gets the same text.

@@ -16,7 +16,8 @@ use crate::sim::{self, SimConfig, SimHandle};
 /// A running topology; dropping it stops k2proxy and the simulators.
 pub struct Topology {
     pub sites: Vec<(String, Vec<SimHandle>)>,
-    proxy: Child,
+    /// None until started (the files are written first).
+    proxy: Option<Child>,
     /// `http://127.0.0.1:port` of k2proxy's listener.
     pub base_url: String,
     pub admin: SocketAddr,
@@ -148,7 +149,7 @@ impl Topology {
 
         let mut topo = Topology {
             sites,
-            proxy: Command::new("true").spawn().map_err(|e| e.to_string())?,
+            proxy: None,
             base_url: format!("http://{listen}"),
             admin,
             routes_path: out.join("routes.toml"),
@@ -157,12 +158,11 @@ impl Topology {
             out: out.to_path_buf(),
             reloads: 0,
         };
-        let _ = topo.proxy.wait();
         topo.write_files(&policy)?;
 
         let log = std::fs::File::create(out.join("k2proxy.log"))
             .map_err(|e| format!("{}: {e}", out.display()))?;
-        topo.proxy = Command::new(k2proxy)
+        let child = Command::new(k2proxy)
             .arg("run")
             .arg("--routes")
             .arg(&topo.routes_path)
@@ -176,6 +176,7 @@ impl Topology {
                     k2proxy.display()
                 )
             })?;
+        topo.proxy = Some(child);
         topo.wait_ready().await?;
         Ok(topo)
     }
@@ -222,7 +223,7 @@ impl Topology {
     async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(Some(status)) = self.proxy.try_wait() {
+            if let Some(Ok(Some(status))) = self.proxy.as_mut().map(Child::try_wait) {
                 return Err(format!(
                     "k2proxy exited ({status}) before it was ready:\n{}",
                     self.log_tail()
@@ -315,8 +316,10 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         // Only the child this topology started.
-        let _ = self.proxy.kill();
-        let _ = self.proxy.wait();
+        if let Some(p) = self.proxy.as_mut() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
     }
 }
 
