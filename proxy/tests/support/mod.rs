@@ -369,7 +369,29 @@ impl Proxy {
                 .await
                 .is_ok_and(|r| r.status() == 200);
             if admin_ok && tokio::net::TcpStream::connect(proxy.addr).await.is_ok() {
-                return Ok(proxy);
+                // The ports were free when picked, not reserved: another
+                // test's proxy may have taken one meanwhile (ours then fails
+                // to bind it). Ready means the admin answering is our child.
+                let pid = client
+                    .get(format!("http://{}/status", proxy.admin))
+                    .send()
+                    .await
+                    .ok()
+                    .map(|r| r.json::<serde_json::Value>());
+                let pid = match pid {
+                    Some(body) => body.await.ok().and_then(|s| s["pid"].as_u64()),
+                    None => None,
+                };
+                if pid == Some(u64::from(proxy.child.id())) {
+                    return Ok(proxy);
+                }
+                if pid.is_some() {
+                    // Dropping `proxy` ends our child.
+                    return Err(format!(
+                        "port {} or {} is another proxy's",
+                        proxy.addr, proxy.admin
+                    ));
+                }
             }
             if Instant::now() > deadline {
                 return Err(format!("not ready after 15 s: {}", proxy.log_text()));
