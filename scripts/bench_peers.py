@@ -18,7 +18,9 @@ so machine drift hits all alike; medians are reported. Results go to
 results/peers-<stamp>.md and .json.
 
 usage: bench_peers.py [overhead] [overload] [failover]     (default: all)
-env:   ROUNDS (3), DURATION (8s), OVERLOAD_DURATION (10s), RATE (4000)
+env:   ROUNDS (3), DURATION (8s), OVERLOAD_DURATION (10s), RATE (4000),
+       LOADS (overload multiples, "1,2,3,5"), VARIANTS (overload proxies,
+       "k2proxy,haproxy priority,nginx")
 """
 
 import json
@@ -41,6 +43,8 @@ ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DURATION = os.environ.get("DURATION", "8s")
 OVERLOAD_DURATION = os.environ.get("OVERLOAD_DURATION", "10s")
 RATE = int(os.environ.get("RATE", "4000"))
+LOADS = [int(x) for x in os.environ.get("LOADS", "1,2,3,5").split(",")]
+VARIANTS = os.environ.get("VARIANTS", "k2proxy,haproxy priority,nginx").split(",")
 THREADS = 2
 WORK = tempfile.mkdtemp(prefix="k2bench-")
 PROCS = []
@@ -343,9 +347,9 @@ def overload():
     workers, service = 16, "20ms"
     capacity = 800
     log(f"== overload: legacy-sim {workers} workers x {service} (capacity {capacity}/s)")
-    variants = ["k2proxy", "haproxy priority", "nginx"]
+    variants = VARIANTS
     runs = []
-    for load in (1, 2, 3, 5):
+    for load in LOADS:
         for rnd in range(1, ROUNDS + 1):
             for v in variants:
                 sp, sim_port, _ = sim(workers, service, "legacy")
@@ -365,6 +369,7 @@ def overload():
                     "load": load, "variant": v, "round": rnd,
                     "purchase_success": t["purchase"]["success"],
                     "purchase_p99_ms": t["purchase"]["ok_ms"]["p99"],
+                    "merchant_p50_ms": t["merchant"]["ok_ms"]["p50"],
                     "success": {n: x["success"] for n, x in t.items()},
                     "goodput_share": a["ok"] / (capacity * r["elapsed_s"]),
                     "fast_failure_share": (fails - a["timeout"]) / fails if fails else 1.0,
@@ -378,14 +383,14 @@ def overload():
     md = [f"### Overload (legacy-sim {workers} workers x {service} = {capacity} req/s; open loop {OVERLOAD_DURATION} per run; "
           "mix 20% purchase / 30% merchant / 30% admin / 20% customer service; client timeout 5s; "
           f"median of {ROUNDS} interleaved rounds)", "",
-          "| load | proxy | purchase ok | purchase p99 ms | merchant ok | admin ok | cs ok | goodput / capacity | failures fast (503) | timeouts |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
-    for load in (1, 2, 3, 5):
+          "| load | proxy | purchase ok | purchase p99 ms | merchant ok | merchant p50 ms | admin ok | cs ok | goodput / capacity | failures fast (503) | timeouts |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for load in LOADS:
         for v in variants:
             rs = [r for r in runs if r["load"] == load and r["variant"] == v]
             ok = lambda tier: med([r["success"][tier] for r in rs]) * 100
             md.append(f"| {load}x | {v} | {ok('purchase'):.1f}% | {med([r['purchase_p99_ms'] for r in rs]):.0f} | "
-                      f"{ok('merchant'):.1f}% | {ok('admin'):.1f}% | {ok('customer_service'):.1f}% | "
+                      f"{ok('merchant'):.1f}% | {med([r['merchant_p50_ms'] for r in rs]):.0f} | {ok('admin'):.1f}% | {ok('customer_service'):.1f}% | "
                       f"{med([r['goodput_share'] for r in rs]):.2f} | {med([r['fast_failure_share'] for r in rs])*100:.0f}% | "
                       f"{med([r['timeouts'] for r in rs]):.0f} |")
     return runs, md

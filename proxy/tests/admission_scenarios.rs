@@ -347,6 +347,14 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             let cap = capacity(p.service_ms.unwrap_or(service_ms)) * p.seconds;
             if std::env::var("SIM_DEBUG").is_ok() {
                 eprintln!(
+                    "{} limits: {:?}",
+                    p.name,
+                    st.limits
+                        .iter()
+                        .step_by(st.limits.len().max(20) / 20)
+                        .collect::<Vec<_>>()
+                );
+                eprintln!(
                     "{}: completions {} cap {cap:.0} limit {:?}..{:?} end {:?} levels max {:?}",
                     p.name,
                     st.completions,
@@ -365,6 +373,10 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             m.insert(
                 "limit_max".into(),
                 l.iter().copied().max().unwrap_or(0) as f64,
+            );
+            m.insert(
+                "limit_mean".into(),
+                l.iter().map(|&x| f64::from(x)).sum::<f64>() / l.len().max(1) as f64,
             );
             m.insert("limit_end".into(), l.last().copied().unwrap_or(0) as f64);
             m.insert(

@@ -2,18 +2,29 @@
 //!
 //! The adaptive limit is a gradient controller in the family of Netflix's
 //! Gradient2: it compares the backend's recent latency (`short`, the mean of
-//! one window of samples) with its uncongested latency (`baseline`). While
-//! `short` stays under `baseline × TOLERANCE` the backend is not queueing and
-//! the limit grows by about √limit per window; above it the limit shrinks in
-//! proportion (`limit × TOLERANCE × baseline / short + √limit`). Timeouts
-//! and backend 503s are congestion: the limit backs off multiplicatively.
+//! one window of samples) with its uncongested latency (`baseline`). Each
+//! window moves the limit towards `limit × baseline / short +
+//! QUEUE_ALLOWANCE × √limit`, so it settles where about `0.6 × √limit`
+//! requests wait inside the backend: just past the knee, where the backend
+//! is busy all the time but its own (first-come, first-served) queue, which
+//! no tier can jump, stays a few requests long. Priority is applied in our
+//! queue, not in the backend's. Timeouts and backend 503s are congestion: the
+//! limit backs off multiplicatively.
 //!
-//! `baseline` is the lowest window mean seen, allowed to rise by
-//! [`BASELINE_DRIFT`] per second. Gradient2's long moving average follows the
-//! backend's own backlog up under sustained overload and lets the limit run
-//! away; a slowly rising minimum does not, because every cut drains the
-//! backlog and shows the uncongested latency again, while a backend that
-//! really became slower is followed within seconds.
+//! `baseline` is the lowest window mean since the last probe. Every
+//! [`PROBE_EVERY`] the limit is lowered by the queue allowance for
+//! [`PROBE_WINDOWS`] windows: at the settling point that leaves every worker
+//! busy and drains the backend's queue, so the second window measures the
+//! backend's latency as it is now, and that becomes the baseline. This is
+//! BBR's ProbeRTT, scaled down to cost nothing at the knee. Gradient2's long
+//! moving average instead follows the backend's own backlog up under
+//! sustained overload and lets the limit run away; a minimum that only rises
+//! by drift does the same slowly when latency noise is small.
+//!
+//! A backend that really became slower shows the latency staying high however
+//! far the limit is cut, and is followed before the next probe: after
+//! `STALE_AFTER` of window means above `baseline × STALE_RATIO`, the baseline
+//! jumps to the lowest mean of that stretch's second half.
 //!
 //! There is no warm-up that measures a minimum RTT at low concurrency (as
 //! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
@@ -22,10 +33,16 @@
 
 use std::time::{Duration, Instant};
 
-/// Latency above `baseline × TOLERANCE` counts as queueing at the backend.
-const TOLERANCE: f64 = 1.5;
-/// How fast `baseline` may rise, per second, when no lower window is seen.
-pub const BASELINE_DRIFT: f64 = 0.05;
+/// How often the limit is lowered by the queue allowance, for
+/// [`PROBE_WINDOWS`] windows, to measure the backend with its queue drained.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+const PROBE_WINDOWS: u8 = 2;
+/// Requests the limit lets wait at the backend, in units of √limit.
+const QUEUE_ALLOWANCE: f64 = 0.6;
+/// A window mean above `baseline × STALE_RATIO`…
+const STALE_RATIO: f64 = 1.5;
+/// …for this long means the backend itself became slower.
+const STALE_AFTER: Duration = Duration::from_millis(300);
 /// Weight of each new target in the limit.
 const SMOOTHING: f64 = 0.25;
 /// Multiplicative back-off on congestion (timeouts, backend 503s).
@@ -74,7 +91,7 @@ impl Limit {
     pub fn current(&self) -> u32 {
         match self {
             Limit::Fixed(n) => *n,
-            Limit::Adaptive(g) => g.limit.round() as u32,
+            Limit::Adaptive(g) => g.current().round() as u32,
         }
     }
 
@@ -84,9 +101,9 @@ impl Limit {
         match self {
             Limit::Fixed(_) => false,
             Limit::Adaptive(g) => {
-                let before = g.limit.round();
+                let before = g.current().round();
                 g.on_sample(now, sample, inflight);
-                g.limit.round() != before
+                g.current().round() != before
             }
         }
     }
@@ -112,6 +129,13 @@ pub struct Gradient {
     window_count: u32,
     window_congested: u32,
     window_max_inflight: u32,
+    /// Since when window means have stayed above `baseline × STALE_RATIO`,
+    /// and the lowest of them in the stretch's second half.
+    stale: Option<(Instant, f64)>,
+    /// When the next probe of the uncongested latency is due.
+    probe_due: Instant,
+    /// While probing: the limit to restore and the windows still to run.
+    probe: Option<(f64, u8)>,
 }
 
 impl Gradient {
@@ -130,6 +154,19 @@ impl Gradient {
             window_count: 0,
             window_congested: 0,
             window_max_inflight: 0,
+            stale: None,
+            probe_due: now + PROBE_EVERY,
+            probe: None,
+        }
+    }
+
+    /// The limit in force: lowered while a probe drains the backend's queue.
+    fn current(&self) -> f64 {
+        match self.probe {
+            Some((saved, _)) => {
+                (saved - QUEUE_ALLOWANCE * saved.sqrt()).max(f64::from(self.bounds.min))
+            }
+            None => self.limit,
         }
     }
 
@@ -161,7 +198,6 @@ impl Gradient {
         let congested = self.window_congested > 0;
         let short = (self.window_count > 0).then(|| self.window_sum / f64::from(self.window_count));
         let busy = f64::from(self.window_max_inflight) >= self.limit / 2.0;
-        let elapsed = now.duration_since(self.window_start).as_secs_f64();
         self.window_start = now;
         self.window_sum = 0.0;
         self.window_count = 0;
@@ -173,16 +209,60 @@ impl Gradient {
             return;
         }
         let Some(short) = short else { return };
-        let baseline = match self.baseline {
+        if let Some((saved, left)) = self.probe {
+            if left > 1 {
+                // The first window still holds requests that queued.
+                self.probe = Some((saved, left - 1));
+                return;
+            }
+            // The backend's queue has drained: this is its latency now.
+            self.probe = None;
+            self.limit = saved;
+            self.baseline = Some(short);
+            self.stale = None;
+            self.probe_due = now + PROBE_EVERY;
+            return;
+        }
+        if now >= self.probe_due {
+            self.probe = Some((self.limit, PROBE_WINDOWS));
+            return;
+        }
+        let mut baseline = match self.baseline {
             None => short,
-            Some(b) => (b * (1.0 + BASELINE_DRIFT * elapsed)).min(short),
+            Some(b) => b.min(short),
         };
+        // A latency that stays far above the baseline while the limit is
+        // being cut is not a backlog (cuts drain a backlog within a few
+        // windows): the backend became slower, and the baseline follows.
+        if short > baseline * STALE_RATIO {
+            let (since, lowest) = self.stale.get_or_insert((now, f64::INFINITY));
+            // Only the second half counts: the first still holds samples
+            // from before the change.
+            if now.duration_since(*since) >= STALE_AFTER / 2 {
+                *lowest = lowest.min(short);
+            }
+            if now.duration_since(*since) >= STALE_AFTER {
+                baseline = *lowest;
+                self.stale = None;
+            }
+        } else {
+            self.stale = None;
+        }
         self.baseline = Some(baseline);
-        let gradient = (TOLERANCE * baseline / short).clamp(0.5, 1.0);
+        let gradient = (baseline / short).clamp(0.5, 1.0);
         if gradient >= 1.0 && !busy {
             return; // Not using the limit: no evidence that more would be fine.
         }
-        let target = self.limit * gradient + self.limit.sqrt();
+        // No queueing at all: grow by √limit; otherwise allow a short queue.
+        let allowance = if gradient >= 1.0 {
+            1.0
+        } else {
+            QUEUE_ALLOWANCE
+        };
+        let mut target = self.limit * gradient + allowance * self.limit.sqrt();
+        if !busy {
+            target = target.min(self.limit); // Only shrink without evidence.
+        }
         self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(min, max);
     }
 }
@@ -260,6 +340,63 @@ mod tests {
             feed(&mut l, &mut now, 1, 40 * MS, 1000);
         }
         assert!(l.current() > low, "{low} -> {}", l.current());
+    }
+
+    /// A backend of `workers` workers taking `service` each: what a window of
+    /// requests at the current limit measures.
+    fn run_backend(l: &mut Limit, now: &mut Instant, secs: u64, workers: u32, service: Duration) {
+        let end = *now + Duration::from_secs(secs);
+        let mut seed = 1u64;
+        while *now < end {
+            let inflight = l.current();
+            // ±10% of noise, as a real backend has.
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let noise = 0.9 + 0.2 * ((seed >> 33) as f64 / (1u64 << 31) as f64);
+            let queueing = (f64::from(inflight) / f64::from(workers)).max(1.0);
+            let latency = service.mul_f64(queueing * noise);
+            *now += latency / inflight.max(1);
+            l.on_sample(*now, Sample::Latency(latency), inflight);
+        }
+    }
+
+    #[test]
+    fn settles_just_past_the_knee() {
+        let mut now = Instant::now();
+        // Starting under the knee, as a proxy that was up before the peak:
+        // a first window measured at 20 in flight would take 25 ms for the
+        // uncongested latency (see the module comment).
+        let under = Bounds {
+            initial: 8,
+            ..bounds()
+        };
+        let mut l = Limit::adaptive(under, now);
+        run_backend(&mut l, &mut now, 10, 16, 20 * MS);
+        // 16 workers: the limit keeps them busy with a queue of a few.
+        assert!((16..=22).contains(&l.current()), "limit {}", l.current());
+        let mut l = Limit::adaptive(bounds(), now);
+        run_backend(&mut l, &mut now, 10, 100, 20 * MS);
+        assert!((100..=115).contains(&l.current()), "limit {}", l.current());
+    }
+
+    #[test]
+    fn a_backend_that_became_slower_is_followed_within_a_second_or_two() {
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(
+            Bounds {
+                initial: 8,
+                ..bounds()
+            },
+            now,
+        );
+        run_backend(&mut l, &mut now, 10, 16, 20 * MS);
+        // Every request now takes 60 ms: same workers, a third of the
+        // throughput. Cutting the limit cannot bring the latency back to
+        // 20 ms; after 0.5 s of trying the baseline follows and the limit
+        // returns to the workers' count instead of sinking to `min`.
+        run_backend(&mut l, &mut now, 3, 16, 60 * MS);
+        assert!((14..=22).contains(&l.current()), "limit {}", l.current());
     }
 
     #[test]
