@@ -221,17 +221,9 @@ async fn admission_off_is_plain_proxying() {
 
 /// Waits until the site's total in-flight gauge is `n` (up to 5 s).
 async fn wait_for_inflight(proxy: &Proxy, n: i64) {
-    let c = client();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = c
-            .get(proxy.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = proxy.metrics().await;
         let total = metric_sum(&text, "k2_inflight{") as i64;
         if total == n {
             return;

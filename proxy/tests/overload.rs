@@ -95,14 +95,7 @@ async fn purchases_keep_flowing_at_three_times_capacity() {
     })
     .await;
     println!("{}", report.summary());
-    let metrics = client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     for t in &report.targets {
         let h = &t.shed_latency;
         println!(

@@ -317,14 +317,7 @@ async fn ten_mebibytes_on_an_uninspected_route_stream_with_flat_memory() {
 /// one to warm the allocator: less than one body.
 async fn memory_stays_flat(proxy: &Proxy, backend: &Backend) {
     let rss = || async {
-        let m = client()
-            .get(proxy.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = proxy.metrics().await;
         m.lines()
             .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
             .and_then(|v| v.parse::<f64>().ok())

@@ -23,8 +23,12 @@
 //!
 //! A backend that really became slower shows the latency staying high however
 //! far the limit is cut, and is followed before the next probe: after
-//! `STALE_AFTER` of window means above `baseline × STALE_RATIO`, the baseline
-//! jumps to the lowest mean of that stretch's second half.
+//! `STALE_AFTER` of window means above `baseline × STALE_RATIO`, once the
+//! limit is down to the concurrency of the last window whose latency was
+//! normal and a probe has measured the baseline at least once, the baseline jumps to the lowest mean of that stretch's second
+//! half. Above that concurrency, high latency is k2proxy's own backlog (a
+//! limit that starts, or overshot, far above the knee) and says nothing
+//! about the backend's speed.
 //!
 //! There is no warm-up that measures a minimum RTT at low concurrency (as
 //! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
@@ -138,6 +142,12 @@ pub struct Gradient {
     /// Since when window means have stayed above `baseline × STALE_RATIO`,
     /// and the lowest of them in the stretch's second half.
     stale: Option<(Instant, f64)>,
+    /// The most requests in flight in the last window whose latency was
+    /// normal (not stale).
+    good_inflight: f64,
+    /// A probe has measured the baseline (until then the stale rule waits:
+    /// at a cold start the limit is far from the knee).
+    probed: bool,
     /// When the next probe of the uncongested latency is due.
     probe_due: Instant,
     /// While probing: the limit to restore and the windows still to run.
@@ -161,6 +171,8 @@ impl Gradient {
             window_congested: 0,
             window_max_inflight: 0,
             stale: None,
+            good_inflight: f64::INFINITY,
+            probed: false,
             probe_due: now + PROBE_EVERY,
             probe: None,
         }
@@ -203,7 +215,8 @@ impl Gradient {
         let (min, max) = (f64::from(self.bounds.min), f64::from(self.bounds.max));
         let congested = self.window_congested > 0;
         let short = (self.window_count > 0).then(|| self.window_sum / f64::from(self.window_count));
-        let busy = f64::from(self.window_max_inflight) >= self.limit / 2.0;
+        let inflight = f64::from(self.window_max_inflight);
+        let busy = inflight >= self.limit / 2.0;
         self.window_start = now;
         self.window_sum = 0.0;
         self.window_count = 0;
@@ -225,6 +238,7 @@ impl Gradient {
             self.probe = None;
             self.limit = saved;
             self.baseline = Some(short);
+            self.probed = true;
             self.stale = None;
             self.probe_due = now + PROBE_EVERY;
             return;
@@ -247,18 +261,23 @@ impl Gradient {
             if now.duration_since(*since) >= STALE_AFTER / 2 {
                 *lowest = lowest.min(short);
             }
-            if now.duration_since(*since) >= STALE_AFTER {
+            // Only once the limit is down to a concurrency whose latency
+            // was normal: above it, high latency is our own backlog (a
+            // limit that starts or overshot far above the knee), and taking
+            // it for the baseline would let the limit run away.
+            if now.duration_since(*since) >= STALE_AFTER
+                && self.probed
+                && self.limit <= self.good_inflight
+            {
                 baseline = *lowest;
                 self.stale = None;
             }
         } else {
             self.stale = None;
+            self.good_inflight = inflight;
         }
         self.baseline = Some(baseline);
         let gradient = ((baseline + SLACK) / short).clamp(0.5, 1.0);
-        if gradient >= 1.0 && !busy {
-            return; // Not using the limit: no evidence that more would be fine.
-        }
         // No queueing at all: grow by √limit; otherwise allow a short queue.
         let allowance = if gradient >= 1.0 {
             1.0

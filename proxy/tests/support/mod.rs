@@ -421,20 +421,24 @@ impl Proxy {
         panic!("no log line with {needle:?} in:\n{}", self.log_text());
     }
 
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// The `/metrics` text once it contains `want` (waiting up to 2 s, for the
     /// same reason as [`Proxy::log_line`]); the last text seen otherwise.
     pub async fn metrics_when(&self, want: &str) -> String {
-        let c = client();
         let mut text = String::new();
         for _ in 0..200 {
-            text = c
-                .get(self.admin_url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            text = self.metrics().await;
             if text.contains(want) {
                 break;
             }
