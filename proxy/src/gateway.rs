@@ -511,8 +511,7 @@ impl ProxyHttp for Gateway {
         if admission_off {
             return Ok(false);
         }
-        let m = &self.shared.metrics;
-        let tier_name = ctx.tier_name().to_string();
+        let queue_wait = queue_wait_histogram(ctx, tier);
         if let Some((other, other_controller)) = spill_to {
             let here = controller.try_acquire(tier.0 as usize);
             let permit = match here {
@@ -523,16 +522,14 @@ impl ProxyHttp for Gateway {
                 }),
             };
             if let Some(permit) = permit {
-                m.queue_wait.with_label_values(&[&tier_name]).observe(0.0);
+                queue_wait.observe(0.0);
                 ctx.permit = Some(permit);
                 return Ok(false);
             }
         }
         match controller.acquire(tier.0 as usize).await {
             Ok(permit) => {
-                m.queue_wait
-                    .with_label_values(&[&tier_name])
-                    .observe(permit.waited().as_secs_f64());
+                queue_wait.observe(permit.waited().as_secs_f64());
                 ctx.permit = Some(permit);
                 Ok(false)
             }
@@ -544,9 +541,7 @@ impl ProxyHttp for Gateway {
                         .expect("set")
                         .tier(tier)
                         .max_queue_wait;
-                    m.queue_wait
-                        .with_label_values(&[&tier_name])
-                        .observe(wait.as_secs_f64());
+                    queue_wait.observe(wait.as_secs_f64());
                 }
                 self.shed(session, ctx, reason).await?;
                 Ok(true)
@@ -886,9 +881,15 @@ impl ProxyHttp for Gateway {
                 _ => {}
             }
         }
-        m.request_duration
-            .with_label_values(&[tier])
-            .observe(elapsed.as_secs_f64());
+        match (&ctx.snapshot, ctx.tier) {
+            (Some(s), Some(t)) => s.tier_metrics[t.0 as usize]
+                .request_duration
+                .observe(elapsed.as_secs_f64()),
+            _ => m
+                .request_duration
+                .with_label_values(&[tier])
+                .observe(elapsed.as_secs_f64()),
+        }
         let req = session.req_header();
         let shed = match ctx.outcome {
             Outcome::Shed(r) => Some(r),
@@ -914,6 +915,12 @@ impl ProxyHttp for Gateway {
             "access"
         );
     }
+}
+
+/// `k2_queue_wait_seconds` of `tier`, from the request's config snapshot.
+fn queue_wait_histogram(ctx: &Ctx, tier: TierId) -> prometheus::Histogram {
+    let snap = ctx.snapshot.as_ref().expect("set before admission");
+    snap.tier_metrics[tier.0 as usize].queue_wait.clone()
 }
 
 fn duration_ms(d: Duration) -> f64 {

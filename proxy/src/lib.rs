@@ -81,6 +81,11 @@ fn attach(
 ) {
     snapshot.controllers = admission.sync(snapshot, metrics);
     snapshot.limiters = limits.sync(&snapshot.rate_limits);
+    snapshot.tier_metrics = snapshot
+        .tiers
+        .iter()
+        .map(|t| metrics.tier(&t.name))
+        .collect();
     precreate_failovers(snapshot, metrics);
 }
 

@@ -1,14 +1,28 @@
 //! Every k2proxy metric, registered once in one registry (names from DESIGN).
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets, seconds: from a fast shed (~1 ms) to a slow legacy call.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// One tier's histograms, looked up once per config instead of by label on
+/// every request.
+#[derive(Clone)]
+pub struct TierMetrics {
+    pub queue_wait: Histogram,
+    pub request_duration: Histogram,
+}
+
+impl std::fmt::Debug for TierMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TierMetrics").finish_non_exhaustive()
+    }
+}
 
 /// The process's metrics.
 pub struct Metrics {
@@ -51,6 +65,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The histograms of the tier called `tier`.
+    pub fn tier(&self, tier: &str) -> TierMetrics {
+        TierMetrics {
+            queue_wait: self.queue_wait.with_label_values(&[tier]),
+            request_duration: self.request_duration.with_label_values(&[tier]),
+        }
+    }
+
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(

@@ -263,6 +263,37 @@ async fn the_policy_file_can_be_switched_on_reload() {
 }
 
 #[tokio::test]
+async fn per_tier_metrics_follow_a_reordered_tier_list() {
+    // Tier histograms are looked up once per config, by tier index: after a
+    // reload that moves `customer_service` to the top, its requests must
+    // still be counted under its own name, not under the tier that had its
+    // index before.
+    let (_b, proxy) = setup().await;
+    let c = client();
+    for path in ["/checkout/1", "/cs/1", "/cs/2"] {
+        assert_eq!(c.get(proxy.url(path)).send().await.unwrap().status(), 200);
+    }
+    proxy.write_file(
+        "policy.toml",
+        "tiers = [\"customer_service\", \"purchase\", \"merchant\", \"admin\", \"background\"]\n",
+    );
+    proxy.wait_reload(WITHIN).await;
+    for path in ["/checkout/2", "/cs/3"] {
+        assert_eq!(c.get(proxy.url(path)).send().await.unwrap().status(), 200);
+    }
+    // The duration is observed as the request is logged, after the response.
+    for want in [
+        r#"k2_request_duration_seconds_count{tier="purchase"} 2"#,
+        r#"k2_request_duration_seconds_count{tier="customer_service"} 3"#,
+        r#"k2_queue_wait_seconds_count{tier="purchase"} 2"#,
+        r#"k2_queue_wait_seconds_count{tier="customer_service"} 3"#,
+    ] {
+        let text = proxy.metrics_when(want).await;
+        assert!(text.contains(want), "{want} missing in\n{text}");
+    }
+}
+
+#[tokio::test]
 async fn admin_post_needs_the_token_when_one_is_set() {
     let backend = Backend::start("b").await;
     let proxy = Proxy::start_with(

@@ -134,7 +134,6 @@ async fn the_status_page_shows_tiers_sites_and_the_shed_level_under_load() {
         "shed level",
         "forced off",
         "never shed",
-        "partly shed",
         "fixed 4",
     ] {
         assert!(
@@ -142,6 +141,13 @@ async fn the_status_page_shows_tiers_sites_and_the_shed_level_under_load() {
             "the page does not show {want:?}:\n{dom}"
         );
     }
+    // 200 req/s of customer service against 80 of capacity: the shed level
+    // covers part of the tier or, at a moment when its queue overflows, all
+    // of it (seen once in a full `make test`).
+    assert!(
+        dom.contains("partly shed</span>") || dom.contains("pill bad\">shed</span>"),
+        "customer_service is shown as shed:\n{dom}"
+    );
     assert!(
         dom.contains("Shedding automatically: customer_service"),
         "the banner says what is shed:\n{dom}"

@@ -88,6 +88,8 @@ pub struct Snapshot {
     pub controllers: crate::admission::Controllers,
     /// Rate limiters of `rate_limits`; filled like `controllers`.
     pub limiters: crate::limits::Limiters,
+    /// Histograms per tier, same index as `tiers`; filled like `controllers`.
+    pub tier_metrics: Vec<crate::metrics::TierMetrics>,
 }
 
 impl Snapshot {

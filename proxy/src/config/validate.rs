@@ -226,6 +226,7 @@ pub(super) fn snapshot(
         trust,
         controllers: Default::default(),
         limiters: Default::default(),
+        tier_metrics: Vec::new(),
     })
 }
 
