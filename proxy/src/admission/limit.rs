@@ -49,9 +49,10 @@ const PROBE_WINDOWS: u8 = 2;
 ///
 /// Every request queued there adds to every purchase's latency, since the
 /// backend serves first come, first served: at 3x load on 16 workers x 20 ms,
-/// 0.6 gave a purchase p99 of 48-56 ms, 0.3 gives 40-46 ms, median 42
-/// (HAProxy's priority queue with `maxconn` at the exact worker count, side
-/// by side: 44-46 ms, median 45), with the same goodput (0.94 of capacity). 0 leaves workers idle between a
+/// 0.6 gave a purchase p99 of 48-64 ms, 0.3 gives 39-51 ms, median 45, over
+/// ten runs (HAProxy's priority queue with `maxconn` at the exact worker
+/// count, side by side: 39-46 ms, median 44), with the same goodput (0.94 of
+/// capacity). 0 leaves workers idle between a
 /// completion and the next dispatch, and the limit then swung wide (one run
 /// in three: purchase p99 127 ms, goodput 0.82).
 const QUEUE_ALLOWANCE: f64 = 0.3;
