@@ -7,10 +7,11 @@
 //! QUEUE_ALLOWANCE × √limit`, so it settles where a request or two wait
 //! inside the backend: just past the knee, where the backend is busy all
 //! the time but its own (first-come, first-served) queue, which no tier can
-//! jump, stays that short. The tolerance is [`SLACK`] plus one standard
-//! error of the mean of the window that set the baseline: a backend whose
+//! jump, stays that short. The tolerance is [`SLACK`] plus two standard
+//! errors of the mean of the window that set the baseline: a backend whose
 //! service time varies makes the minimum of window means low by about that
-//! much, and without it the limit settled under the worker count. Priority is applied in our
+//! much, and without it the limit settled under the worker count (and,
+//! with one, ratcheted down to 7 for 16 workers once an overload ended). Priority is applied in our
 //! queue, not in the backend's. Timeouts and backend 503s are congestion: the
 //! limit backs off multiplicatively.
 //!
@@ -67,7 +68,7 @@ const QUEUE_ALLOWANCE: f64 = 0.3;
 /// pingora's throughput with 0.3 ms).
 const SLACK: f64 = 0.001;
 /// Standard errors of the window mean that count as noise, not queueing.
-const NOISE_ALLOWANCE: f64 = 1.0;
+const NOISE_ALLOWANCE: f64 = 2.0;
 /// A window mean above `baseline × STALE_RATIO`…
 const STALE_RATIO: f64 = 1.5;
 /// …for this long means the backend itself became slower.
@@ -318,8 +319,9 @@ impl Gradient {
         }
         self.baseline = Some(baseline);
         // The baseline is a minimum of window means: when the backend's own
-        // service time varies, it is low by about one standard error of such
-        // a mean, and a gap of that size is noise, not queueing. The error
+        // service time varies, it is low by two or three standard errors of
+        // such a mean (the minimum of ~100 of them), and a gap of that size
+        // is noise, not queueing. The error
         // is the baseline window's own (measured with the backend's queue
         // drained), so the spread that queueing adds does not count.
         let tolerance = SLACK + NOISE_ALLOWANCE * self.baseline_noise;

@@ -140,7 +140,12 @@ impl ShedLevel {
                 .last_rise
                 .is_none_or(|r| now.duration_since(r) >= URGENT_GAP)
         {
-            self.rise(now, STEPS / 2);
+            // In proportion to the queue's age, as a window's rise, up to
+            // half a tier: a whole half tier at once overshot at 2x, where
+            // the admitted tiers are exactly the backend's capacity and a
+            // short standing queue is only Poisson noise.
+            let over = (standing.as_secs_f64() / (2.0 * self.target.as_secs_f64())) as u32;
+            self.rise(now, over.clamp(1, STEPS / 2));
         }
         while now.duration_since(self.window_start) >= WINDOW {
             let end = self.window_start + WINDOW;
@@ -162,9 +167,16 @@ impl ShedLevel {
             return;
         }
         self.steps = (self.steps + steps).min(self.max_steps);
-        if self
+        // One flap is a fall and the first rise after it: the urgent rises
+        // that follow within milliseconds are the same flap, and doubling
+        // for each of them held the level up for the full 2 s.
+        let first_since_fall = self
             .last_fall
-            .is_some_and(|f| at.duration_since(f) < FLAP_WINDOW)
+            .is_some_and(|f| self.last_rise.is_none_or(|r| r < f));
+        if first_since_fall
+            && self
+                .last_fall
+                .is_some_and(|f| at.duration_since(f) < FLAP_WINDOW)
         {
             self.calm_needed = (self.calm_needed * 2).min(MAX_CALM);
         }
@@ -335,13 +347,30 @@ mod tests {
     fn an_old_standing_queue_raises_the_level_at_once() {
         let (mut s, mut now) = controller();
         now += MS;
-        s.tick(now, 100 * MS); // over 3 targets: half a tier now, not at the window's end
-        assert_eq!(s.level(), 0.5);
-        now += 5 * MS;
+        // Over 3 targets: now, not at the window's end; 100 ms is 2.5
+        // double targets: 2 steps.
         s.tick(now, 100 * MS);
-        assert_eq!(s.level(), 0.5, "at most one urgent rise per 10 ms");
+        assert_eq!(s.level(), 2.0 / 8.0);
         now += 5 * MS;
-        s.tick(now, 100 * MS);
-        assert_eq!(s.level(), 1.0);
+        s.tick(now, 105 * MS);
+        assert_eq!(s.level(), 2.0 / 8.0, "at most one urgent rise per 10 ms");
+        now += 5 * MS;
+        s.tick(now, 400 * MS);
+        assert_eq!(s.level(), 6.0 / 8.0, "at most half a tier at once");
+    }
+
+    #[test]
+    fn urgent_rises_after_a_fall_are_one_flap() {
+        let (mut s, mut now) = controller();
+        s.steps = 4;
+        run(&mut s, &mut now, 300, Duration::ZERO); // 6 calm windows: one step down
+        assert_eq!(s.level(), 3.0 / 8.0);
+        // A standing queue forms: three urgent rises within 30 ms.
+        for _ in 0..3 {
+            now += 10 * MS;
+            s.tick(now, 70 * MS);
+        }
+        assert_eq!(s.level(), 6.0 / 8.0);
+        assert_eq!(s.calm_needed, 2 * MIN_CALM, "doubled once, not three times");
     }
 }

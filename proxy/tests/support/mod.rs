@@ -287,8 +287,10 @@ tier_header_from = [{}]
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    /// `at_unix_ms` of the last reload a test has seen.
-    reload_mark: std::sync::atomic::AtomicU64,
+    /// The last reload `wait_reload` returned, as `/status` rendered it
+    /// (its time alone is not enough: a refused and a good reload can land
+    /// in the same millisecond).
+    reload_mark: std::sync::Mutex<String>,
     child: Child,
     _dir: tempfile::TempDir,
     log: PathBuf,
@@ -482,15 +484,12 @@ impl Proxy {
     /// this test saw, and returns `/status` then. Panics after `within`.
     pub async fn wait_reload(&self, within: Duration) -> serde_json::Value {
         let deadline = Instant::now() + within;
-        let mark = self.reload_mark.load(std::sync::atomic::Ordering::Relaxed);
+        let mark = self.reload_mark.lock().unwrap().clone();
         loop {
             let s = self.status().await;
-            if let Some(at) = s["last_reload"]["at_unix_ms"]
-                .as_u64()
-                .filter(|at| *at > mark)
-            {
-                self.reload_mark
-                    .store(at, std::sync::atomic::Ordering::Relaxed);
+            let last = &s["last_reload"];
+            if !last.is_null() && last.to_string() != mark {
+                *self.reload_mark.lock().unwrap() = last.to_string();
                 return s;
             }
             assert!(
