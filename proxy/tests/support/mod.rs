@@ -488,8 +488,9 @@ impl Proxy {
         loop {
             let s = self.status().await;
             let last = &s["last_reload"];
-            if !last.is_null() && last.to_string() != mark {
-                *self.reload_mark.lock().unwrap() = last.to_string();
+            let seen = last.to_string();
+            if !last.is_null() && seen != mark {
+                *self.reload_mark.lock().unwrap() = seen;
                 return s;
             }
             assert!(
