@@ -428,7 +428,14 @@ async fn at_three_times_capacity_purchase_methods_flow_and_listing_calls_are_she
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspection_latency_side_by_side_with_a_path_only_route() {
     use loadtest::openloop::{self, Plan, Target};
-    let (_backend, proxy) = setup().await;
+    // Admission off: this measures inspection, and with a debug build
+    // starved of CPU by the tests beside it, latency rose to 30 ms for this
+    // in-process backend, the adaptive limit took that for a saturated
+    // backend, and purchases were shed (seen once in CI, and in 3 of 4 runs
+    // with two other test binaries loading the machine).
+    let backend = Backend::start("b").await;
+    let policy = format!("{}\n[admission.main]\nmode = \"off\"\n", policy_toml(&[]));
+    let proxy = Proxy::start(&routes_toml(&[backend.addr], ROUTES), &policy).await;
     let mut body = call("add_invoice");
     let pad = 2048 - body.len();
     body = body.replace("inv-1", &format!("inv-1{}", "x".repeat(pad)));
