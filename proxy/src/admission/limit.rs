@@ -11,9 +11,9 @@
 //! errors of the mean of the window that set the baseline: a backend whose
 //! service time varies makes the minimum of window means low by about that
 //! much, and without it the limit settled under the worker count (and,
-//! with one, ratcheted down to 7 for 16 workers once an overload ended). Priority is applied in our
-//! queue, not in the backend's. Timeouts and backend 503s are congestion: the
-//! limit backs off multiplicatively.
+//! with one, ratcheted down to 7 for 16 workers once an overload ended).
+//! Priority is applied in our queue, not in the backend's. Timeouts and
+//! backend 503s are congestion: the limit backs off multiplicatively.
 //!
 //! `baseline` is the lowest window mean since the last probe. Every
 //! [`PROBE_EVERY`] the limit is lowered, for [`PROBE_WINDOWS`] windows, by
@@ -31,9 +31,10 @@
 //! `STALE_AFTER` of window means above `baseline × STALE_RATIO`, once the
 //! limit is down to the concurrency of the last window whose latency was
 //! normal and a probe has measured the baseline at least once, the
-//! baseline jumps to the lowest mean of that stretch's second half. Above that concurrency, high latency is k2proxy's own backlog (a
-//! limit that starts, or overshot, far above the knee) and says nothing
-//! about the backend's speed.
+//! baseline jumps to the lowest mean of that stretch's second half. Above
+//! that concurrency, high latency is k2proxy's own backlog (a limit that
+//! starts, or overshot, far above the knee) and says nothing about the
+//! backend's speed.
 //!
 //! There is no warm-up that measures a minimum RTT at low concurrency (as
 //! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
@@ -53,9 +54,9 @@ const PROBE_WINDOWS: u8 = 2;
 /// 0.6 gave a purchase p99 of 48-64 ms, 0.3 gives 39-51 ms, median 45, over
 /// ten runs (HAProxy's priority queue with `maxconn` at the exact worker
 /// count, side by side: 39-46 ms, median 44), with the same goodput (0.94 of
-/// capacity). 0 leaves workers idle between a
-/// completion and the next dispatch, and the limit then swung wide (one run
-/// in three: purchase p99 127 ms, goodput 0.82).
+/// capacity). 0 leaves workers idle between a completion and the next
+/// dispatch, and the limit then swung wide (one run in three: purchase p99
+/// 127 ms, goodput 0.82).
 const QUEUE_ALLOWANCE: f64 = 0.3;
 /// Latency, in seconds, above the baseline that is not worth a smaller limit:
 /// a backend that answers in 200 µs alone or in 700 µs with 30 others is not
@@ -205,6 +206,12 @@ impl Gradient {
         }
     }
 
+    /// Latency above the baseline that is noise, not queueing: [`SLACK`]
+    /// plus [`NOISE_ALLOWANCE`] standard errors of the baseline window's mean.
+    fn tolerance(&self) -> f64 {
+        SLACK + NOISE_ALLOWANCE * self.baseline_noise
+    }
+
     /// The limit in force: lowered while a probe drains the backend's queue.
     fn current(&self) -> f64 {
         match self.probe {
@@ -279,8 +286,7 @@ impl Gradient {
         if now >= self.probe_due {
             // Below the settling point by everything the gradient lets wait:
             // the queue allowance and the requests the tolerance admits.
-            let tolerance = SLACK + NOISE_ALLOWANCE * self.baseline_noise;
-            let kept = self.baseline.map_or(1.0, |b| b / (b + tolerance));
+            let kept = self.baseline.map_or(1.0, |b| b / (b + self.tolerance()));
             let lowered = (self.limit * kept - QUEUE_ALLOWANCE * self.limit.sqrt()).max(min);
             self.probe = Some((self.limit, lowered, PROBE_WINDOWS));
             return;
@@ -321,11 +327,10 @@ impl Gradient {
         // The baseline is a minimum of window means: when the backend's own
         // service time varies, it is low by two or three standard errors of
         // such a mean (the minimum of ~100 of them), and a gap of that size
-        // is noise, not queueing. The error
-        // is the baseline window's own (measured with the backend's queue
-        // drained), so the spread that queueing adds does not count.
-        let tolerance = SLACK + NOISE_ALLOWANCE * self.baseline_noise;
-        let gradient = ((baseline + tolerance) / short).clamp(0.5, 1.0);
+        // is noise, not queueing. The error is the baseline window's own
+        // (measured with the backend's queue drained), so the spread that
+        // queueing adds does not count.
+        let gradient = ((baseline + self.tolerance()) / short).clamp(0.5, 1.0);
         // No queueing at all: grow by √limit; otherwise allow a short queue.
         let allowance = if gradient >= 1.0 {
             1.0
@@ -415,6 +420,16 @@ mod tests {
         assert!(l.current() > low, "{low} -> {}", l.current());
     }
 
+    /// Starting under the knee, as a proxy that was up before the peak: a
+    /// first window measured at 20 in flight would take 25 ms for the
+    /// uncongested latency (see the module comment).
+    fn under_the_knee() -> Bounds {
+        Bounds {
+            initial: 8,
+            ..bounds()
+        }
+    }
+
     /// A backend of `workers` workers taking `service` each: what a window of
     /// requests at the current limit measures.
     /// ±10% of noise, as a real backend has.
@@ -449,14 +464,7 @@ mod tests {
     #[test]
     fn settles_just_past_the_knee() {
         let mut now = Instant::now();
-        // Starting under the knee, as a proxy that was up before the peak:
-        // a first window measured at 20 in flight would take 25 ms for the
-        // uncongested latency (see the module comment).
-        let under = Bounds {
-            initial: 8,
-            ..bounds()
-        };
-        let mut l = Limit::adaptive(under, now);
+        let mut l = Limit::adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 10, 16, 20 * MS);
         // 16 workers: the limit keeps them busy with a queue of a few.
         assert!((16..=22).contains(&l.current()), "limit {}", l.current());
@@ -468,13 +476,7 @@ mod tests {
     #[test]
     fn a_backend_that_became_slower_is_followed_within_a_second_or_two() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(
-            Bounds {
-                initial: 8,
-                ..bounds()
-            },
-            now,
-        );
+        let mut l = Limit::adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 10, 16, 20 * MS);
         // Every request now takes 60 ms: same workers, a third of the
         // throughput. Cutting the limit cannot bring the latency back to
@@ -503,13 +505,8 @@ mod tests {
         // 16 workers whose service time varies ±40%: the minimum of window
         // means sits below their true mean, and without the noise tolerance
         // the limit settled under the worker count, leaving workers idle.
-        // (Starting under the knee, as in `settles_just_past_the_knee`.)
         let mut now = Instant::now();
-        let under = Bounds {
-            initial: 8,
-            ..bounds()
-        };
-        let mut l = Limit::adaptive(under, now);
+        let mut l = Limit::adaptive(under_the_knee(), now);
         let mut limits = Vec::new();
         for _ in 0..20 {
             run_noisy_backend(&mut l, &mut now, 1, 16, 20 * MS, 0.4);

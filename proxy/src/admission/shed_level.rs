@@ -170,14 +170,10 @@ impl ShedLevel {
         // One flap is a fall and the first rise after it: the urgent rises
         // that follow within milliseconds are the same flap, and doubling
         // for each of them held the level up for the full 2 s.
-        let first_since_fall = self
-            .last_fall
-            .is_some_and(|f| self.last_rise.is_none_or(|r| r < f));
-        if first_since_fall
-            && self
-                .last_fall
-                .is_some_and(|f| at.duration_since(f) < FLAP_WINDOW)
-        {
+        let flap = self.last_fall.is_some_and(|f| {
+            at.duration_since(f) < FLAP_WINDOW && self.last_rise.is_none_or(|r| r < f)
+        });
+        if flap {
             self.calm_needed = (self.calm_needed * 2).min(MAX_CALM);
         }
         self.last_rise = Some(at);

@@ -423,16 +423,21 @@ impl Proxy {
         panic!("no log line with {needle:?} in:\n{}", self.log_text());
     }
 
-    /// `GET /metrics`: the Prometheus text.
-    pub async fn metrics(&self) -> String {
+    /// `GET` of an admin path: the body text.
+    async fn admin_text(&self, path: &str) -> String {
         client()
-            .get(self.admin_url("/metrics"))
+            .get(self.admin_url(path))
             .send()
             .await
             .unwrap()
             .text()
             .await
             .unwrap()
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.admin_text("/metrics").await
     }
 
     /// The `/metrics` text once it contains `want` (waiting up to 2 s, for the
@@ -469,14 +474,7 @@ impl Proxy {
 
     /// `GET /status` as JSON.
     pub async fn status(&self) -> serde_json::Value {
-        let text = client()
-            .get(self.admin_url("/status"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.admin_text("/status").await;
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {text}"))
     }
 
