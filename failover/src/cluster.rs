@@ -21,6 +21,9 @@ use std::time::Instant;
 
 use crate::health::{Active, Health, Outlier, Thresholds};
 
+/// Sites or backends picked on the request path: a few, kept on the stack.
+type Picks = smallvec::SmallVec<[usize; 8]>;
+
 /// A site's place in an active-passive cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -208,8 +211,8 @@ impl Cluster {
         (0..self.sites[site].backends.len()).any(|b| self.usable(state, site, b, now))
     }
 
-    fn candidates(&self, state: &State, now: Instant, exclude: &[usize]) -> Vec<usize> {
-        let open: Vec<usize> = self
+    fn candidates(&self, state: &State, now: Instant, exclude: &[usize]) -> Picks {
+        let open: Picks = self
             .order
             .iter()
             .copied()
@@ -217,7 +220,7 @@ impl Cluster {
                 self.sites[i].enabled && !self.sites[i].backends.is_empty() && !exclude.contains(&i)
             })
             .collect();
-        let up: Vec<usize> = open
+        let up: Picks = open
             .iter()
             .copied()
             .filter(|&i| self.site_up(state, i, now))
@@ -225,7 +228,7 @@ impl Cluster {
         if !up.is_empty() {
             return up;
         }
-        let usable: Vec<usize> = open
+        let usable: Picks = open
             .iter()
             .copied()
             .filter(|&i| self.site_usable(state, i, now))
@@ -298,7 +301,7 @@ impl Cluster {
         let state = self.state();
         let backends = &self.sites.get(site)?.backends;
         let health = &state.health[site];
-        let eligible = |want_up: bool| -> Vec<usize> {
+        let eligible = |want_up: bool| -> Picks {
             (0..backends.len())
                 .filter(|&b| self.usable(&state, site, b, now) && !tried.contains(&backends[b]))
                 .filter(|&b| !want_up || health[b].active == Active::Up)

@@ -22,13 +22,20 @@ use pingora::{ErrorSource, ErrorType};
 use crate::admission::{Permit, Sample, ShedReason};
 use crate::classify::{BodyView, Classification, Inspect, RequestView, TierId};
 use crate::config::{AdmissionMode, Snapshot};
-use crate::metrics::code_class;
+use crate::metrics::{code_class, OUTCOMES};
 use crate::xmlrpc::{method_name, xml_content_type, BadBody, Extract};
 use crate::Shared;
 
-pub const X_K2_TIER: HeaderName = HeaderName::from_static("x-k2-tier");
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Header names as static strings, for pingora's case-keeping headers (a
+/// `HeaderName` of ours would be copied into a new buffer on every insert).
+mod name {
+    pub const X_K2_TIER: &str = "x-k2-tier";
+    pub const X_REQUEST_ID: &str = "x-request-id";
+    pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
+}
+pub const X_K2_TIER: HeaderName = HeaderName::from_static(name::X_K2_TIER);
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static(name::X_REQUEST_ID);
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(name::X_FORWARDED_FOR);
 pub const X_K2_SHED: HeaderName = HeaderName::from_static("x-k2-shed");
 
 /// Longest inbound `x-request-id` kept as is; longer ones are replaced.
@@ -58,14 +65,19 @@ enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    /// Its index in [`OUTCOMES`], the `outcome` label.
+    fn index(self) -> usize {
         match self {
-            Outcome::Pending | Outcome::Error => "error",
-            Outcome::NoRoute => "no_route",
-            Outcome::Proxied => "proxied",
-            Outcome::Shed(_) => "shed",
-            Outcome::RateLimited => "rate_limited",
+            Outcome::Proxied => 0,
+            Outcome::Shed(_) => 1,
+            Outcome::RateLimited => 2,
+            Outcome::NoRoute => 3,
+            Outcome::Pending | Outcome::Error => 4,
         }
+    }
+
+    fn label(self) -> &'static str {
+        OUTCOMES[self.index()]
     }
 }
 
@@ -77,6 +89,8 @@ pub struct Ctx {
     route: Option<usize>,
     tier: Option<TierId>,
     request_id: Option<HeaderValue>,
+    /// The client's own `x-request-id` (already in the upstream request).
+    request_id_kept: bool,
     upstream: Option<SocketAddr>,
     site: Option<usize>,
     upstream_status: Option<u16>,
@@ -87,9 +101,9 @@ pub struct Ctx {
     /// When the request was sent upstream, for the latency sample.
     upstream_sent: Option<Instant>,
     /// Backends this request was sent or tried to be sent to.
-    tried: Vec<SocketAddr>,
+    tried: smallvec::SmallVec<[SocketAddr; 4]>,
     /// Sites whose backends were all tried.
-    tried_sites: Vec<usize>,
+    tried_sites: smallvec::SmallVec<[usize; 4]>,
     /// Counts the request at its backend (least-in-flight balancing).
     backend_guard: Option<failover::InflightGuard>,
     /// Admitted on another site's spare capacity.
@@ -159,7 +173,62 @@ fn new_request_id() -> HeaderValue {
         *b = HEX[(n & 0xf) as usize];
         n >>= 4;
     }
-    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    // One allocation that clones share (a copied slice would allocate again
+    // on its first clone, and the id is cloned for upstream and response).
+    HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+        .expect("hex digits are a valid header value")
+}
+
+/// `x-forwarded-for` with `ip` appended to what came in (`None` if what came
+/// in is not a valid value).
+fn forwarded_for(prev: Option<&HeaderValue>, ip: IpAddr) -> Option<HeaderValue> {
+    let mut buf = [0u8; 48];
+    let len = format_ip(&mut buf, ip);
+    let ip = &buf[..len];
+    match prev {
+        Some(prev) if !prev.is_empty() => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip);
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+        }
+        _ => HeaderValue::from_bytes(ip).ok(),
+    }
+}
+
+/// Writes `ip` as `Display` does, into `buf`; returns the length. IPv4 by
+/// hand (the formatting machinery cost ~1 000 instructions per request).
+fn format_ip(buf: &mut [u8; 48], ip: IpAddr) -> usize {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            n
+        }
+        IpAddr::V6(_) => {
+            use std::io::Write;
+            // "ffff:…" with an embedded IPv4 is the longest: 45 bytes.
+            let mut at = &mut buf[..];
+            write!(at, "{ip}").expect("an IP fits in 48 bytes");
+            48 - at.len()
+        }
+    }
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -329,14 +398,15 @@ impl ProxyHttp for Gateway {
             route: None,
             tier: None,
             request_id: None,
+            request_id_kept: false,
             upstream: None,
             site: None,
             upstream_status: None,
             connect_failures: 0,
             permit: None,
             upstream_sent: None,
-            tried: Vec::new(),
-            tried_sites: Vec::new(),
+            tried: Default::default(),
+            tried_sites: Default::default(),
             backend_guard: None,
             spilled: false,
             xmlrpc: None,
@@ -357,8 +427,13 @@ impl ProxyHttp for Gateway {
             Classification::NeedsBody(i) => Err(i),
             Classification::NoRoute => Ok(None),
         };
-        ctx.request_id = match req.headers.get(X_REQUEST_ID) {
-            Some(v) if !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN => Some(v.clone()),
+        let mut inbound = req.headers.get_all(X_REQUEST_ID).iter();
+        ctx.request_id = match (inbound.next(), inbound.next()) {
+            // One usable id: kept, and it goes upstream as it came.
+            (Some(v), None) if !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN => {
+                ctx.request_id_kept = true;
+                Some(v.clone())
+            }
             _ => Some(new_request_id()),
         };
         let classified = match first {
@@ -609,24 +684,17 @@ impl ProxyHttp for Gateway {
         let snap = ctx.snapshot.as_ref().expect("set in request_filter");
         let tier = snap.tier(ctx.tier.expect("set in request_filter"));
         ctx.upstream_sent = Some(Instant::now());
-        upstream.insert_header(X_K2_TIER, tier.name.as_str())?;
-        if let Some(rid) = &ctx.request_id {
-            upstream.insert_header(X_REQUEST_ID, rid.clone())?;
+        upstream.insert_header(name::X_K2_TIER, tier.header.clone())?;
+        match &ctx.request_id {
+            Some(rid) if !ctx.request_id_kept => {
+                upstream.insert_header(name::X_REQUEST_ID, rid.clone())?
+            }
+            _ => {}
         }
         if let Some(ip) = client_ip(session) {
-            let xff = match upstream.headers.get(X_FORWARDED_FOR) {
-                Some(prev) if !prev.is_empty() => {
-                    let mut v = Vec::with_capacity(prev.len() + 42);
-                    v.extend_from_slice(prev.as_bytes());
-                    v.extend_from_slice(b", ");
-                    v.extend_from_slice(ip.to_string().as_bytes());
-                    HeaderValue::from_bytes(&v).map_err(|_| {
-                        Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for")
-                    })?
-                }
-                _ => HeaderValue::from_str(&ip.to_string()).expect("an IP is a valid header"),
-            };
-            upstream.insert_header(X_FORWARDED_FOR, xff)?;
+            let xff = forwarded_for(upstream.headers.get(X_FORWARDED_FOR), ip)
+                .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for"))?;
+            upstream.insert_header(name::X_FORWARDED_FOR, xff)?;
         }
         Ok(())
     }
@@ -665,7 +733,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         // The merchant can quote the id to support; it ties our log to theirs.
         if let Some(rid) = &ctx.request_id {
-            response.insert_header(X_REQUEST_ID, rid.clone())?;
+            response.insert_header(name::X_REQUEST_ID, rid.clone())?;
         }
         Ok(())
     }
@@ -867,9 +935,27 @@ impl ProxyHttp for Gateway {
         let m = &self.shared.metrics;
         let tier = ctx.tier_name();
         let route = ctx.route_name();
-        m.requests
-            .with_label_values(&[route, tier, ctx.outcome.label(), code_class(status)])
-            .inc();
+        match &ctx.snapshot {
+            Some(s) => s
+                .request_counters
+                .get(
+                    ctx.route,
+                    ctx.tier.map(|t| t.0 as usize),
+                    ctx.outcome.index(),
+                    code_class(status),
+                )
+                .inc(),
+            // Failed before its config was taken: not the hot path.
+            None => m
+                .requests
+                .with_label_values(&[
+                    route,
+                    tier,
+                    ctx.outcome.label(),
+                    crate::metrics::CODE_CLASSES[code_class(status)],
+                ])
+                .inc(),
+        }
         if let Some(t) = ctx.tier {
             match ctx.outcome {
                 Outcome::Shed(_) | Outcome::RateLimited => {
@@ -930,6 +1016,46 @@ fn duration_ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ips_are_written_as_display_writes_them() {
+        let mut buf = [0u8; 48];
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.99.100",
+            "255.255.255.255",
+            "192.168.1.10",
+            "::1",
+            "::ffff:1.2.3.4",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let n = format_ip(&mut buf, ip);
+            assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), ip.to_string());
+        }
+        for a in 0..=255u8 {
+            let ip = IpAddr::from([a, 255 - a, a / 2, 7]);
+            let n = format_ip(&mut buf, ip);
+            assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_client() {
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        let v6: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+            .parse()
+            .unwrap();
+        assert_eq!(forwarded_for(None, v4).unwrap(), "203.0.113.7");
+        let empty = HeaderValue::from_static("");
+        assert_eq!(forwarded_for(Some(&empty), v4).unwrap(), "203.0.113.7");
+        let prev = HeaderValue::from_static("198.51.100.1");
+        assert_eq!(
+            forwarded_for(Some(&prev), v6).unwrap(),
+            format!("198.51.100.1, {v6}").as_str()
+        );
+    }
 
     #[test]
     fn request_ids_are_32_hex_digits_and_differ() {

@@ -10,10 +10,11 @@
 //! `docs/concepts.md`; the files ops edit are described in `docs/routes.md`
 //! and `docs/policy.md`.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod admission;
+pub mod allocator;
 pub mod classify;
 pub mod config;
 pub mod gateway;
@@ -86,6 +87,9 @@ fn attach(
         .iter()
         .map(|t| metrics.tier(&t.name))
         .collect();
+    let routes: Vec<&str> = snapshot.routes.iter().map(|r| r.name.as_str()).collect();
+    let tiers: Vec<&str> = snapshot.tiers.iter().map(|t| t.name.as_str()).collect();
+    snapshot.request_counters = metrics::RequestCounters::new(&metrics.requests, &routes, &tiers);
     precreate_failovers(snapshot, metrics);
 }
 

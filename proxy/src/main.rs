@@ -18,7 +18,7 @@ use proxy::Shared;
 
 /// mimalloc over glibc malloc: see docs/benchmarks.md for the side-by-side.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: proxy::allocator::MiMalloc = proxy::allocator::MiMalloc;
 
 #[derive(Parser)]
 #[command(

@@ -1,7 +1,7 @@
 //! Every k2proxy metric, registered once in one registry (names from DESIGN).
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -21,6 +21,85 @@ pub struct TierMetrics {
 impl std::fmt::Debug for TierMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TierMetrics").finish_non_exhaustive()
+    }
+}
+
+/// `outcome` label values of `k2_requests_total`.
+pub const OUTCOMES: [&str; 5] = ["proxied", "shed", "rate_limited", "no_route", "error"];
+
+/// `code_class` label values of `k2_requests_total`, see [`code_class`].
+pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// The `k2_requests_total` series of one config, by index: (route or none,
+/// tier or none, outcome, code class). A series is looked up by label the
+/// first time it is counted, then kept, so the per-request cost is an index
+/// and an atomic add instead of hashing four labels under a lock.
+pub struct RequestCounters {
+    vec: IntCounterVec,
+    /// Route names, then "none".
+    routes: Vec<String>,
+    /// Tier names, then "none".
+    tiers: Vec<String>,
+    cells: Vec<std::sync::OnceLock<IntCounter>>,
+}
+
+impl std::fmt::Debug for RequestCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestCounters").finish_non_exhaustive()
+    }
+}
+
+/// Not attached to a registry: a snapshot's until [`crate::Shared`] attaches it.
+impl Default for RequestCounters {
+    fn default() -> Self {
+        let vec = IntCounterVec::new(
+            Opts::new("k2_requests_total", "unattached"),
+            &["route", "tier", "outcome", "code_class"],
+        )
+        .expect("valid metric");
+        RequestCounters::new(&vec, &[], &[])
+    }
+}
+
+impl RequestCounters {
+    pub fn new(vec: &IntCounterVec, routes: &[&str], tiers: &[&str]) -> RequestCounters {
+        let with_none = |names: &[&str]| {
+            let mut v: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            v.push("none".to_string());
+            v
+        };
+        let (routes, tiers) = (with_none(routes), with_none(tiers));
+        let n = routes.len() * tiers.len() * OUTCOMES.len() * CODE_CLASSES.len();
+        RequestCounters {
+            vec: vec.clone(),
+            routes,
+            tiers,
+            cells: (0..n).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    /// The counter of (`route`, `tier`, `OUTCOMES[outcome]`,
+    /// `CODE_CLASSES[class]`); `None` (or an index out of range) is "none".
+    pub fn get(
+        &self,
+        route: Option<usize>,
+        tier: Option<usize>,
+        outcome: usize,
+        class: usize,
+    ) -> &IntCounter {
+        let none = |len: usize| move |i: usize| if i < len - 1 { i } else { len - 1 };
+        let r = route.map_or(self.routes.len() - 1, none(self.routes.len()));
+        let t = tier.map_or(self.tiers.len() - 1, none(self.tiers.len()));
+        let (o, c) = (outcome % OUTCOMES.len(), class % CODE_CLASSES.len());
+        let i = ((r * self.tiers.len() + t) * OUTCOMES.len() + o) * CODE_CLASSES.len() + c;
+        self.cells[i].get_or_init(|| {
+            self.vec.with_label_values(&[
+                self.routes[r].as_str(),
+                self.tiers[t].as_str(),
+                OUTCOMES[o],
+                CODE_CLASSES[c],
+            ])
+        })
     }
 }
 
@@ -254,19 +333,63 @@ impl Default for Metrics {
 }
 
 /// `2xx`, `4xx`, … for a status code; `none` when no response was sent.
-pub fn code_class(status: u16) -> &'static str {
+/// The index in [`CODE_CLASSES`] of `status` (0 when nothing was written: "none").
+pub fn code_class(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "none",
+        100..=599 => usize::from(status / 100 - 1),
+        _ => CODE_CLASSES.len() - 1,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn code_classes_cover_every_status() {
+        let class = |s| CODE_CLASSES[code_class(s)];
+        assert_eq!(class(101), "1xx");
+        assert_eq!(class(200), "2xx");
+        assert_eq!(class(304), "3xx");
+        assert_eq!(class(429), "4xx");
+        assert_eq!(class(599), "5xx");
+        assert_eq!(class(0), "none");
+        assert_eq!(class(600), "none");
+        assert_eq!(class(99), "none");
+    }
+
+    #[test]
+    fn request_counters_count_under_their_labels() {
+        let m = Metrics::new();
+        let c = RequestCounters::new(&m.requests, &["pay", "api"], &["purchase", "admin"]);
+        c.get(Some(1), Some(0), 0, code_class(200)).inc();
+        c.get(Some(1), Some(0), 0, code_class(204)).inc();
+        c.get(None, None, 3, code_class(404)).inc();
+        // Out of range is "none", never another series.
+        c.get(Some(7), Some(9), 4, code_class(0)).inc();
+        let text = String::from_utf8(m.encode()).unwrap();
+        for series in [
+            r#"k2_requests_total{code_class="2xx",outcome="proxied",route="api",tier="purchase"} 2"#,
+            r#"k2_requests_total{code_class="4xx",outcome="no_route",route="none",tier="none"} 1"#,
+            r#"k2_requests_total{code_class="none",outcome="error",route="none",tier="none"} 1"#,
+        ] {
+            assert!(text.contains(series), "missing {series}:\n{text}");
+        }
+        assert_eq!(text.matches("k2_requests_total{").count(), 3, "{text}");
+    }
+
+    #[test]
+    fn request_counters_of_two_configs_share_a_series() {
+        let m = Metrics::new();
+        let old = RequestCounters::new(&m.requests, &["pay"], &["purchase"]);
+        let new = RequestCounters::new(&m.requests, &["api", "pay"], &["admin", "purchase"]);
+        old.get(Some(0), Some(0), 0, 1).inc();
+        new.get(Some(1), Some(1), 0, 1).inc();
+        let text = String::from_utf8(m.encode()).unwrap();
+        let series = r#"k2_requests_total{code_class="2xx",outcome="proxied",route="pay",tier="purchase"} 2"#;
+        assert!(text.contains(series), "{text}");
+    }
+
     #[test]
     fn process_metrics_are_exported() {
         let text = String::from_utf8(super::Metrics::new().encode()).unwrap();

@@ -84,11 +84,14 @@ impl ServeHttp for Admin {
                 STATUS_PAGE.as_bytes().to_vec(),
             ),
             (Method::GET, "/status") => json_reply(StatusCode::OK, status(&self.shared)),
-            (Method::GET, "/metrics") => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.shared.metrics.encode(),
-            ),
+            (Method::GET, "/metrics") => {
+                self.shared.config.load().controllers.publish_gauges();
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.shared.metrics.encode(),
+                )
+            }
             (Method::GET, "/healthz") => json_reply(
                 StatusCode::OK,
                 json!({

@@ -313,7 +313,8 @@ impl<W> Gate<W> {
     /// in flight; `None` when the limit is reached or nobody eligible waits.
     /// If the waiter cannot be told, give the permit back with [`Gate::ungrant`].
     pub fn grant_next(&mut self, now: Instant) -> Option<(usize, W)> {
-        if self.inflight >= self.limit.current() {
+        // Checked on every release: nobody waiting is the common case.
+        if self.inflight >= self.limit.current() || self.queue.is_empty() {
             return None;
         }
         self.queue.purge_expired(now);

@@ -88,12 +88,18 @@ impl Controller {
         self.gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Tells the waiters the shed level came to cover, then publishes gauges.
+    /// Tells the waiters the shed level came to cover.
     fn settle(&self, g: &mut Gate<Reply>) {
         for w in g.take_shed() {
             let _ = w.send(Err(ShedReason::ShedLevel));
         }
-        self.publish(g);
+    }
+
+    /// Sets the site's gauges from the gate. Called when `/metrics` is
+    /// scraped (a gauge is read only then), not on every request: that kept
+    /// a second lock and a handful of shared atomics on the per-request path.
+    pub fn publish_gauges(&self) {
+        self.publish(&self.lock());
     }
 
     fn publish(&self, g: &Gate<Reply>) {
@@ -203,6 +209,7 @@ impl Controller {
         *self.gauges.lock().unwrap_or_else(|e| e.into_inner()) =
             SiteGauges::new(&self.cluster, &self.site, tiers, metrics);
         self.settle(&mut g);
+        self.publish(&g);
     }
 }
 
@@ -276,6 +283,11 @@ impl Controllers {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Controller>> {
         self.0.iter().flatten()
+    }
+
+    /// Brings every site's admission gauges up to date (before a scrape).
+    pub fn publish_gauges(&self) {
+        self.iter().for_each(|c| c.publish_gauges());
     }
 }
 

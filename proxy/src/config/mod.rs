@@ -90,6 +90,9 @@ pub struct Snapshot {
     pub limiters: crate::limits::Limiters,
     /// Histograms per tier, same index as `tiers`; filled like `controllers`.
     pub tier_metrics: Vec<crate::metrics::TierMetrics>,
+    /// `k2_requests_total` by route, tier, outcome and code class; filled
+    /// like `controllers`.
+    pub request_counters: crate::metrics::RequestCounters,
 }
 
 impl Snapshot {
@@ -145,6 +148,8 @@ pub struct Server {
 #[derive(Debug, Clone)]
 pub struct Tier {
     pub name: String,
+    /// `name` as the `x-k2-tier` value sent upstream, made once.
+    pub header: http::HeaderValue,
     pub max_queue_wait: Duration,
     /// In (0, 1].
     pub max_share: f64,

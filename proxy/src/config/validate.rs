@@ -227,6 +227,7 @@ pub(super) fn snapshot(
         controllers: Default::default(),
         limiters: Default::default(),
         tier_metrics: Vec::new(),
+        request_counters: Default::default(),
     })
 }
 
@@ -279,6 +280,8 @@ fn tiers(c: &mut Check<'_>, policy: &raw::PolicyFile, names: &TierNames) -> Vec<
             .into_iter()
             .map(|(name, _)| Tier {
                 name: name.clone(),
+                // Tier names are letters, digits, '_' and '-' (checked above).
+                header: http::HeaderValue::from_str(name).expect("a tier name is a header value"),
                 max_queue_wait: Duration::from_millis(500),
                 max_share: 1.0,
                 shed_status: 503,
