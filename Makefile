@@ -51,10 +51,10 @@ check: deps
 bench: bench-classify bench-admission bench-peers
 
 ## bench-peers: the side-by-side comparison alone (scripts/bench_peers.py; PHASES to pick
-## overhead, overload and/or failover).
-PHASES ?= overhead overload failover
+## overhead, instructions, overload and/or failover).
+PHASES ?= overhead instructions overload failover
 bench-peers: build
-	@for tool in nginx haproxy wrk; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
+	@for tool in nginx haproxy wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$tool >/dev/null; }; done
 	$(CARGO) build --release -q --example bare_pingora
 	python3 scripts/bench_peers.py $(PHASES)

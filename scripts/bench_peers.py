@@ -5,6 +5,9 @@
             policy, rate limits off), a bare pingora proxy, nginx and HAProxy,
             all with 2 workers/threads: wrk saturation req/s, and p50/p99 at a
             fixed open-loop rate (loadtest) below saturation.
+  instructions
+            instructions per proxied request, k2proxy and bare pingora, under
+            callgrind (valgrind): the overhead without the machine's noise.
   overload  a legacy-sim of fixed capacity behind k2proxy (default policy),
             HAProxy (per-tier set-priority-class, server maxconn, timeout
             queue) and nginx (no priority), open-loop mixed load at 1x, 2x, 3x,
@@ -17,7 +20,7 @@ Every measurement runs ROUNDS times, the targets interleaved (A B C A B C ...),
 so machine drift hits all alike; medians are reported. Results go to
 results/peers-<stamp>.md and .json.
 
-usage: bench_peers.py [overhead] [overload] [failover]     (default: all)
+usage: bench_peers.py [overhead] [instructions] [overload] [failover]     (default: all)
 env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), RATE (4000),
        LOADS (overload multiples, "1,2,3,5"), VARIANTS (overload proxies,
        "k2proxy,haproxy priority,nginx")
@@ -123,7 +126,7 @@ def fault(ctl, mode):
 
 # --- the peers -------------------------------------------------------------
 
-def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None):
+def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wrap=()):
     """The repo's routes.toml and default policy, pointed at the bench's ports."""
     port, admin = free_port(), free_port()
     routes = open(f"{REPO}/routes.toml").read()
@@ -149,7 +152,7 @@ def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None):
     open(rpath, "w").write(routes)
     env = dict(os.environ, RUST_LOG="warn")
     out = open(os.path.join(WORK, f"k2proxy-{port}.log"), "ab")
-    p = subprocess.Popen([f"{BIN}/k2proxy", "run", "--routes", rpath], stdout=out, stderr=out,
+    p = subprocess.Popen([*wrap, f"{BIN}/k2proxy", "run", "--routes", rpath], stdout=out, stderr=out,
                          stdin=subprocess.DEVNULL, env=env)
     PROCS.append(p)
     wait_http(f"http://127.0.0.1:{admin}/healthz")
@@ -168,9 +171,9 @@ def no_rate_limits(policy):
     return re.sub(r"(?ms)^\[\[rate_limit\]\].*?(?=^\[|\Z)", "", policy)
 
 
-def bare(upstream):
+def bare(upstream, wrap=()):
     port = free_port()
-    p = start([BARE, "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}",
+    p = start([*wrap, BARE, "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}",
                "--threads", str(THREADS)], f"bare-{port}")
     wait_http(f"http://127.0.0.1:{port}/checkout/x")
     return p, port
@@ -352,6 +355,60 @@ def overhead():
     return result, md
 
 
+# Requests as wrk sends them (Host only), and as a merchant's SDK would.
+REQUEST_SHAPES = {
+    "wrk default (1 header)": [],
+    "merchant SDK (6 headers)": ["User-Agent: merchant-sdk/2.3 (php 8.2)", "Accept: application/json",
+                                 "Accept-Encoding: gzip", "Authorization: Bearer 3f9a0c1d2e",
+                                 "X-Merchant-Id: m-1234"],
+}
+
+
+def instructions():
+    """Instructions per proxied request under callgrind: exact where req/s on
+    a shared 2-core machine moves ±10% between runs. User-space only (the
+    kernel's share of each request, the same sockets for both, is not seen)."""
+    for tool in ("valgrind", "callgrind_control"):
+        if not shutil.which(tool):
+            sys.exit(f"bench_peers: {tool} not found (make bench-peers installs valgrind)")
+    log("== instructions per request under callgrind: k2proxy, bare pingora")
+    _, sim_port = sim(100000, "0ms", "fast")[:2]
+    result = {}
+    for shape, headers in REQUEST_SHAPES.items():
+        hargs = [a for h in headers for a in ("-H", h)]
+        for name in ("k2proxy", "bare pingora"):
+            out_file = os.path.join(WORK, f"cg-{len(result)}.%p.out")
+            wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
+            if name == "k2proxy":
+                p, port = k2proxy([sim_port], policy_edit=no_rate_limits, wrap=wrap)
+            else:
+                p, port = bare(sim_port, wrap=wrap)
+            url = f"http://127.0.0.1:{port}/checkout/x"
+            subprocess.run(["wrk", "-t1", "-c8", "-d2s", *hargs, url], capture_output=True, check=True)
+            subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True, check=True)
+            out = subprocess.run(["wrk", "-t1", "-c8", f"-d{DURATION}", *hargs, url],
+                                 capture_output=True, text=True, check=True).stdout
+            n = int(re.search(r"(\d+) requests in", out).group(1))
+            subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, check=True)
+            dump = out_file.replace("%p", str(p.pid)) + ".1"
+            deadline = time.time() + 30
+            while not os.path.exists(dump) and time.time() < deadline:
+                time.sleep(0.2)
+            total = next(int(l.split()[1]) for l in open(dump) if l.startswith(("summary:", "totals:")))
+            stop(p)
+            result.setdefault(shape, {})[name] = {"requests": n, "instructions_per_request": total / n}
+            log(f"{shape:<26} {name:<13} {total / n:>9.0f} instructions/request ({n} requests)")
+    md = [f"### Instructions per proxied request (callgrind, wrk -c8 -d{DURATION} after a 2 s warm-up; "
+          "user space only)", "",
+          "| request | k2proxy | bare pingora | bare / k2proxy |", "|---|---|---|---|"]
+    for shape, r in result.items():
+        k, b = r["k2proxy"]["instructions_per_request"], r["bare pingora"]["instructions_per_request"]
+        r["bare_over_k2proxy"] = b / k
+        md.append(f"| {shape} | {k:,.0f} | {b:,.0f} | {b / k:.3f} |")
+    stop_all()
+    return result, md
+
+
 def overload():
     workers, service = 16, "20ms"
     capacity = 800
@@ -449,7 +506,7 @@ def failover():
 
 
 def main():
-    phases = sys.argv[1:] or ["overhead", "overload", "failover"]
+    phases = sys.argv[1:] or ["overhead", "instructions", "overload", "failover"]
     for tool in ("nginx", "haproxy", "wrk"):
         if not shutil.which(tool):
             sys.exit(f"bench_peers: {tool} not found (make bench-peers installs it)")
@@ -459,7 +516,8 @@ def main():
     all_json, all_md = {}, [f"## k2proxy and its peers ({stamp}, {os.cpu_count()} cores)", ""]
     try:
         for phase in phases:
-            data, md = {"overhead": overhead, "overload": overload, "failover": failover}[phase]()
+            data, md = {"overhead": overhead, "instructions": instructions, "overload": overload,
+                        "failover": failover}[phase]()
             all_json[phase] = data
             all_md += md + [""]
             print("\n".join(md) + "\n", flush=True)
