@@ -366,8 +366,12 @@ async fn a_target_that_stalls_shows_in_the_p99_from_the_intended_time() {
     let p50 = x.ok_latency.value_at_quantile(0.5);
     assert!(p99 >= 400_000, "p99 {p99} us");
     assert!(p50 < 50_000, "p50 {p50} us");
+    // The generator kept its schedule well enough that the 400 ms come from
+    // the stall, not from it: its own lag stays far below. (Not 5 ms: a
+    // debug build starved by the test binaries beside it lagged 35 ms once
+    // in CI.)
     assert!(
-        report.lag_p99_ms() < 5.0,
+        report.lag_p99_ms() < 100.0,
         "the generator kept its schedule: {}",
         report.generator_line()
     );
