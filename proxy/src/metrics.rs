@@ -87,10 +87,14 @@ impl RequestCounters {
         outcome: usize,
         class: usize,
     ) -> &IntCounter {
-        let none = |len: usize| move |i: usize| if i < len - 1 { i } else { len - 1 };
-        let r = route.map_or(self.routes.len() - 1, none(self.routes.len()));
-        let t = tier.map_or(self.tiers.len() - 1, none(self.tiers.len()));
-        let (o, c) = (outcome % OUTCOMES.len(), class % CODE_CLASSES.len());
+        // The last name of each list is "none" (and "error" for outcomes).
+        let last = |i: Option<usize>, len: usize| i.unwrap_or(len).min(len - 1);
+        let r = last(route, self.routes.len());
+        let t = last(tier, self.tiers.len());
+        let (o, c) = (
+            last(Some(outcome), OUTCOMES.len()),
+            last(Some(class), CODE_CLASSES.len()),
+        );
         let i = ((r * self.tiers.len() + t) * OUTCOMES.len() + o) * CODE_CLASSES.len() + c;
         self.cells[i].get_or_init(|| {
             self.vec.with_label_values(&[
