@@ -33,6 +33,8 @@ test-deps: deps
 ## test: formatting, lints, every test, and the repo's own config files.
 test: test-deps lint
 	$(CARGO) test --workspace --all-targets
+	# The vendored pingora-http's own tests, with our additions (vendor/README.md).
+	CARGO_TARGET_DIR=$(CURDIR)/target $(CARGO) test -q --manifest-path vendor/pingora-http/Cargo.toml
 	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml
 	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml --policy policies/holiday-peak.toml
 	promtool check rules dashboards/alerts.yml

@@ -26,16 +26,18 @@ use crate::metrics::{code_class, OUTCOMES};
 use crate::xmlrpc::{method_name, xml_content_type, BadBody, Extract};
 use crate::Shared;
 
-/// Header names as static strings, for pingora's case-keeping headers (a
-/// `HeaderName` of ours would be copied into a new buffer on every insert).
+/// The headers k2proxy adds to every request or response, parsed once:
+/// pingora's case-keeping headers would parse (and, for a name it does not
+/// know, copy) a `&str` or `HeaderName` on every insert.
 mod name {
-    pub const X_K2_TIER: &str = "x-k2-tier";
-    pub const X_REQUEST_ID: &str = "x-request-id";
-    pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
+    use pingora::http::StaticHeaderName;
+    pub const X_K2_TIER: StaticHeaderName = StaticHeaderName::from_static("x-k2-tier");
+    pub const X_REQUEST_ID: StaticHeaderName = StaticHeaderName::from_static("x-request-id");
+    pub const X_FORWARDED_FOR: StaticHeaderName = StaticHeaderName::from_static("x-forwarded-for");
 }
-pub const X_K2_TIER: HeaderName = HeaderName::from_static(name::X_K2_TIER);
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static(name::X_REQUEST_ID);
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(name::X_FORWARDED_FOR);
+pub const X_K2_TIER: HeaderName = HeaderName::from_static("x-k2-tier");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_K2_SHED: HeaderName = HeaderName::from_static("x-k2-shed");
 
 /// Longest inbound `x-request-id` kept as is; longer ones are replaced.
@@ -525,18 +527,21 @@ impl ProxyHttp for Gateway {
 
         // An inbound tier is only believed from a trusted peer (an internal
         // gateway); anyone else's is replaced by the route's tier upstream.
-        if let Some(claimed) = session.req_header().headers.get(X_K2_TIER) {
-            match client_ip(session) {
-                Some(ip) if snap.trust.may_set_tier(ip) => {
-                    if let Some(t) = snap.tier_by_name(claimed.as_bytes()) {
-                        ctx.tier = Some(t);
+        // (No lookup at all when nobody is trusted, the default.)
+        let client = client_ip(session);
+        if !snap.trust.tier_header_from.is_empty() {
+            if let Some(claimed) = session.req_header().headers.get(X_K2_TIER) {
+                match client {
+                    Some(ip) if snap.trust.may_set_tier(ip) => {
+                        if let Some(t) = snap.tier_by_name(claimed.as_bytes()) {
+                            ctx.tier = Some(t);
+                        }
                     }
+                    _ => {}
                 }
-                _ => {}
             }
         }
         // Rate limits: per route or tier, per client IP or header value.
-        let client = client_ip(session);
         let wait = snap.limiters.check(
             route,
             ctx.tier.expect("set above"),
@@ -684,17 +689,20 @@ impl ProxyHttp for Gateway {
         let snap = ctx.snapshot.as_ref().expect("set in request_filter");
         let tier = snap.tier(ctx.tier.expect("set in request_filter"));
         ctx.upstream_sent = Some(Instant::now());
-        upstream.insert_header(name::X_K2_TIER, tier.header.clone())?;
+        // Room for the three below in one step: each would otherwise grow
+        // (and re-hash) both of pingora's header maps, sized to the client's.
+        upstream.reserve(3);
+        upstream.insert_header(&name::X_K2_TIER, tier.header.clone())?;
         match &ctx.request_id {
             Some(rid) if !ctx.request_id_kept => {
-                upstream.insert_header(name::X_REQUEST_ID, rid.clone())?
+                upstream.insert_header(&name::X_REQUEST_ID, rid.clone())?
             }
             _ => {}
         }
         if let Some(ip) = client_ip(session) {
             let xff = forwarded_for(upstream.headers.get(X_FORWARDED_FOR), ip)
                 .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for"))?;
-            upstream.insert_header(name::X_FORWARDED_FOR, xff)?;
+            upstream.insert_header(&name::X_FORWARDED_FOR, xff)?;
         }
         Ok(())
     }
@@ -733,7 +741,8 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         // The merchant can quote the id to support; it ties our log to theirs.
         if let Some(rid) = &ctx.request_id {
-            response.insert_header(name::X_REQUEST_ID, rid.clone())?;
+            response.reserve(1);
+            response.insert_header(&name::X_REQUEST_ID, rid.clone())?;
         }
         Ok(())
     }

@@ -249,7 +249,9 @@ impl<W> Gate<W> {
             && self.eligible(tier)
         {
             self.count_in(tier);
-            self.record_wait(now, Duration::ZERO);
+            // `refused` just ticked to `now`: a second tick would find
+            // nothing to do.
+            self.shed.record(now, Duration::ZERO);
             return Decision::Admit;
         }
         Decision::Queue
