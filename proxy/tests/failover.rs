@@ -230,6 +230,24 @@ async fn a_primary_killed_costs_no_purchase_and_moves_within_a_health_interval()
     let (retries, requests) = retries(&s.proxy).await;
     println!("a. retries {retries} of {requests} requests");
     assert_no_duplicates(&s);
+    // The health gauges, set when /metrics is scraped.
+    let m = s
+        .proxy
+        .metrics_when(r#"k2_site_up{cluster="main",site="primary"} 0"#)
+        .await;
+    for want in [
+        r#"k2_site_up{cluster="main",site="secondary"} 1"#.to_string(),
+        format!(
+            r#"k2_backend_up{{backend="{}",cluster="main",site="primary"}} 0"#,
+            s.p1.addr
+        ),
+        format!(
+            r#"k2_backend_up{{backend="{}",cluster="main",site="secondary"}} 1"#,
+            s.s1.addr
+        ),
+    ] {
+        assert!(m.contains(&want), "{want} in {m}");
+    }
 
     // d. The primary comes back: failback after `rise` good checks, once.
     s.p1.restart().await.unwrap();

@@ -86,6 +86,7 @@ impl ServeHttp for Admin {
             (Method::GET, "/status") => json_reply(StatusCode::OK, status(&self.shared)),
             (Method::GET, "/metrics") => {
                 self.shared.config.load().controllers.publish_gauges();
+                crate::health::publish_gauges(&self.shared, std::time::Instant::now());
                 reply(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
