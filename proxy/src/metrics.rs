@@ -336,8 +336,8 @@ impl Default for Metrics {
     }
 }
 
-/// `2xx`, `4xx`, … for a status code; `none` when no response was sent.
-/// The index in [`CODE_CLASSES`] of `status` (0 when nothing was written: "none").
+/// The index in [`CODE_CLASSES`] of `status`'s class (`2xx`, `4xx`, …);
+/// "none" when no response was sent (`status` 0).
 pub fn code_class(status: u16) -> usize {
     match status {
         100..=599 => usize::from(status / 100 - 1),

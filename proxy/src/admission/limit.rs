@@ -118,13 +118,13 @@ impl Limit {
         Limit::Adaptive(Gradient::new(bounds, now))
     }
 
-    /// The limit in force, in requests.
     /// Whether the limit learns the backend's knee (and so moves past slots
     /// left free: see `Gate::headroom`).
     pub fn is_adaptive(&self) -> bool {
         matches!(self, Limit::Adaptive(_))
     }
 
+    /// The limit in force, in requests.
     pub fn current(&self) -> u32 {
         match self {
             Limit::Fixed(n) => *n,
