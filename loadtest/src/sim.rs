@@ -414,24 +414,33 @@ impl Sim {
             return r;
         }
 
-        // Holding a worker for the service time is the capacity limit.
-        let waiting = Waiting::enter(&self.waiting);
-        if self.config.queue > 0 && waiting.ahead >= self.config.queue {
-            self.stats.lock().expect("stats lock").queue_full += 1;
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "legacy backend queue full\n",
-            );
-        }
-        let _worker = self
-            .workers
-            .acquire()
-            .await
-            .expect("semaphore never closed");
+        // Holding a worker for the service time is the capacity limit. A
+        // request that finds a worker free never counts as waiting (counted
+        // first, it made a concurrent arrival see one waiter too many and
+        // refused it with the queue not yet full).
+        let _worker = match self.workers.try_acquire() {
+            Ok(worker) => worker,
+            Err(_) => {
+                let waiting = Waiting::enter(&self.waiting);
+                if self.config.queue > 0 && waiting.ahead >= self.config.queue {
+                    self.stats.lock().expect("stats lock").queue_full += 1;
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "legacy backend queue full\n",
+                    );
+                }
+                let worker = self
+                    .workers
+                    .acquire()
+                    .await
+                    .expect("semaphore never closed");
+                drop(waiting);
+                worker
+            }
+        };
         // The queue behind this request at the moment it starts: the longer
         // it is, the slower the backend works (congestion collapse).
-        let queued = self.waiting.load(Ordering::Relaxed).saturating_sub(1);
-        drop(waiting);
+        let queued = self.waiting.load(Ordering::Relaxed);
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return text(StatusCode::BAD_REQUEST, "body read failed\n"),
