@@ -46,6 +46,19 @@ impl RetryBudget {
         c
     }
 
+    /// Takes over `old`'s recent requests and retries (a reload keeps the
+    /// budget's window; the share is this budget's own).
+    pub fn adopt(&self, old: &RetryBudget) {
+        let (requests, retries, at) = {
+            let o = old.counts.lock().unwrap_or_else(|e| e.into_inner());
+            (o.requests, o.retries, o.at)
+        };
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.requests = requests;
+        c.retries = retries;
+        c.at = at;
+    }
+
     /// Counts one new request.
     pub fn request(&self, now: Instant) {
         self.decayed(now).requests += 1.0;

@@ -88,9 +88,10 @@ impl Default for Settings {
     }
 }
 
-/// Where one request goes.
+/// Where one request goes (tests).
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Choice {
+struct Choice {
     /// Index into [`Cluster::sites`].
     pub site: usize,
     pub backend: SocketAddr,
@@ -343,7 +344,8 @@ impl Cluster {
     }
 
     /// The preferred site and a backend in it (no health-aware retries).
-    pub fn choose(&self, now: Instant) -> Option<Choice> {
+    #[cfg(test)]
+    fn choose(&self, now: Instant) -> Option<Choice> {
         let site = self.choose_site(now, &[])?;
         Some(Choice {
             site,

@@ -17,7 +17,5 @@ pub mod cluster;
 pub mod health;
 
 pub use budget::RetryBudget;
-pub use cluster::{
-    BackendView, Balance, Choice, Cluster, InflightGuard, Mode, Role, Settings, Site,
-};
+pub use cluster::{BackendView, Balance, Cluster, InflightGuard, Mode, Role, Settings, Site};
 pub use health::{Active, Outlier, Thresholds};

@@ -244,281 +244,100 @@ pub struct Scenario {
     pub thresholds: Vec<Threshold>,
 }
 
-/// `file:line:col` of a byte offset.
-fn locate(path: &Path, text: &str, offset: usize) -> String {
-    let before = &text[..offset.min(text.len())];
+/// A scenario file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{}: cannot read the scenario: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Every problem of the file, one per line.
+    #[error("{}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid { problems: Vec<Problem> },
+}
+
+/// One problem, where it is and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: error: {message}", at(file, *position))]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based (line, column in characters); `None` for the file as a whole.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+fn at(file: &Path, position: Option<(usize, usize)>) -> String {
+    match position {
+        Some((line, col)) => format!("{}:{line}:{col}", file.display()),
+        None => file.display().to_string(),
+    }
+}
+
+/// 1-based line and column (in characters, as an editor counts them) of a
+/// byte offset in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
-    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    format!("{}:{line}:{col}", path.display())
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// Collects the problems of one file.
+struct Check<'a> {
+    path: &'a Path,
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Check<'_> {
+    /// A problem at byte `offset` (0: the file's start).
+    fn err(&mut self, offset: usize, message: impl Into<String>) {
+        self.problems.push(Problem {
+            file: self.path.to_path_buf(),
+            position: Some(line_col(self.text, offset)),
+            message: message.into(),
+        });
+    }
 }
 
 impl Scenario {
     /// Reads and checks a scenario file; all problems at once, one per line.
-    pub fn load(path: &Path) -> Result<Scenario, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read the scenario: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Scenario::parse(path, &text)
     }
 
-    pub fn parse(path: &Path, text: &str) -> Result<Scenario, String> {
-        let raw: Raw = toml::from_str(text).map_err(|e| {
-            let at = e.span().map_or_else(
-                || path.display().to_string(),
-                |s| locate(path, text, s.start),
-            );
-            format!("{at}: error: {}", e.message().trim())
+    pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ScenarioError::Invalid {
+            problems: vec![Problem {
+                file: path.to_path_buf(),
+                position: e.span().map(|s| line_col(text, s.start)),
+                message: e.message().trim().to_string(),
+            }],
         })?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let mut errors = Vec::new();
-        let mut err = |offset: usize, msg: String| {
-            errors.push(format!("{}: error: {msg}", locate(path, text, offset)));
+        let mut c = Check {
+            path,
+            text,
+            problems: Vec::new(),
         };
-
-        let mut stages = Vec::new();
-        for s in &raw.load.stages {
-            let at = s.span().start;
-            let st = s.get_ref();
-            match (st.rate, st.from, st.to) {
-                (Some(r), None, None) => stages.push((st.duration.0, r, r)),
-                (None, Some(f), Some(t)) => stages.push((st.duration.0, f, t)),
-                _ => err(
-                    at,
-                    "a stage has either `rate` (constant) or `from` and `to` (a ramp)".into(),
-                ),
-            }
-            if st.duration.0.is_zero() || st.duration.0 > Duration::from_secs(6 * 3600) {
-                err(at, "a stage lasts from 1ms to 6h".into());
-            }
-        }
-        if raw.load.stages.is_empty() {
-            err(0, "[load] stages is empty: give at least one stage".into());
-        }
-
-        let mut tiers = Vec::new();
-        for (name, weight) in &raw.mix {
-            if !(weight.get_ref().is_finite() && *weight.get_ref() >= 0.0) {
-                err(
-                    weight.span().start,
-                    format!("mix weight of {name:?} must be a non-negative number"),
-                );
-            }
-            let Some(t) = raw.tiers.get(name) else {
-                err(
-                    weight.span().start,
-                    format!("tier {name:?} is in [mix] but has no [tiers.{name}] request"),
-                );
-                continue;
-            };
-            let at = t.span().start;
-            let t = t.get_ref();
-            let method =
-                match t
-                    .method
-                    .as_deref()
-                    .unwrap_or(if t.body.is_some() { "POST" } else { "GET" })
-                {
-                    m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD") => {
-                        Method::from_bytes(m.as_bytes()).expect("static method")
-                    }
-                    other => {
-                        err(
-                            at,
-                            format!(
-                                "method {other:?}: expected GET, POST, PUT, DELETE, PATCH or HEAD"
-                            ),
-                        );
-                        Method::GET
-                    }
-                };
-            if !t
-                .path
-                .render(0, "x", &mut crate::schedule::Mix::new(&[1.0], 0))
-                .starts_with('/')
-            {
-                err(at, format!("[tiers.{name}] path must start with /"));
-            }
-            let mut headers = Vec::new();
-            for (k, v) in &t.headers {
-                match k.parse::<HeaderName>() {
-                    Ok(h) => headers.push((h, v.clone())),
-                    Err(_) => err(
-                        at,
-                        format!("[tiers.{name}] header name {k:?} is not a valid HTTP header name"),
-                    ),
-                }
-            }
-            tiers.push(TierSpec {
-                name: name.clone(),
-                weight: *weight.get_ref(),
-                method,
-                path: t.path.clone(),
-                headers,
-                body: t.body.clone(),
-                idempotency_key: t.idempotency_key,
-            });
-        }
-        for (name, t) in &raw.tiers {
-            if !raw.mix.contains_key(name) {
-                err(
-                    t.span().start,
-                    format!("[tiers.{name}] is not in [mix]: give it a weight"),
-                );
-            }
-        }
-        if tiers.iter().map(|t| t.weight).sum::<f64>() <= 0.0 {
-            err(
-                0,
-                "[mix] needs at least one tier with a positive weight".into(),
-            );
-        }
-
-        let topology = raw.topology.as_ref().map(|t| {
-            let sites = t
-                .sites
-                .iter()
-                .map(|(name, s)| {
-                    let at = s.span().start;
-                    let s = s.get_ref();
-                    if s.workers == 0 || s.backends == 0 || s.backends > 64 {
-                        err(at, format!("site {name:?}: workers must be at least 1 and backends from 1 to 64"));
-                    }
-                    if !(0.0..=100.0).contains(&s.collapse) {
-                        err(at, format!("site {name:?}: collapse must lie in 0..=100"));
-                    }
-                    SiteSpec {
-                        name: name.clone(),
-                        backends: s.backends,
-                        sim: SimConfig {
-                            name: name.clone(),
-                            workers: s.workers,
-                            service: s.service.clone(),
-                            classes: s.classes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                            queue: s.queue,
-                            collapse: s.collapse,
-                        },
-                    }
-                })
-                .collect();
-            TopologySpec {
-                routes: dir.join(&t.routes),
-                policy: t.policy.as_ref().map(|p| dir.join(p)),
-                admission: t.admission,
-                sites,
-            }
-        });
-
-        let mut events = Vec::new();
+        let stages = stages(&mut c, &raw.load);
+        let tiers = tiers(&mut c, &raw);
+        let topology = raw.topology.as_ref().map(|t| topology(&mut c, t, &dir));
         let total: Duration = stages.iter().map(|s| s.0).sum();
-        for e in &raw.events {
-            let at = e.span().start;
-            let ev = e.get_ref();
-            let action = match (&ev.fault, &ev.reload) {
-                (Some(f), None) => {
-                    let fault = match f.as_str() {
-                        "normal" | "recover" => Fault::None,
-                        "refuse" => Fault::Refuse,
-                        "hang" => Fault::Hang,
-                        "slow" => Fault::Slow(ev.factor.unwrap_or(2.0)),
-                        "errors" => Fault::Errors {
-                            rate: ev.rate.unwrap_or(1.0),
-                            health: ev.health,
-                        },
-                        other => {
-                            err(at, format!("fault {other:?}: expected refuse, hang, slow, errors or normal"));
-                            continue;
-                        }
-                    };
-                    if let Fault::Slow(f) = fault {
-                        if !(1.0..=1000.0).contains(&f) {
-                            err(at, "factor must lie in 1..=1000".into());
-                        }
-                    }
-                    if let Fault::Errors { rate, .. } = fault {
-                        if !(0.0..=1.0).contains(&rate) {
-                            err(at, "rate must lie in 0..=1".into());
-                        }
-                    }
-                    let Some(site) = ev.site.clone() else {
-                        err(
-                            at,
-                            "a fault event names the `site` whose simulators play it".into(),
-                        );
-                        continue;
-                    };
-                    match &topology {
-                        Some(t) if t.sites.iter().any(|s| s.name == site) => {}
-                        _ => {
-                            err(
-                                at,
-                                format!(
-                                    "site {site:?} is not a simulated site in [topology.sites]"
-                                ),
-                            );
-                            continue;
-                        }
-                    }
-                    vec![Action::Fault { site, fault }]
-                }
-                (None, Some(policies)) if !policies.is_empty() => {
-                    if topology.is_none() {
-                        err(at, "a reload event needs a [topology] with k2proxy".into());
-                        continue;
-                    }
-                    policies
-                        .iter()
-                        .map(|p| Action::Reload {
-                            policy: dir.join(p),
-                        })
-                        .collect()
-                }
-                _ => {
-                    err(at, "an event has either `fault` (with `site`) or `reload` (a list of policy files)".into());
-                    continue;
-                }
-            };
-            let until = ev.until.map_or(ev.at.0, |u| u.0);
-            match ev.every {
-                Some(every) if every.0 < Duration::from_millis(100) => {
-                    err(at, "`every` is at least 100ms".into());
-                }
-                Some(every) => {
-                    let mut t = ev.at.0;
-                    let mut k = 0;
-                    while t <= until && t <= total {
-                        events.push(Occurrence {
-                            at: t,
-                            action: action[k % action.len()].clone(),
-                        });
-                        t += every.0;
-                        k += 1;
-                    }
-                }
-                None => events.extend(action.into_iter().take(1).map(|a| Occurrence {
-                    at: ev.at.0,
-                    action: a,
-                })),
-            }
-        }
-        events.sort_by_key(|o| o.at);
-
-        let mut thresholds = Vec::new();
-        for t in &raw.thresholds {
-            match Threshold::parse(t.get_ref()) {
-                Ok(th) if th.tier == "all" || raw.mix.contains_key(&th.tier) => thresholds.push(th),
-                Ok(th) => err(
-                    t.span().start,
-                    format!(
-                        "threshold {:?} names tier {:?}, which is not in [mix]",
-                        th.text, th.tier
-                    ),
-                ),
-                Err(e) => err(t.span().start, e),
-            }
-        }
-
+        let events = events(&mut c, &raw.events, topology.as_ref(), total, &dir);
+        let thresholds = thresholds(&mut c, &raw);
         let timeout = raw.timeout.map_or(Duration::from_secs(5), |d| d.0);
         if timeout.is_zero() || timeout > Duration::from_secs(300) {
-            err(0, "timeout must lie between 1ms and 5m".into());
+            c.err(0, "timeout must lie between 1ms and 5m");
         }
         let scenario = Scenario {
             name: raw.name.clone().unwrap_or_else(|| {
@@ -537,12 +356,14 @@ impl Scenario {
             thresholds,
         };
         if let Err(e) = scenario.schedule() {
-            err(raw.load.stages.first().map_or(0, |s| s.span().start), e);
+            c.err(raw.load.stages.first().map_or(0, |s| s.span().start), e);
         }
-        if errors.is_empty() {
+        if c.problems.is_empty() {
             Ok(scenario)
         } else {
-            Err(errors.join("\n"))
+            Err(ScenarioError::Invalid {
+                problems: c.problems,
+            })
         }
     }
 
@@ -641,5 +462,306 @@ impl Scenario {
             timeout: self.timeout,
             seed: self.seed,
         })
+    }
+}
+
+/// `[load] stages`: each a constant rate or a ramp, 1ms to 6h long.
+fn stages(c: &mut Check<'_>, load: &RawLoad) -> Vec<(Duration, Rate, Rate)> {
+    let mut out = Vec::new();
+    for s in &load.stages {
+        let at = s.span().start;
+        let st = s.get_ref();
+        match (st.rate, st.from, st.to) {
+            (Some(r), None, None) => out.push((st.duration.0, r, r)),
+            (None, Some(f), Some(t)) => out.push((st.duration.0, f, t)),
+            _ => c.err(
+                at,
+                "a stage has either `rate` (constant) or `from` and `to` (a ramp)",
+            ),
+        }
+        if st.duration.0.is_zero() || st.duration.0 > Duration::from_secs(6 * 3600) {
+            c.err(at, "a stage lasts from 1ms to 6h");
+        }
+    }
+    if load.stages.is_empty() {
+        c.err(0, "[load] stages is empty: give at least one stage");
+    }
+    out
+}
+
+/// `[mix]` and `[tiers.<name>]`: every tier in the mix has a request and
+/// every request a weight.
+fn tiers(c: &mut Check<'_>, raw: &Raw) -> Vec<TierSpec> {
+    let mut out = Vec::new();
+    for (name, weight) in &raw.mix {
+        if !(weight.get_ref().is_finite() && *weight.get_ref() >= 0.0) {
+            c.err(
+                weight.span().start,
+                format!("mix weight of {name:?} must be a non-negative number"),
+            );
+        }
+        let Some(t) = raw.tiers.get(name) else {
+            c.err(
+                weight.span().start,
+                format!("tier {name:?} is in [mix] but has no [tiers.{name}] request"),
+            );
+            continue;
+        };
+        out.push(tier(c, name, *weight.get_ref(), t));
+    }
+    for (name, t) in &raw.tiers {
+        if !raw.mix.contains_key(name) {
+            c.err(
+                t.span().start,
+                format!("[tiers.{name}] is not in [mix]: give it a weight"),
+            );
+        }
+    }
+    if out.iter().map(|t| t.weight).sum::<f64>() <= 0.0 {
+        c.err(0, "[mix] needs at least one tier with a positive weight");
+    }
+    out
+}
+
+/// One `[tiers.<name>]` request.
+fn tier(c: &mut Check<'_>, name: &str, weight: f64, t: &Spanned<RawTier>) -> TierSpec {
+    let at = t.span().start;
+    let t = t.get_ref();
+    let default = if t.body.is_some() { "POST" } else { "GET" };
+    let method = match t.method.as_deref().unwrap_or(default) {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD") => {
+            Method::from_bytes(m.as_bytes()).expect("static method")
+        }
+        other => {
+            c.err(
+                at,
+                format!("method {other:?}: expected GET, POST, PUT, DELETE, PATCH or HEAD"),
+            );
+            Method::GET
+        }
+    };
+    let sample = t
+        .path
+        .render(0, "x", &mut crate::schedule::Mix::new(&[1.0], 0));
+    if !sample.starts_with('/') {
+        c.err(at, format!("[tiers.{name}] path must start with /"));
+    }
+    let mut headers = Vec::new();
+    for (k, v) in &t.headers {
+        match k.parse::<HeaderName>() {
+            Ok(h) => headers.push((h, v.clone())),
+            Err(_) => c.err(
+                at,
+                format!("[tiers.{name}] header name {k:?} is not a valid HTTP header name"),
+            ),
+        }
+    }
+    TierSpec {
+        name: name.to_string(),
+        weight,
+        method,
+        path: t.path.clone(),
+        headers,
+        body: t.body.clone(),
+        idempotency_key: t.idempotency_key,
+    }
+}
+
+/// `[topology]`: files relative to the scenario, simulated sites.
+fn topology(c: &mut Check<'_>, t: &RawTopology, dir: &Path) -> TopologySpec {
+    let sites = t
+        .sites
+        .iter()
+        .map(|(name, s)| {
+            let at = s.span().start;
+            let s = s.get_ref();
+            if s.workers == 0 || s.backends == 0 || s.backends > 64 {
+                c.err(
+                    at,
+                    format!("site {name:?}: workers must be at least 1 and backends from 1 to 64"),
+                );
+            }
+            if !(0.0..=100.0).contains(&s.collapse) {
+                c.err(at, format!("site {name:?}: collapse must lie in 0..=100"));
+            }
+            SiteSpec {
+                name: name.clone(),
+                backends: s.backends,
+                sim: SimConfig {
+                    name: name.clone(),
+                    workers: s.workers,
+                    service: s.service.clone(),
+                    classes: s
+                        .classes
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    queue: s.queue,
+                    collapse: s.collapse,
+                },
+            }
+        })
+        .collect();
+    TopologySpec {
+        routes: dir.join(&t.routes),
+        policy: t.policy.as_ref().map(|p| dir.join(p)),
+        admission: t.admission,
+        sites,
+    }
+}
+
+/// `[[events]]`, expanded into occurrences in time order (`every` repeats
+/// an event, cycling through its list of reloads).
+fn events(
+    c: &mut Check<'_>,
+    raw: &[Spanned<RawEvent>],
+    topology: Option<&TopologySpec>,
+    total: Duration,
+    dir: &Path,
+) -> Vec<Occurrence> {
+    let mut out = Vec::new();
+    for e in raw {
+        let at = e.span().start;
+        let ev = e.get_ref();
+        let action = match (&ev.fault, &ev.reload) {
+            (Some(f), None) => fault(c, at, ev, f, topology).map(|a| vec![a]),
+            (None, Some(policies)) if !policies.is_empty() => {
+                if topology.is_none() {
+                    c.err(at, "a reload event needs a [topology] with k2proxy");
+                }
+                let reloads = policies.iter().map(|p| Action::Reload {
+                    policy: dir.join(p),
+                });
+                topology.map(|_| reloads.collect())
+            }
+            _ => {
+                c.err(at, "an event has either `fault` (with `site`) or `reload` (a list of policy files)");
+                None
+            }
+        };
+        let Some(action) = action else { continue };
+        let until = ev.until.map_or(ev.at.0, |u| u.0);
+        match ev.every {
+            Some(every) if every.0 < Duration::from_millis(100) => {
+                c.err(at, "`every` is at least 100ms");
+            }
+            Some(every) => {
+                let (mut t, mut k) = (ev.at.0, 0);
+                while t <= until && t <= total {
+                    out.push(Occurrence {
+                        at: t,
+                        action: action[k % action.len()].clone(),
+                    });
+                    t += every.0;
+                    k += 1;
+                }
+            }
+            None => out.extend(action.into_iter().take(1).map(|a| Occurrence {
+                at: ev.at.0,
+                action: a,
+            })),
+        }
+    }
+    out.sort_by_key(|o| o.at);
+    out
+}
+
+/// A fault event: what the simulators of a simulated site play.
+fn fault(
+    c: &mut Check<'_>,
+    at: usize,
+    ev: &RawEvent,
+    name: &str,
+    topology: Option<&TopologySpec>,
+) -> Option<Action> {
+    let fault = match name {
+        "normal" | "recover" => Fault::None,
+        "refuse" => Fault::Refuse,
+        "hang" => Fault::Hang,
+        "slow" => Fault::Slow(ev.factor.unwrap_or(2.0)),
+        "errors" => Fault::Errors {
+            rate: ev.rate.unwrap_or(1.0),
+            health: ev.health,
+        },
+        other => {
+            c.err(
+                at,
+                format!("fault {other:?}: expected refuse, hang, slow, errors or normal"),
+            );
+            return None;
+        }
+    };
+    match fault {
+        Fault::Slow(f) if !(1.0..=1000.0).contains(&f) => c.err(at, "factor must lie in 1..=1000"),
+        Fault::Errors { rate, .. } if !(0.0..=1.0).contains(&rate) => {
+            c.err(at, "rate must lie in 0..=1")
+        }
+        _ => {}
+    }
+    let Some(site) = ev.site.clone() else {
+        c.err(
+            at,
+            "a fault event names the `site` whose simulators play it",
+        );
+        return None;
+    };
+    if !topology.is_some_and(|t| t.sites.iter().any(|s| s.name == site)) {
+        c.err(
+            at,
+            format!("site {site:?} is not a simulated site in [topology.sites]"),
+        );
+        return None;
+    }
+    Some(Action::Fault { site, fault })
+}
+
+/// `thresholds`: each parsed, each naming `all` or a tier of the mix.
+fn thresholds(c: &mut Check<'_>, raw: &Raw) -> Vec<Threshold> {
+    let mut out = Vec::new();
+    for t in &raw.thresholds {
+        match Threshold::parse(t.get_ref()) {
+            Ok(th) if th.tier == "all" || raw.mix.contains_key(&th.tier) => out.push(th),
+            Ok(th) => c.err(
+                t.span().start,
+                format!(
+                    "threshold {:?} names tier {:?}, which is not in [mix]",
+                    th.text, th.tier
+                ),
+            ),
+            Err(e) => c.err(t.span().start, e),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_characters_from_one() {
+        let text = "a = 1\nné = \"x\"\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 6), (2, 1));
+        // After "né = ": 5 characters, 6 bytes.
+        let offset = text.find('"').unwrap();
+        assert_eq!(line_col(text, offset), (2, 6));
+        assert_eq!(line_col(text, 10_000), (3, 1), "past the end: the end");
+        assert_eq!(line_col(text, 8), (2, 2), "inside a character: its start");
+    }
+
+    #[test]
+    fn problems_read_as_file_line_col() {
+        let p = Problem {
+            file: PathBuf::from("s.toml"),
+            position: Some((3, 7)),
+            message: "bad".into(),
+        };
+        assert_eq!(p.to_string(), "s.toml:3:7: error: bad");
+        let whole = Problem {
+            position: None,
+            ..p
+        };
+        assert_eq!(whole.to_string(), "s.toml: error: bad");
     }
 }

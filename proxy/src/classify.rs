@@ -16,7 +16,7 @@ use crate::xmlrpc::MethodPattern;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TierId(pub u8);
 
-/// Index of a cluster in [`crate::config::Snapshot::clusters`].
+/// Index of a cluster in [`crate::config::Config::clusters`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClusterId(pub u16);
 
@@ -43,6 +43,17 @@ pub struct Inspect {
     pub timeout: Duration,
     /// A body with no usable method is refused (400) instead of trying the next route.
     pub reject_bad: bool,
+}
+
+impl Default for Inspect {
+    /// The defaults of `inspect_limit`, `inspect_timeout` and `on_bad_body`.
+    fn default() -> Inspect {
+        Inspect {
+            limit: 65_536,
+            timeout: Duration::from_secs(1),
+            reject_bad: false,
+        }
+    }
 }
 
 /// What is known of the body when classifying.
@@ -195,16 +206,6 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// The first route that fits the request, with its index; routes that
-    /// need the body are skipped (see [`RouteTable::classify_body`]).
-    pub fn classify(&self, req: &RequestView<'_>) -> Option<(usize, &Route)> {
-        let mut host = None;
-        self.routes
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.matcher.xmlrpc.is_empty() && r.matcher.matches_with(req, &mut host))
-    }
-
     /// The first route that fits, knowing `body`; a route that fits but for
     /// an XML-RPC method not yet read answers `NeedsBody`.
     pub fn classify_body(&self, req: &RequestView<'_>, body: BodyView<'_>) -> Classification<'_> {
@@ -280,7 +281,10 @@ mod tests {
             uri: &uri,
             headers: &map,
         };
-        table.classify(&view).map(|(_, r)| r.name.as_str())
+        match table.classify_body(&view, BodyView::Unread) {
+            Classification::Route(_, r) => Some(r.name.as_str()),
+            _ => None,
+        }
     }
 
     fn table() -> RouteTable {

@@ -61,12 +61,11 @@ impl HealthService {
     /// Notices serving-site changes: every tick, so a failover is counted
     /// and logged within [`TICK`] of the health change that caused it.
     fn observe(&self, now: Instant) {
-        let snap = self.shared.config.load();
+        let gen = self.shared.current.load();
         let m = &self.shared.metrics;
-        for c in &snap.clusters {
-            if let Some((from, to)) = c.sites.observe(now) {
-                let name =
-                    |i: Option<usize>| i.map_or("none", |i| c.sites.sites()[i].name.as_str());
+        for (c, state) in gen.config.clusters.iter().zip(&gen.clusters) {
+            if let Some((from, to)) = state.sites.observe(now) {
+                let name = |i: Option<usize>| i.map_or("none", |i| c.sites[i].name.as_str());
                 // The first observation at start is not a failover.
                 if from.is_some() {
                     m.failovers
@@ -84,11 +83,11 @@ impl HealthService {
 /// formatted each backend's address and looked its series up 50 times a
 /// second, most of an idle proxy's work.
 pub fn publish_gauges(shared: &Shared, now: Instant) {
-    let snap = shared.config.load();
+    let gen = shared.current.load();
     let m = &shared.metrics;
-    for c in &snap.clusters {
-        let view = c.sites.view(now);
-        for (si, site) in c.sites.sites().iter().enumerate() {
+    for (c, state) in gen.config.clusters.iter().zip(&gen.clusters) {
+        let view = state.sites.view(now);
+        for (si, site) in c.sites.iter().enumerate() {
             for b in &view[si] {
                 m.backend_up
                     .with_label_values(&[&c.name, &site.name, &b.addr.to_string()])
@@ -96,7 +95,7 @@ pub fn publish_gauges(shared: &Shared, now: Instant) {
             }
             m.site_up
                 .with_label_values(&[&c.name, &site.name])
-                .set(i64::from(c.sites.site_is_up(si, now)));
+                .set(i64::from(state.sites.site_is_up(si, now)));
         }
     }
 }
@@ -119,26 +118,26 @@ impl BackgroundService for HealthService {
             }
             while running.try_join_next().is_some() {}
             let now = Instant::now();
-            let snap = self.shared.config.load_full();
-            for (ci, c) in snap.clusters.iter().enumerate() {
+            let gen = self.shared.current.load_full();
+            for (ci, c) in gen.config.clusters.iter().enumerate() {
                 let next = due.entry(c.name.clone()).or_insert(now);
                 if now < *next {
                     continue;
                 }
                 *next = now + c.health.interval;
-                for (si, site) in c.sites.sites().iter().enumerate() {
+                for (si, site) in c.sites.iter().enumerate() {
                     for &addr in &site.backends {
-                        let (client, snap, path, timeout) = (
+                        let (client, gen, path, timeout) = (
                             client.clone(),
-                            snap.clone(),
+                            gen.clone(),
                             c.health.path.clone(),
                             c.health.timeout,
                         );
                         running.spawn(async move {
                             let ok = probe(&client, addr, &path, timeout).await;
-                            let cluster = &snap.clusters[ci];
-                            if cluster.sites.probe(si, addr, ok) {
-                                tracing::info!(cluster = %cluster.name, site = %cluster.sites.sites()[si].name, backend = %addr, ok, "backend health changed");
+                            let cluster = &gen.config.clusters[ci];
+                            if gen.clusters[ci].sites.probe(si, addr, ok) {
+                                tracing::info!(cluster = %cluster.name, site = %cluster.sites[si].name, backend = %addr, ok, "backend health changed");
                             }
                         });
                     }

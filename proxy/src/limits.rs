@@ -6,12 +6,11 @@
 //!
 //! Memory is bounded: keys idle long enough to be back at a full bucket are
 //! evicted once a second ([`Limiters::evict_idle`]). A rule that a reload
-//! leaves unchanged keeps its buckets ([`Registry`]).
+//! leaves unchanged keeps its buckets (`runtime::carry`).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -21,10 +20,11 @@ use http::HeaderMap;
 use crate::classify::TierId;
 use crate::config::{RateKey, RateLimit, RateScope};
 
-/// One rule with its buckets.
+/// One rule with its buckets (shared with the same rule of the generation
+/// before, when a reload kept them).
 pub struct Limiter {
     rule: RateLimit,
-    buckets: DefaultKeyedRateLimiter<String>,
+    buckets: Arc<DefaultKeyedRateLimiter<String>>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -34,13 +34,27 @@ impl std::fmt::Debug for Limiter {
 }
 
 impl Limiter {
-    fn new(rule: RateLimit) -> Limiter {
+    pub(crate) fn new(rule: RateLimit) -> Limiter {
         let per_second = NonZeroU32::new(rule.per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(rule.burst).unwrap_or(per_second);
         Limiter {
-            buckets: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            buckets: Arc::new(RateLimiter::keyed(
+                Quota::per_second(per_second).allow_burst(burst),
+            )),
             rule,
         }
+    }
+
+    /// The same buckets under `rule` (the same rule, its route index moved).
+    pub(crate) fn with_rule(&self, rule: RateLimit) -> Limiter {
+        Limiter {
+            rule,
+            buckets: self.buckets.clone(),
+        }
+    }
+
+    pub(crate) fn rule(&self) -> &RateLimit {
+        &self.rule
     }
 
     fn applies(&self, route: usize, tier: TierId) -> bool {
@@ -72,11 +86,15 @@ impl Limiter {
     }
 }
 
-/// The limiters of one snapshot, in policy order.
+/// The limiters of one generation, in policy order.
 #[derive(Debug, Default, Clone)]
 pub struct Limiters(Vec<Arc<Limiter>>);
 
 impl Limiters {
+    pub(crate) fn new(limiters: Vec<Arc<Limiter>>) -> Limiters {
+        Limiters(limiters)
+    }
+
     /// `Some(wait)` when a rule that applies refuses the request.
     pub fn check(
         &self,
@@ -110,30 +128,6 @@ impl Limiters {
     }
 }
 
-/// Limiters by rule, kept across reloads while the rule is unchanged.
-#[derive(Default)]
-pub struct Registry {
-    by_rule: Mutex<HashMap<String, Arc<Limiter>>>,
-}
-
-impl Registry {
-    pub fn sync(&self, rules: &[RateLimit]) -> Limiters {
-        let mut by_rule = self.by_rule.lock().unwrap_or_else(|e| e.into_inner());
-        let mut next = HashMap::new();
-        let mut out = Vec::with_capacity(rules.len());
-        for rule in rules {
-            let id = format!("{rule:?}");
-            let l = by_rule
-                .remove(&id)
-                .unwrap_or_else(|| Arc::new(Limiter::new(rule.clone())));
-            next.insert(id, l.clone());
-            out.push(l);
-        }
-        *by_rule = next;
-        Limiters(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,11 +135,22 @@ mod tests {
 
     fn rule(per_second: u32, burst: u32) -> RateLimit {
         RateLimit {
+            name: "merchants".into(),
+            applies_to: "route:api".into(),
             scope: RateScope::Route(0),
             key: RateKey::Header(http::HeaderName::from_static("x-merchant-id")),
             per_second,
             burst,
         }
+    }
+
+    fn limiters(rules: &[RateLimit]) -> Limiters {
+        Limiters::new(
+            rules
+                .iter()
+                .map(|r| Arc::new(Limiter::new(r.clone())))
+                .collect(),
+        )
     }
 
     fn headers(merchant: &str) -> HeaderMap {
@@ -156,7 +161,7 @@ mod tests {
 
     #[test]
     fn burst_then_refusal_with_a_wait_and_keys_are_separate() {
-        let ls = Registry::default().sync(&[rule(1, 3)]);
+        let ls = limiters(&[rule(1, 3)]);
         let a = headers("a");
         for _ in 0..3 {
             assert_eq!(ls.check(0, TierId(0), None, &a), None);
@@ -185,7 +190,7 @@ mod tests {
 
     #[test]
     fn idle_keys_are_evicted() {
-        let ls = Registry::default().sync(&[rule(1000, 1)]);
+        let ls = limiters(&[rule(1000, 1)]);
         for m in 0..100 {
             ls.check(0, TierId(0), None, &headers(&format!("m{m}")));
         }
@@ -193,23 +198,5 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         ls.evict_idle();
         assert_eq!(ls.iter().next().unwrap().keys(), 0);
-    }
-
-    #[test]
-    fn an_unchanged_rule_keeps_its_buckets_across_a_reload() {
-        let reg = Registry::default();
-        let first = reg.sync(&[rule(1, 1)]);
-        assert_eq!(first.check(0, TierId(0), None, &headers("a")), None);
-        let second = reg.sync(&[rule(1, 1)]);
-        assert!(
-            second.check(0, TierId(0), None, &headers("a")).is_some(),
-            "bucket kept"
-        );
-        let third = reg.sync(&[rule(5, 5)]);
-        assert_eq!(
-            third.check(0, TierId(0), None, &headers("a")),
-            None,
-            "a changed rule starts afresh"
-        );
     }
 }

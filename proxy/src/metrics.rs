@@ -5,6 +5,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::config::Config;
+use crate::gateway::Outcome;
+
 /// Latency buckets, seconds: from a fast shed (~1 ms) to a slow legacy call.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -24,8 +27,8 @@ impl std::fmt::Debug for TierMetrics {
     }
 }
 
-/// `outcome` label values of `k2_requests_total`.
-pub const OUTCOMES: [&str; 5] = ["proxied", "shed", "rate_limited", "no_route", "error"];
+/// `outcome` label values of `k2_requests_total`, owned by [`Outcome`].
+const OUTCOMES: [&str; Outcome::COUNT] = Outcome::LABELS;
 
 /// `code_class` label values of `k2_requests_total`, see [`code_class`].
 pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
@@ -49,18 +52,6 @@ impl std::fmt::Debug for RequestCounters {
     }
 }
 
-/// Not attached to a registry: a snapshot's until [`crate::Shared`] attaches it.
-impl Default for RequestCounters {
-    fn default() -> Self {
-        let vec = IntCounterVec::new(
-            Opts::new("k2_requests_total", "unattached"),
-            &["route", "tier", "outcome", "code_class"],
-        )
-        .expect("valid metric");
-        RequestCounters::new(&vec, &[], &[])
-    }
-}
-
 impl RequestCounters {
     pub fn new(vec: &IntCounterVec, routes: &[&str], tiers: &[&str]) -> RequestCounters {
         let with_none = |names: &[&str]| {
@@ -78,15 +69,16 @@ impl RequestCounters {
         }
     }
 
-    /// The counter of (`route`, `tier`, `OUTCOMES[outcome]`,
-    /// `CODE_CLASSES[class]`); `None` (or an index out of range) is "none".
+    /// The counter of (`route`, `tier`, `outcome`, `CODE_CLASSES[class]`);
+    /// `None` (or an index out of range) is "none".
     pub fn get(
         &self,
         route: Option<usize>,
         tier: Option<usize>,
-        outcome: usize,
+        outcome: Outcome,
         class: usize,
     ) -> &IntCounter {
+        let outcome = outcome.index();
         // The last name of each list is "none" (and "error" for outcomes).
         let last = |i: Option<usize>, len: usize| i.unwrap_or(len).min(len - 1);
         let r = last(route, self.routes.len());
@@ -141,10 +133,36 @@ pub struct Metrics {
     pub failovers: IntCounterVec,
     /// `k2_retries_total{cluster,reason}`: connect, idempotent, idempotency_key.
     pub retries: IntCounterVec,
+    /// `k2_spills_total{cluster,from,to}`: admitted on another site's spare capacity.
+    pub spills: IntCounterVec,
+    /// `k2_cross_site_retries_total{cluster,from,to}`: a retry that changed site.
+    pub cross_site_retries: IntCounterVec,
     /// `k2_xmlrpc_requests_total{route,method}`: method is a configured
     /// name, `unmatched`, or why none was read (bounded).
     pub xmlrpc: IntCounterVec,
     process: crate::process::ProcessMetrics,
+}
+
+fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let m = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("each metric is registered once");
+    m
+}
+
+fn gauges(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("each metric is registered once");
+    m
+}
+
+fn histograms(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    let m = HistogramVec::new(opts, labels).expect("static metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("each metric is registered once");
+    m
 }
 
 impl Metrics {
@@ -157,165 +175,69 @@ impl Metrics {
     }
 
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "k2_requests_total",
-                "Requests by route, tier, outcome and status class.",
-            ),
-            &["route", "tier", "outcome", "code_class"],
-        )
-        .expect("static metric definition");
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "k2_request_duration_seconds",
-                "Time from request arrival to the end of the response, by tier.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["tier"],
-        )
-        .expect("static metric definition");
+        let r = Registry::new();
+        let site = &["cluster", "site"];
+        let pair = &["cluster", "from", "to"];
         let config_generation = IntGauge::new(
             "k2_config_generation",
             "Generation of the config in force; 1 at start, +1 per successful reload.",
         )
         .expect("static metric definition");
-        let config_reloads = IntCounterVec::new(
-            Opts::new(
-                "k2_config_reloads_total",
-                "Config reload attempts by result (ok, error).",
-            ),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "k2_upstream_errors_total",
-                "Requests that failed at the backend, by cluster, site and kind (connect, timeout, other).",
-            ),
-            &["cluster", "site", "kind"],
-        )
-        .expect("static metric definition");
-        let gauge = |name: &str, help: &str, labels: &[&str]| {
-            IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition")
-        };
-        let inflight = gauge(
-            "k2_inflight",
-            "Requests holding an admission permit.",
-            &["cluster", "site", "tier"],
-        );
-        let admission_limit = gauge(
-            "k2_admission_limit",
-            "Concurrency limit in force.",
-            &["cluster", "site"],
-        );
+        r.register(Box::new(config_generation.clone()))
+            .expect("each metric is registered once");
         let shed_level = GaugeVec::new(
             Opts::new(
                 "k2_shed_level",
                 "How many of the lowest sheddable tiers are refused outright (2.25: two tiers and a quarter of the next).",
             ),
-            &["cluster", "site"],
+            site,
         )
         .expect("static metric definition");
-        let queue_depth = gauge(
-            "k2_queue_depth",
-            "Requests waiting for admission.",
-            &["cluster", "site"],
-        );
-        let queue_wait = HistogramVec::new(
-            HistogramOpts::new(
-                "k2_queue_wait_seconds",
-                "Time from arrival to admission (0 when admitted at once) or to a queue timeout.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["tier"],
-        )
-        .expect("static metric definition");
-        let shed = IntCounterVec::new(
-            Opts::new(
-                "k2_shed_total",
-                "Requests answered without reaching a backend, by tier and reason.",
-            ),
-            &["tier", "reason"],
-        )
-        .expect("static metric definition");
-        let backend_up = gauge(
-            "k2_backend_up",
-            "1 when the backend takes new requests (checks up or not yet checked, not ejected, not drained).",
-            &["cluster", "site", "backend"],
-        );
-        let site_up = gauge(
-            "k2_site_up",
-            "1 when a backend of the site takes new requests.",
-            &["cluster", "site"],
-        );
-        let failovers = IntCounterVec::new(
-            Opts::new("k2_failovers_total", "Changes of a cluster's serving site."),
-            &["cluster", "from", "to"],
-        )
-        .expect("static metric definition");
-        let retries = IntCounterVec::new(
-            Opts::new("k2_retries_total", "Requests sent again, by cluster and reason (connect, idempotent, idempotency_key)."),
-            &["cluster", "reason"],
-        )
-        .expect("static metric definition");
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(request_duration.clone()),
-            Box::new(config_generation.clone()),
-            Box::new(config_reloads.clone()),
-            Box::new(upstream_errors.clone()),
-            Box::new(inflight.clone()),
-            Box::new(admission_limit.clone()),
-            Box::new(shed_level.clone()),
-            Box::new(queue_depth.clone()),
-            Box::new(queue_wait.clone()),
-            Box::new(shed.clone()),
-            Box::new(backend_up.clone()),
-            Box::new(site_up.clone()),
-            Box::new(failovers.clone()),
-            Box::new(retries.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("each metric is registered once");
-        }
-        let xmlrpc = IntCounterVec::new(
-            Opts::new(
-                "k2_xmlrpc_requests_total",
-                "Requests classified by XML-RPC method: a configured name, unmatched, or why none was read.",
-            ),
-            &["route", "method"],
-        )
-        .expect("static metric definition");
-        registry
-            .register(Box::new(xmlrpc.clone()))
-            .expect("registered once");
-        let process = crate::process::ProcessMetrics::register(&registry);
+        r.register(Box::new(shed_level.clone()))
+            .expect("each metric is registered once");
+        let m = Metrics {
+            requests: counters(&r, "k2_requests_total", "Requests by route, tier, outcome and status class.", &["route", "tier", "outcome", "code_class"]),
+            request_duration: histograms(&r, "k2_request_duration_seconds", "Time from request arrival to the end of the response, by tier.", &["tier"]),
+            config_generation,
+            config_reloads: counters(&r, "k2_config_reloads_total", "Config reload attempts by result (ok, error).", &["result"]),
+            upstream_errors: counters(&r, "k2_upstream_errors_total", "Requests that failed at the backend, by cluster, site and kind (connect, timeout, other).", &["cluster", "site", "kind"]),
+            inflight: gauges(&r, "k2_inflight", "Requests holding an admission permit.", &["cluster", "site", "tier"]),
+            admission_limit: gauges(&r, "k2_admission_limit", "Concurrency limit in force.", site),
+            shed_level,
+            queue_depth: gauges(&r, "k2_queue_depth", "Requests waiting for admission.", site),
+            queue_wait: histograms(&r, "k2_queue_wait_seconds", "Time from arrival to admission (0 when admitted at once) or to a queue timeout.", &["tier"]),
+            shed: counters(&r, "k2_shed_total", "Requests answered without reaching a backend, by tier and reason.", &["tier", "reason"]),
+            backend_up: gauges(&r, "k2_backend_up", "1 when the backend takes new requests (checks up or not yet checked, not ejected, not drained).", &["cluster", "site", "backend"]),
+            site_up: gauges(&r, "k2_site_up", "1 when a backend of the site takes new requests.", site),
+            failovers: counters(&r, "k2_failovers_total", "Changes of a cluster's serving site.", pair),
+            retries: counters(&r, "k2_retries_total", "Requests sent again, by cluster and reason (connect, idempotent, idempotency_key).", &["cluster", "reason"]),
+            spills: counters(&r, "k2_spills_total", "Requests admitted on another site's spare capacity (tiers with spill = true), by cluster and sites.", pair),
+            cross_site_retries: counters(&r, "k2_cross_site_retries_total", "Retries that went to another site than the request's previous try, by cluster and sites.", pair),
+            xmlrpc: counters(&r, "k2_xmlrpc_requests_total", "Requests classified by XML-RPC method: a configured name, unmatched, or why none was read.", &["route", "method"]),
+            process: crate::process::ProcessMetrics::register(&r),
+            registry: r,
+        };
         // Series that alerts take increase() of must exist before their first
         // event, or the first event is invisible (a series first seen at 1).
         for result in ["ok", "error"] {
-            config_reloads.with_label_values(&[result]);
+            m.config_reloads.with_label_values(&[result]);
         }
-        Metrics {
-            registry,
-            requests,
-            request_duration,
-            config_generation,
-            config_reloads,
-            upstream_errors,
-            inflight,
-            admission_limit,
-            shed_level,
-            queue_depth,
-            queue_wait,
-            shed,
-            backend_up,
-            site_up,
-            failovers,
-            retries,
-            xmlrpc,
-            process,
+        m
+    }
+
+    /// Creates at 0 the series of every pair of sites of `config` (failover,
+    /// spill, cross-site retry), so the first event shows in
+    /// `increase()`/`changes()` (a counter first seen at 1 would hide it).
+    pub fn precreate_site_pairs(&self, config: &Config) {
+        for c in &config.clusters {
+            for from in &c.sites {
+                for to in c.sites.iter().filter(|to| to.name != from.name) {
+                    let labels = [c.name.as_str(), from.name.as_str(), to.name.as_str()];
+                    self.failovers.with_label_values(&labels);
+                    self.spills.with_label_values(&labels);
+                    self.cross_site_retries.with_label_values(&labels);
+                }
+            }
         }
     }
 
@@ -366,11 +288,13 @@ mod tests {
     fn request_counters_count_under_their_labels() {
         let m = Metrics::new();
         let c = RequestCounters::new(&m.requests, &["pay", "api"], &["purchase", "admin"]);
-        c.get(Some(1), Some(0), 0, code_class(200)).inc();
-        c.get(Some(1), Some(0), 0, code_class(204)).inc();
-        c.get(None, None, 3, code_class(404)).inc();
+        c.get(Some(1), Some(0), Outcome::Proxied, code_class(200))
+            .inc();
+        c.get(Some(1), Some(0), Outcome::Proxied, code_class(204))
+            .inc();
+        c.get(None, None, Outcome::NoRoute, code_class(404)).inc();
         // Out of range is "none", never another series.
-        c.get(Some(7), Some(9), 4, code_class(0)).inc();
+        c.get(Some(7), Some(9), Outcome::Error, code_class(0)).inc();
         let text = String::from_utf8(m.encode()).unwrap();
         for series in [
             r#"k2_requests_total{code_class="2xx",outcome="proxied",route="api",tier="purchase"} 2"#,
@@ -387,8 +311,8 @@ mod tests {
         let m = Metrics::new();
         let old = RequestCounters::new(&m.requests, &["pay"], &["purchase"]);
         let new = RequestCounters::new(&m.requests, &["api", "pay"], &["admin", "purchase"]);
-        old.get(Some(0), Some(0), 0, 1).inc();
-        new.get(Some(1), Some(1), 0, 1).inc();
+        old.get(Some(0), Some(0), Outcome::Proxied, 1).inc();
+        new.get(Some(1), Some(1), Outcome::Proxied, 1).inc();
         let text = String::from_utf8(m.encode()).unwrap();
         let series = r#"k2_requests_total{code_class="2xx",outcome="proxied",route="pay",tier="purchase"} 2"#;
         assert!(text.contains(series), "{text}");

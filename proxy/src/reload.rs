@@ -1,6 +1,7 @@
 //! Hot reload: a file change (debounced, editor-safe), SIGHUP or
 //! `POST /reload` re-reads `routes.toml` and the policy it names, checks
-//! everything, and swaps one immutable snapshot. A bad file changes nothing:
+//! everything, and swaps one generation (config and live state, built by
+//! [`crate::runtime`]). A bad file changes nothing:
 //! the running config keeps serving, the error (file, line, column) is
 //! logged, counted and shown in `/status`. Admission state carries over by
 //! (cluster, site) name ([`crate::admission::Registry`]). Listeners, the
@@ -154,7 +155,8 @@ impl ReloadService {
 
     /// The files a reload reads now: routes and the policy in force.
     fn files(&self) -> Vec<PathBuf> {
-        let snap = self.shared.config.load();
+        let gen = self.shared.current.load();
+        let snap = &gen.config;
         vec![snap.routes_path.clone(), snap.policy_path.clone()]
     }
 }

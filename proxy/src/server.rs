@@ -23,7 +23,8 @@ pub struct RunOptions {
 
 /// A server ready to `run_forever`.
 pub fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
-    let snap = shared.config.load_full();
+    let gen = shared.current.load_full();
+    let snap = &gen.config;
     let mut conf = ServerConf::new().expect("pingora's default configuration");
     conf.threads = snap.server.threads;
     // A stopping k2proxy finishes in-flight checkouts, but not forever.

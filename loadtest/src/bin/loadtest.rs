@@ -129,7 +129,7 @@ async fn main() {
         quick(target, mix, rate, duration, timeout, headers, json).await;
         return;
     };
-    let scenario = Scenario::load(&path).unwrap_or_else(|e| fail(2, &e));
+    let scenario = Scenario::load(&path).unwrap_or_else(|e| fail(2, &e.to_string()));
     if let Some(t) = &target {
         check_base(t).unwrap_or_else(|e| fail(2, &e));
     }

@@ -85,7 +85,7 @@ impl ServeHttp for Admin {
             ),
             (Method::GET, "/status") => json_reply(StatusCode::OK, status(&self.shared)),
             (Method::GET, "/metrics") => {
-                self.shared.config.load().controllers.publish_gauges();
+                self.shared.current.load().controllers.publish_gauges();
                 crate::health::publish_gauges(&self.shared, std::time::Instant::now());
                 reply(
                     StatusCode::OK,
@@ -98,7 +98,7 @@ impl ServeHttp for Admin {
                 json!({
                     "status": "ok",
                     "generation": self.shared.generation(),
-                    "routes": self.shared.config.load().routes.len(),
+                    "routes": self.shared.current.load().config.routes.len(),
                 }),
             ),
             (Method::POST, "/reload") => {

@@ -9,7 +9,8 @@ use crate::Shared;
 
 /// `/status` as JSON.
 pub fn status(shared: &Shared) -> Value {
-    let snap = shared.config.load();
+    let gen = shared.current.load();
+    let snap = &gen.config;
     let rates = shared.tier_stats.rates(snap.tiers.len());
     let tiers: Vec<Value> = snap
         .tiers
@@ -34,15 +35,15 @@ pub fn status(shared: &Shared) -> Value {
         .enumerate()
         .map(|(ci, c)| {
             let now = std::time::Instant::now();
-            let serving = c.sites.serving(now);
-            let view = c.sites.view(now);
+            let state = &gen.clusters[ci].sites;
+            let serving = state.serving(now);
+            let view = state.view(now);
             let sites: Vec<Value> = c
                 .sites
-                .sites()
                 .iter()
                 .enumerate()
                 .map(|(si, s)| {
-                    let (limit, inflight, queued, level) = snap
+                    let (limit, inflight, queued, level) = gen
                         .controllers
                         .get(ci, si)
                         .map_or((0, 0, 0, 0.0), |ctl| ctl.state());
@@ -51,7 +52,7 @@ pub fn status(shared: &Shared) -> Value {
                         "role": s.role.as_str(),
                         "enabled": s.enabled,
                         "serving": serving == Some(si),
-                        "up": c.sites.site_is_up(si, now),
+                        "up": state.site_is_up(si, now),
                         "limit": limit,
                         "inflight": inflight,
                         "queued": queued,

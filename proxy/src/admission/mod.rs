@@ -4,22 +4,22 @@
 //! and is plain synchronous code; [`Controller`] wraps it for the proxy: a
 //! mutex, a oneshot channel per waiter, the clock, metrics, and [`Permit`]s
 //! that give their slot back on `Drop`, whatever path a request ends on.
-//! [`Controllers`] keeps one controller per (cluster, site) name, so a reload
-//! keeps learned limits, in-flight counts and waiters. See docs/admission.md.
+//! [`Controllers`] holds one controller per (cluster, site) of a generation;
+//! `runtime::carry` hands them on by name, so a reload keeps learned limits,
+//! in-flight counts and waiters. See docs/admission.md.
 
 pub mod gate;
 pub mod limit;
 pub mod queue;
 pub mod shed_level;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prometheus::{Gauge, IntGauge};
 use tokio::sync::oneshot;
 
-use crate::config::{AdmissionMode, Snapshot};
+use crate::config::{AdmissionMode, Config};
 use crate::metrics::Metrics;
 pub use gate::ShedReason;
 use gate::{Decision, Gate, Rules, TierRule};
@@ -56,7 +56,7 @@ impl std::fmt::Debug for Controller {
 }
 
 impl Controller {
-    fn new(
+    pub(crate) fn new(
         cluster: &str,
         site: &str,
         rules: Rules,
@@ -203,7 +203,13 @@ impl Controller {
         self.settle(&mut g);
     }
 
-    fn reconfigure(&self, rules: Rules, limit: &Limit, tiers: &[String], metrics: &Metrics) {
+    pub(crate) fn reconfigure(
+        &self,
+        rules: Rules,
+        limit: &Limit,
+        tiers: &[String],
+        metrics: &Metrics,
+    ) {
         let mut g = self.lock();
         g.reconfigure(rules, limit);
         *self.gauges.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -266,17 +272,15 @@ impl Drop for Permit {
     }
 }
 
-/// Every controller, by (cluster, site) name; survives reloads.
-#[derive(Default)]
-pub struct Registry {
-    by_name: Mutex<HashMap<(String, String), Arc<Controller>>>,
-}
-
-/// The controllers of one snapshot: `[cluster][site]`.
+/// The controllers of one generation: `[cluster][site]`.
 #[derive(Debug, Default, Clone)]
 pub struct Controllers(Vec<Vec<Arc<Controller>>>);
 
 impl Controllers {
+    pub(crate) fn new(by_site: Vec<Vec<Arc<Controller>>>) -> Controllers {
+        Controllers(by_site)
+    }
+
     pub fn get(&self, cluster: usize, site: usize) -> Option<&Arc<Controller>> {
         self.0.get(cluster)?.get(site)
     }
@@ -292,7 +296,7 @@ impl Controllers {
 }
 
 /// The admission rules of `cluster` in `snap`.
-pub fn rules_for(snap: &Snapshot, cluster: usize) -> (Rules, Limit) {
+pub fn rules_for(snap: &Config, cluster: usize) -> (Rules, Limit) {
     let a = &snap.admission[cluster];
     let tiers = snap
         .tiers
@@ -322,39 +326,6 @@ pub fn rules_for(snap: &Snapshot, cluster: usize) -> (Rules, Limit) {
         AdmissionMode::Off => Limit::fixed(u32::MAX),
     };
     (rules, limit)
-}
-
-impl Registry {
-    /// The controllers for `snap`: existing ones (same cluster and site name)
-    /// take the new settings and keep their state; new ones start fresh;
-    /// those of removed sites are forgotten once their last permit is gone.
-    pub fn sync(&self, snap: &Snapshot, metrics: &Metrics) -> Controllers {
-        let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
-        let tiers: Vec<String> = snap.tiers.iter().map(|t| t.name.clone()).collect();
-        let mut next = HashMap::new();
-        let mut out = Vec::with_capacity(snap.clusters.len());
-        for (ci, cluster) in snap.clusters.iter().enumerate() {
-            let mut sites = Vec::new();
-            for site in cluster.sites.sites() {
-                let key = (cluster.name.clone(), site.name.clone());
-                let (rules, limit) = rules_for(snap, ci);
-                let ctl = match by_name.remove(&key) {
-                    Some(existing) => {
-                        existing.reconfigure(rules, &limit, &tiers, metrics);
-                        existing
-                    }
-                    None => Arc::new(Controller::new(
-                        &key.0, &key.1, rules, limit, &tiers, metrics,
-                    )),
-                };
-                sites.push(ctl.clone());
-                next.insert(key, ctl);
-            }
-            out.push(sites);
-        }
-        *by_name = next;
-        Controllers(out)
-    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
-//! `routes.toml` + a policy file → one immutable, already-checked [`Snapshot`].
+//! `routes.toml` + a policy file → one immutable, already-checked [`Config`].
 //!
 //! Two layers, as in river: [`raw`] mirrors the TOML (unknown fields are
 //! errors, values keep their spans), [`validate`] checks every value and
-//! cross-reference and builds the `Snapshot` that the rest of the proxy uses
+//! cross-reference and builds the `Config` that the rest of the proxy uses
 //! without re-checking. All problems of a load are reported together, each
 //! with file, line and column ([`error`]).
+//!
+//! A `Config` is data only: no live state, no clock, nothing of admission,
+//! rate limits or metrics. [`crate::runtime`] builds the live state for it.
 
 mod error;
 pub mod raw;
@@ -14,7 +17,6 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -32,7 +34,7 @@ pub struct Paths {
 }
 
 /// Reads, parses and checks both files.
-pub fn load(paths: &Paths) -> Result<Snapshot, ConfigErrors> {
+pub fn load(paths: &Paths) -> Result<Config, ConfigErrors> {
     let routes_src = SourceFile::read(&paths.routes)?;
     let routes: raw::RoutesFile = routes_src.parse()?;
     let policy_path = match &paths.policy {
@@ -56,19 +58,19 @@ pub fn load(paths: &Paths) -> Result<Snapshot, ConfigErrors> {
         e
     })?;
     let policy: raw::PolicyFile = policy_src.parse()?;
-    validate::snapshot(&routes_src, routes, &policy_src, policy)
+    validate::config(&routes_src, routes, &policy_src, policy)
 }
 
 /// Parses and checks files already read (tests, and `load`'s second half).
-pub fn load_sources(routes: &SourceFile, policy: &SourceFile) -> Result<Snapshot, ConfigErrors> {
+pub fn load_sources(routes: &SourceFile, policy: &SourceFile) -> Result<Config, ConfigErrors> {
     let raw_routes: raw::RoutesFile = routes.parse()?;
     let raw_policy: raw::PolicyFile = policy.parse()?;
-    validate::snapshot(routes, raw_routes, policy, raw_policy)
+    validate::config(routes, raw_routes, policy, raw_policy)
 }
 
 /// The whole checked configuration one request runs with.
 #[derive(Debug)]
-pub struct Snapshot {
+pub struct Config {
     pub routes_path: PathBuf,
     pub policy_path: PathBuf,
     pub server: Server,
@@ -83,19 +85,9 @@ pub struct Snapshot {
     pub rate_limits: Vec<RateLimit>,
     pub retries: Retries,
     pub trust: Trust,
-    /// Admission controllers, `[cluster][site]`; filled by
-    /// [`crate::Shared::install`] (they are state, kept across reloads).
-    pub controllers: crate::admission::Controllers,
-    /// Rate limiters of `rate_limits`; filled like `controllers`.
-    pub limiters: crate::limits::Limiters,
-    /// Histograms per tier, same index as `tiers`; filled like `controllers`.
-    pub tier_metrics: Vec<crate::metrics::TierMetrics>,
-    /// `k2_requests_total` by route, tier, outcome and code class; filled
-    /// like `controllers`.
-    pub request_counters: crate::metrics::RequestCounters,
 }
 
-impl Snapshot {
+impl Config {
     pub fn tier(&self, id: TierId) -> &Tier {
         &self.tiers[id.0 as usize]
     }
@@ -114,11 +106,11 @@ impl Snapshot {
 
     /// One line for `k2proxy check` and the start-up log.
     pub fn summary(&self) -> String {
-        let sites: usize = self.clusters.iter().map(|c| c.sites.sites().len()).sum();
+        let sites: usize = self.clusters.iter().map(|c| c.sites.len()).sum();
         let backends: usize = self
             .clusters
             .iter()
-            .flat_map(|c| c.sites.sites())
+            .flat_map(|c| &c.sites)
             .map(|s| s.backends.len())
             .sum();
         format!(
@@ -158,20 +150,6 @@ pub struct Tier {
     pub spill: bool,
 }
 
-/// `failover = …`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailoverMode {
-    ActivePassive,
-    ActiveActive,
-}
-
-/// `balance = …`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Balance {
-    RoundRobin,
-    LeastInflight,
-}
-
 /// `health = { … }`.
 #[derive(Debug, Clone)]
 pub struct HealthCheck {
@@ -183,17 +161,15 @@ pub struct HealthCheck {
 }
 
 /// A backend cluster with its sites.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
-    pub failover: FailoverMode,
-    pub balance: Balance,
     pub connect_timeout: Duration,
     pub health: HealthCheck,
-    /// The sites, their health and the backend choice.
-    pub sites: Arc<failover::Cluster>,
-    /// The retry budget (policy `[retries].budget`).
-    pub budget: Arc<failover::RetryBudget>,
+    /// The sites, in file order; `failover::Cluster` indexes them the same.
+    pub sites: Vec<failover::Site>,
+    /// Failover mode, balancing, rise/fall and outlier detection.
+    pub settings: failover::Settings,
 }
 
 /// `[shedding]`.
@@ -246,6 +222,12 @@ pub enum RateScope {
 /// `[[rate_limit]]`.
 #[derive(Debug, Clone)]
 pub struct RateLimit {
+    /// `name`, or `<route|tier>:<name>/<key>` when not given; unique. A
+    /// reload keeps the buckets of a rule with the same name and settings.
+    pub name: String,
+    /// What `scope` names, for comparing rules across reloads (an index
+    /// moves when routes are reordered, a name does not).
+    pub applies_to: String,
     pub scope: RateScope,
     pub key: RateKey,
     pub per_second: u32,

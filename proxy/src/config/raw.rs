@@ -1,7 +1,7 @@
 //! The TOML files as ops write them: serde structs that mirror `routes.toml`
 //! and `policies/*.toml` field for field. Unknown fields are errors; values
 //! that need checking keep their byte span so an error can point at them.
-//! `validate.rs` turns these into the checked [`super::Snapshot`].
+//! `validate.rs` turns these into the checked [`super::Config`].
 
 use std::collections::BTreeMap;
 
@@ -279,6 +279,9 @@ pub struct AdmissionRaw {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitRaw {
+    /// Unique name; a reload keeps the buckets of a rule with the same name
+    /// and settings. Default: `route:<route>/<key>` or `tier:<tier>/<key>`.
+    pub name: Option<Spanned<String>>,
     /// Route the limit applies to.
     pub route: Option<Spanned<String>>,
     /// Tier the limit applies to.

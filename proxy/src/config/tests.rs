@@ -55,7 +55,7 @@ fn src(path: &str, text: &str) -> SourceFile {
     }
 }
 
-fn load(routes: &str, policy: &str) -> Result<Snapshot, ConfigErrors> {
+fn load(routes: &str, policy: &str) -> Result<Config, ConfigErrors> {
     load_sources(&src("routes.toml", routes), &src("policy.toml", policy))
 }
 
@@ -82,7 +82,7 @@ fn valid_files_load_with_checked_values() {
     assert!(s.trust.may_set_tier("10.1.2.3".parse().unwrap()));
     assert!(s.trust.may_set_tier("127.0.0.1".parse().unwrap()));
     assert!(!s.trust.may_set_tier("127.0.0.2".parse().unwrap()));
-    assert_eq!(s.clusters[0].sites.sites().len(), 2);
+    assert_eq!(s.clusters[0].sites.len(), 2);
     assert_eq!(s.server.threads, 2);
     assert!(s
         .summary()
@@ -214,7 +214,7 @@ fn a_backend_table_drains_it_and_a_bad_one_says_what_is_expected() {
     );
     let s = load(&routes, POLICY).expect("valid");
     assert_eq!(
-        s.clusters[0].sites.sites()[0].drained,
+        s.clusters[0].sites[0].drained,
         ["127.0.0.1:9002".parse().unwrap()]
     );
     let routes = ROUTES.replace("\"127.0.0.1:9002\"]", "{ address = \"127.0.0.1:9002\" }]");

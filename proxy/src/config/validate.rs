@@ -1,11 +1,10 @@
-//! Raw TOML structs → checked [`Snapshot`]: every value parsed, every name
+//! Raw TOML structs → checked [`Config`]: every value parsed, every name
 //! resolved, every problem collected with its location.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
@@ -157,12 +156,12 @@ impl TierNames {
     }
 }
 
-pub(super) fn snapshot(
+pub(super) fn config(
     routes_src: &SourceFile,
     routes: raw::RoutesFile,
     policy_src: &SourceFile,
     policy: raw::PolicyFile,
-) -> Result<Snapshot, ConfigErrors> {
+) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
 
     // The policy first: routes refer to its tiers.
@@ -181,7 +180,7 @@ pub(super) fn snapshot(
         errors: &mut errors,
     };
     let server = server(&mut rc, &routes.server);
-    let clusters = clusters(&mut rc, &routes.clusters, retries.budget);
+    let clusters = clusters(&mut rc, &routes.clusters);
     let cluster_ids: HashMap<&str, ClusterId> = routes
         .clusters
         .keys()
@@ -212,7 +211,7 @@ pub(super) fn snapshot(
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    Ok(Snapshot {
+    Ok(Config {
         routes_path: routes_src.path.clone(),
         policy_path: policy_src.path.clone(),
         server,
@@ -224,10 +223,6 @@ pub(super) fn snapshot(
         rate_limits,
         retries,
         trust,
-        controllers: Default::default(),
-        limiters: Default::default(),
-        tier_metrics: Vec::new(),
-        request_counters: Default::default(),
     })
 }
 
@@ -440,21 +435,20 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
 fn clusters(
     c: &mut Check<'_>,
     raw: &std::collections::BTreeMap<Spanned<String>, raw::ClusterRaw>,
-    retry_budget: f64,
 ) -> Vec<Cluster> {
     let mut out = Vec::new();
     for (name, cl) in raw {
         let failover = match cl.failover.as_ref().map(|f| (f, f.get_ref().as_str())) {
-            None | Some((_, "active-passive")) => FailoverMode::ActivePassive,
-            Some((_, "active-active")) => FailoverMode::ActiveActive,
+            None | Some((_, "active-passive")) => failover::Mode::ActivePassive,
+            Some((_, "active-active")) => failover::Mode::ActiveActive,
             Some((f, other)) => {
                 c.err(f, format!("unknown failover mode {other:?}: expected \"active-passive\" or \"active-active\""));
-                FailoverMode::ActivePassive
+                failover::Mode::ActivePassive
             }
         };
         let balance = match cl.balance.as_ref().map(|b| (b, b.get_ref().as_str())) {
-            None | Some((_, "round-robin")) => Balance::RoundRobin,
-            Some((_, "least-inflight")) => Balance::LeastInflight,
+            None | Some((_, "round-robin")) => failover::Balance::RoundRobin,
+            Some((_, "least-inflight")) => failover::Balance::LeastInflight,
             Some((b, other)) => {
                 c.err(
                     b,
@@ -462,7 +456,7 @@ fn clusters(
                         "unknown balance {other:?}: expected \"round-robin\" or \"least-inflight\""
                     ),
                 );
-                Balance::RoundRobin
+                failover::Balance::RoundRobin
             }
         };
         let connect_timeout = c.duration(
@@ -474,14 +468,8 @@ fn clusters(
         let outlier = outlier(c, cl.outlier.as_ref());
         let sites = sites(c, name, cl, failover);
         let settings = failover::Settings {
-            mode: match failover {
-                FailoverMode::ActivePassive => failover::Mode::ActivePassive,
-                FailoverMode::ActiveActive => failover::Mode::ActiveActive,
-            },
-            balance: match balance {
-                Balance::RoundRobin => failover::Balance::RoundRobin,
-                Balance::LeastInflight => failover::Balance::LeastInflight,
-            },
+            mode: failover,
+            balance,
             thresholds: failover::Thresholds {
                 rise: health.rise,
                 fall: health.fall,
@@ -490,19 +478,10 @@ fn clusters(
         };
         out.push(Cluster {
             name: name.get_ref().clone(),
-            failover,
-            balance,
             connect_timeout,
             health,
-            sites: Arc::new(failover::Cluster::with_settings(
-                name.get_ref().clone(),
-                sites,
-                settings,
-            )),
-            budget: Arc::new(failover::RetryBudget::new(
-                retry_budget,
-                std::time::Instant::now(),
-            )),
+            sites,
+            settings,
         });
     }
     out
@@ -563,7 +542,7 @@ fn sites(
     c: &mut Check<'_>,
     cluster: &Spanned<String>,
     raw: &raw::ClusterRaw,
-    mode: FailoverMode,
+    mode: failover::Mode,
 ) -> Vec<failover::Site> {
     let mut out: Vec<failover::Site> = Vec::new();
     if raw.sites.get_ref().is_empty() {
@@ -598,7 +577,7 @@ fn sites(
                 );
                 failover::Role::Secondary
             }
-            None if mode == FailoverMode::ActivePassive => {
+            None if mode == failover::Mode::ActivePassive => {
                 c.err(&s.name, format!("site {:?} has no `role`: an active-passive cluster needs role = \"primary\" or \"secondary\"", s.name.get_ref()));
                 failover::Role::Secondary
             }
@@ -641,7 +620,7 @@ fn sites(
             drained,
         });
     }
-    if mode == FailoverMode::ActivePassive
+    if mode == failover::Mode::ActivePassive
         && !out.is_empty()
         && !out.iter().any(|s| s.role == failover::Role::Primary)
     {
@@ -922,8 +901,28 @@ fn rate_limits(
     routes: &HashMap<&str, usize>,
     tiers: &TierNames,
 ) -> Vec<RateLimit> {
-    let mut out = Vec::new();
+    let mut out: Vec<RateLimit> = Vec::new();
     for r in raw {
+        let applies_to = match (&r.route, &r.tier) {
+            (Some(route), None) => format!("route:{}", route.get_ref()),
+            (None, Some(tier)) => format!("tier:{}", tier.get_ref()),
+            _ => String::new(),
+        };
+        let name = match &r.name {
+            Some(n) if n.get_ref().trim().is_empty() => {
+                c.err(n, "rate limit `name` is empty: expected a name unique among the [[rate_limit]] rules");
+                continue;
+            }
+            Some(n) => n.get_ref().trim().to_string(),
+            None => format!("{applies_to}/{}", r.key.get_ref()),
+        };
+        if out.iter().any(|o| o.name == name) {
+            let msg = format!("duplicate rate limit {name:?}: expected each [[rate_limit]] to have its own `name` (or its own route/tier and key)");
+            match &r.name {
+                Some(n) => c.err(n, msg),
+                None => c.err(&r.key, msg),
+            }
+        }
         let scope = match (&r.route, &r.tier) {
             (Some(route), None) => match routes.get(route.get_ref().as_str()) {
                 Some(i) => Some(RateScope::Route(*i)),
@@ -971,6 +970,8 @@ fn rate_limits(
         let burst = c.int(r.burst.as_ref(), "burst", (1, 10_000_000), per_second);
         if let (Some(scope), Some(key)) = (scope, key) {
             out.push(RateLimit {
+                name,
+                applies_to,
                 scope,
                 key,
                 per_second,

@@ -1,0 +1,177 @@
+//! The headers k2proxy adds: `x-request-id` (kept or made), `x-forwarded-for`
+//! and `x-k2-tier`, made without per-request parsing or formatting machinery.
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use pingora::proxy::Session;
+
+/// The headers k2proxy adds to every request or response, parsed once:
+/// pingora's case-keeping headers would parse (and, for a name it does not
+/// know, copy) a `&str` or `HeaderName` on every insert.
+pub(crate) mod name {
+    use pingora::http::StaticHeaderName;
+    pub const X_K2_TIER: StaticHeaderName = StaticHeaderName::from_static("x-k2-tier");
+    pub const X_REQUEST_ID: StaticHeaderName = StaticHeaderName::from_static("x-request-id");
+    pub const X_FORWARDED_FOR: StaticHeaderName = StaticHeaderName::from_static("x-forwarded-for");
+}
+pub const X_K2_TIER: HeaderName = HeaderName::from_static("x-k2-tier");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+use super::reply::X_REQUEST_ID;
+
+/// Longest inbound `x-request-id` kept as is; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A request's id and whether the client sent it (then it is already in
+/// the upstream request).
+#[derive(Debug, Clone)]
+pub struct RequestId {
+    pub value: HeaderValue,
+    pub kept: bool,
+}
+
+impl RequestId {
+    /// The client's one usable `x-request-id`, or a new one.
+    pub fn of(headers: &HeaderMap) -> RequestId {
+        let mut inbound = headers.get_all(X_REQUEST_ID).iter();
+        match (inbound.next(), inbound.next()) {
+            (Some(v), None) if !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN => RequestId {
+                value: v.clone(),
+                kept: true,
+            },
+            _ => RequestId {
+                value: new_request_id(),
+                kept: false,
+            },
+        }
+    }
+}
+
+/// A fresh 128-bit request id, as 32 lower-case hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for b in buf.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    // One allocation that clones share (a copied slice would allocate again
+    // on its first clone, and the id is cloned for upstream and response).
+    HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+        .expect("hex digits are a valid header value")
+}
+
+/// `x-forwarded-for` with `ip` appended to what came in (`None` if what came
+/// in is not a valid value).
+pub fn forwarded_for(prev: Option<&HeaderValue>, ip: IpAddr) -> Option<HeaderValue> {
+    let mut buf = [0u8; 48];
+    let len = format_ip(&mut buf, ip);
+    let ip = &buf[..len];
+    match prev {
+        Some(prev) if !prev.is_empty() => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip);
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+        }
+        _ => HeaderValue::from_bytes(ip).ok(),
+    }
+}
+
+/// Writes `ip` as `Display` does, into `buf`; returns the length. IPv4 by
+/// hand (the formatting machinery cost ~1 000 instructions per request).
+fn format_ip(buf: &mut [u8; 48], ip: IpAddr) -> usize {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            n
+        }
+        IpAddr::V6(_) => {
+            use std::io::Write;
+            // "ffff:…" with an embedded IPv4 is the longest: 45 bytes.
+            let mut at = &mut buf[..];
+            write!(at, "{ip}").expect("an IP fits in 48 bytes");
+            48 - at.len()
+        }
+    }
+}
+
+pub fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ips_are_written_as_display_writes_them() {
+        let mut buf = [0u8; 48];
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.99.100",
+            "255.255.255.255",
+            "192.168.1.10",
+            "::1",
+            "::ffff:1.2.3.4",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let n = format_ip(&mut buf, ip);
+            assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), ip.to_string());
+        }
+        for a in 0..=255u8 {
+            let ip = IpAddr::from([a, 255 - a, a / 2, 7]);
+            let n = format_ip(&mut buf, ip);
+            assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_client() {
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        let v6: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+            .parse()
+            .unwrap();
+        assert_eq!(forwarded_for(None, v4).unwrap(), "203.0.113.7");
+        let empty = HeaderValue::from_static("");
+        assert_eq!(forwarded_for(Some(&empty), v4).unwrap(), "203.0.113.7");
+        let prev = HeaderValue::from_static("198.51.100.1");
+        assert_eq!(
+            forwarded_for(Some(&prev), v6).unwrap(),
+            format!("198.51.100.1, {v6}").as_str()
+        );
+    }
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_differ() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,397 @@
+//! `impl ProxyHttp`: the life of one request, as pingora's phases calling
+//! small named stages.
+//!
+//! - `request_filter`: [`stages`] route → rate limit → choose site → admit;
+//!   a stage that refuses returns a [`Reply`], written here.
+//! - `upstream_peer`: a backend not tried yet, in the admitted site, then in
+//!   the next site that can take it.
+//! - `upstream_request_filter`: `x-k2-tier`, `x-request-id`, `x-forwarded-for`.
+//! - `upstream_response_filter`: the latency sample and passive health.
+//! - `fail_to_connect` / `error_while_proxy`: [`retry::decide`].
+//! - `fail_to_proxy`: a [`Reply::Failed`]; `logging`: [`access`].
+
+mod access;
+mod ctx;
+mod headers;
+mod reply;
+mod retry;
+mod stages;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorSource, ErrorType};
+
+use crate::admission::Sample;
+use crate::Shared;
+pub use ctx::{Admitted, Ctx, Routed};
+use headers::{client_ip, forwarded_for, name, RequestId, X_FORWARDED_FOR};
+pub use headers::{X_FORWARDED_FOR as FORWARDED_FOR, X_K2_TIER};
+pub use reply::{Failure, Outcome, Reply, X_K2_SHED, X_REQUEST_ID};
+use retry::{Attempt, RetryReason, Stage};
+
+/// The proxy logic; one per process, shared by every request.
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Gateway { shared }
+    }
+
+    /// Answers a request a stage refused; nothing reaches a backend.
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, reply: Reply) -> Result<()> {
+        ctx.outcome = reply.outcome();
+        ctx.reply = Some(reply);
+        let config = &ctx.gen.config;
+        if let Some((tier, reason)) = reply.shed_labels(config) {
+            self.shared
+                .metrics
+                .shed
+                .with_label_values(&[tier, reason])
+                .inc();
+        }
+        let rid = ctx.request_id.as_ref().map(|r| &r.value);
+        reply.write(session, config, rid).await
+    }
+
+    /// Tells the cluster how the request fared at its backend (passive
+    /// health); an ejection is logged.
+    fn passive(&self, ctx: &Ctx, ok: bool, now: Instant) {
+        let (Some((cluster, state)), Some(site), Some(backend)) =
+            (ctx.cluster(), ctx.tries.site, ctx.tries.backend)
+        else {
+            return;
+        };
+        if state.sites.report(site, backend, ok, now) {
+            tracing::warn!(cluster = %cluster.name, site = ctx.site_name(), %backend, "backend ejected after consecutive failures");
+        }
+    }
+
+    /// Counts a retry the policy allowed.
+    fn count_retry(&self, ctx: &Ctx, reason: RetryReason) {
+        if let Some((cluster, _)) = ctx.cluster() {
+            self.shared
+                .metrics
+                .retries
+                .with_label_values(&[cluster.name.as_str(), reason.as_str()])
+                .inc();
+        }
+    }
+
+    /// The failure of a request that could not be proxied, counted against
+    /// the backend (`k2_upstream_errors_total`) when it was the backend's.
+    fn classify_failure(&self, e: &Error, ctx: &mut Ctx) -> Failure {
+        let failure = match e.etype() {
+            ErrorType::HTTPStatus(code) => Failure::Status(*code),
+            ErrorType::ConnectTimedout => Failure::ConnectTimeout,
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+            ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => {
+                Failure::Connect
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => Failure::Upstream,
+                ErrorSource::Downstream => Failure::Downstream,
+                ErrorSource::Internal | ErrorSource::Unset => Failure::Internal,
+            },
+        };
+        if failure.is_congestion() {
+            if let Some(p) = ctx.admitted.as_mut().and_then(|a| a.permit.as_mut()) {
+                p.record(Sample::Congestion);
+            }
+        }
+        // Connect failures were counted per attempt in fail_to_connect.
+        let kind = match failure {
+            Failure::Timeout => Some("timeout"),
+            _ if e.esource() == &ErrorSource::Upstream => Some("other"),
+            _ => None,
+        };
+        if let (Some(kind), Some((cluster, _)), false) = (
+            kind,
+            ctx.cluster(),
+            matches!(failure, Failure::Connect | Failure::ConnectTimeout),
+        ) {
+            self.shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[cluster.name.as_str(), ctx.site_name(), kind])
+                .inc();
+        }
+        failure
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new(self.shared.current.load_full())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.request_id = Some(RequestId::of(&session.req_header().headers));
+        match self.stages(session, ctx).await {
+            Ok(()) => Ok(false),
+            Err(reply) => {
+                self.refuse(session, ctx, reply).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let (Some(routed), Some(mut site)) = (ctx.routed, ctx.tries.site) else {
+            return Error::e_explain(ErrorType::InternalError, "upstream_peer before admission");
+        };
+        let gen = ctx.gen.clone();
+        let (route, cluster) = (
+            gen.config.routes.get(routed.route),
+            gen.config.cluster(routed.cluster),
+        );
+        let Some(route) = route else {
+            return Error::e_explain(ErrorType::InternalError, "route of another config");
+        };
+        let sites = &gen.cluster(routed.cluster).sites;
+        let now = Instant::now();
+        // A retry goes to a backend not tried yet: in this site, then in the
+        // next site that can take it (failover within the request).
+        let mut backend = sites.backend_in(site, now, &ctx.tries.tried);
+        while backend.is_none() {
+            ctx.tries.tried_sites.push(site);
+            let Some(next) = sites.choose_site(now, &ctx.tries.tried_sites) else {
+                break;
+            };
+            site = next;
+            backend = sites.backend_in(site, now, &ctx.tries.tried);
+        }
+        let Some(backend) = backend else {
+            return Error::e_explain(
+                ErrorType::ConnectNoRoute,
+                format!("cluster {}: no backend left to try", cluster.name),
+            );
+        };
+        if ctx.tries.site != Some(site) {
+            let labels = [
+                cluster.name.as_str(),
+                ctx.site_name(),
+                cluster.sites[site].name.as_str(),
+            ];
+            self.shared
+                .metrics
+                .cross_site_retries
+                .with_label_values(&labels)
+                .inc();
+        }
+        ctx.tries.site = Some(site);
+        ctx.tries.backend = Some(backend);
+        ctx.tries.tried.push(backend);
+        ctx.tries.guard = sites.begin(site, backend);
+        let mut peer = HttpPeer::new(backend, false, String::new());
+        if !session.req_header().method.is_idempotent() {
+            // Never on a pooled connection: a backend that died (or closed
+            // the idle connection) as a purchase was written cannot tell us
+            // whether it read it, so it could not be retried. On a fresh
+            // connection a dead backend is a refused connect: nothing sent,
+            // safe to retry elsewhere. Closed 1 ms after use, not pooled.
+            peer.group_key = fastrand::u64(..);
+            peer.options.idle_timeout = Some(Duration::from_millis(1));
+        }
+        peer.options.connection_timeout = Some(cluster.connect_timeout);
+        peer.options.read_timeout = Some(route.timeout);
+        peer.options.write_timeout = Some(route.timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(routed) = ctx.routed else {
+            return Error::e_explain(ErrorType::InternalError, "upstream request before routing");
+        };
+        let tier = ctx.gen.config.tier(routed.tier);
+        ctx.tries.sent = Some(Instant::now());
+        // Room for the three below in one step: each would otherwise grow
+        // (and re-hash) both of pingora's header maps, sized to the client's.
+        upstream.reserve(3);
+        upstream.insert_header(&name::X_K2_TIER, tier.header.clone())?;
+        match &ctx.request_id {
+            Some(rid) if !rid.kept => {
+                upstream.insert_header(&name::X_REQUEST_ID, rid.value.clone())?
+            }
+            _ => {}
+        }
+        if let Some(ip) = client_ip(session) {
+            let xff = forwarded_for(upstream.headers.get(X_FORWARDED_FOR), ip)
+                .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for"))?;
+            upstream.insert_header(&name::X_FORWARDED_FOR, xff)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if !upstream_response.status.is_informational() {
+            let status = upstream_response.status.as_u16();
+            ctx.tries.status = Some(status);
+            ctx.outcome = Outcome::Proxied;
+            // Time to the response header: the backend's own latency, without
+            // our queueing. A backend 503 means it is past its knee.
+            let sample = match (status, ctx.tries.sent) {
+                (503, _) => Sample::Congestion,
+                (_, Some(sent)) => Sample::Latency(sent.elapsed()),
+                (_, None) => Sample::Ignored,
+            };
+            if let Some(p) = ctx.admitted.as_mut().and_then(|a| a.permit.as_mut()) {
+                p.record(sample);
+            }
+            // Passive health: a 5xx counts against the backend.
+            self.passive(ctx, status < 500, Instant::now());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // The merchant can quote the id to support; it ties our log to theirs.
+        if let Some(rid) = &ctx.request_id {
+            response.reserve(1);
+            response.insert_header(&name::X_REQUEST_ID, rid.value.clone())?;
+        }
+        Ok(())
+    }
+
+    /// A failed connect sent nothing: any method may go to another backend
+    /// (then another site), within the retry policy ([`retry`]).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let now = Instant::now();
+        let Some((cluster, state)) = ctx.cluster() else {
+            return e;
+        };
+        self.passive(ctx, false, now);
+        self.shared
+            .metrics
+            .upstream_errors
+            .with_label_values(&[cluster.name.as_str(), ctx.site_name(), "connect"])
+            .inc();
+        let attempt = Attempt {
+            stage: Stage::Connect {
+                refused: matches!(e.etype(), ErrorType::ConnectRefused),
+            },
+            alternative: ctx.alternative(now),
+        };
+        let decision = retry::decide(attempt, || state.budget.try_retry(now));
+        if let Some(reason) = decision {
+            self.count_retry(ctx, reason);
+        }
+        e.set_retry(decision.is_some());
+        e
+    }
+
+    /// An error once a connection was made: bytes may have reached the
+    /// backend, so the retry policy ([`retry`]) decides. (This replaces
+    /// pingora's default, which also retries idempotent requests on reused
+    /// connections.)
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let now = Instant::now();
+        self.passive(ctx, false, now);
+        let (Some(routed), Some((_, state))) = (ctx.routed, ctx.cluster()) else {
+            e.set_retry(false);
+            return e;
+        };
+        let config = &ctx.gen.config;
+        let req = session.req_header();
+        let route_allows = config
+            .routes
+            .get(routed.route)
+            .is_some_and(|r| r.retry_with_idempotency_key);
+        let stage = Stage::Sent {
+            idempotent_method: req.method.is_idempotent(),
+            idempotency_key: route_allows
+                && req.headers.contains_key(&config.retries.idempotency_header),
+            response_began: ctx.tries.status.is_some() || session.response_written().is_some(),
+            timed_out: matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            ),
+            body_truncated: session.as_ref().retry_buffer_truncated(),
+        };
+        let attempt = Attempt {
+            stage,
+            alternative: ctx.alternative(now),
+        };
+        let decision = retry::decide(attempt, || state.budget.try_retry(now));
+        if let Some(reason) = decision {
+            self.count_retry(ctx, reason);
+        }
+        e.set_retry(decision.is_some());
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let failure = self.classify_failure(e, ctx);
+        if matches!(ctx.outcome, Outcome::Pending | Outcome::Proxied) {
+            ctx.outcome = Outcome::Error;
+        }
+        let code = failure.status();
+        // Nothing can be written once the response has started or the client is gone.
+        if code == 0 || session.response_written().is_some() {
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
+        }
+        // A refusal whose answer could not be written is answered as itself.
+        let reply = ctx.reply.unwrap_or(Reply::Failed {
+            failure,
+            route: ctx.routed.map(|r| r.route),
+        });
+        // The downstream connection is not reused after an error: say so
+        // (pingora writes `connection: close` from this), rather than let the
+        // client find a reset on its next request.
+        session.set_keepalive(None);
+        let rid = ctx.request_id.as_ref().map(|r| &r.value);
+        if let Err(write_err) = reply.write(session, &ctx.gen.config, rid).await {
+            tracing::debug!(error = %write_err, "could not write the error response");
+        }
+        FailToProxy {
+            error_code: if code == 0 { 502 } else { code },
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        access::record(&self.shared, session, e, ctx);
+    }
+}
