@@ -46,49 +46,48 @@ impl Outcome {
     }
 }
 
-/// Runs the scenario once; `admission` overrides the topology's setting.
-pub async fn run(
-    scenario: &Scenario,
+/// Where the load goes: `--target`, or the scenario's topology brought up
+/// (then the scenario's capacity is its preferred site's).
+async fn target(
+    scenario: &mut Scenario,
     opts: &Options,
     admission: Option<bool>,
-    label: &str,
-) -> Result<Outcome, String> {
-    let mut scenario = scenario.clone();
-    let mut topology = None;
-    let base = match (&opts.target, &mut scenario.topology) {
-        (Some(t), _) => t.clone(),
+) -> Result<(String, Option<Topology>), String> {
+    match (&opts.target, &mut scenario.topology) {
+        (Some(t), _) => Ok((t.clone(), None)),
         (None, Some(spec)) => {
             if let Some(a) = admission {
                 spec.admission = a;
             }
             let t = Topology::up(spec, &opts.out, &opts.k2proxy).await?;
-            let base = t.base_url.clone();
             let capacity = t
                 .preferred()
                 .iter()
                 .map(|h| scenario.site_capacity(h.sim.config()))
                 .sum();
-            scenario = scenario.clone().with_capacity(Some(capacity));
-            topology = Some(t);
-            base
+            *scenario = scenario.clone().with_capacity(Some(capacity));
+            Ok((t.base_url.clone(), Some(t)))
         }
-        (None, None) => {
-            return Err(format!(
-                "{}: no [topology] in the scenario: give --target URL",
-                scenario.path.display()
-            ))
-        }
-    };
-    if topology.is_none() && !scenario.events.is_empty() {
-        return Err("the scenario's events need its topology; run it without --target".into());
+        (None, None) => Err(format!(
+            "{}: no [topology] in the scenario: give --target URL",
+            scenario.path.display()
+        )),
     }
-    let load = scenario.load_against(&base)?;
-    let capacity = scenario.capacity();
+}
+
+/// Plays the load, with the scenario's events beside it on the same clock;
+/// gives the topology back for its post-mortem.
+async fn play(
+    scenario: &Scenario,
+    base: &str,
+    mut topology: Option<Topology>,
+    opts: &Options,
+    label: &str,
+) -> Result<(Report, Option<Topology>), String> {
+    let load = scenario.load_against(base)?;
     let total = load.schedule.duration();
     let live = Live::new(&load);
     let progress = crate::progress::show(live.clone(), total, label.to_string(), opts.quiet);
-
-    // Events run beside the load, on the same clock.
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let occurrences = scenario.events.clone();
     let events = tokio::spawn(async move {
@@ -115,7 +114,46 @@ pub async fn run(
     let (topology, log) = events.await.map_err(|e| format!("events task: {e}"))?;
     report.events = log;
     let _ = progress.await;
+    Ok((report, topology))
+}
 
+/// report.json, summary.txt and report.html in `out`.
+fn write_reports(
+    out: &Path,
+    json: &serde_json::Value,
+    report: &Report,
+    title: &str,
+    verdicts: &[Verdict],
+) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let files = [
+        (
+            "report.json",
+            serde_json::to_string_pretty(json).unwrap_or_default(),
+        ),
+        ("summary.txt", report.summary()),
+        ("report.html", report.html(title, verdicts)),
+    ];
+    for (name, content) in files {
+        let p = out.join(name);
+        std::fs::write(&p, content).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the scenario once; `admission` overrides the topology's setting.
+pub async fn run(
+    scenario: &Scenario,
+    opts: &Options,
+    admission: Option<bool>,
+    label: &str,
+) -> Result<Outcome, String> {
+    let mut scenario = scenario.clone();
+    let (base, topology) = target(&mut scenario, opts, admission).await?;
+    if topology.is_none() && !scenario.events.is_empty() {
+        return Err("the scenario's events need its topology; run it without --target".into());
+    }
+    let (report, topology) = play(&scenario, &base, topology, opts, label).await?;
     let verdicts: Vec<Verdict> = scenario
         .thresholds
         .iter()
@@ -125,7 +163,7 @@ pub async fn run(
     json["scenario"] = serde_json::json!({
         "name": scenario.name, "description": scenario.description,
         "file": scenario.path.display().to_string(), "seed": scenario.seed,
-        "capacity_rps": capacity, "peak_rps": scenario.schedule().map(|s| s.peak()).unwrap_or(0.0),
+        "capacity_rps": scenario.capacity(), "peak_rps": scenario.schedule().map(|s| s.peak()).unwrap_or(0.0),
         "admission": scenario.topology.as_ref().map(|t| t.admission),
         "target": base,
     });
@@ -140,21 +178,8 @@ pub async fn run(
         });
     }
     drop(topology);
-
-    std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
     let title = format!("{} — {label}", scenario.name);
-    let files = [
-        (
-            "report.json",
-            serde_json::to_string_pretty(&json).unwrap_or_default(),
-        ),
-        ("summary.txt", report.summary()),
-        ("report.html", report.html(&title, &verdicts)),
-    ];
-    for (name, content) in files {
-        let p = opts.out.join(name);
-        std::fs::write(&p, content).map_err(|e| format!("{}: {e}", p.display()))?;
-    }
+    write_reports(&opts.out, &json, &report, &title, &verdicts)?;
     Ok(Outcome {
         label: label.to_string(),
         report,

@@ -40,6 +40,18 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+/// One standard normal draw from two uniforms (Box–Muller).
+pub fn standard_normal(rng: &mut fastrand::Rng) -> f64 {
+    let (u1, u2) = (rng.f64().max(1e-12), rng.f64());
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// A log-normal draw as a multiple of its median: `exp(sigma * z)`, capped
+/// at 1000 (a sample, not an outage).
+pub fn lognormal_factor(rng: &mut fastrand::Rng, sigma: f64) -> f64 {
+    (sigma * standard_normal(rng)).exp().min(1000.0)
+}
+
 /// A service-time distribution, written `20ms`, `uniform(10ms, 30ms)` or
 /// `lognormal(20ms, 0.5)` (median and sigma of the underlying normal).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -55,13 +67,7 @@ impl Dist {
         match *self {
             Dist::Fixed(d) => d,
             Dist::Uniform(lo, hi) => lo + (hi - lo).mul_f64(rng.f64()),
-            Dist::LogNormal { median, sigma } => {
-                // Box-Muller: one standard normal draw from two uniforms.
-                let (u1, u2) = (1.0 - rng.f64(), rng.f64());
-                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                // Capped at 1000x the median: a sample, not an outage.
-                median.mul_f64((sigma * z).exp().min(1000.0))
-            }
+            Dist::LogNormal { median, sigma } => median.mul_f64(lognormal_factor(rng, sigma)),
         }
     }
 

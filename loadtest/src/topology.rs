@@ -56,6 +56,119 @@ fn read_toml(path: &Path) -> Result<toml::Table, String> {
         .map_err(|e| format!("{}: {}", path.display(), e.message()))
 }
 
+type Sites = Vec<(String, Vec<SimHandle>)>;
+
+/// `backends` legacy-sims per scenario site, on ports the OS picks.
+async fn start_sims(spec: &TopologySpec) -> Result<Sites, String> {
+    let mut sites = Vec::new();
+    for s in &spec.sites {
+        let mut handles = Vec::new();
+        for i in 0..s.backends {
+            let config = SimConfig {
+                name: format!("{}-{}", s.name, i + 1),
+                ..s.sim.clone()
+            };
+            let h = sim::start(config, "127.0.0.1:0".parse().expect("static addr"))
+                .await
+                .map_err(|e| format!("cannot start a simulator for site {}: {e}", s.name))?;
+            handles.push(h);
+        }
+        sites.push((s.name.clone(), handles));
+    }
+    Ok(sites)
+}
+
+/// Points every site of routes.toml at its simulators; every site on both
+/// sides must have its match. Returns the site names in routes order.
+fn point_sites(
+    routes: &mut toml::Table,
+    sites: &Sites,
+    routes_file: &Path,
+) -> Result<Vec<String>, String> {
+    let mut seen = Vec::new();
+    let clusters = routes
+        .get_mut("clusters")
+        .and_then(|c| c.as_table_mut())
+        .ok_or_else(|| format!("{}: no [clusters]", routes_file.display()))?;
+    let site_tables = clusters
+        .iter_mut()
+        .filter_map(|(_, c)| c.get_mut("sites").and_then(|s| s.as_array_mut()))
+        .flatten()
+        .filter_map(|s| s.as_table_mut());
+    for t in site_tables {
+        let name = t
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
+        let Some((_, handles)) = sites.iter().find(|(n, _)| *n == name) else {
+            return Err(format!(
+                "{}: site {name:?} has no simulators: add [topology.sites.{name}] to the scenario",
+                routes_file.display()
+            ));
+        };
+        let backends = handles
+            .iter()
+            .map(|h| toml::Value::String(h.addr.to_string()));
+        t.insert("backends".into(), toml::Value::Array(backends.collect()));
+        seen.push(name);
+    }
+    if let Some((name, _)) = sites.iter().find(|(name, _)| !seen.contains(name)) {
+        return Err(format!(
+            "scenario site {name:?} is not a site in {}",
+            routes_file.display()
+        ));
+    }
+    Ok(seen)
+}
+
+/// Moves `[server]` to free loopback ports; returns (listen, admin, the
+/// policy file routes.toml names, relative to `routes_dir`).
+fn free_server(
+    routes: &mut toml::Table,
+    routes_dir: &Path,
+) -> Result<(SocketAddr, SocketAddr, PathBuf), String> {
+    let (listen, admin) = (
+        free_addr().map_err(|e| e.to_string())?,
+        free_addr().map_err(|e| e.to_string())?,
+    );
+    let server = routes
+        .entry("server")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .ok_or("routes.toml: [server] is not a table")?;
+    server.insert(
+        "listen".into(),
+        toml::Value::Array(vec![listen.to_string().into()]),
+    );
+    server.insert("admin".into(), admin.to_string().into());
+    let policy = server
+        .get("policy")
+        .and_then(|p| p.as_str())
+        .unwrap_or("policies/default.toml");
+    Ok((listen, admin, routes_dir.join(policy)))
+}
+
+/// Starts `k2proxy run --routes <routes>`, its output to `out/k2proxy.log`.
+fn spawn_k2proxy(k2proxy: &Path, routes: &Path, out: &Path) -> Result<Child, String> {
+    let log = std::fs::File::create(out.join("k2proxy.log"))
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    Command::new(k2proxy)
+        .arg("run")
+        .arg("--routes")
+        .arg(routes)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start k2proxy ({}): {e}; build it (cargo build --release) or set K2PROXY",
+                k2proxy.display()
+            )
+        })
+}
+
 impl Topology {
     /// Starts the simulators and k2proxy, and waits until k2proxy reports
     /// every backend healthy. Files and k2proxy's log go to `out`.
@@ -63,90 +176,12 @@ impl Topology {
         std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
         let mut routes = read_toml(&spec.routes)?;
         let routes_dir = spec.routes.parent().unwrap_or(Path::new(".")).to_path_buf();
-
-        let mut sites = Vec::new();
-        for s in &spec.sites {
-            let mut handles = Vec::new();
-            for i in 0..s.backends {
-                let config = SimConfig {
-                    name: format!("{}-{}", s.name, i + 1),
-                    ..s.sim.clone()
-                };
-                let h = sim::start(config, "127.0.0.1:0".parse().expect("static addr"))
-                    .await
-                    .map_err(|e| format!("cannot start a simulator for site {}: {e}", s.name))?;
-                handles.push(h);
-            }
-            sites.push((s.name.clone(), handles));
-        }
-
-        // Point every site named in the scenario at its simulators.
-        let mut seen = Vec::new();
-        let clusters = routes
-            .get_mut("clusters")
-            .and_then(|c| c.as_table_mut())
-            .ok_or_else(|| format!("{}: no [clusters]", spec.routes.display()))?;
-        for (_, cluster) in clusters.iter_mut() {
-            let Some(list) = cluster.get_mut("sites").and_then(|s| s.as_array_mut()) else {
-                continue;
-            };
-            for site in list {
-                let Some(t) = site.as_table_mut() else {
-                    continue;
-                };
-                let name = t
-                    .get("name")
-                    .and_then(|n| n.as_str())
-                    .unwrap_or("")
-                    .to_string();
-                let Some((_, handles)) = sites.iter().find(|(n, _)| *n == name) else {
-                    return Err(format!(
-                        "{}: site {name:?} has no simulators: add [topology.sites.{name}] to the scenario",
-                        spec.routes.display()
-                    ));
-                };
-                let backends = handles
-                    .iter()
-                    .map(|h| toml::Value::String(h.addr.to_string()));
-                t.insert("backends".into(), toml::Value::Array(backends.collect()));
-                seen.push(name);
-            }
-        }
-        for (name, _) in &sites {
-            if !seen.contains(name) {
-                return Err(format!(
-                    "scenario site {name:?} is not a site in {}",
-                    spec.routes.display()
-                ));
-            }
-        }
+        let mut sites = start_sims(spec).await?;
+        let order = point_sites(&mut routes, &sites, &spec.routes)?;
         // Routes order: the first site is the preferred one.
-        sites.sort_by_key(|(name, _)| seen.iter().position(|s| s == name));
-
-        let (listen, admin) = (
-            free_addr().map_err(|e| e.to_string())?,
-            free_addr().map_err(|e| e.to_string())?,
-        );
-        let server = routes
-            .entry("server")
-            .or_insert_with(|| toml::Value::Table(Default::default()))
-            .as_table_mut()
-            .ok_or("routes.toml: [server] is not a table")?;
-        server.insert(
-            "listen".into(),
-            toml::Value::Array(vec![listen.to_string().into()]),
-        );
-        server.insert("admin".into(), admin.to_string().into());
-        let policy = match &spec.policy {
-            Some(p) => p.clone(),
-            None => routes_dir.join(
-                server
-                    .get("policy")
-                    .and_then(|p| p.as_str())
-                    .unwrap_or("policies/default.toml"),
-            ),
-        };
-
+        sites.sort_by_key(|(name, _)| order.iter().position(|s| s == name));
+        let (listen, admin, named_policy) = free_server(&mut routes, &routes_dir)?;
+        let policy = spec.policy.clone().unwrap_or(named_policy);
         let mut topo = Topology {
             sites,
             proxy: None,
@@ -159,24 +194,7 @@ impl Topology {
             reloads: 0,
         };
         topo.write_files(&policy)?;
-
-        let log = std::fs::File::create(out.join("k2proxy.log"))
-            .map_err(|e| format!("{}: {e}", out.display()))?;
-        let child = Command::new(k2proxy)
-            .arg("run")
-            .arg("--routes")
-            .arg(&topo.routes_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot start k2proxy ({}): {e}; build it (cargo build --release) or set K2PROXY",
-                    k2proxy.display()
-                )
-            })?;
-        topo.proxy = Some(child);
+        topo.proxy = Some(spawn_k2proxy(k2proxy, &topo.routes_path, out)?);
         topo.wait_ready().await?;
         Ok(topo)
     }

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use loadtest::sim::lognormal_factor;
 use proxy::admission::gate::{Decision, Gate, ShedReason};
 use proxy::admission::{rules_for, Sample};
 use proxy::config::{self, Paths};
@@ -104,12 +105,6 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// Standard normal from two uniforms (Box–Muller).
-fn normal(rng: &mut fastrand::Rng) -> f64 {
-    let (u1, u2) = (rng.f64().max(1e-12), rng.f64());
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
 fn pick<'a>(rng: &mut fastrand::Rng, mix: &'a BTreeMap<String, f64>) -> &'a str {
     let total: f64 = mix.values().sum();
     let mut x = rng.f64() * total;
@@ -185,7 +180,8 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             reqs[id].started = $now;
             if busy < s.backend.workers {
                 busy += 1;
-                let svc = (service_ms * (s.backend.sigma * normal(&mut rng)).exp() * 1000.0) as u64;
+                let svc =
+                    (service_ms * lognormal_factor(&mut rng, s.backend.sigma) * 1000.0) as u64;
                 push(&mut events, $now + svc.max(1), Event::BackendDone(id));
             } else {
                 backlog.push_back(id);
@@ -275,7 +271,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 if let Some(next) = backlog.pop_front() {
                     busy += 1;
                     let svc =
-                        (service_ms * (s.backend.sigma * normal(&mut rng)).exp() * 1000.0) as u64;
+                        (service_ms * lognormal_factor(&mut rng, s.backend.sigma) * 1000.0) as u64;
                     push(&mut events, now + svc.max(1), Event::BackendDone(next));
                 }
                 while let Some((_, id)) = gate.grant_next(at(now)) {
