@@ -5,12 +5,11 @@
 //! whatever its alignment. That function's fast path only serves blocks of at
 //! most 1 KiB that happen to be aligned already; anything larger (pingora's
 //! read buffers, the ~10 KiB future of each request) goes through mimalloc's
-//! generic aligned path, which over-allocates and adjusts. Under callgrind
-//! that was about 14 allocations per proxied request at ~280 instructions
-//! each. Here an alignment mimalloc guarantees anyway (16 bytes, and no more
-//! than the size) goes to plain `mi_malloc`/`mi_realloc`/`mi_zalloc`, as
-//! `std::alloc::System` does with `malloc`; only larger alignments take the
-//! aligned calls. Figures in docs/benchmarks.md.
+//! generic aligned path, which over-allocates and adjusts. Here an alignment
+//! mimalloc guarantees anyway (16 bytes, and no more than the size) goes to
+//! plain `mi_malloc`/`mi_realloc`/`mi_zalloc`, as `std::alloc::System` does
+//! with `malloc`; only larger alignments take the aligned calls. What it
+//! saves: docs/benchmarks.md, "Allocator".
 
 #![allow(unsafe_code)]
 

@@ -195,7 +195,7 @@ impl Matcher {
     }
 }
 
-/// The ordered route table of one config snapshot.
+/// The ordered route table of one config.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,

@@ -79,9 +79,8 @@ impl HealthService {
 }
 
 /// Sets the backend and site gauges from the clusters' state. Called when
-/// `/metrics` is scraped (a gauge is read only then): on every 20 ms tick it
-/// formatted each backend's address and looked its series up 50 times a
-/// second, most of an idle proxy's work.
+/// `/metrics` is scraped, the only time a gauge is read: formatting each
+/// backend's address on every tick would be most of an idle proxy's work.
 pub fn publish_gauges(shared: &Shared, now: Instant) {
     let gen = shared.current.load();
     let m = &shared.metrics;

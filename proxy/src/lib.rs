@@ -14,21 +14,23 @@
 
 #![deny(unsafe_code)]
 
-pub mod admin;
+// What other crates use: the binary (config, server, reload, allocator,
+// Shared), the tests and benchmarks (admission, classify, config).
+mod admin;
 pub mod admission;
 pub mod allocator;
 pub mod classify;
 pub mod config;
-pub mod gateway;
+mod gateway;
 mod health;
-pub mod limits;
-pub mod metrics;
+mod limits;
+mod metrics;
 mod process;
 pub mod reload;
-pub mod runtime;
+mod runtime;
 pub mod server;
 mod stats;
-pub mod xmlrpc;
+mod xmlrpc;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
@@ -41,18 +43,18 @@ use runtime::Generation;
 pub struct Shared {
     /// The config in force and its live state; swapped whole, never edited
     /// in place.
-    pub current: ArcSwap<Generation>,
-    pub metrics: metrics::Metrics,
+    pub(crate) current: ArcSwap<Generation>,
+    pub(crate) metrics: metrics::Metrics,
     /// Where the config comes from, for reloads.
-    pub paths: config::Paths,
+    pub(crate) paths: config::Paths,
     /// `[server]` as read at start: what the running listeners are.
-    pub started: config::Server,
+    pub(crate) started: config::Server,
     /// Bearer token required by the admin POST endpoints, if set.
-    pub admin_token: Option<String>,
+    pub(crate) admin_token: Option<String>,
     /// Outcome of the last reload.
-    pub last_reload: Mutex<Option<reload::LastReload>>,
+    pub(crate) last_reload: Mutex<Option<reload::LastReload>>,
     /// Whether the config files are watched for changes.
-    pub watching: AtomicBool,
+    pub(crate) watching: AtomicBool,
     /// Requests per tier, for `/status`.
     pub(crate) tier_stats: stats::TierStats,
     reload_lock: Mutex<()>,
@@ -84,7 +86,7 @@ impl Shared {
     /// Makes `config` the config in force, with the live state the
     /// carry-over rules keep (`runtime`); returns its generation number.
     /// Requests in flight finish on the generation they started with.
-    pub fn install(&self, config: config::Config) -> u64 {
+    pub(crate) fn install(&self, config: config::Config) -> u64 {
         let next = Generation::next(config, Some(&self.current.load()), &self.metrics);
         let number = next.number;
         self.current.store(std::sync::Arc::new(next));
@@ -93,12 +95,12 @@ impl Shared {
     }
 
     /// Generation of the config in force: 1 at start, +1 per reload.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.current.load().number
     }
 
     /// Once a second: per-tier rates for `/status`, idle rate-limit keys out.
-    pub fn upkeep(&self) {
+    pub(crate) fn upkeep(&self) {
         self.tier_stats.sample();
         self.current.load().limiters.evict_idle();
     }

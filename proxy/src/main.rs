@@ -91,8 +91,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files } => match config::load(&paths(files)) {
-            Ok(snapshot) => {
-                println!("ok: {}", snapshot.summary());
+            Ok(config) => {
+                println!("ok: {}", config.summary());
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -106,7 +106,7 @@ fn main() -> ExitCode {
             upgrade,
         } => {
             let paths = paths(files);
-            let snapshot = match config::load(&paths) {
+            let config = match config::load(&paths) {
                 Ok(s) => s,
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -116,10 +116,10 @@ fn main() -> ExitCode {
             };
             init_logs(log_format);
             tracing::info!(
-                listen = ?snapshot.server.listen,
-                admin = %snapshot.server.admin,
+                listen = ?config.server.listen,
+                admin = %config.server.admin,
                 "{}",
-                snapshot.summary()
+                config.summary()
             );
             let sighup = match proxy::reload::sighup_flag() {
                 Ok(flag) => flag,
@@ -131,13 +131,13 @@ fn main() -> ExitCode {
             let admin_token = std::env::var("K2PROXY_ADMIN_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty());
-            if !snapshot.server.admin.ip().is_loopback() && admin_token.is_none() {
+            if !config.server.admin.ip().is_loopback() && admin_token.is_none() {
                 tracing::warn!(
-                    admin = %snapshot.server.admin,
+                    admin = %config.server.admin,
                     "the admin listener is not on loopback and no K2PROXY_ADMIN_TOKEN is set: anyone who reaches it can reload the config"
                 );
             }
-            let shared = Arc::new(Shared::new(snapshot, paths.clone(), admin_token));
+            let shared = Arc::new(Shared::new(config, paths.clone(), admin_token));
             server::build(shared, &RunOptions { upgrade, sighup }).run_forever()
         }
     }

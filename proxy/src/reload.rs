@@ -1,12 +1,11 @@
 //! Hot reload: a file change (debounced, editor-safe), SIGHUP or
 //! `POST /reload` re-reads `routes.toml` and the policy it names, checks
-//! everything, and swaps one generation (config and live state, built by
-//! [`crate::runtime`]). A bad file changes nothing:
-//! the running config keeps serving, the error (file, line, column) is
-//! logged, counted and shown in `/status`. Admission state carries over by
-//! (cluster, site) name ([`crate::admission::Registry`]). Listeners, the
-//! admin address and threads are read at start only: a change to them is
-//! reported as needing a restart, and the rest still applies.
+//! everything, and swaps one generation: the config with its live state,
+//! built by [`crate::runtime`], whose carry-over rules keep what was learned
+//! (by name). A bad file changes nothing: the running config keeps serving,
+//! the error (file, line, column) is logged, counted and shown in `/status`.
+//! Listeners, the admin address and threads are read at start only: a change
+//! to them is reported as needing a restart, and the rest still applies.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,7 +89,7 @@ fn unix_ms() -> u64 {
 }
 
 impl Shared {
-    /// Re-reads and checks both files; on success swaps the snapshot and
+    /// Re-reads and checks both files; on success swaps the generation and
     /// returns the new generation. Reloads run one at a time.
     pub fn reload(&self, trigger: Trigger) -> Result<u64, ConfigErrors> {
         let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -106,13 +105,13 @@ impl Shared {
             generation: 0,
         };
         let outcome = match result {
-            Ok(snapshot) => {
-                last.restart_needed = restart_needed(&self.started, &snapshot.server);
+            Ok(config) => {
+                last.restart_needed = restart_needed(&self.started, &config.server);
                 for r in &last.restart_needed {
                     tracing::warn!(setting = %r, "config reload: needs a restart to take effect");
                 }
-                let policy = snapshot.policy_path.display().to_string();
-                let generation = self.install(snapshot);
+                let policy = config.policy_path.display().to_string();
+                let generation = self.install(config);
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(?trigger, generation, %policy, "config reloaded");
                 Ok(generation)

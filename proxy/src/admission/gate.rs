@@ -192,11 +192,8 @@ impl<W> Gate<W> {
     /// at the backend's knee either way (lower tiers held back show lower
     /// latency, so it grows by the headroom): no goodput is lost while other
     /// traffic fills the backend. A fixed limit is the operator's exact
-    /// capacity; slots kept free there would stay idle. At 3x load on 16
-    /// workers × 20 ms, ten interleaved runs: purchase p99 median 38.4 ms
-    /// with the headroom, 46.0 ms without, HAProxy's priority queue with
-    /// `maxconn` at the exact worker count 44.6 ms; goodput 0.94 of capacity
-    /// both ways (docs/benchmarks.md).
+    /// capacity; slots kept free there would stay idle. Measured in
+    /// docs/benchmarks.md, "Tuning the controllers".
     fn headroom(&self) -> u32 {
         if self.limit.is_adaptive() && self.rules.tiers.iter().any(|t| t.never_shed) {
             (f64::from(self.limit.current()).sqrt() / 2.0).round() as u32

@@ -49,24 +49,17 @@ const PROBE_EVERY: Duration = Duration::from_secs(5);
 const PROBE_WINDOWS: u8 = 2;
 /// Requests the limit lets wait at the backend, in units of √limit.
 ///
-/// Every request queued there adds to every purchase's latency, since the
-/// backend serves first come, first served: at 3x load on 16 workers x 20 ms,
-/// 0.6 gave a purchase p99 of 48-64 ms, 0.3 gives 39-51 ms, median 45, over
-/// ten runs (HAProxy's priority queue with `maxconn` at the exact worker
-/// count, side by side: 39-46 ms, median 44), with the same goodput (0.94 of
-/// capacity). 0 leaves workers idle between a completion and the next
-/// dispatch, and the limit then swung wide (one run in three: purchase p99
-/// 127 ms, goodput 0.82).
+/// Every request queued there adds to every purchase's latency (the backend
+/// serves first come, first served), but none at all leaves workers idle
+/// between a completion and the next dispatch and makes the limit swing.
+/// How 0.3 was chosen: docs/benchmarks.md, "Tuning the controllers".
 const QUEUE_ALLOWANCE: f64 = 0.3;
 /// Latency, in seconds, above the baseline that is not worth a smaller limit:
 /// a backend that answers in 200 µs alone or in 700 µs with 30 others is not
-/// overloaded — it shares CPUs with its clients — and a limit cut to `min`
-/// there only moves the wait into our queue, at a cost (measured: 0.61 of
-/// bare pingora's throughput without it). It is also latency every purchase
-/// may pay in the backend's queue (1 ms is 0.8 requests waiting there in
-/// front of 16 workers x 20 ms), but less is not safe: with 0.5 ms the limit
-/// in front of the sub-ms backend swung between 9 and 63 (0.87 of bare
-/// pingora's throughput with 0.3 ms).
+/// overloaded (it shares CPUs with its clients), and a limit cut to `min`
+/// there only moves the wait into our queue. It is also latency a purchase
+/// may pay in the backend's queue, so it is kept as small as is stable
+/// (docs/benchmarks.md, "Tuning the controllers").
 const SLACK: f64 = 0.001;
 /// Standard errors of the window mean that count as noise, not queueing.
 const NOISE_ALLOWANCE: f64 = 2.0;

@@ -141,9 +141,8 @@ impl ShedLevel {
                 .is_none_or(|r| now.duration_since(r) >= URGENT_GAP)
         {
             // In proportion to the queue's age, as a window's rise, up to
-            // half a tier: a whole half tier at once overshot at 2x, where
-            // the admitted tiers are exactly the backend's capacity and a
-            // short standing queue is only Poisson noise.
+            // half a tier: when the admitted tiers are exactly the backend's
+            // capacity, a short standing queue is only Poisson noise.
             let over = (standing.as_secs_f64() / (2.0 * self.target.as_secs_f64())) as u32;
             self.rise(now, over.clamp(1, STEPS / 2));
         }
@@ -168,8 +167,7 @@ impl ShedLevel {
         }
         self.steps = (self.steps + steps).min(self.max_steps);
         // One flap is a fall and the first rise after it: the urgent rises
-        // that follow within milliseconds are the same flap, and doubling
-        // for each of them held the level up for the full 2 s.
+        // that follow within milliseconds are the same flap.
         let flap = self.last_fall.is_some_and(|f| {
             at.duration_since(f) < FLAP_WINDOW && self.last_rise.is_none_or(|r| r < f)
         });

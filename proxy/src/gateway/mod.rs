@@ -29,19 +29,19 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::admission::Sample;
 use crate::Shared;
-pub use ctx::{Admitted, Ctx, Routed};
+pub(crate) use ctx::Ctx;
 use headers::{client_ip, forwarded_for, name, RequestId, X_FORWARDED_FOR};
-pub use headers::{X_FORWARDED_FOR as FORWARDED_FOR, X_K2_TIER};
-pub use reply::{Failure, Outcome, Reply, X_K2_SHED, X_REQUEST_ID};
+pub(crate) use reply::Outcome;
+use reply::{Failure, Reply};
 use retry::{Attempt, RetryReason, Stage};
 
 /// The proxy logic; one per process, shared by every request.
-pub struct Gateway {
+pub(crate) struct Gateway {
     shared: Arc<Shared>,
 }
 
 impl Gateway {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Gateway { shared }
     }
 

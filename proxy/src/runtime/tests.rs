@@ -23,6 +23,15 @@ burst = 1
 
 /// A config with two sites (`skondal`, then `site_b`) and routes in `order`.
 fn config_with(policy_extra: &str, site_b: &str, order: [&str; 2]) -> Config {
+    config_full(
+        policy_extra,
+        site_b,
+        order,
+        r#"["127.0.0.1:2", "127.0.0.1:4"]"#,
+    )
+}
+
+fn config_full(policy_extra: &str, site_b: &str, order: [&str; 2], primary: &str) -> Config {
     let route = |name: &str| {
         format!("[[routes]]\nname = \"{name}\"\nmatch = {{ path_prefix = \"/{name}/\" }}\ntier = \"purchase\"\ncluster = \"kred\"\n")
     };
@@ -33,7 +42,7 @@ listen = ["127.0.0.1:1"]
 [[clusters.kred.sites]]
 name = "skondal"
 role = "primary"
-backends = ["127.0.0.1:2", "127.0.0.1:4"]
+backends = {primary}
 [[clusters.kred.sites]]
 name = "{site_b}"
 role = "secondary"
@@ -213,8 +222,17 @@ fn backend_health_is_kept_by_site_name_and_address() {
     };
     assert!(usable(&first, 0).contains(&(down, false)));
 
-    let second = Generation::next(config("", "verizon"), Some(&first), &m);
+    // The same backends in another order, and a new one: health follows
+    // the address, not the position; the new backend is not yet down.
+    let reordered = r#"["127.0.0.1:5", "127.0.0.1:4", "127.0.0.1:2"]"#;
+    let second = Generation::next(
+        config_full("", "verizon", ["checkout", "api"], reordered),
+        Some(&first),
+        &m,
+    );
     assert!(usable(&second, 0).contains(&(down, false)), "still down");
+    let new: SocketAddr = "127.0.0.1:5".parse().unwrap();
+    assert!(usable(&second, 0).contains(&(new, true)));
     let other: SocketAddr = "127.0.0.1:4".parse().unwrap();
     assert!(usable(&second, 0).contains(&(other, true)));
 }
