@@ -23,7 +23,9 @@ results/peers-<stamp>.md and .json.
 usage: bench_peers.py [overhead] [instructions] [overload] [failover]     (default: all)
 env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), RATE (4000),
        LOADS (overload multiples, "1,2,3,5"), VARIANTS (overload proxies,
-       "k2proxy,haproxy priority,nginx")
+       "k2proxy,haproxy priority,nginx"), K2PROXY_B (a second k2proxy binary, say
+       a build before a change: run as "k2proxy B" beside "k2proxy" in the
+       overload and failover phases)
 """
 
 import json
@@ -50,7 +52,11 @@ DURATION = os.environ.get("DURATION", "8s")
 OVERLOAD_DURATION = os.environ.get("OVERLOAD_DURATION", "10s")
 RATE = int(os.environ.get("RATE", "4000"))
 LOADS = [int(x) for x in os.environ.get("LOADS", "1,2,3,5").split(",")]
-VARIANTS = os.environ.get("VARIANTS", "k2proxy,haproxy priority,nginx").split(",")
+# K2PROXY_B: another k2proxy binary (a build before a change), run as the
+# variant "k2proxy B" beside "k2proxy" in every phase: an A/B in one run.
+K2PROXY_B = os.environ.get("K2PROXY_B")
+VARIANTS = os.environ.get(
+    "VARIANTS", "k2proxy," + ("k2proxy B," if K2PROXY_B else "") + "haproxy priority,nginx").split(",")
 THREADS = 2
 WORK = tempfile.mkdtemp(prefix="k2bench-")
 PROCS = []
@@ -126,7 +132,7 @@ def fault(ctl, mode):
 
 # --- the peers -------------------------------------------------------------
 
-def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wrap=()):
+def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wrap=(), binary=None):
     """The repo's routes.toml and default policy, pointed at the bench's ports."""
     port, admin = free_port(), free_port()
     routes = open(f"{REPO}/routes.toml").read()
@@ -152,7 +158,7 @@ def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wra
     open(rpath, "w").write(routes)
     env = dict(os.environ, RUST_LOG="warn")
     out = open(os.path.join(WORK, f"k2proxy-{port}.log"), "ab")
-    p = subprocess.Popen([*wrap, f"{BIN}/k2proxy", "run", "--routes", rpath], stdout=out, stderr=out,
+    p = subprocess.Popen([*wrap, binary or f"{BIN}/k2proxy", "run", "--routes", rpath], stdout=out, stderr=out,
                          stdin=subprocess.DEVNULL, env=env)
     PROCS.append(p)
     wait_http(f"http://127.0.0.1:{admin}/healthz")
@@ -455,6 +461,8 @@ def overload():
                 sp, sim_port, _ = sim(workers, service, "legacy")
                 if v == "k2proxy":
                     pp, port = k2proxy([sim_port])
+                elif v == "k2proxy B":
+                    pp, port = k2proxy([sim_port], binary=K2PROXY_B)
                 elif v == "haproxy priority":
                     pp, port = haproxy([sim_port], maxconn=workers, priority=True)
                 else:
@@ -498,15 +506,16 @@ def overload():
 
 def failover():
     log("== failover: primary refuses connections at 5 s under 200 purchases/s")
-    variants = ["k2proxy", "haproxy backup", "nginx backup"]
+    variants = ["k2proxy"] + (["k2proxy B"] if K2PROXY_B else []) + ["haproxy backup", "nginx backup"]
     runs = []
     for rnd in range(1, ROUNDS + 1):
         for v in variants:
             p1, port1, ctl1 = sim(64, "5ms", "p1", control=True)
             p2, port2, ctl2 = sim(64, "5ms", "p2", control=True)
             s1, sport, _ = sim(64, "5ms", "s1")
-            if v == "k2proxy":
-                pp, port = k2proxy([port1, port2], secondary=[sport])
+            if v.startswith("k2proxy"):
+                binary = K2PROXY_B if v == "k2proxy B" else None
+                pp, port = k2proxy([port1, port2], secondary=[sport], binary=binary)
             elif v == "haproxy backup":
                 pp, port = haproxy([port1, port2], backup=[sport], check="1s")
             else:

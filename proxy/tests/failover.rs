@@ -351,6 +351,19 @@ async fn a2_refused_connects_are_retried_beyond_the_retry_budget() {
     assert!(ps.iter().all(|p| p.sim.as_deref() == Some("s1")));
     let (retries, requests) = retries(&proxy).await;
     println!("a2. retries {retries} of {requests} requests, budget 1%");
+    // Each purchase tried both primaries, then moved to the secondary once.
+    let m = proxy.metrics().await;
+    let moved = metric_sum(
+        &m,
+        r#"k2_cross_site_retries_total{cluster="main",from="primary",to="secondary"}"#,
+    );
+    assert_eq!(
+        moved as usize,
+        ps.len(),
+        "one cross-site retry per purchase"
+    );
+    let line = proxy.log_line("tries=3").await;
+    assert!(line.contains(r#"site="secondary""#), "{line}");
     assert!(
         retries >= 200,
         "two refused connects per purchase: {retries}"
@@ -459,6 +472,22 @@ async fn f_spill_uses_the_idle_secondary_when_the_primary_is_saturated() {
             ok * 100.0
         );
         success.push(ok);
+        // Every request served by the secondary got there by spilling, and
+        // is counted so (the series exists at 0 either way).
+        let m = s.proxy.metrics_when("k2_spills_total").await;
+        let spills = metric_sum(
+            &m,
+            r#"k2_spills_total{cluster="main",from="primary",to="secondary"}"#,
+        );
+        println!("f. spill {spill}: k2_spills_total {spills}");
+        if spill {
+            assert!(
+                spills >= on_secondary as f64 && on_secondary > 0,
+                "{spills} spills counted, {on_secondary} served by the secondary"
+            );
+        } else {
+            assert_eq!(spills, 0.0, "no spill without `spill = true`");
+        }
         assert_no_duplicates(&s);
     }
     assert!(

@@ -177,7 +177,7 @@ impl ProxyHttp for Gateway {
                 format!("cluster {}: no backend left to try", cluster.name),
             );
         };
-        if ctx.tries.site != Some(site) {
+        if ctx.tries.site != Some(site) && !ctx.tries.tried.is_empty() {
             let labels = [
                 cluster.name.as_str(),
                 ctx.site_name(),
