@@ -24,6 +24,17 @@ pub struct Routed {
     pub cluster: ClusterId,
 }
 
+impl Routed {
+    /// Route `index`, `route`, with its own tier.
+    pub fn to(index: usize, route: &crate::classify::Route) -> Routed {
+        Routed {
+            route: index,
+            tier: route.tier,
+            cluster: route.cluster,
+        }
+    }
+}
+
 /// The admit stage's result.
 #[derive(Debug)]
 pub struct Admitted {

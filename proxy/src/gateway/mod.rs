@@ -386,7 +386,7 @@ impl ProxyHttp for Gateway {
             tracing::debug!(error = %write_err, "could not write the error response");
         }
         FailToProxy {
-            error_code: if code == 0 { 502 } else { code },
+            error_code: code,
             can_reuse_downstream: false,
         }
     }

@@ -63,18 +63,16 @@ impl Gateway {
         ctx: &mut Ctx,
         gen: &Generation,
     ) -> Result<Routed, Reply> {
-        let routes = &gen.config.routes;
-        let found = match routes.classify_body(&view(session), BodyView::Unread) {
-            Classification::Route(i, r) => Some((i, r.tier, r.cluster)),
+        let found = match gen
+            .config
+            .routes
+            .classify_body(&view(session), BodyView::Unread)
+        {
+            Classification::Route(i, r) => Some(Routed::to(i, r)),
             Classification::NoRoute => None,
             Classification::NeedsBody(i) => self.route_by_body(session, ctx, gen, i).await?,
         };
-        let (route, tier, cluster) = found.ok_or(Reply::NoRoute)?;
-        Ok(Routed {
-            route,
-            tier,
-            cluster,
-        })
+        found.ok_or(Reply::NoRoute)
     }
 
     /// Reads the body for route `i`'s XML-RPC method and classifies again;
@@ -86,7 +84,7 @@ impl Gateway {
         ctx: &mut Ctx,
         gen: &Generation,
         i: usize,
-    ) -> Result<Option<(usize, crate::classify::TierId, crate::classify::ClusterId)>, Reply> {
+    ) -> Result<Option<Routed>, Reply> {
         let routes = &gen.config.routes;
         let Some(first) = routes.get(i) else {
             return Ok(None);
@@ -130,7 +128,7 @@ impl Gateway {
         };
         counter(&label);
         ctx.xmlrpc = Some(label);
-        Ok(found.map(|(j, r)| (j, r.tier, r.cluster)))
+        Ok(found.map(|(j, r)| Routed::to(j, r)))
     }
 }
 
