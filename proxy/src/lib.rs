@@ -1,13 +1,13 @@
 //! k2proxy: the load-shedding front tier of a payment checkout, on pingora.
 //!
 //! A request meets the stages in the order of the modules below: [`config`]
-//! is the checked configuration (pure data) and [`runtime`] the live state
-//! built for it, together one [`runtime::Generation`] that [`reload`] swaps;
-//! [`gateway`] (pingora's `ProxyHttp`) runs the request through its stages
-//! (route with [`classify`], rate limit with [`limits`], choose a site with
+//! is the checked configuration (pure data) and `runtime` the live state
+//! built for it, together one `runtime::Generation` that [`reload`] swaps;
+//! `gateway` (pingora's `ProxyHttp`) runs the request through its stages
+//! (route with [`classify`], rate limit with `limits`, choose a site with
 //! the `failover` crate, admit with [`admission`]) and answers every request
-//! it refuses with one [`gateway::Reply`]; [`metrics`] and the access log
-//! record it, and [`admin`] serves `/metrics`, `/status`, the status page
+//! it refuses with one `gateway::Reply`; `metrics` and the access log
+//! record it, and `admin` serves `/metrics`, `/status`, the status page
 //! and `/reload`. The binary (`main.rs`) wires them into a pingora server.
 //! Start with `docs/concepts.md`; the files ops edit are described in
 //! `docs/routes.md` and `docs/policy.md`.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use loadtest::sim::lognormal_factor;
 use proxy::admission::gate::{Decision, Gate, ShedReason};
+use proxy::admission::limit::next_probe;
 use proxy::admission::{rules_for, Sample};
 use proxy::config::{self, Paths};
 use serde::Deserialize;
@@ -137,6 +138,8 @@ struct PhaseStats {
     limits: Vec<u32>,
     /// The sum of the running instances' limits, every sample.
     limit_sums: Vec<u32>,
+    /// Each running instance's learned baseline, ms, every sample.
+    baselines: Vec<f64>,
     /// Requests waiting inside the backend (its own FIFO), every sample.
     backend_queue: Vec<usize>,
     levels: Vec<f64>,
@@ -192,7 +195,9 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             .unwrap_or_else(|| panic!("unknown tier {name}"))
     };
 
-    let base = Instant::now();
+    // Virtual time 0 on a probe boundary of the wall clock, as every
+    // instance sees it: a run does not depend on when it is made.
+    let base = next_probe(Instant::now());
     let at = |t: u64| base + Duration::from_micros(t);
     let us = |secs: f64| (secs * US as f64) as u64;
     let mut fleet: Vec<Instance> = (0..s.fleet.proxies.max(1))
@@ -412,6 +417,9 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                         continue;
                     };
                     stats[ph].limits.push(g.limit());
+                    if let Some(b) = g.baseline() {
+                        stats[ph].baselines.push(b.as_secs_f64() * 1000.0);
+                    }
                     sum += g.limit();
                     g.refused(0, at(now)); // advances the shed-level windows
                     stats[ph].levels.push(g.shed_level());
@@ -524,6 +532,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
             let sums: Vec<f64> = st.limit_sums.iter().map(|&x| f64::from(x)).collect();
             m.insert("limit_sum_mean".into(), mean(&sums));
+            m.insert("baseline_mean_ms".into(), mean(&st.baselines));
             m.insert(
                 "limit_sum_max".into(),
                 sums.iter().copied().fold(0.0, f64::max),

@@ -141,6 +141,11 @@ impl<W> Gate<W> {
         self.shed_covered_waiters(None);
     }
 
+    /// The uncongested latency the limit learned, if adaptive.
+    pub fn baseline(&self) -> Option<Duration> {
+        self.limit.baseline()
+    }
+
     pub fn limit(&self) -> u32 {
         self.limit.current()
     }
@@ -314,6 +319,7 @@ impl<W> Gate<W> {
         if let Some(rule) = self.rules.tiers.get(tier) {
             let ahead = self.queue.ahead_of(tier);
             if rule.never_shed
+                && !self.limit.probing()
                 && self
                     .standing
                     .refuse(now, ahead, self.rules.target_queue_delay, rule.max_wait)
@@ -373,7 +379,7 @@ impl<W> Gate<W> {
         self.count_in(tier);
         let waited = now.duration_since(w.enqueued);
         let rule = &self.rules.tiers[tier];
-        if rule.never_shed {
+        if rule.never_shed && !self.limit.probing() {
             let bound = self
                 .standing
                 .bound(self.rules.target_queue_delay, rule.max_wait);

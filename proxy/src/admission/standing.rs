@@ -16,11 +16,11 @@
 use std::time::{Duration, Instant};
 
 /// Service times a never-shed request may expect to wait.
-const SERVICE_TIMES: f64 = 2.0;
+const SERVICE_TIMES: f64 = 3.0;
 /// How long never-shed waiters must have been granted past the bound before
 /// newcomers are refused: a burst is absorbed, a standing queue is not
 /// (CoDel's interval).
-const INTERVAL: Duration = Duration::from_millis(100);
+const INTERVAL: Duration = Duration::from_millis(250);
 /// A queue that stood this recently counts as standing again as soon as a
 /// waiter is granted past the bound, without a new [`INTERVAL`] (CoDel
 /// resumes dropping the same way): otherwise each interval lets the excess
@@ -132,35 +132,35 @@ mod tests {
 
     #[test]
     fn refuses_once_the_queue_stands_and_the_expected_wait_passes_the_bound() {
-        // 1 ms between releases, 20 ms at the backend: the bound is 40 ms.
+        // 1 ms between releases, 20 ms at the backend: the bound is 60 ms.
         let mut s = fed(MS, 20 * MS);
         let (target, max) = (20 * MS, 2000 * MS);
         let bound = s.bound(target, max);
-        assert_eq!(bound, 40 * MS);
+        assert_eq!(bound, 60 * MS);
         let t0 = Instant::now();
-        assert!(!s.refuse(t0, 45, target, max), "a burst, not yet standing");
-        s.on_grant(t0, 50 * MS, bound);
-        let later = t0 + 100 * MS;
-        s.on_grant(later, 50 * MS, bound);
-        assert!(!s.refuse(later, 30, target, max), "31 ms expected");
-        assert!(s.refuse(later, 45, target, max), "46 ms expected");
+        assert!(!s.refuse(t0, 65, target, max), "a burst, not yet standing");
+        s.on_grant(t0, 70 * MS, bound);
+        let later = t0 + INTERVAL;
+        s.on_grant(later, 70 * MS, bound);
+        assert!(!s.refuse(later, 50, target, max), "51 ms expected");
+        assert!(s.refuse(later, 65, target, max), "66 ms expected");
         // A waiter granted within the bound: not standing any more.
         s.on_grant(later, 10 * MS, bound);
-        assert!(!s.refuse(later, 45, target, max));
-        s.on_grant(later, 50 * MS, bound);
+        assert!(!s.refuse(later, 65, target, max));
+        s.on_grant(later, 70 * MS, bound);
         assert!(
-            s.refuse(later + 50 * MS, 45, target, max),
+            s.refuse(later + 50 * MS, 65, target, max),
             "standing again at once: it stood within the last second"
         );
         assert!(!s.refuse(later + 200 * MS, 0, target, max), "nobody ahead");
         assert!(
-            !s.refuse(later + 300 * MS, 45, target, max),
+            !s.refuse(later + 300 * MS, 65, target, max),
             "the empty queue reset it"
         );
         let much_later = later + 5000 * MS;
-        s.on_grant(much_later, 50 * MS, bound);
+        s.on_grant(much_later, 70 * MS, bound);
         assert!(
-            !s.refuse(much_later + 50 * MS, 45, target, max),
+            !s.refuse(much_later + 50 * MS, 65, target, max),
             "long after: a burst again, until it stands for an interval"
         );
     }
