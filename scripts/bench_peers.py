@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -548,6 +549,118 @@ def failover():
     return runs, md
 
 
+def l4(ports):
+    """HAProxy in TCP mode, round-robin over `ports`: the L4 balancer in
+    front of a fleet (per connection, as keepalived/IPVS or an NLB)."""
+    port = free_port()
+    d = os.path.join(WORK, f"l4-{port}")
+    os.makedirs(d, exist_ok=True)
+    servers = "".join(f"  server i{i} 127.0.0.1:{p}\n" for i, p in enumerate(ports))
+    conf = f"""global
+  nbthread {THREADS}
+  maxconn 20000
+defaults
+  mode tcp
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  balance roundrobin
+{servers}"""
+    path = os.path.join(d, "haproxy.cfg")
+    open(path, "w").write(conf)
+    p = start(["haproxy", "-db", "-f", path], f"l4-{port}")
+    wait_http(f"http://127.0.0.1:{port}/checkout/x", ok=lambda s: True)
+    return p, port
+
+
+def admission_limits(admins):
+    """Each k2proxy's admission limit of the serving site, from /status."""
+    out = []
+    for a in admins:
+        try:
+            s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{a}/status", timeout=2))
+            out.append(s["clusters"][0]["sites"][0]["limit"])
+        except (OSError, ValueError, KeyError, IndexError):
+            out.append(None)
+    return out
+
+
+FLEET_SIZES = [int(x) for x in os.environ.get("FLEET_SIZES", "1,2,3").split(",")]
+FLEET_LOADS = [int(x) for x in os.environ.get("FLEET_LOADS", "3,5").split(",")]
+
+
+def fleet():
+    """N k2proxy instances behind an L4 balancer in front of one backend,
+    against N HAProxy instances with priority classes and maxconn = workers / N
+    (the oracle that knows the worker count)."""
+    workers, service = int(os.environ.get("FLEET_WORKERS", "8")), os.environ.get("FLEET_SERVICE", "10ms")
+    capacity = workers / (float(service.rstrip("ms")) / 1000) * 0.9
+    log(f"== fleet: legacy-sim {workers} workers x {service} (capacity ~{capacity:.0f}/s), "
+        f"instances {FLEET_SIZES}, loads {FLEET_LOADS}x")
+    runs = []
+    for load in FLEET_LOADS:
+        for rnd in range(1, ROUNDS + 1):
+            for n in FLEET_SIZES:
+                for v in ("k2proxy", "haproxy priority"):
+                    sp, sim_port, _ = sim(workers, service, "legacy")
+                    procs, ports, admins = [], [], []
+                    for _ in range(n):
+                        if v == "k2proxy":
+                            p, port = k2proxy([sim_port])
+                            admins.append(int(re.search(r'admin = "127.0.0.1:(\d+)"', open(
+                                os.path.join(WORK, f"routes-{port}.toml")).read()).group(1)))
+                        else:
+                            p, port = haproxy([sim_port], maxconn=max(1, workers // n), priority=True)
+                        procs.append(p)
+                        ports.append(port)
+                    lb, lb_port = l4(ports)
+                    limits = []
+                    stop_sampling = threading.Event()
+
+                    def sample():
+                        while not stop_sampling.wait(1.0):
+                            limits.append(admission_limits(admins))
+                    t = threading.Thread(target=sample, daemon=True)
+                    t.start()
+                    r = run_scenario(scenario_file(load, capacity, OVERLOAD_DURATION), f"http://127.0.0.1:{lb_port}")
+                    stop_sampling.set()
+                    t.join()
+                    for p in [lb, *procs, sp]:
+                        stop(p)
+                    tt = {x["name"]: x for x in r["targets"]}
+                    a = r["all"]["outcomes"]
+                    row = {"load": load, "instances": n, "variant": v, "round": rnd,
+                           "purchase_success": tt["purchase"]["success"],
+                           "purchase_p50_ms": tt["purchase"]["ok_ms"]["p50"],
+                           "purchase_p99_ms": tt["purchase"]["ok_ms"]["p99"],
+                           "goodput_share": a["ok"] / (capacity * r["elapsed_s"]),
+                           "limits": limits}
+                    runs.append(row)
+                    seen = [x for ls in limits[len(limits) // 2:] for x in ls if x is not None]
+                    log(f"{load}x {n} x {v:<17} purchase {row['purchase_success']*100:6.2f}% "
+                        f"p50 {row['purchase_p50_ms']:6.1f} p99 {row['purchase_p99_ms']:7.1f} ms, "
+                        f"goodput {row['goodput_share']:.2f}x, limits {min(seen, default='-')}..{max(seen, default='-')}")
+                    time.sleep(0.3)
+    md = [f"### Fleet (legacy-sim {workers} workers x {service}, ~{capacity:.0f} req/s; N instances behind an "
+          f"L4 round-robin balancer; open loop {OVERLOAD_DURATION} per run; holiday mix; median of {ROUNDS} rounds)", "",
+          "| load | instances | proxy | purchase ok | purchase p50 ms | purchase p99 ms | goodput / capacity | per-instance limit (second half) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for load in FLEET_LOADS:
+        for n in FLEET_SIZES:
+            for v in ("k2proxy", "haproxy priority"):
+                rs = [r for r in runs if r["load"] == load and r["instances"] == n and r["variant"] == v]
+                seen = [x for r in rs for ls in r["limits"][len(r["limits"]) // 2:] for x in ls if x is not None]
+                lim = f"{min(seen)}-{max(seen)}" if seen else f"maxconn {max(1, workers // n)}"
+                md.append(f"| {load}x | {n} | {v} | {med([r['purchase_success'] for r in rs]) * 100:.1f}% | "
+                          f"{med([r['purchase_p50_ms'] for r in rs]):.0f} | {med([r['purchase_p99_ms'] for r in rs]):.0f} | "
+                          f"{med([r['goodput_share'] for r in rs]):.2f} | {lim} |")
+    return runs, md
+
+
 def main():
     phases = sys.argv[1:] or ["overhead", "instructions", "overload", "failover"]
     for tool in ("nginx", "haproxy", "wrk"):
@@ -560,7 +673,7 @@ def main():
     try:
         for phase in phases:
             data, md = {"overhead": overhead, "instructions": instructions, "overload": overload,
-                        "failover": failover}[phase]()
+                        "failover": failover, "fleet": fleet}[phase]()
             all_json[phase] = data
             all_md += md + [""]
             print("\n".join(md) + "\n", flush=True)

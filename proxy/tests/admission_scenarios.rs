@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use loadtest::sim::lognormal_factor;
 use proxy::admission::gate::{Decision, Gate, ShedReason};
-use proxy::admission::limit::next_probe;
 use proxy::admission::{rules_for, Sample};
 use proxy::config::{self, Paths};
 use serde::Deserialize;
@@ -195,9 +194,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             .unwrap_or_else(|| panic!("unknown tier {name}"))
     };
 
-    // Virtual time 0 on a probe boundary of the wall clock, as every
-    // instance sees it: a run does not depend on when it is made.
-    let base = next_probe(Instant::now());
+    let base = Instant::now();
     let at = |t: u64| base + Duration::from_micros(t);
     let us = |secs: f64| (secs * US as f64) as u64;
     let mut fleet: Vec<Instance> = (0..s.fleet.proxies.max(1))

@@ -258,7 +258,15 @@ async fn the_policy_file_can_be_switched_on_reload() {
     assert_eq!(cs_wait_ms(&s), 42);
     // The new policy file is now the one watched.
     proxy.write_file("peak.toml", &policy("43ms"));
-    let s = proxy.wait_reload(WITHIN).await;
+    // A routes.toml write seen as two events makes a second reload of the
+    // same files: wait for the one that read peak.toml's change (each wait
+    // fails the test if nothing new is applied within WITHIN).
+    let s = loop {
+        let s = proxy.wait_reload(WITHIN).await;
+        if cs_wait_ms(&s) != 42 {
+            break s;
+        }
+    };
     assert_eq!(cs_wait_ms(&s), 43);
 }
 

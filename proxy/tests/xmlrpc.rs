@@ -365,7 +365,10 @@ async fn at_three_times_capacity_purchase_methods_flow_and_listing_calls_are_she
     use loadtest::openloop::{self, Plan, Target};
     use loadtest::sim::{self, SimConfig};
     // 4 workers × 25 ms: 160 calls/s. Offer 480/s for 8 s, all to /xmlrpc:
-    // 30% purchases (add_invoice, reserve_amount), 70% listing calls.
+    // 20% purchases (add_invoice, reserve_amount: 0.6 of capacity, as in
+    // the holiday mix), 80% listing calls. (At 30%, purchases alone were 0.9
+    // of capacity: a CPU-starved debug build then has less than that, and
+    // purchases waited out their queue time with either controller.)
     let config = SimConfig::fixed("legacy", 4, Duration::from_millis(25));
     let sim = sim::start(config, "127.0.0.1:0".parse().unwrap())
         .await
@@ -381,9 +384,9 @@ async fn at_three_times_capacity_purchase_methods_flow_and_listing_calls_are_she
     };
     let report = openloop::run(Plan {
         targets: vec![
-            target("add_invoice", "add_invoice", 15.0),
-            target("reserve_amount", "reserve_amount", 15.0),
-            target("list_invoices", "list_invoices", 70.0),
+            target("add_invoice", "add_invoice", 10.0),
+            target("reserve_amount", "reserve_amount", 10.0),
+            target("list_invoices", "list_invoices", 80.0),
         ],
         rate: 480,
         duration: Duration::from_secs(8),

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use super::limit::{Limit, Sample};
 use super::queue::{TierQueue, Waiter};
 use super::shed_level::{Coverage, ShedLevel};
-use super::standing::Standing;
 
 /// Why a request was refused without reaching the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,8 +94,6 @@ pub struct Gate<W> {
     shed_waiters: Vec<W>,
     /// Draws which requests of a partly shed tier are refused.
     rng: fastrand::Rng,
-    /// Refuses never-shed newcomers that would wait in a standing queue.
-    standing: Standing,
 }
 
 impl<W> Gate<W> {
@@ -112,7 +109,6 @@ impl<W> Gate<W> {
             shed: ShedLevel::new(rules.target_queue_delay, sheddable.len() as u32, now),
             shed_waiters: Vec::new(),
             rng: fastrand::Rng::with_seed(0x6b32),
-            standing: Standing::default(),
             rules,
         };
         g.rank(sheddable);
@@ -316,17 +312,6 @@ impl<W> Gate<W> {
         handle: W,
     ) -> Result<(Instant, Option<W>), ShedReason> {
         self.queue.purge_expired(now);
-        if let Some(rule) = self.rules.tiers.get(tier) {
-            let ahead = self.queue.ahead_of(tier);
-            if rule.never_shed
-                && !self.limit.probing()
-                && self
-                    .standing
-                    .refuse(now, ahead, self.rules.target_queue_delay, rule.max_wait)
-            {
-                return Err(ShedReason::QueueFull);
-            }
-        }
         let mut evicted = None;
         if self.queue.len() >= self.rules.max_queue {
             match self.queue.lowest_waiting() {
@@ -355,11 +340,6 @@ impl<W> Gate<W> {
             *n = n.saturating_sub(1);
         }
         self.limit.on_sample(now, sample, self.inflight + 1);
-        let latency = match sample {
-            Sample::Latency(d) => Some(d),
-            _ => None,
-        };
-        self.standing.on_release(now, latency);
         self.tick(now);
     }
 
@@ -377,15 +357,7 @@ impl<W> Gate<W> {
             .collect();
         let (tier, w) = self.queue.pop_highest(now, |t| caps[t])?;
         self.count_in(tier);
-        let waited = now.duration_since(w.enqueued);
-        let rule = &self.rules.tiers[tier];
-        if rule.never_shed && !self.limit.probing() {
-            let bound = self
-                .standing
-                .bound(self.rules.target_queue_delay, rule.max_wait);
-            self.standing.on_grant(now, waited, bound);
-        }
-        self.record_wait(now, waited);
+        self.record_wait(now, now.duration_since(w.enqueued));
         Some((tier, w.handle))
     }
 

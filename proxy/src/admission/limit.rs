@@ -2,42 +2,29 @@
 //!
 //! The adaptive limit is a gradient controller in the family of Netflix's
 //! Gradient2: it compares the backend's recent latency (`short`, the mean of
-//! one window of samples) with its uncongested latency (`baseline`), and
-//! settles where that latency is a goal: `baseline × (1 + QUEUE_DELAY) +
-//! tolerance`, just past the knee, where the backend is busy all the time
-//! but its own (first-come, first-served) queue, which no tier can jump,
-//! stays short. Above the goal the limit shrinks in proportion (towards
-//! `limit × goal / short`); below it, it grows by `QUEUE_ALLOWANCE × √limit`
-//! a window, and by `√limit` while there is no queueing at all. The
-//! tolerance is [`SLACK`] plus two standard errors of the mean of the window
-//! that set the baseline: a backend whose service time varies makes the
-//! minimum of window means low by about that much. Priority is applied in
-//! our queue, not in the backend's. Timeouts and backend 503s are
-//! congestion: the limit backs off multiplicatively.
+//! one window of samples) with its uncongested latency (`baseline`). Each
+//! window moves the limit towards `limit × (baseline + tolerance) / short +
+//! QUEUE_ALLOWANCE × √limit`, so it settles where a request or two wait
+//! inside the backend: just past the knee, where the backend is busy all
+//! the time but its own (first-come, first-served) queue, which no tier can
+//! jump, stays that short. The tolerance is [`SLACK`] plus two standard
+//! errors of the mean of the window that set the baseline: a backend whose
+//! service time varies makes the minimum of window means low by about that
+//! much, and without it the limit settled under the worker count (and,
+//! with one, ratcheted down to 7 for 16 workers once an overload ended).
+//! Priority is applied in our queue, not in the backend's. Timeouts and
+//! backend 503s are congestion: the limit backs off multiplicatively.
 //!
-//! **Fleets.** Several k2proxy instances share one backend and never talk.
-//! The goal is a latency, not a number of requests each instance may leave
-//! waiting, so N instances settle on the same short queue as one (a per-
-//! instance allowance of requests stacked N allowances); a proportional
-//! decrease and an equal increase converge to fair shares (AIMD, as in
-//! Swift). What makes the goal right is the baseline, and a baseline learned
-//! while other instances keep the backend's queue full is that queue: an
-//! instance that starts into an overload, or any instance whose probe did
-//! not drain the queue, learns an inflated latency and holds the fleet's
-//! queue up with it.
-//!
-//! So `baseline` is the lowest window mean since the last probe, and probes
-//! are made to drain the backend whatever the fleet's size. Every
-//! [`PROBE_EVERY`], on the multiples of that period on the wall clock (so
-//! every instance probes at the same moment, [`next_probe`]), the limit drops
-//! to [`PROBE_DEPTH`] of itself for [`PROBE_WINDOWS`] windows; the second
-//! window's latency becomes the baseline. If that latency fell as much as the
-//! in-flight did, the backend stayed saturated (its queue did not drain):
-//! the lower latency is kept and the probe is repeated on the next multiple
-//! of [`PROBE_AGAIN`], twice as deep, until the queue drains. This is BBR's
-//! ProbeRTT, synchronised by the clock instead of by the queue. Gradient2's
-//! long moving average instead follows the backend's own backlog up under
-//! sustained overload and lets the limit run away.
+//! `baseline` is the lowest window mean since the last probe. Every
+//! [`PROBE_EVERY`] the limit is lowered, for [`PROBE_WINDOWS`] windows, by
+//! everything the gradient lets wait (the queue allowance and the requests
+//! the tolerance admits): at the settling point that leaves every worker
+//! busy and drains the backend's queue, so the second window measures the
+//! backend's latency as it is now, and that becomes the baseline. This is
+//! BBR's ProbeRTT, scaled down to cost nothing at the knee. Gradient2's long
+//! moving average instead follows the backend's own backlog up under
+//! sustained overload and lets the limit run away; a minimum that only rises
+//! by drift does the same slowly when latency noise is small.
 //!
 //! A backend that really became slower shows the latency staying high however
 //! far the limit is cut, and is followed before the next probe: after
@@ -49,68 +36,23 @@
 //! starts, or overshot, far above the knee) and says nothing about the
 //! backend's speed.
 //!
-//! The limit starts at `initial` and moves from the first window on; it only
-//! grows while the site is using at least half of it, so an idle backend
-//! does not earn a huge limit. Measurements: docs/admission.md, "Fleets".
+//! There is no warm-up that measures a minimum RTT at low concurrency (as
+//! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
+//! from the first window on. The limit only grows while the site is using at
+//! least half of it, so an idle backend does not earn a huge limit.
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-/// How often the limit is lowered, for [`PROBE_WINDOWS`] windows, to
-/// measure the backend with its queue drained: on the multiples of this
-/// period on the wall clock ([`next_probe`]).
+/// How often the limit is lowered by the queue allowance, for
+/// [`PROBE_WINDOWS`] windows, to measure the backend with its queue drained.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 const PROBE_WINDOWS: u8 = 2;
-/// The share of the limit a probe keeps (halved for each repeat).
-const PROBE_DEPTH: f64 = 0.5;
-/// The deepest probe: the share below which it is not repeated.
-const PROBE_DEEPEST: f64 = 0.1;
-/// How soon a probe that found the backend still saturated is repeated
-/// (on the multiples of this period on the wall clock).
-const PROBE_AGAIN: Duration = Duration::from_millis(500);
-/// A probe's latency within this factor of "fell in proportion to the
-/// in-flight" means the backend stayed saturated.
-const SATURATED_MARGIN: f64 = 1.15;
-/// Queueing in the backend the limit settles at, as a share of the baseline
-/// latency (on top of the noise tolerance): a latency, not a number of
-/// requests, so that a fleet sharing a backend settles on the same short
-/// queue as one instance (see the module comment).
-const QUEUE_DELAY: f64 = 0.05;
-/// The first multiple of [`PROBE_EVERY`] on the wall clock after `now`.
+/// Requests the limit lets wait at the backend, in units of √limit.
 ///
-/// Instances of a fleet sharing a backend probe at the same moments (their
-/// clocks agree to NTP's milliseconds) without talking to each other: a
-/// probe drains the backend's queue only if every instance holds back at
-/// once, and one that probes alone while the others keep the queue full
-/// takes that queue for the backend's latency.
-pub fn next_probe(now: Instant) -> Instant {
-    next_multiple(now, PROBE_EVERY)
-}
-
-/// The first multiple of `period` on the wall clock after `now`.
-fn next_multiple(now: Instant, period: Duration) -> Instant {
-    static ANCHOR: OnceLock<(Instant, u128)> = OnceLock::new();
-    let (i0, wall0) = *ANCHOR.get_or_init(|| {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        (Instant::now(), wall)
-    });
-    let wall = match now.checked_duration_since(i0) {
-        Some(d) => wall0 + d.as_nanos(),
-        None => wall0.saturating_sub(i0.duration_since(now).as_nanos()),
-    };
-    let period = period.as_nanos().max(1);
-    let next = (wall / period + 1) * period;
-    now + Duration::from_nanos((next - wall) as u64)
-}
-
-/// Growth per window, in units of √limit, while the latency is between the
-/// baseline (with its tolerance) and the goal.
-///
-/// How 0.3 was chosen (as the queue allowance of the controller before
-/// the goal): docs/benchmarks.md, "Tuning the controllers".
+/// Every request queued there adds to every purchase's latency (the backend
+/// serves first come, first served), but none at all leaves workers idle
+/// between a completion and the next dispatch and makes the limit swing.
+/// How 0.3 was chosen: docs/benchmarks.md, "Tuning the controllers".
 const QUEUE_ALLOWANCE: f64 = 0.3;
 /// Latency, in seconds, above the baseline that is not worth a smaller limit:
 /// a backend that answers in 200 µs alone or in 700 µs with 30 others is not
@@ -183,12 +125,6 @@ impl Limit {
         }
     }
 
-    /// Whether a probe holds the limit down right now: waits it causes are
-    /// deliberate and brief, not a standing queue.
-    pub fn probing(&self) -> bool {
-        matches!(self, Limit::Adaptive(g) if g.probe.is_some())
-    }
-
     /// The limit in force, in requests.
     pub fn current(&self) -> u32 {
         match self {
@@ -249,10 +185,6 @@ pub struct Gradient {
     /// While probing: the limit to restore, the lowered limit in force, and
     /// the windows still to run.
     probe: Option<(f64, f64, u8)>,
-    /// The share of the limit the next probe keeps.
-    probe_depth: f64,
-    /// The mean latency of the last window before a probe.
-    last_short: Option<f64>,
 }
 
 impl Gradient {
@@ -276,10 +208,8 @@ impl Gradient {
             good_inflight: f64::INFINITY,
             probed: false,
             baseline_noise: 0.0,
-            probe_due: next_probe(now),
+            probe_due: now + PROBE_EVERY,
             probe: None,
-            probe_depth: PROBE_DEPTH,
-            last_short: None,
         }
     }
 
@@ -304,28 +234,7 @@ impl Gradient {
             .clamp(f64::from(bounds.min), f64::from(bounds.max));
     }
 
-    /// Lowers the limit to `probe_depth` of itself, now: the window that was
-    /// running is dropped, so that instances of a fleet whose probes are due
-    /// at the same moment lower together, not each at its next window.
-    fn start_probe(&mut self, now: Instant) {
-        self.reset_window(now);
-        let lowered = (self.limit * self.probe_depth).max(1.0);
-        self.probe = Some((self.limit, lowered, PROBE_WINDOWS));
-    }
-
-    fn reset_window(&mut self, now: Instant) {
-        self.window_start = now;
-        self.window_sum = 0.0;
-        self.window_sq = 0.0;
-        self.window_count = 0;
-        self.window_congested = 0;
-        self.window_max_inflight = 0;
-    }
-
     fn on_sample(&mut self, now: Instant, sample: Sample, inflight: u32) {
-        if self.probe.is_none() && now >= self.probe_due {
-            self.start_probe(now);
-        }
         match sample {
             Sample::Latency(d) => {
                 self.window_sum += d.as_secs_f64();
@@ -353,7 +262,12 @@ impl Gradient {
         });
         let inflight = f64::from(self.window_max_inflight);
         let busy = inflight >= self.limit / 2.0;
-        self.reset_window(now);
+        self.window_start = now;
+        self.window_sum = 0.0;
+        self.window_sq = 0.0;
+        self.window_count = 0;
+        self.window_congested = 0;
+        self.window_max_inflight = 0;
 
         if congested {
             self.limit = (self.limit * BACKOFF).clamp(min, max);
@@ -366,39 +280,24 @@ impl Gradient {
                 self.probe = Some((saved, lowered, left - 1));
                 return;
             }
+            // The backend's queue has drained: this is its latency now.
             self.probe = None;
             self.limit = saved;
-            // Latency that fell as much as the in-flight did: the backend
-            // stayed saturated and its queue did not drain. Keep what was
-            // learned (a lower latency than before) and probe again soon,
-            // twice as deep; every instance sharing the backend saw the
-            // same, so they stay in step.
-            let ratio = lowered / saved;
-            let tolerance = self.tolerance();
-            let saturated = self.last_short.is_some_and(|before| {
-                ratio < 1.0
-                    && short < before * ratio * SATURATED_MARGIN
-                    && before - short > 2.0 * tolerance
-            }) && self.probe_depth > PROBE_DEEPEST;
-            if saturated {
-                if self.baseline.is_none_or(|b| short < b) {
-                    self.baseline = Some(short);
-                    self.baseline_noise = noise;
-                }
-                self.probe_depth *= PROBE_DEPTH;
-                self.probe_due = next_multiple(now, PROBE_AGAIN);
-            } else {
-                // The backend's queue has drained: this is its latency now.
-                self.baseline = Some(short);
-                self.baseline_noise = noise;
-                self.probed = true;
-                self.stale = None;
-                self.probe_depth = PROBE_DEPTH;
-                self.probe_due = next_probe(now);
-            }
+            self.baseline = Some(short);
+            self.baseline_noise = noise;
+            self.probed = true;
+            self.stale = None;
+            self.probe_due = now + PROBE_EVERY;
             return;
         }
-        self.last_short = Some(short);
+        if now >= self.probe_due {
+            // Below the settling point by everything the gradient lets wait:
+            // the queue allowance and the requests the tolerance admits.
+            let kept = self.baseline.map_or(1.0, |b| b / (b + self.tolerance()));
+            let lowered = (self.limit * kept - QUEUE_ALLOWANCE * self.limit.sqrt()).max(min);
+            self.probe = Some((self.limit, lowered, PROBE_WINDOWS));
+            return;
+        }
         let mut baseline = match self.baseline {
             Some(b) if b <= short => b,
             _ => {
@@ -438,16 +337,14 @@ impl Gradient {
         // is noise, not queueing. The error is the baseline window's own
         // (measured with the backend's queue drained), so the spread that
         // queueing adds does not count.
-        let goal = baseline * (1.0 + QUEUE_DELAY) + self.tolerance();
-        let gradient = (goal / short).clamp(0.5, 1.0);
-        let increase = if short <= baseline + self.tolerance() {
-            self.limit.sqrt()
-        } else if short <= goal {
-            QUEUE_ALLOWANCE * self.limit.sqrt()
+        let gradient = ((baseline + self.tolerance()) / short).clamp(0.5, 1.0);
+        // No queueing at all: grow by √limit; otherwise allow a short queue.
+        let allowance = if gradient >= 1.0 {
+            1.0
         } else {
-            0.0
+            QUEUE_ALLOWANCE
         };
-        let mut target = self.limit * gradient + increase;
+        let mut target = self.limit * gradient + allowance * self.limit.sqrt();
         if !busy {
             target = target.min(self.limit); // Only shrink without evidence.
         }
@@ -460,12 +357,6 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
-
-    /// A second past a probe boundary of the wall clock: probes fall at the
-    /// same points of every run (at 4 s, 9 s …), never at a test's end.
-    fn start() -> Instant {
-        next_probe(Instant::now()) + Duration::from_secs(1)
-    }
 
     fn bounds() -> Bounds {
         Bounds {
@@ -486,7 +377,7 @@ mod tests {
     #[test]
     fn fixed_limit_never_moves() {
         let mut l = Limit::fixed(7);
-        let mut now = start();
+        let mut now = Instant::now();
         feed(&mut l, &mut now, 10, 100 * MS, 7);
         l.on_sample(now, Sample::Congestion, 7);
         assert_eq!(l.current(), 7);
@@ -494,7 +385,7 @@ mod tests {
 
     #[test]
     fn grows_while_latency_is_flat_and_the_limit_is_used() {
-        let mut now = start();
+        let mut now = Instant::now();
         let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 1000);
         assert!(l.current() > 60, "limit {}", l.current());
@@ -502,7 +393,7 @@ mod tests {
 
     #[test]
     fn does_not_grow_when_idle() {
-        let mut now = start();
+        let mut now = Instant::now();
         let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 2);
         assert_eq!(l.current(), 20);
@@ -510,7 +401,7 @@ mod tests {
 
     #[test]
     fn shrinks_when_latency_rises_and_stays_within_bounds() {
-        let mut now = start();
+        let mut now = Instant::now();
         let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 20, 20 * MS, 1000);
         let high = l.current();
@@ -522,7 +413,7 @@ mod tests {
 
     #[test]
     fn follows_a_backend_that_really_became_slower() {
-        let mut now = start();
+        let mut now = Instant::now();
         let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 20, 20 * MS, 1000);
         // Latency doubles for good: the limit first falls, then the baseline
@@ -579,7 +470,7 @@ mod tests {
 
     #[test]
     fn settles_just_past_the_knee() {
-        let mut now = start();
+        let mut now = Instant::now();
         let mut l = Limit::adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 10, 16, 20 * MS);
         // 16 workers: the limit keeps them busy with a queue of a few.
@@ -591,7 +482,7 @@ mod tests {
 
     #[test]
     fn a_backend_that_became_slower_is_followed_within_a_second_or_two() {
-        let mut now = start();
+        let mut now = Instant::now();
         let mut l = Limit::adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 10, 16, 20 * MS);
         // Every request now takes 60 ms: same workers, a third of the
@@ -607,7 +498,7 @@ mod tests {
         // 100 µs alone, 1 ms with 20 in flight: CPU sharing, not a backlog
         // anyone would notice. Without the slack the limit sank to `min`
         // and the wait moved into our queue.
-        let mut now = start();
+        let mut now = Instant::now();
         // Scheduling jitter makes such latencies vary widely (±80%).
         let mut l = Limit::adaptive(bounds(), now);
         run_noisy_backend(&mut l, &mut now, 10, 2, Duration::from_micros(100), 0.8);
@@ -621,26 +512,23 @@ mod tests {
         // 16 workers whose service time varies ±40%: the minimum of window
         // means sits below their true mean, and without the noise tolerance
         // the limit settled under the worker count, leaving workers idle.
-        let mut now = start();
+        let mut now = Instant::now();
         let mut l = Limit::adaptive(under_the_knee(), now);
         let mut limits = Vec::new();
         for _ in 0..20 {
             run_noisy_backend(&mut l, &mut now, 1, 16, 20 * MS, 0.4);
-            // A probe's brief dip is not where the limit settled.
-            if !l.probing() {
-                limits.push(l.current());
-            }
+            limits.push(l.current());
         }
         // Without it: 16, 14, 13, 12 …
         assert!(
-            limits[4..].iter().all(|n| (16..=22).contains(n)),
+            limits[5..].iter().all(|n| (16..=22).contains(n)),
             "limits {limits:?}"
         );
     }
 
     #[test]
     fn congestion_backs_off_multiplicatively() {
-        let mut now = start();
+        let mut now = Instant::now();
         let mut l = Limit::adaptive(bounds(), now);
         for _ in 0..WINDOW_SAMPLES {
             now += MS;
@@ -651,7 +539,7 @@ mod tests {
 
     #[test]
     fn reconfigure_keeps_the_learned_limit_within_new_bounds() {
-        let mut now = start();
+        let mut now = Instant::now();
         let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 1000);
         let learned = l.current();

@@ -12,7 +12,6 @@ pub mod gate;
 pub mod limit;
 pub mod queue;
 pub mod shed_level;
-pub mod standing;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};

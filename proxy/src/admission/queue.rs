@@ -36,12 +36,6 @@ impl<W> TierQueue<W> {
         self.len
     }
 
-    /// Waiters of `tier` and of every higher tier: who is served before a
-    /// newcomer of `tier`.
-    pub fn ahead_of(&self, tier: usize) -> usize {
-        self.tiers.iter().take(tier + 1).map(|q| q.len()).sum()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
