@@ -53,6 +53,7 @@ check: deps
 bench: bench-classify bench-admission bench-peers
 
 ## bench-peers: the side-by-side comparison alone (scripts/bench_peers.py; PHASES to pick
+## fleet (N instances behind an L4 balancer vs the HAProxy oracle), or
 ## overhead, instructions, overload and/or failover).
 PHASES ?= overhead instructions overload failover
 bench-peers: build
