@@ -558,7 +558,7 @@ def l4(ports):
     servers = "".join(f"  server i{i} 127.0.0.1:{p}\n" for i, p in enumerate(ports))
     conf = f"""global
   nbthread {THREADS}
-  maxconn 20000
+  maxconn 8000
 defaults
   mode tcp
   timeout connect 1s
