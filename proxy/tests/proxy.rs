@@ -406,3 +406,44 @@ impl JsonBody for reqwest::Response {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
     }
 }
+
+/// A client that resets its connection in the middle of an upload is the
+/// client's failure, not the backend's: twenty of them must not eject a
+/// healthy backend (they did, and any client could halve a site that way).
+#[tokio::test]
+async fn clients_aborting_uploads_do_not_eject_a_healthy_backend() {
+    use tokio::io::AsyncWriteExt;
+    let (b1, b2) = (Backend::start("b1").await, Backend::start("b2").await);
+    let proxy = Proxy::start(&routes_toml(&[b1.addr, b2.addr], ROUTES), &policy_toml(&[])).await;
+    for i in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nhost: k2.test\r\ncontent-length: 100000\r\nx-request-id: abort-{i}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&[b'x'; 4096]).await.unwrap();
+        // Let the proxy connect upstream and start streaming the body.
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        // SO_LINGER 0: the close is a TCP reset, as from a client that died.
+        s.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(s);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let st = proxy.status().await;
+    let health: Vec<_> = st["clusters"][0]["sites"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["health"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        health.iter().all(|h| h != "ejected"),
+        "a client's abort ejected a backend: {health:?}"
+    );
+    let r = client()
+        .get(proxy.url("/checkout/after"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

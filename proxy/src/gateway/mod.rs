@@ -325,6 +325,14 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
         let now = Instant::now();
+        // Only the backend's own failures count against it: a client that
+        // resets mid-upload says nothing about the backend, and counting it
+        // would let any client eject healthy backends. Nor is there anyone
+        // to retry for.
+        if e.esource() != &ErrorSource::Upstream {
+            e.set_retry(false);
+            return e;
+        }
         self.passive(ctx, false, now);
         let (Some(routed), Some((_, state))) = (ctx.routed, ctx.cluster()) else {
             e.set_retry(false);
