@@ -293,6 +293,7 @@ mod tests {
             admin: "127.0.0.1:2".parse().unwrap(),
             threads: 2,
             upgrade_sock: PathBuf::from("/tmp/x.sock"),
+            max_header_bytes: 32 * 1024,
         };
         let mut b = a.clone();
         assert!(restart_needed(&a, &b).is_empty());

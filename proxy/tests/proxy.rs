@@ -449,3 +449,34 @@ async fn clients_aborting_uploads_do_not_eject_a_healthy_backend() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A request head past `[server].max_header_bytes` (32 KiB by default) is
+/// answered 431 with the wire contract's JSON and never reaches the backend;
+/// one under it passes.
+#[tokio::test]
+async fn an_oversized_request_head_gets_431_and_never_reaches_the_backend() {
+    let (backend, proxy) = setup(&[]).await;
+    let c = client();
+    let big = "a".repeat(40 * 1024);
+    let r = c
+        .get(proxy.url("/checkout/big"))
+        .header("x-padding", big.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "request_header_fields_too_large");
+    assert_eq!(body["limit_bytes"], 32 * 1024);
+    assert!(backend.seen().is_empty(), "nothing reached the backend");
+
+    let fits = "a".repeat(20 * 1024);
+    let r = c
+        .get(proxy.url("/checkout/fits"))
+        .header("x-padding", fits.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(backend.seen().len(), 1);
+}

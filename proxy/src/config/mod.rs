@@ -134,6 +134,9 @@ pub struct Server {
     pub threads: usize,
     /// Where a graceful upgrade hands the listeners over.
     pub upgrade_sock: PathBuf,
+    /// Largest request head, bytes (request line and headers); larger is
+    /// answered 431 and never reaches a backend. Applies on reload.
+    pub max_header_bytes: usize,
 }
 
 /// One tier of the policy.

@@ -37,6 +37,8 @@ pub struct ServerRaw {
     /// Unix socket through which a new process (`k2proxy run --upgrade`)
     /// takes over the listeners; one per instance on a machine.
     pub upgrade_sock: Option<Spanned<String>>,
+    /// Largest request head (request line and headers), bytes; larger gets 431.
+    pub max_header_bytes: Option<Spanned<i64>>,
 }
 
 /// `[clusters.<name>]`.

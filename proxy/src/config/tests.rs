@@ -369,3 +369,23 @@ fn missing_policy_file_names_the_routes_file_that_points_at_it() {
     assert!(text.contains("named by [server].policy in"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn max_header_bytes_defaults_to_32_kib_and_is_range_checked() {
+    assert_eq!(
+        load(ROUTES, POLICY).unwrap().server.max_header_bytes,
+        32 * 1024
+    );
+    let routes = ROUTES.replacen(
+        "admin = \"127.0.0.1:9901\"",
+        "admin = \"127.0.0.1:9901\"\nmax_header_bytes = 100",
+        1,
+    );
+    let e = only_error(&routes, POLICY);
+    assert!(
+        headline(&e).ends_with(
+            "error: `max_header_bytes` is 100: expected a whole number from 1024 to 1048576"
+        ),
+        "{e}"
+    );
+}

@@ -424,11 +424,18 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
             listen.first().map_or(0, |a| a.port())
         )),
     };
+    let max_header_bytes = c.int(
+        raw.max_header_bytes.as_ref(),
+        "max_header_bytes",
+        (1024, 1_048_576),
+        32 * 1024,
+    ) as usize;
     Server {
         listen,
         admin,
         threads,
         upgrade_sock,
+        max_header_bytes,
     }
 }
 

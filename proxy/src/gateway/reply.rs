@@ -118,6 +118,8 @@ pub enum Reply {
     BadBody(BadBody),
     /// 413: more body was read for inspection than can be replayed.
     TooLargeToInspect,
+    /// 431: the request head is larger than `[server].max_header_bytes`.
+    HeadersTooLarge { limit: usize },
     /// 429: over a `[[rate_limit]]`.
     RateLimited { tier: TierId, retry_after_s: u64 },
     /// The tier's shed status (503 by default): never sent upstream.
@@ -142,7 +144,10 @@ impl Reply {
     pub fn outcome(self) -> Outcome {
         match self {
             Reply::NoRoute => Outcome::NoRoute,
-            Reply::BadBody(_) | Reply::TooLargeToInspect | Reply::Failed { .. } => Outcome::Error,
+            Reply::BadBody(_)
+            | Reply::TooLargeToInspect
+            | Reply::HeadersTooLarge { .. }
+            | Reply::Failed { .. } => Outcome::Error,
             Reply::RateLimited { .. } => Outcome::RateLimited,
             Reply::Shed { reason, .. } => Outcome::Shed(reason),
         }
@@ -162,7 +167,10 @@ impl Reply {
     pub fn closes_connection(self) -> bool {
         matches!(
             self,
-            Reply::BadBody(_) | Reply::TooLargeToInspect | Reply::Failed { .. }
+            Reply::BadBody(_)
+                | Reply::TooLargeToInspect
+                | Reply::HeadersTooLarge { .. }
+                | Reply::Failed { .. }
         )
     }
 
@@ -183,6 +191,14 @@ impl Reply {
             Reply::TooLargeToInspect => (
                 413,
                 bad_body("body_too_large_to_inspect", "payload_too_large"),
+            ),
+            Reply::HeadersTooLarge { limit } => (
+                431,
+                json!({
+                    "error": "request_header_fields_too_large",
+                    "message": "the request line and headers are larger than this proxy accepts",
+                    "limit_bytes": limit,
+                }),
             ),
             Reply::RateLimited {
                 tier,
@@ -388,6 +404,9 @@ cluster = "kred"
             (status, body["reason"].as_str()),
             (400, Some(BadBody::Malformed.as_str()))
         );
+        let (status, _, body) = render(Reply::HeadersTooLarge { limit: 100 });
+        assert_eq!((status, body["limit_bytes"].as_u64()), (431, Some(100)));
+        assert!(Reply::HeadersTooLarge { limit: 100 }.closes_connection());
         let (status, _, body) = render(Reply::TooLargeToInspect);
         assert_eq!(
             (status, body["error"].as_str()),

@@ -27,6 +27,18 @@ pub struct SitePick {
     pub spill_to: Option<usize>,
 }
 
+/// The size of a request head as sent: request line and header lines.
+fn head_size(req: &pingora::http::RequestHeader) -> usize {
+    let path = req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method.as_str().len() + path + 12;
+    let headers: usize = req
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    line + headers
+}
+
 fn view(session: &Session) -> RequestView<'_> {
     let req = session.req_header();
     RequestView {
@@ -41,6 +53,10 @@ impl Gateway {
     /// `ctx` as soon as it is known.
     pub(super) async fn stages(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         let gen = ctx.gen.clone();
+        let max = gen.config.server.max_header_bytes;
+        if head_size(session.req_header()) > max {
+            return Err(Reply::HeadersTooLarge { limit: max });
+        }
         let client = super::headers::client_ip(session);
         let routed = self.route(session, ctx, &gen).await?;
         let routed = trusted_tier(&gen, routed, client, &session.req_header().headers);
