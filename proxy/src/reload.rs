@@ -294,6 +294,7 @@ mod tests {
             threads: 2,
             upgrade_sock: PathBuf::from("/tmp/x.sock"),
             max_header_bytes: 32 * 1024,
+            idle_timeout: std::time::Duration::from_secs(60),
         };
         let mut b = a.clone();
         assert!(restart_needed(&a, &b).is_empty());

@@ -480,3 +480,42 @@ async fn an_oversized_request_head_gets_431_and_never_reaches_the_backend() {
     assert_eq!(r.status(), 200);
     assert_eq!(backend.seen().len(), 1);
 }
+
+/// A keep-alive connection that sends nothing after its request is closed
+/// after `[server].idle_timeout`; before it, it still serves the next one.
+#[tokio::test]
+async fn an_idle_keepalive_connection_is_closed_after_idle_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("b1").await;
+    let routes = routes_toml(&[backend.addr], ROUTES).replacen(
+        "threads = 1",
+        "threads = 1\nidle_timeout = \"1s\"",
+        1,
+    );
+    assert!(routes.contains("idle_timeout"));
+    let proxy = Proxy::start(&routes, &policy_toml(&[])).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = b"GET /checkout/idle HTTP/1.1\r\nhost: k2.test\r\n\r\n";
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..2 {
+        s.write_all(request).await.unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "kept alive and served"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let idle_from = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    let closed_after = idle_from.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection was kept open past 5 s: {read:?}"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(700) && closed_after < Duration::from_secs(3),
+        "closed after {closed_after:?}, expected about 1 s"
+    );
+}

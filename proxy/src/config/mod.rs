@@ -137,6 +137,10 @@ pub struct Server {
     /// Largest request head, bytes (request line and headers); larger is
     /// answered 431 and never reaches a backend. Applies on reload.
     pub max_header_bytes: usize,
+    /// A keep-alive connection waiting for its next request is closed after
+    /// this long (whole seconds, at least 1). Applies on reload to the
+    /// requests that follow.
+    pub idle_timeout: Duration,
 }
 
 /// One tier of the policy.

@@ -39,6 +39,8 @@ pub struct ServerRaw {
     pub upgrade_sock: Option<Spanned<String>>,
     /// Largest request head (request line and headers), bytes; larger gets 431.
     pub max_header_bytes: Option<Spanned<i64>>,
+    /// A keep-alive connection with no request in progress is closed after this long.
+    pub idle_timeout: Option<Spanned<String>>,
 }
 
 /// `[clusters.<name>]`.

@@ -389,3 +389,25 @@ fn max_header_bytes_defaults_to_32_kib_and_is_range_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn idle_timeout_defaults_to_a_minute_and_is_at_most_an_hour() {
+    let idle = |extra: &str| {
+        ROUTES.replacen(
+            "admin = \"127.0.0.1:9901\"",
+            &format!("admin = \"127.0.0.1:9901\"\n{extra}"),
+            1,
+        )
+    };
+    assert_eq!(
+        load(ROUTES, POLICY).unwrap().server.idle_timeout,
+        Duration::from_secs(60)
+    );
+    let s = load(&idle("idle_timeout = \"5s\""), POLICY).unwrap();
+    assert_eq!(s.server.idle_timeout, Duration::from_secs(5));
+    let e = only_error(&idle("idle_timeout = \"2h\""), POLICY);
+    assert!(
+        headline(&e).ends_with("error: `idle_timeout` is longer than 1h: expected at most \"1h\""),
+        "{e}"
+    );
+}

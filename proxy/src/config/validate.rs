@@ -430,12 +430,26 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         (1024, 1_048_576),
         32 * 1024,
     ) as usize;
+    let idle_timeout = c.duration(
+        raw.idle_timeout.as_ref(),
+        "idle_timeout",
+        Duration::from_secs(60),
+    );
+    if idle_timeout > Duration::from_secs(3600) {
+        if let Some(v) = &raw.idle_timeout {
+            c.err(
+                v,
+                "`idle_timeout` is longer than 1h: expected at most \"1h\"",
+            );
+        }
+    }
     Server {
         listen,
         admin,
         threads,
         upgrade_sock,
         max_header_bytes,
+        idle_timeout,
     }
 }
 

@@ -35,6 +35,18 @@ pub(crate) use reply::Outcome;
 use reply::{Failure, Reply};
 use retry::{Attempt, RetryReason, Stage};
 
+/// Bounds how long a kept-alive connection may wait for its next request:
+/// pingora keeps an HTTP/1.1 connection open without limit (`Some(0)`) or
+/// for the client's `keep-alive: timeout`, whichever asked.
+fn idle_timeout(session: &mut Session, idle: Duration) {
+    let secs = idle.as_secs().max(1);
+    if let Some(current) = session.get_keepalive() {
+        if current == 0 || current > secs {
+            session.set_keepalive(Some(secs));
+        }
+    }
+}
+
 /// The proxy logic; one per process, shared by every request.
 pub(crate) struct Gateway {
     shared: Arc<Shared>,
@@ -137,6 +149,7 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.request_id = Some(RequestId::of(&session.req_header().headers));
+        idle_timeout(session, ctx.gen.config.server.idle_timeout);
         match self.stages(session, ctx).await {
             Ok(()) => Ok(false),
             Err(reply) => {
