@@ -9,6 +9,15 @@ use crate::Shared;
 
 /// `/status` as JSON.
 pub fn status(shared: &Shared) -> Value {
+    // The last reload before the config: a reload swaps the config first and
+    // records itself after, so in this order a reload that lands between the
+    // two reads shows its new config with the previous record, never the
+    // reverse (a record whose config is not shown yet).
+    let last = shared
+        .last_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let gen = shared.current.load();
     let snap = &gen.config;
     let rates = shared.tier_stats.rates(snap.tiers.len());
@@ -77,14 +86,9 @@ pub fn status(shared: &Shared) -> Value {
             })
         })
         .collect();
-    let last = shared
-        .last_reload
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
     json!({
         "pid": std::process::id(),
-        "generation": shared.generation(),
+        "generation": gen.number,
         "routes_file": snap.routes_path.display().to_string(),
         "policy_file": snap.policy_path.display().to_string(),
         "watching_files": shared.watching.load(std::sync::atomic::Ordering::Acquire),
