@@ -259,9 +259,14 @@ frontend fe
 backend be
   http-reuse always
 {servers}"""
+    return run_haproxy(conf, d, port, f"haproxy-{port}")
+
+
+def run_haproxy(conf, d, port, name):
+    """Writes `conf` to `d`, starts HAProxy on it, waits for `port`."""
     path = os.path.join(d, "haproxy.cfg")
     open(path, "w").write(conf)
-    p = start(["haproxy", "-db", "-f", path], f"haproxy-{port}")
+    p = start(["haproxy", "-db", "-f", path], name)
     wait_http(f"http://127.0.0.1:{port}/checkout/x", ok=lambda s: True)
     return p, port
 
@@ -570,11 +575,7 @@ frontend fe
 backend be
   balance roundrobin
 {servers}"""
-    path = os.path.join(d, "haproxy.cfg")
-    open(path, "w").write(conf)
-    p = start(["haproxy", "-db", "-f", path], f"l4-{port}")
-    wait_http(f"http://127.0.0.1:{port}/checkout/x", ok=lambda s: True)
-    return p, port
+    return run_haproxy(conf, d, port, f"l4-{port}")
 
 
 def admission_limits(admins):

@@ -440,14 +440,15 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             for (t, name) in tier_names.iter().enumerate() {
                 let arrivals = st.arrivals.get(&t).copied().unwrap_or(0);
                 let ok = st.ok.get(&t).copied().unwrap_or(0);
-                m.insert(
-                    format!("{name}_success"),
+                // A share of the tier's arrivals; `none` when nothing arrived.
+                let share = |n: u64, none: f64| {
                     if arrivals == 0 {
-                        1.0
+                        none
                     } else {
-                        ok as f64 / arrivals as f64
-                    },
-                );
+                        n as f64 / arrivals as f64
+                    }
+                };
+                m.insert(format!("{name}_success"), share(ok, 1.0));
                 let lat = st.latencies.get(&t).cloned().unwrap_or_default();
                 m.insert(
                     format!("{name}_p99_ms"),
@@ -463,14 +464,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                     percentile(refusals, 0.99) as f64 / 1000.0,
                 );
                 let lost = st.lost.get(&t).copied().unwrap_or(0);
-                m.insert(
-                    format!("{name}_lost"),
-                    if arrivals == 0 {
-                        0.0
-                    } else {
-                        lost as f64 / arrivals as f64
-                    },
-                );
+                m.insert(format!("{name}_lost"), share(lost, 0.0));
                 for reason in [
                     ShedReason::ShedLevel,
                     ShedReason::QueueTimeout,
@@ -478,12 +472,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                     ShedReason::Forced,
                 ] {
                     let n = st.shed.get(&(t, reason)).copied().unwrap_or(0);
-                    let share = if arrivals == 0 {
-                        0.0
-                    } else {
-                        n as f64 / arrivals as f64
-                    };
-                    m.insert(format!("{name}_{}", reason.as_str()), share);
+                    m.insert(format!("{name}_{}", reason.as_str()), share(n, 0.0));
                 }
             }
             let cap = capacity(p.service_ms.unwrap_or(service_ms)) * p.seconds;
