@@ -20,7 +20,14 @@ Every measurement runs ROUNDS times, the targets interleaved (A B C A B C ...),
 so machine drift hits all alike; medians are reported. Results go to
 results/peers-<stamp>.md and .json.
 
-usage: bench_peers.py [overhead] [instructions] [overload] [failover]     (default: all)
+  fleet     N k2proxy behind an L4 balancer against N HAProxy (maxconn =
+            workers / N), at FLEET_LOADS (docs/admission.md, "Fleets").
+  edge      a slowloris client (ATTACK_CONNS connections from one address,
+            a header line every 5 s, ATTACK_SECONDS) while purchases flow;
+            k2proxy under ulimit -n ATTACK_NOFILE (docs/operations.md).
+
+usage: bench_peers.py [overhead] [instructions] [overload] [failover] [fleet] [edge]
+       (default: the first four)
 env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), RATE (4000),
        LOADS (overload multiples, "1,2,3,5"), VARIANTS (overload proxies,
        "k2proxy,haproxy priority,nginx"), K2PROXY_B (a second k2proxy binary, say
@@ -83,9 +90,10 @@ def start(cmd, name):
 
 
 def stop(p):
-    """Ends a process this script started, by its PID."""
+    """Ends a process this script started, by its PID: SIGINT, the fast stop
+    of every process here (k2proxy's SIGTERM drains for 5 s first)."""
     if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(signal.SIGINT)
         try:
             p.wait(5)
         except subprocess.TimeoutExpired:
@@ -662,6 +670,126 @@ def fleet():
     return runs, md
 
 
+# --- the edge: a slowloris client ------------------------------------------
+
+ATTACK_CONNS = int(os.environ.get("ATTACK_CONNS", "5000"))
+ATTACK_SECONDS = float(os.environ.get("ATTACK_SECONDS", "40"))
+ATTACK_NOFILE = int(os.environ.get("ATTACK_NOFILE", "4096"))
+
+
+async def slowloris(port, pid, conns, seconds):
+    """`conns` connections from 127.0.0.2, each sending a request line and
+    then one header line every 5 s, reopened when the proxy closes them;
+    meanwhile a purchase every 100 ms on a fresh connection from 127.0.0.1.
+    Bounded: everything stops after `seconds`."""
+    import asyncio
+    end = time.monotonic() + seconds
+    lived, held, probes = [], [0], []
+
+    async def attacker():
+        while time.monotonic() < end:
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            except OSError:
+                await asyncio.sleep(0.5)
+                continue
+            opened = time.monotonic()
+            held[0] += 1
+            try:
+                w.write(b"GET /checkout/slow HTTP/1.1\r\nhost: k2.test\r\n")
+                k = 0
+                while time.monotonic() < end:
+                    try:
+                        data = await asyncio.wait_for(r.read(4096), timeout=min(5.0, max(0.01, end - time.monotonic())))
+                        if not data:
+                            lived.append(time.monotonic() - opened)
+                            break
+                    except asyncio.TimeoutError:
+                        w.write(f"x-{k}: y\r\n".encode())
+                        k += 1
+            except (OSError, ConnectionError):
+                lived.append(time.monotonic() - opened)
+            finally:
+                held[0] -= 1
+                w.close()
+
+    async def prober():
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            ok = False
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+                w.write(b"GET /checkout/probe HTTP/1.1\r\nhost: k2.test\r\nconnection: close\r\n\r\n")
+                head = await asyncio.wait_for(r.read(64), 5)
+                ok = head.startswith(b"HTTP/1.1 200")
+                w.close()
+            except (OSError, asyncio.TimeoutError, ConnectionError):
+                pass
+            probes.append((ok, (time.monotonic() - t0) * 1000))
+            await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - t0)))
+
+    async def fds():
+        top = 0
+        while time.monotonic() < end:
+            try:
+                top = max(top, len(os.listdir(f"/proc/{pid}/fd")))
+            except OSError:
+                pass
+            await asyncio.sleep(1.0)
+        return top
+
+    tasks = [asyncio.ensure_future(attacker()) for _ in range(conns)]
+    probe = asyncio.ensure_future(prober())
+    top = await fds()
+    held_at_end = held[0]
+    await asyncio.gather(probe, *tasks, return_exceptions=True)
+    ok = [ms for good, ms in probes if good]
+    return {"attack_held_at_end": held_at_end, "attack_closed": len(lived),
+            "attack_lifetime_p50_s": statistics.median(lived) if lived else None,
+            "probe_success": len(ok) / max(1, len(probes)), "probes": len(probes),
+            "probe_p50_ms": pct(ok, 50), "probe_p99_ms": pct(ok, 99), "max_fds": top}
+
+
+def pct(xs, q):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * q / 100))]
+
+
+def edge():
+    """A slowloris client against k2proxy (and K2PROXY_B, a build before a
+    change, side by side), each under `ulimit -n ATTACK_NOFILE`."""
+    import asyncio
+    variants = [("k2proxy", None)] + ([("k2proxy B", K2PROXY_B)] if K2PROXY_B else [])
+    log(f"== edge: slowloris, {ATTACK_CONNS} connections from one address for {ATTACK_SECONDS:.0f} s, "
+        f"k2proxy under ulimit -n {ATTACK_NOFILE}")
+    runs = []
+    for rnd in range(1, ROUNDS + 1):
+        for name, binary in variants:
+            sp, sim_port, _ = sim(8, "1ms", "legacy")
+            p, port = k2proxy([sim_port], binary=binary, wrap=("prlimit", f"--nofile={ATTACK_NOFILE}"))
+            r = asyncio.run(slowloris(port, p.pid, ATTACK_CONNS, ATTACK_SECONDS))
+            r.update(variant=name, round=rnd)
+            runs.append(r)
+            log(f"{name:<10} probes ok {r['probe_success']*100:5.1f}% p50 {r['probe_p50_ms']} p99 {r['probe_p99_ms']} ms; "
+                f"attack held {r['attack_held_at_end']}, closed {r['attack_closed']} "
+                f"(lifetime p50 {r['attack_lifetime_p50_s']}); max fds {r['max_fds']}")
+            stop(p)
+            stop(sp)
+    md = [f"### Edge: slowloris ({ATTACK_CONNS} connections from one address, a header line every 5 s, "
+          f"reopened when closed, {ATTACK_SECONDS:.0f} s; a purchase every 100 ms from another address; "
+          f"k2proxy under ulimit -n {ATTACK_NOFILE}; median of {ROUNDS} rounds)", "",
+          "| proxy | purchases ok | purchase p50 / p99 ms | attack connections held at the end | attack connection lifetime p50 s | max open fds |",
+          "|---|---|---|---|---|---|"]
+    for name, _ in variants:
+        rs = [r for r in runs if r["variant"] == name]
+        f = lambda k: med([r[k] for r in rs if r[k] is not None]) if any(r[k] is not None for r in rs) else None
+        md.append(f"| {name} | {f('probe_success') * 100:.1f}% | {f('probe_p50_ms')} / {f('probe_p99_ms')} | "
+                  f"{f('attack_held_at_end')} | {f('attack_lifetime_p50_s')} | {f('max_fds')} |")
+    return runs, md
+
+
 def main():
     phases = sys.argv[1:] or ["overhead", "instructions", "overload", "failover"]
     for tool in ("nginx", "haproxy", "wrk"):
@@ -674,7 +802,7 @@ def main():
     try:
         for phase in phases:
             data, md = {"overhead": overhead, "instructions": instructions, "overload": overload,
-                        "failover": failover, "fleet": fleet}[phase]()
+                        "failover": failover, "fleet": fleet, "edge": edge}[phase]()
             all_json[phase] = data
             all_md += md + [""]
             print("\n".join(md) + "\n", flush=True)

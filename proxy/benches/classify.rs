@@ -50,6 +50,7 @@ pub fn table_50() -> RouteTable {
             timeout: Duration::from_secs(10),
             retry_with_idempotency_key: false,
             inspect: None,
+            max_body: 10 << 20,
         });
     }
     RouteTable::new(routes)

@@ -33,6 +33,9 @@ pub struct Route {
     pub retry_with_idempotency_key: bool,
     /// How the body is read when the match needs an XML-RPC method.
     pub inspect: Option<Inspect>,
+    /// Largest request body, bytes: a larger one (declared or streamed) is
+    /// answered 413.
+    pub max_body: u64,
 }
 
 /// Reading the body for an XML-RPC method.
@@ -258,6 +261,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             retry_with_idempotency_key: false,
             inspect: None,
+            max_body: 10 << 20,
         }
     }
 

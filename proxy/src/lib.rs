@@ -21,6 +21,7 @@ pub mod admission;
 pub mod allocator;
 pub mod classify;
 pub mod config;
+mod edge;
 mod gateway;
 mod health;
 mod limits;
@@ -57,6 +58,10 @@ pub struct Shared {
     pub(crate) watching: AtomicBool,
     /// Requests per tier, for `/status`.
     pub(crate) tier_stats: stats::TierStats,
+    /// Client connections open now (`[server].max_connections`).
+    pub(crate) connections: std::sync::Arc<edge::Connections>,
+    /// Set by SIGTERM: `/healthz` answers 503 while the node drains.
+    pub(crate) draining: edge::drain::Draining,
     reload_lock: Mutex<()>,
 }
 
@@ -79,6 +84,8 @@ impl Shared {
             last_reload: Mutex::new(None),
             watching: AtomicBool::new(false),
             tier_stats: stats::TierStats::default(),
+            connections: Default::default(),
+            draining: Default::default(),
             reload_lock: Mutex::new(()),
         }
     }

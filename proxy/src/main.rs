@@ -138,7 +138,7 @@ fn main() -> ExitCode {
                 );
             }
             let shared = Arc::new(Shared::new(config, paths.clone(), admin_token));
-            server::build(shared, &RunOptions { upgrade, sighup }).run_forever()
+            server::run(shared, &RunOptions { upgrade, sighup })
         }
     }
 }

@@ -140,6 +140,14 @@ pub struct Metrics {
     /// `k2_xmlrpc_requests_total{route,method}`: method is a configured
     /// name, `unmatched`, or why none was read (bounded).
     pub xmlrpc: IntCounterVec,
+    /// `k2_connections_open`: client connections open (set when scraped).
+    pub connections_open: IntGauge,
+    /// `k2_connections_refused_total{reason}`: closed at once by a connection limit.
+    pub connections_refused: IntCounterVec,
+    /// `k2_header_timeouts_total`: connections closed by `[server].header_timeout`.
+    pub header_timeouts: IntCounter,
+    /// `k2_draining`: 1 from SIGTERM until the process exits.
+    pub draining: IntGauge,
     process: crate::process::ProcessMetrics,
 }
 
@@ -152,6 +160,20 @@ fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounter
 
 fn gauges(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("each metric is registered once");
+    m
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let m = IntGauge::new(name, help).expect("static metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("each metric is registered once");
+    m
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let m = IntCounter::new(name, help).expect("static metric definition");
     r.register(Box::new(m.clone()))
         .expect("each metric is registered once");
     m
@@ -178,13 +200,11 @@ impl Metrics {
         let r = Registry::new();
         let site = &["cluster", "site"];
         let pair = &["cluster", "from", "to"];
-        let config_generation = IntGauge::new(
+        let config_generation = gauge(
+            &r,
             "k2_config_generation",
             "Generation of the config in force; 1 at start, +1 per successful reload.",
-        )
-        .expect("static metric definition");
-        r.register(Box::new(config_generation.clone()))
-            .expect("each metric is registered once");
+        );
         let shed_level = GaugeVec::new(
             Opts::new(
                 "k2_shed_level",
@@ -214,6 +234,10 @@ impl Metrics {
             spills: counters(&r, "k2_spills_total", "Requests admitted on another site's spare capacity (tiers with spill = true), by cluster and sites.", pair),
             cross_site_retries: counters(&r, "k2_cross_site_retries_total", "Retries that went to another site than the request's previous try, by cluster and sites.", pair),
             xmlrpc: counters(&r, "k2_xmlrpc_requests_total", "Requests classified by XML-RPC method: a configured name, unmatched, or why none was read.", &["route", "method"]),
+            connections_open: gauge(&r, "k2_connections_open", "Client connections open (the admin port's not counted)."),
+            connections_refused: counters(&r, "k2_connections_refused_total", "Client connections closed at once by [server].max_connections or max_connections_per_client, by reason.", &["reason"]),
+            header_timeouts: counter(&r, "k2_header_timeouts_total", "Client connections closed because a request's headers did not arrive within [server].header_timeout."),
+            draining: gauge(&r, "k2_draining", "1 while the process drains after SIGTERM (/healthz answers 503)."),
             process: crate::process::ProcessMetrics::register(&r),
             registry: r,
         };
@@ -221,6 +245,9 @@ impl Metrics {
         // event, or the first event is invisible (a series first seen at 1).
         for result in ["ok", "error"] {
             m.config_reloads.with_label_values(&[result]);
+        }
+        for refusal in crate::edge::Refusal::ALL {
+            m.connections_refused.with_label_values(&[refusal.as_str()]);
         }
         m
     }

@@ -84,13 +84,17 @@ impl ProcessMetrics {
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
             self.open_fds.set(dir.count() as i64);
         }
-        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
-            if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
-                let soft = line.split_whitespace().nth(3).and_then(|v| v.parse().ok());
-                self.max_fds.set(soft.unwrap_or(0));
-            }
-        }
+        self.max_fds
+            .set(open_file_limit().map_or(0, |n| n.min(i64::MAX as u64) as i64));
     }
+}
+
+/// The process's soft limit on open files (`ulimit -n`); `None` when
+/// unlimited or unknown.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 fn boot_time() -> Option<f64> {

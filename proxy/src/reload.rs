@@ -295,6 +295,10 @@ mod tests {
             upgrade_sock: PathBuf::from("/tmp/x.sock"),
             max_header_bytes: 32 * 1024,
             idle_timeout: std::time::Duration::from_secs(60),
+            header_timeout: std::time::Duration::from_secs(10),
+            max_connections: None,
+            max_connections_per_client: 1000,
+            drain_delay: std::time::Duration::from_secs(5),
         };
         let mut b = a.clone();
         assert!(restart_needed(&a, &b).is_empty());

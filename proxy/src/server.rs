@@ -4,10 +4,12 @@
 use std::sync::Arc;
 
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
+use crate::edge::drain::DrainSignal;
+use crate::edge::Edge;
 use crate::gateway::Gateway;
 use crate::reload::ReloadService;
 use crate::Shared;
@@ -21,8 +23,18 @@ pub struct RunOptions {
     pub sighup: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// A server ready to `run_forever`.
-pub fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
+/// Runs k2proxy until it is stopped (SIGTERM drains first: `edge::drain`),
+/// then exits the process.
+pub fn run(shared: Arc<Shared>, opts: &RunOptions) -> ! {
+    let server = build(shared.clone(), opts);
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainSignal::new(shared)),
+    });
+    std::process::exit(0)
+}
+
+/// A server ready to run.
+fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
     let gen = shared.current.load_full();
     let snap = &gen.config;
     let mut conf = ServerConf::new().expect("pingora's default configuration");
@@ -44,11 +56,8 @@ pub fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(shared.clone()),
-        "k2proxy",
-    );
+    let gateway = pingora::proxy::http_proxy(&server.configuration, Gateway::new(shared.clone()));
+    let mut proxy = Service::new("k2proxy".to_string(), Edge::new(gateway, shared.clone()));
     for addr in &snap.server.listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -48,6 +48,7 @@ fn classify_does_not_allocate() {
         timeout: Duration::from_secs(1),
         retry_with_idempotency_key: false,
         inspect: None,
+        max_body: 10 << 20,
     };
     let table = RouteTable::new(vec![
         route(

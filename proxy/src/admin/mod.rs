@@ -5,7 +5,7 @@
 //! | `GET /` | the live status page (HTML, no external assets) |
 //! | `GET /status` | JSON: generation, last reload, tiers, sites ([`status`]) |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /healthz` | `200 {"status":"ok",…}` |
+//! | `GET /healthz` | `200 {"status":"ok",…}`; `503 {"status":"draining",…}` after SIGTERM |
 //! | `POST /reload` | reload the config now; bearer token when one is set |
 
 mod status;
@@ -87,12 +87,21 @@ impl ServeHttp for Admin {
             (Method::GET, "/metrics") => {
                 self.shared.current.load().controllers.publish_gauges();
                 crate::health::publish_gauges(&self.shared, std::time::Instant::now());
+                let open = self.shared.connections.count();
+                self.shared.metrics.connections_open.set(open as i64);
                 reply(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
                     self.shared.metrics.encode(),
                 )
             }
+            (Method::GET, "/healthz") if self.shared.draining.is_set() => json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({
+                    "status": "draining",
+                    "generation": self.shared.generation(),
+                }),
+            ),
             (Method::GET, "/healthz") => json_reply(
                 StatusCode::OK,
                 json!({

@@ -93,6 +93,14 @@ pub fn status(shared: &Shared) -> Value {
         "policy_file": snap.policy_path.display().to_string(),
         "watching_files": shared.watching.load(std::sync::atomic::Ordering::Acquire),
         "last_reload": last,
+        "draining": shared.draining.is_set(),
+        "connections": {
+            "open": shared.connections.count(),
+            "max": snap.server.max_connections.unwrap_or_else(|| {
+                crate::edge::default_max_connections(crate::process::open_file_limit())
+            }),
+            "max_per_client": snap.server.max_connections_per_client,
+        },
         "tiers": tiers,
         "clusters": clusters,
     })

@@ -141,6 +141,18 @@ pub struct Server {
     /// this long (whole seconds, at least 1). Applies on reload to the
     /// requests that follow.
     pub idle_timeout: Duration,
+    /// The whole time to receive a request's headers, from the connection's
+    /// start or the first byte of a later request; then the connection is
+    /// closed (with 408 when a request had begun).
+    pub header_timeout: Duration,
+    /// Client connections open at once; `None`: derived from the process's
+    /// open-file limit at start (`edge::default_max_connections`).
+    pub max_connections: Option<u32>,
+    /// Client connections open at once from one IP address.
+    pub max_connections_per_client: u32,
+    /// After SIGTERM: `/healthz` answers 503 draining and the listeners keep
+    /// accepting for this long (so a balancer notices), then stop.
+    pub drain_delay: Duration,
 }
 
 /// One tier of the policy.

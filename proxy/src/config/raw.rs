@@ -41,6 +41,14 @@ pub struct ServerRaw {
     pub max_header_bytes: Option<Spanned<i64>>,
     /// A keep-alive connection with no request in progress is closed after this long.
     pub idle_timeout: Option<Spanned<String>>,
+    /// The whole time allowed to receive a request's headers.
+    pub header_timeout: Option<Spanned<String>>,
+    /// Client connections open at once; default from the open-file limit.
+    pub max_connections: Option<Spanned<i64>>,
+    /// Client connections open at once from one IP address.
+    pub max_connections_per_client: Option<Spanned<i64>>,
+    /// After SIGTERM, how long listeners keep accepting while `/healthz` says draining.
+    pub drain_delay: Option<Spanned<String>>,
 }
 
 /// `[clusters.<name>]`.
@@ -178,6 +186,8 @@ pub struct RouteRaw {
     pub inspect_timeout: Option<Spanned<String>>,
     /// A body without a usable `methodName`: `"next"` route, or `"reject"` (400).
     pub on_bad_body: Option<Spanned<String>>,
+    /// Largest request body, bytes; larger (declared or streamed) gets 413.
+    pub max_body: Option<Spanned<i64>>,
 }
 
 /// `match = { … }`.

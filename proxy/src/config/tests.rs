@@ -95,7 +95,7 @@ fn unknown_field_is_an_error_with_its_location() {
     let e = only_error(&routes, POLICY);
     assert_eq!(
         headline(&e),
-        "routes.toml:24:1: error: unknown field `retries`, expected one of `name`, `match`, `tier`, `cluster`, `timeout`, `retry_with_idempotency_key`, `inspect_limit`, `inspect_timeout`, `on_bad_body`"
+        "routes.toml:24:1: error: unknown field `retries`, expected one of `name`, `match`, `tier`, `cluster`, `timeout`, `retry_with_idempotency_key`, `inspect_limit`, `inspect_timeout`, `on_bad_body`, `max_body`"
     );
 }
 
@@ -408,6 +408,92 @@ fn idle_timeout_defaults_to_a_minute_and_is_at_most_an_hour() {
     let e = only_error(&idle("idle_timeout = \"2h\""), POLICY);
     assert!(
         headline(&e).ends_with("error: `idle_timeout` is longer than 1h: expected at most \"1h\""),
+        "{e}"
+    );
+}
+
+/// `ROUTES` with `extra` lines in `[server]`.
+fn server_with(extra: &str) -> String {
+    ROUTES.replacen(
+        "admin = \"127.0.0.1:9901\"",
+        &format!("admin = \"127.0.0.1:9901\"\n{extra}"),
+        1,
+    )
+}
+
+#[test]
+fn edge_settings_have_safe_defaults() {
+    let s = load(ROUTES, POLICY).unwrap().server;
+    assert_eq!(s.header_timeout, Duration::from_secs(10));
+    assert_eq!(s.drain_delay, Duration::from_secs(5));
+    assert_eq!(s.max_connections, None, "derived from the open-file limit");
+    assert_eq!(s.max_connections_per_client, 1000);
+    let config = load(ROUTES, POLICY).unwrap();
+    assert!(config.routes.iter().all(|r| r.max_body == 10 << 20));
+}
+
+#[test]
+fn edge_settings_are_range_checked_with_their_place() {
+    let s = load(
+        &server_with("header_timeout = \"2s\"\ndrain_delay = \"0s\"\nmax_connections = 100\nmax_connections_per_client = 10"),
+        POLICY,
+    )
+    .unwrap()
+    .server;
+    assert_eq!(
+        (
+            s.header_timeout,
+            s.drain_delay,
+            s.max_connections,
+            s.max_connections_per_client
+        ),
+        (Duration::from_secs(2), Duration::ZERO, Some(100), 10)
+    );
+    for (extra, message) in [
+        (
+            "header_timeout = \"20m\"",
+            "`header_timeout` is longer than 10m: expected at most \"10m\"",
+        ),
+        (
+            "header_timeout = \"10ms\"",
+            "`header_timeout` is shorter than 100ms: expected at least \"100ms\"",
+        ),
+        (
+            "header_timeout = \"0s\"",
+            "`header_timeout` must be greater than zero",
+        ),
+        (
+            "drain_delay = \"1h\"",
+            "`drain_delay` is longer than 5m: expected at most \"5m\"",
+        ),
+        (
+            "drain_delay = \"soon\"",
+            "invalid duration \"soon\" for `drain_delay`",
+        ),
+        (
+            "max_connections = 0",
+            "`max_connections` is 0: expected a whole number from 1 to 10000000",
+        ),
+        (
+            "max_connections_per_client = -1",
+            "`max_connections_per_client` is -1: expected a whole number from 1 to 10000000",
+        ),
+    ] {
+        let e = only_error(&server_with(extra), POLICY);
+        assert!(headline(&e).contains(message), "{extra}: {e}");
+        assert!(headline(&e).contains(":4:"), "{extra}: no line in {e}");
+    }
+}
+
+#[test]
+fn max_body_is_per_route_and_range_checked() {
+    let routes = ROUTES.replacen("[[routes]]\n", "[[routes]]\nmax_body = 2048\n", 1);
+    let config = load(&routes, POLICY).unwrap();
+    assert_eq!(config.routes.get(0).unwrap().max_body, 2048);
+    let routes = ROUTES.replacen("[[routes]]\n", "[[routes]]\nmax_body = -5\n", 1);
+    let e = only_error(&routes, POLICY);
+    assert!(
+        headline(&e).contains("`max_body` is -5: expected a whole number from 0 to 1073741824"),
         "{e}"
     );
 }

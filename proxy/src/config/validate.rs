@@ -72,6 +72,43 @@ impl Check<'_> {
         }
     }
 
+    /// A duration within `range` (inclusive; zero allowed when the range
+    /// starts at zero).
+    fn duration_in(
+        &mut self,
+        v: Option<&Spanned<String>>,
+        field: &str,
+        default: Duration,
+        range: (Duration, Duration),
+    ) -> Duration {
+        let Some(v) = v else { return default };
+        let d = match humantime::parse_duration(v.get_ref().trim()) {
+            Ok(d) => d,
+            Err(_) => return self.duration(Some(v), field, default),
+        };
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        if d < range.0 || d > range.1 {
+            let message = if d.is_zero() {
+                format!("`{field}` must be greater than zero")
+            } else if d > range.1 {
+                format!(
+                    "`{field}` is longer than {}: expected at most {:?}",
+                    show(range.1),
+                    show(range.1)
+                )
+            } else {
+                format!(
+                    "`{field}` is shorter than {}: expected at least {:?}",
+                    show(range.0),
+                    show(range.0)
+                )
+            };
+            self.err(v, message);
+            return default;
+        }
+        d
+    }
+
     fn int(
         &mut self,
         v: Option<&Spanned<i64>>,
@@ -430,19 +467,34 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         (1024, 1_048_576),
         32 * 1024,
     ) as usize;
-    let idle_timeout = c.duration(
+    let idle_timeout = c.duration_in(
         raw.idle_timeout.as_ref(),
         "idle_timeout",
         Duration::from_secs(60),
+        (Duration::from_secs(1), Duration::from_secs(3600)),
     );
-    if idle_timeout > Duration::from_secs(3600) {
-        if let Some(v) = &raw.idle_timeout {
-            c.err(
-                v,
-                "`idle_timeout` is longer than 1h: expected at most \"1h\"",
-            );
-        }
-    }
+    let header_timeout = c.duration_in(
+        raw.header_timeout.as_ref(),
+        "header_timeout",
+        Duration::from_secs(10),
+        (Duration::from_millis(100), Duration::from_secs(600)),
+    );
+    let drain_delay = c.duration_in(
+        raw.drain_delay.as_ref(),
+        "drain_delay",
+        Duration::from_secs(5),
+        (Duration::ZERO, Duration::from_secs(300)),
+    );
+    let max_connections = raw
+        .max_connections
+        .as_ref()
+        .map(|v| c.int(Some(v), "max_connections", (1, 10_000_000), 1));
+    let max_connections_per_client = c.int(
+        raw.max_connections_per_client.as_ref(),
+        "max_connections_per_client",
+        (1, 10_000_000),
+        1000,
+    );
     Server {
         listen,
         admin,
@@ -450,6 +502,10 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         upgrade_sock,
         max_header_bytes,
         idle_timeout,
+        header_timeout,
+        max_connections,
+        max_connections_per_client,
+        drain_delay,
     }
 }
 
@@ -689,6 +745,7 @@ fn route_list(
         let timeout = c.duration(r.timeout.as_ref(), "timeout", Duration::from_secs(10));
         let matcher = matcher(c, &r.matcher);
         let inspect = inspect(c, r);
+        let max_body = u64::from(c.int(r.max_body.as_ref(), "max_body", (0, 1 << 30), 10 << 20));
         if let (Some(tier), Some(cluster), Some(matcher)) = (tier, cluster, matcher) {
             out.push(Route {
                 name: r.name.get_ref().clone(),
@@ -698,6 +755,7 @@ fn route_list(
                 timeout,
                 retry_with_idempotency_key: r.retry_with_idempotency_key.unwrap_or(false),
                 inspect: inspect.clone(),
+                max_body,
             });
         }
     }

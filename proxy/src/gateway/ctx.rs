@@ -62,6 +62,8 @@ pub struct Tries {
     pub sent: Option<Instant>,
     /// The backend's response status, once it began.
     pub status: Option<u16>,
+    /// Body bytes passed upstream in this try (against the route's `max_body`).
+    pub body_bytes: u64,
 }
 
 /// Per-request state shared across pingora's phases.

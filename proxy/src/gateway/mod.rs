@@ -28,6 +28,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::admission::Sample;
+use crate::edge::stream::EdgeStream;
 use crate::Shared;
 pub(crate) use ctx::Ctx;
 use headers::{client_ip, forwarded_for, name, RequestId, X_FORWARDED_FOR};
@@ -83,6 +84,48 @@ impl Gateway {
         };
         if state.sites.report(site, backend, ok, now) {
             tracing::warn!(cluster = %cluster.name, site = ctx.site_name(), %backend, "backend ejected after consecutive failures");
+        }
+    }
+
+    /// A retry that changes site takes a permit there (waiting in that
+    /// site's queue like any request of its tier) and gives the first
+    /// site's back, so each site's limit counts, and learns from, what its
+    /// backends really carry. Refused there, the request is shed.
+    async fn move_permit(&self, ctx: &mut Ctx, site: usize) -> Result<()> {
+        let (Some(routed), Some(admitted)) = (ctx.routed, ctx.admitted.as_mut()) else {
+            return Ok(());
+        };
+        if admitted.permit.is_none() || admitted.site == site {
+            return Ok(());
+        }
+        admitted.permit = None; // the first site's slot, back at once
+        let Some(controller) = ctx.gen.controllers.get(routed.cluster.0 as usize, site) else {
+            return Ok(());
+        };
+        match controller.clone().acquire(routed.tier.0 as usize).await {
+            Ok(permit) => {
+                admitted.permit = Some(permit);
+                admitted.site = site;
+                Ok(())
+            }
+            Err(reason) => {
+                let reply = Reply::Shed {
+                    tier: routed.tier,
+                    reason,
+                };
+                if let Some((tier, reason)) = reply.shed_labels(&ctx.gen.config) {
+                    self.shared
+                        .metrics
+                        .shed
+                        .with_label_values(&[tier, reason])
+                        .inc();
+                }
+                ctx.reply = Some(reply);
+                Error::e_explain(
+                    ErrorType::Custom("shed at the retry's site"),
+                    "no capacity at the site a retry moved to",
+                )
+            }
         }
     }
 
@@ -148,8 +191,15 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if let Some(edge) = session.as_downstream().stream().and_then(EdgeStream::of) {
+            edge.request_started(); // the head is in: header_timeout is met
+        }
         ctx.request_id = Some(RequestId::of(&session.req_header().headers));
         idle_timeout(session, ctx.gen.config.server.idle_timeout);
+        if self.shared.draining.is_set() {
+            // Clients reconnect through the balancer, to a node that stays.
+            session.set_keepalive(None);
+        }
         match self.stages(session, ctx).await {
             Ok(()) => Ok(false),
             Err(reply) => {
@@ -202,10 +252,12 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&labels)
                 .inc();
         }
+        self.move_permit(ctx, site).await?;
         ctx.tries.site = Some(site);
         ctx.tries.backend = Some(backend);
         ctx.tries.tried.push(backend);
         ctx.tries.guard = sites.begin(site, backend);
+        ctx.tries.body_bytes = 0; // a try replays the body from its start
         let mut peer = HttpPeer::new(backend, false, String::new());
         if !session.req_header().method.is_idempotent() {
             // Never on a pooled connection: a backend that died (or closed
@@ -247,6 +299,34 @@ impl ProxyHttp for Gateway {
             let xff = forwarded_for(upstream.headers.get(X_FORWARDED_FOR), ip)
                 .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for"))?;
             upstream.insert_header(&name::X_FORWARDED_FOR, xff)?;
+        }
+        Ok(())
+    }
+
+    /// Counts the body as it streams upstream: past the route's `max_body`
+    /// the request is cut off (the backend sees an incomplete body) and the
+    /// client gets 413. A client fault: it never counts against the backend.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(chunk) = body else { return Ok(()) };
+        ctx.tries.body_bytes += chunk.len() as u64;
+        let limit = ctx
+            .routed
+            .and_then(|r| ctx.gen.config.routes.get(r.route))
+            .map_or(u64::MAX, |r| r.max_body);
+        if ctx.tries.body_bytes > limit {
+            ctx.reply = Some(Reply::BodyTooLarge { limit });
+            return Err(Error::create(
+                ErrorType::Custom("request body too large"),
+                ErrorSource::Downstream,
+                Some(format!("body over the route's max_body ({limit} bytes)").into()),
+                None,
+            ));
         }
         Ok(())
     }
@@ -383,9 +463,12 @@ impl ProxyHttp for Gateway {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let failure = self.classify_failure(e, ctx);
         if matches!(ctx.outcome, Outcome::Pending | Outcome::Proxied) {
-            ctx.outcome = Outcome::Error;
+            ctx.outcome = ctx.reply.map_or(Outcome::Error, |r| r.outcome());
         }
-        let code = failure.status();
+        // A refusal decided mid-request (a body over max_body) is answered as itself.
+        let code = ctx
+            .reply
+            .map_or(failure.status(), |r| r.status(&ctx.gen.config));
         // Nothing can be written once the response has started or the client is gone.
         if code == 0 || session.response_written().is_some() {
             return FailToProxy {
@@ -413,6 +496,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(edge) = session.as_downstream().stream().and_then(EdgeStream::of) {
+            edge.request_finished(); // the next byte starts a new head
+        }
         access::record(&self.shared, session, e, ctx);
     }
 }

@@ -120,6 +120,8 @@ pub enum Reply {
     TooLargeToInspect,
     /// 431: the request head is larger than `[server].max_header_bytes`.
     HeadersTooLarge { limit: usize },
+    /// 413: the body (declared or streamed) is larger than the route's `max_body`.
+    BodyTooLarge { limit: u64 },
     /// 429: over a `[[rate_limit]]`.
     RateLimited { tier: TierId, retry_after_s: u64 },
     /// The tier's shed status (503 by default): never sent upstream.
@@ -147,9 +149,27 @@ impl Reply {
             Reply::BadBody(_)
             | Reply::TooLargeToInspect
             | Reply::HeadersTooLarge { .. }
+            | Reply::BodyTooLarge { .. }
             | Reply::Failed { .. } => Outcome::Error,
             Reply::RateLimited { .. } => Outcome::RateLimited,
             Reply::Shed { reason, .. } => Outcome::Shed(reason),
+        }
+    }
+
+    /// The status code the reply is written with.
+    pub fn status(self, config: &Config) -> u16 {
+        match self {
+            Reply::NoRoute => 404,
+            Reply::BadBody(_) => 400,
+            Reply::TooLargeToInspect | Reply::BodyTooLarge { .. } => 413,
+            Reply::HeadersTooLarge { .. } => 431,
+            Reply::RateLimited { .. } => 429,
+            Reply::Shed { tier, .. } => config.tier(tier).shed_status,
+            // A client that left gets nothing; if written at all, 502.
+            Reply::Failed { failure, .. } => match failure.status() {
+                0 => 502,
+                s => s,
+            },
         }
     }
 
@@ -170,6 +190,7 @@ impl Reply {
             Reply::BadBody(_)
                 | Reply::TooLargeToInspect
                 | Reply::HeadersTooLarge { .. }
+                | Reply::BodyTooLarge { .. }
                 | Reply::Failed { .. }
         )
     }
@@ -177,48 +198,39 @@ impl Reply {
     /// Status, headers and body, with names from `config`.
     pub fn render(self, config: &Config, req: &RequestInfo<'_>) -> Rendered {
         let mut headers = Vec::with_capacity(3);
-        let (status, body) = match self {
-            Reply::NoRoute => (
-                404,
-                json!({
-                    "error": "no_route",
-                    "message": "no route matches this request",
-                    "method": req.method,
-                    "path": req.path,
-                }),
-            ),
-            Reply::BadBody(bad) => (400, bad_body(bad.as_str(), "bad_request")),
-            Reply::TooLargeToInspect => (
-                413,
-                bad_body("body_too_large_to_inspect", "payload_too_large"),
-            ),
-            Reply::HeadersTooLarge { limit } => (
-                431,
-                json!({
-                    "error": "request_header_fields_too_large",
-                    "message": "the request line and headers are larger than this proxy accepts",
-                    "limit_bytes": limit,
-                }),
-            ),
+        let status = self.status(config);
+        let body = match self {
+            Reply::NoRoute => json!({
+                "error": "no_route",
+                "message": "no route matches this request",
+                "method": req.method,
+                "path": req.path,
+            }),
+            Reply::BadBody(bad) => bad_body(bad.as_str(), "bad_request"),
+            Reply::TooLargeToInspect => bad_body("body_too_large_to_inspect", "payload_too_large"),
+            Reply::HeadersTooLarge { limit } => json!({
+                "error": "request_header_fields_too_large",
+                "message": "the request line and headers are larger than this proxy accepts",
+                "limit_bytes": limit,
+            }),
+            Reply::BodyTooLarge { limit } => json!({
+                "error": "payload_too_large",
+                "message": "the request body is larger than this route accepts",
+                "limit_bytes": limit,
+            }),
             Reply::RateLimited {
                 tier,
                 retry_after_s,
             } => {
-                let body = refusal("rate_limited", config, tier, "rate_limited", retry_after_s);
                 refusal_headers(&mut headers, "rate_limited", retry_after_s);
-                (429, body)
+                refusal("rate_limited", config, tier, "rate_limited", retry_after_s)
             }
             Reply::Shed { tier, reason } => {
                 let retry_after_s = config.shedding.retry_after_s;
-                let body = refusal("overloaded", config, tier, reason.as_str(), retry_after_s);
                 refusal_headers(&mut headers, reason.as_str(), retry_after_s);
-                (config.tier(tier).shed_status, body)
+                refusal("overloaded", config, tier, reason.as_str(), retry_after_s)
             }
             Reply::Failed { failure, route } => {
-                let status = match failure.status() {
-                    0 => 502,
-                    s => s,
-                };
                 let error = match status {
                     504 => "gateway_timeout",
                     502 => "bad_gateway",
@@ -226,13 +238,12 @@ impl Reply {
                     _ => "internal_error",
                 };
                 let route = route.and_then(|r| config.routes.get(r));
-                let body = json!({
+                json!({
                     "error": error,
                     "kind": failure.kind(),
                     "route": route.map_or("none", |r| r.name.as_str()),
                     "request_id": req.request_id.and_then(|v| v.to_str().ok()),
-                });
-                (status, body)
+                })
             }
         };
         if let Some(rid) = req.request_id {
@@ -407,6 +418,12 @@ cluster = "kred"
         let (status, _, body) = render(Reply::HeadersTooLarge { limit: 100 });
         assert_eq!((status, body["limit_bytes"].as_u64()), (431, Some(100)));
         assert!(Reply::HeadersTooLarge { limit: 100 }.closes_connection());
+        let (status, _, body) = render(Reply::BodyTooLarge { limit: 7 });
+        assert_eq!(
+            (status, body["error"].as_str(), body["limit_bytes"].as_u64()),
+            (413, Some("payload_too_large"), Some(7))
+        );
+        assert!(Reply::BodyTooLarge { limit: 7 }.closes_connection());
         let (status, _, body) = render(Reply::TooLargeToInspect);
         assert_eq!(
             (status, body["error"].as_str()),

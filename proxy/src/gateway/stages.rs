@@ -39,6 +39,25 @@ fn head_size(req: &pingora::http::RequestHeader) -> usize {
     line + headers
 }
 
+/// A body whose declared length is over the route's `max_body` is refused
+/// before anything is read or sent (a streamed one is counted as it passes:
+/// `Gateway::request_body_filter`).
+fn declared_body(gen: &Generation, routed: Routed, headers: &HeaderMap) -> Result<(), Reply> {
+    let Some(route) = gen.config.routes.get(routed.route) else {
+        return Ok(());
+    };
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(n) if n > route.max_body => Err(Reply::BodyTooLarge {
+            limit: route.max_body,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn view(session: &Session) -> RequestView<'_> {
     let req = session.req_header();
     RequestView {
@@ -61,6 +80,7 @@ impl Gateway {
         let routed = self.route(session, ctx, &gen).await?;
         let routed = trusted_tier(&gen, routed, client, &session.req_header().headers);
         ctx.routed = Some(routed);
+        declared_body(&gen, routed, &session.req_header().headers)?;
         rate_limit(&gen, routed, client, &session.req_header().headers)?;
         let pick = choose_site(&gen, routed, Instant::now())?;
         ctx.tries.site = Some(pick.site);

@@ -1,0 +1,75 @@
+//! Leaving a fleet without dropping a purchase.
+//!
+//! pingora stops accepting the moment SIGTERM arrives, so an L4 balancer
+//! that health-checks `/healthz` cannot tell a draining node from a dead one
+//! and connections it sends in between are refused. [`DrainSignal`] is
+//! pingora's shutdown-signal watcher with a drain in front: on SIGTERM
+//! `/healthz` turns 503 `{"status":"draining"}` at once (and
+//! `k2_draining` 1, `/status` and the status page say so), kept-alive
+//! connections are closed after their current response, and the listeners
+//! keep accepting for `[server].drain_delay`; then pingora's graceful
+//! shutdown stops the listeners and lets in-flight requests finish within
+//! the grace period. A second SIGTERM, or SIGINT, cuts the delay short;
+//! SIGQUIT (graceful upgrade) is passed on unchanged.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::Shared;
+
+/// Whether this process is draining (SIGTERM received).
+#[derive(Debug, Default)]
+pub(crate) struct Draining(AtomicBool);
+
+impl Draining {
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// pingora's Unix signal watcher, with the drain on SIGTERM.
+pub(crate) struct DrainSignal {
+    shared: Arc<Shared>,
+}
+
+impl DrainSignal {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        DrainSignal { shared }
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+            _ = term.recv() => {}
+        }
+        let delay = self.shared.current.load().config.server.drain_delay;
+        self.shared.draining.set();
+        self.shared.metrics.draining.set(1);
+        tracing::info!(
+            drain_delay = ?delay,
+            "SIGTERM: draining (/healthz answers 503); listeners stop after the drain delay"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = term.recv() => tracing::info!("second SIGTERM: drain delay cut short"),
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+        }
+        tracing::info!("drain delay over: listeners stop, in-flight requests finish");
+        ShutdownSignal::GracefulTerminate
+    }
+}

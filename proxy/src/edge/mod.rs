@@ -1,0 +1,232 @@
+//! The edge: what happens to a client connection before and around pingora's
+//! HTTP handling, so that abusive or broken clients cannot take the process
+//! down and a node can leave a fleet cleanly.
+//!
+//! - [`Edge`] wraps the proxy's `ServerApp`: a new connection past
+//!   `[server].max_connections` (or `max_connections_per_client` from one
+//!   address) is closed at once, before a byte is read; the admin port is a
+//!   service of its own and is not counted.
+//! - [`stream::EdgeStream`] wraps every accepted connection and enforces
+//!   `[server].header_timeout` over the whole of a request's headers
+//!   (pingora's read timeout restarts on every byte, so a client trickling
+//!   headers would live forever).
+//! - [`drain`] turns SIGTERM into a drain: `/healthz` answers 503 while the
+//!   listeners keep accepting for `[server].drain_delay`, then pingora's
+//!   graceful shutdown lets in-flight requests finish.
+
+pub(crate) mod drain;
+pub(crate) mod stream;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+
+use crate::Shared;
+use stream::EdgeStream;
+
+/// File descriptors kept for everything but client connections: admin
+/// connections, health checks, config files, logs.
+const RESERVED_FDS: u64 = 256;
+
+/// The `max_connections` used when `[server]` does not set one: half of what
+/// the open-file limit leaves after [`RESERVED_FDS`], since every proxied
+/// request holds an upstream connection too (at least 64).
+pub(crate) fn default_max_connections(open_file_limit: Option<u64>) -> u32 {
+    let limit = open_file_limit.unwrap_or(1024);
+    let half = limit.saturating_sub(RESERVED_FDS) / 2;
+    half.clamp(64, u64::from(u32::MAX)) as u32
+}
+
+/// Why a new connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    MaxConnections,
+    PerClient,
+}
+
+impl Refusal {
+    pub(crate) const ALL: [Refusal; 2] = [Refusal::MaxConnections, Refusal::PerClient];
+
+    /// The `reason` label of `k2_connections_refused_total`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::PerClient => "max_connections_per_client",
+        }
+    }
+}
+
+/// Client connections open now, in total and per address.
+#[derive(Debug, Default)]
+pub(crate) struct Connections {
+    open: AtomicUsize,
+    per_client: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl Connections {
+    /// Counts a new connection from `client` if both limits allow it; the
+    /// slot gives it back when dropped.
+    pub(crate) fn open(
+        self: &Arc<Self>,
+        client: Option<IpAddr>,
+        max: usize,
+        per_client: u32,
+    ) -> Result<Slot, Refusal> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::MaxConnections);
+        }
+        if let Some(ip) = client {
+            let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+            let n = map.entry(ip).or_insert(0);
+            if *n >= per_client {
+                drop(map);
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::PerClient);
+            }
+            *n += 1;
+        }
+        Ok(Slot {
+            conns: self.clone(),
+            client,
+        })
+    }
+
+    /// Client connections open now.
+    pub(crate) fn count(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn close(&self, client: Option<IpAddr>) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = client {
+            let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// One counted connection; uncounted when dropped.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    conns: Arc<Connections>,
+    client: Option<IpAddr>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.conns.close(self.client);
+    }
+}
+
+/// The proxy's `ServerApp` with the connection limits and the header
+/// deadline in front of it.
+pub(crate) struct Edge<A> {
+    inner: Arc<A>,
+    shared: Arc<Shared>,
+}
+
+impl<A> Edge<A> {
+    pub(crate) fn new(inner: A, shared: Arc<Shared>) -> Self {
+        Edge {
+            inner: Arc::new(inner),
+            shared,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let gen = self.shared.current.load();
+        let server = &gen.config.server;
+        let max = server
+            .max_connections
+            .unwrap_or_else(|| default_max_connections(crate::process::open_file_limit()));
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let slot = match self.shared.connections.open(
+            client,
+            max as usize,
+            server.max_connections_per_client,
+        ) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                self.shared
+                    .metrics
+                    .connections_refused
+                    .with_label_values(&[refusal.as_str()])
+                    .inc();
+                tracing::debug!(client = ?client, reason = refusal.as_str(), "connection refused");
+                return None; // dropping the stream closes it
+            }
+        };
+        let header_timeout = server.header_timeout;
+        drop(gen);
+        let mut stream: Stream = Box::new(EdgeStream::new(
+            stream,
+            header_timeout,
+            slot,
+            self.shared.clone(),
+        ));
+        // pingora serves a kept-alive connection's requests inside one call;
+        // a stream handed back is the same connection, already counted.
+        loop {
+            stream = self.inner.process_new(stream, shutdown).await?;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_max_connections_leaves_room_for_upstreams() {
+        assert_eq!(default_max_connections(Some(20_000)), 9_872);
+        assert_eq!(default_max_connections(Some(1024)), 384);
+        assert_eq!(default_max_connections(None), 384);
+        assert_eq!(default_max_connections(Some(100)), 64);
+    }
+
+    #[test]
+    fn limits_count_open_connections_and_give_slots_back() {
+        let conns = Arc::new(Connections::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = conns.open(Some(a), 3, 2).unwrap();
+        let s2 = conns.open(Some(a), 3, 2).unwrap();
+        assert_eq!(conns.open(Some(a), 3, 2).unwrap_err(), Refusal::PerClient);
+        let s3 = conns.open(Some(b), 3, 2).unwrap();
+        assert_eq!(
+            conns.open(Some(b), 3, 2).unwrap_err(),
+            Refusal::MaxConnections
+        );
+        assert_eq!(conns.count(), 3);
+        drop(s1);
+        let _s4 = conns.open(Some(a), 3, 2).unwrap();
+        drop((s2, s3));
+        assert_eq!(conns.count(), 1);
+        assert_eq!(conns.per_client.lock().unwrap().get(&b), None);
+    }
+}

@@ -1,0 +1,260 @@
+//! A client connection with a deadline on its request headers.
+//!
+//! pingora reads a request head with a timeout per read, which a client
+//! sending one header line every few seconds restarts forever (slowloris).
+//! [`EdgeStream`] gives the whole head one deadline: from the connection's
+//! start for the first request, from the first byte of each later one. The
+//! gateway marks the head complete ([`EdgeStream::request_started`]) and
+//! the request finished ([`EdgeStream::request_finished`], which re-arms
+//! the deadline on the next byte). On expiry a started request is answered 408 and the
+//! connection is closed; a connection that sent nothing is just closed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::SslDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::Slot;
+use crate::Shared;
+
+/// Waiting for the head of a request (deadline armed).
+const HEAD: u8 = 0;
+/// The head is in; the request is being handled (no deadline).
+const REQUEST: u8 = 1;
+/// Between requests of a kept-alive connection (pingora's keep-alive
+/// timeout applies; the first byte arms the deadline).
+const IDLE: u8 = 2;
+
+/// The 408 answered when the deadline passes in the middle of a head: the
+/// wire contract's JSON error body (docs/concepts.md).
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
+content-type: application/json\r\n\
+content-length: 82\r\n\
+connection: close\r\n\r\n\
+{\"error\":\"request_timeout\",\"message\":\"the request headers did not arrive in time\"}";
+
+/// A client connection: the accepted stream, its header deadline and its
+/// place in the connection count.
+pub(crate) struct EdgeStream {
+    inner: Stream,
+    phase: AtomicU8,
+    header_timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+    /// Bytes of the current head arrived (so a timeout answers 408).
+    head_started: bool,
+    shared: Arc<Shared>,
+    _slot: Slot,
+}
+
+impl std::fmt::Debug for EdgeStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeStream")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl EdgeStream {
+    pub(crate) fn new(
+        inner: Stream,
+        header_timeout: Duration,
+        slot: Slot,
+        shared: Arc<Shared>,
+    ) -> Self {
+        EdgeStream {
+            inner,
+            phase: AtomicU8::new(HEAD),
+            header_timeout,
+            deadline: Box::pin(tokio::time::sleep(header_timeout)),
+            head_started: false,
+            shared,
+            _slot: slot,
+        }
+    }
+
+    /// The connection under `stream`, when it is one of ours (HTTP/1).
+    pub(crate) fn of(stream: &Stream) -> Option<&EdgeStream> {
+        let io: &dyn pingora::protocols::IO = stream.as_ref();
+        io.as_any().downcast_ref::<EdgeStream>()
+    }
+
+    /// The request head is complete: no deadline while it is handled.
+    pub(crate) fn request_started(&self) {
+        self.phase.store(REQUEST, Ordering::Release);
+    }
+
+    /// The request is answered; the next byte starts a new head.
+    pub(crate) fn request_finished(&self) {
+        self.phase.store(IDLE, Ordering::Release);
+    }
+
+    /// The deadline passed: answers 408 if a request had begun (best
+    /// effort, one write), and fails the read so pingora closes.
+    fn expire(&mut self, cx: &mut Context<'_>) -> std::io::Error {
+        self.shared.metrics.header_timeouts.inc();
+        if self.head_started {
+            let _ = Pin::new(&mut self.inner).poll_write(cx, REQUEST_TIMEOUT);
+            let _ = Pin::new(&mut self.inner).poll_flush(cx);
+        }
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "request headers not received within header_timeout ({:?})",
+                self.header_timeout
+            ),
+        )
+    }
+}
+
+impl AsyncRead for EdgeStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let phase = this.phase.load(Ordering::Acquire);
+        if phase == REQUEST {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        if phase == HEAD && this.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(this.expire(cx)));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.head_started = true;
+            if phase == IDLE {
+                this.phase.store(HEAD, Ordering::Release);
+                let at = Instant::now() + this.header_timeout;
+                this.deadline.as_mut().reset(at);
+            }
+        }
+        read
+    }
+}
+
+impl AsyncWrite for EdgeStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for EdgeStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for EdgeStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for EdgeStream {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for EdgeStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for EdgeStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for EdgeStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for EdgeStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::REQUEST_TIMEOUT;
+
+    #[test]
+    fn the_408_declares_its_body_length_and_carries_json() {
+        let text = std::str::from_utf8(REQUEST_TIMEOUT).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "request_timeout");
+    }
+}

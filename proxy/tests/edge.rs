@@ -1,0 +1,361 @@
+//! The edge against a real `k2proxy run`: header deadline (slowloris),
+//! connection limits, body limits, a retry's permit at its new site, and
+//! the drain on SIGTERM.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const ROUTES: &str = r#"
+[[routes]]
+name = "checkout"
+match = { path_prefix = "/checkout/" }
+tier = "purchase"
+cluster = "main"
+
+[[routes]]
+name = "upload"
+match = { path_prefix = "/upload/" }
+tier = "merchant"
+cluster = "main"
+max_body = 1000
+"#;
+
+/// `routes_toml` with extra `[server]` lines.
+fn with_server(backends: &[SocketAddr], server: &str) -> String {
+    let routes =
+        routes_toml(backends, ROUTES).replacen("threads = 1", &format!("threads = 1\n{server}"), 1);
+    assert!(routes.contains(server));
+    routes
+}
+
+/// A connection to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Sends one GET on `s` and reads the answer's first bytes; `None` when the
+/// connection is closed (or reset) instead.
+async fn get(s: &mut TcpStream, path: &str) -> Option<String> {
+    let req = format!("GET {path} HTTP/1.1\r\nhost: k2.test\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        _ => None,
+    }
+}
+
+/// Reads until EOF (or reset, or 10 s): what the proxy wrote, and when the
+/// connection ended.
+async fn read_to_close(s: &mut TcpStream) -> (String, Instant) {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = give_up.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => return (String::from_utf8_lossy(&out).into_owned(), Instant::now()),
+        }
+    }
+}
+
+/// Sends a request line, then one header line every 300 ms (for up to 6 s)
+/// while reading: what the proxy answered, and how long after the first
+/// byte the connection ended.
+async fn trickle(s: &mut TcpStream, path: &str) -> (String, Duration) {
+    let start = Instant::now();
+    let line = format!("GET {path} HTTP/1.1\r\n");
+    s.write_all(line.as_bytes()).await.unwrap();
+    let mut got = String::new();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..20 {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(n) if n > 0 => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => break,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {
+                let header = format!("x-line-{i}: y\r\n");
+                if s.write_all(header.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    (got, start.elapsed())
+}
+
+/// A client trickling one header line every 300 ms (which restarts a
+/// per-read timeout forever) is answered 408 and closed once
+/// `header_timeout` has passed since its first byte, on the first request
+/// and on a later one of a kept-alive connection; a connection that sends
+/// nothing is closed without an answer. Normal requests are untouched.
+#[tokio::test]
+async fn headers_trickled_past_header_timeout_get_408_and_the_connection_closes() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(&[backend.addr], "header_timeout = \"1s\""),
+        &policy_toml(&[]),
+    )
+    .await;
+
+    let mut fresh = TcpStream::connect(proxy.addr).await.unwrap();
+    let (text, took) = trickle(&mut fresh, "/checkout/slow").await;
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "trickled headers answered {text:?}"
+    );
+    assert!(text.contains("\"error\":\"request_timeout\""), "{text}");
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+
+    // A kept-alive connection: one normal request, then a trickled one.
+    let mut kept = TcpStream::connect(proxy.addr).await.unwrap();
+    let first = get(&mut kept, "/checkout/ok").await.unwrap();
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let (text, took) = trickle(&mut kept, "/checkout/slow2").await;
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "second request answered {text:?}"
+    );
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+
+    // Silent: closed after about header_timeout, nothing written.
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let start = Instant::now();
+    let (text, at) = read_to_close(&mut silent).await;
+    let took = at - start;
+    assert_eq!(text, "", "a silent connection got an answer");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "silent connection closed after {took:?}"
+    );
+
+    let r = client()
+        .get(proxy.url("/checkout/normal"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m = proxy.metrics().await;
+    assert!(
+        metric_sum(&m, "k2_header_timeouts_total") >= 3.0,
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("header_timeouts"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        backend.seen().iter().all(|s| !s.path.contains("slow")),
+        "a trickled request reached the backend"
+    );
+}
+
+/// Past `max_connections_per_client` from one address, or `max_connections`
+/// in all, a new connection is closed at once; connections already open
+/// keep working, other addresses connect, the admin port answers, and a
+/// slot given back is usable again.
+#[tokio::test]
+async fn connection_limits_close_new_connections_and_keep_the_open_ones() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(
+            &[backend.addr],
+            "max_connections = 5\nmax_connections_per_client = 3",
+        ),
+        &policy_toml(&[]),
+    )
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect_from("127.0.0.1", proxy.addr).await;
+        let r = get(&mut s, "/checkout/a").await.expect("served");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        open.push(s);
+    }
+    let mut fourth = connect_from("127.0.0.1", proxy.addr).await;
+    assert_eq!(
+        get(&mut fourth, "/checkout/b").await,
+        None,
+        "a 4th connection from one address was served"
+    );
+    for _ in 0..2 {
+        let mut s = connect_from("127.0.0.2", proxy.addr).await;
+        let r = get(&mut s, "/checkout/c").await.expect("another address");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        open.push(s);
+    }
+    let mut sixth = connect_from("127.0.0.3", proxy.addr).await;
+    assert_eq!(
+        get(&mut sixth, "/checkout/d").await,
+        None,
+        "a 6th connection was served past max_connections = 5"
+    );
+    for s in &mut open {
+        let r = get(s, "/checkout/again")
+            .await
+            .expect("open ones keep working");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    let st = proxy.status().await;
+    assert_eq!(st["connections"]["open"], 5, "{}", st["connections"]);
+    let m = proxy.metrics().await;
+    for reason in ["max_connections", "max_connections_per_client"] {
+        let line = format!("k2_connections_refused_total{{reason=\"{reason}\"}} 1");
+        assert!(m.contains(&line), "missing {line}");
+    }
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut s = connect_from("127.0.0.3", proxy.addr).await;
+        match get(&mut s, "/checkout/e").await {
+            Some(r) => {
+                assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+                break;
+            }
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            None => panic!("a slot given back was not usable again"),
+        }
+    }
+}
+
+/// A body over the route's `max_body` gets 413 with the wire contract's
+/// JSON: declared (nothing reaches the backend) or streamed without a
+/// length (the backend sees at most an incomplete body). Under it passes.
+#[tokio::test]
+async fn bodies_over_max_body_get_413() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(&routes_toml(&[backend.addr], ROUTES), &policy_toml(&[])).await;
+    let c = client();
+
+    let r = c
+        .post(proxy.url("/upload/declared"))
+        .body(vec![b'x'; 5000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "payload_too_large");
+    assert_eq!(body["limit_bytes"], 1000);
+    assert!(backend.seen().iter().all(|s| s.path != "/upload/declared"));
+
+    let stream = futures_stream(
+        (0..5)
+            .map(|_| bytes::Bytes::from(vec![b'y'; 1000]))
+            .collect(),
+    );
+    let r = c
+        .post(proxy.url("/upload/streamed"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(
+        backend
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/upload/streamed")
+            .all(|s| s.body_len <= 1000),
+        "the backend got the whole oversized body"
+    );
+
+    let r = c
+        .post(proxy.url("/upload/small"))
+        .body(vec![b'z'; 800])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The default (10 MiB) lets an ordinary body through.
+    let r = c
+        .post(proxy.url("/checkout/pay"))
+        .body(vec![b'z'; 64 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = backend.seen();
+    let last = seen.iter().find(|s| s.path == "/checkout/pay").unwrap();
+    assert_eq!(last.body_len, 64 * 1024);
+}
+
+/// SIGTERM: `/healthz` turns 503 draining at once while the listener keeps
+/// serving for `drain_delay`; a request in flight finishes; then the
+/// listener stops and the process exits.
+#[tokio::test]
+async fn sigterm_drains_then_stops() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(&[backend.addr], "drain_delay = \"2s\""),
+        &policy_toml(&[]),
+    )
+    .await;
+    let c = client();
+    let h = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(h.status(), 200);
+    let slow = tokio::spawn({
+        let c = c.clone();
+        let url = proxy.url("/checkout/slow/2500");
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let term = Instant::now();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let h = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(h.status(), 503);
+    let body: serde_json::Value = h.json().await.unwrap();
+    assert_eq!(body["status"], "draining");
+    assert_eq!(proxy.status().await["draining"], true);
+    assert!(proxy.metrics().await.contains("k2_draining 1"));
+    // Still accepting during the drain delay, and telling clients to go.
+    let r = client()
+        .get(proxy.url("/checkout/during-drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers().get("connection").and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "the in-flight request was cut"
+    );
+    // After the delay the listener stops.
+    let deadline = term + Duration::from_secs(8);
+    loop {
+        if TcpStream::connect(proxy.addr).await.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still accepting 8 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped = term.elapsed();
+    assert!(
+        stopped >= Duration::from_millis(1800),
+        "stopped accepting {stopped:?} after SIGTERM, before drain_delay"
+    );
+}
