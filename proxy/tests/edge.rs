@@ -292,6 +292,43 @@ async fn bodies_over_max_body_get_413() {
     assert_eq!(last.body_len, 64 * 1024);
 }
 
+/// A client that stalls mid-upload is cut off after `header_timeout` of
+/// silence, and that counts against the client, not the backend: no
+/// upstream error, no ejection, no timeout sample for the limit.
+#[tokio::test]
+async fn a_stalled_upload_is_cut_off_and_not_held_against_the_backend() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(&[backend.addr], "header_timeout = \"1s\""),
+        &policy_toml(&[]),
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /checkout/stall HTTP/1.1\r\nhost: k2.test\r\ncontent-length: 10000\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&[b'x'; 100]).await.unwrap();
+    let start = Instant::now();
+    let (_, at) = read_to_close(&mut s).await;
+    let took = at - start;
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "a stalled upload was held {took:?}"
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "k2_upstream_errors_total"),
+        0.0,
+        "the client's stall counted against the backend:\n{}",
+        m.lines()
+            .filter(|l| l.starts_with("k2_upstream_errors_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let st = proxy.status().await;
+    assert_eq!(st["clusters"][0]["sites"][0]["backends"][0]["health"], "up");
+}
+
 /// SIGTERM: `/healthz` turns 503 draining at once while the listener keeps
 /// serving for `drain_delay`; a request in flight finishes; then the
 /// listener stops and the process exits.

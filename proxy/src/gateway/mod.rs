@@ -146,6 +146,12 @@ impl Gateway {
         let failure = match e.etype() {
             ErrorType::HTTPStatus(code) => Failure::Status(*code),
             ErrorType::ConnectTimedout => Failure::ConnectTimeout,
+            // A client that stalls its upload times out too: not the backend's.
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Downstream =>
+            {
+                Failure::Downstream
+            }
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
             ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => {
                 Failure::Connect
@@ -195,7 +201,11 @@ impl ProxyHttp for Gateway {
             edge.request_started(); // the head is in: header_timeout is met
         }
         ctx.request_id = Some(RequestId::of(&session.req_header().headers));
-        idle_timeout(session, ctx.gen.config.server.idle_timeout);
+        let server = &ctx.gen.config.server;
+        idle_timeout(session, server.idle_timeout);
+        // A body that stops arriving is cut off as soon as a head would be
+        // (pingora waits 60 s), so a stalled upload cannot hold a permit.
+        session.set_read_timeout(Some(server.header_timeout));
         if self.shared.draining.is_set() {
             // Clients reconnect through the balancer, to a node that stays.
             session.set_keepalive(None);
