@@ -299,6 +299,7 @@ mod tests {
             max_connections: None,
             max_connections_per_client: 1000,
             drain_delay: std::time::Duration::from_secs(5),
+            proxy_protocol_from: Vec::new(),
         };
         let mut b = a.clone();
         assert!(restart_needed(&a, &b).is_empty());

@@ -292,6 +292,91 @@ async fn bodies_over_max_body_get_413() {
     assert_eq!(last.body_len, 64 * 1024);
 }
 
+/// Behind a balancer in `proxy_protocol_from`, the PROXY header's client
+/// (v1 and v2) is the client: in x-forwarded-for and the access log. From
+/// the balancer without a header, the connection is refused; a PROXY line
+/// from anyone else never reaches the backend.
+#[tokio::test]
+async fn the_proxy_protocol_carries_the_client_from_trusted_balancers_only() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(&[backend.addr], "proxy_protocol_from = [\"127.0.0.2/32\"]"),
+        &policy_toml(&[]),
+    )
+    .await;
+    let send = |from: &'static str, preface: Vec<u8>, path: &'static str| {
+        let addr = proxy.addr;
+        async move {
+            let mut s = connect_from(from, addr).await;
+            s.write_all(&preface).await.unwrap();
+            get(&mut s, path).await
+        }
+    };
+    let v1 = b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\n".to_vec();
+    let r = send("127.0.0.2", v1.clone(), "/checkout/v1")
+        .await
+        .expect("served");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[198, 51, 100, 4, 127, 0, 0, 1, 0x1f, 0x90, 0, 80]);
+    let r = send("127.0.0.2", v2, "/checkout/v2").await.expect("served");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let seen = backend.seen();
+    let xff = |path: &str| {
+        let s = seen
+            .iter()
+            .find(|s| s.path == path)
+            .expect("reached the backend");
+        s.headers["x-forwarded-for"].to_str().unwrap().to_string()
+    };
+    assert_eq!(xff("/checkout/v1"), "203.0.113.9");
+    assert_eq!(xff("/checkout/v2"), "198.51.100.4");
+    assert!(proxy
+        .log_line("/checkout/v1")
+        .await
+        .contains("client=203.0.113.9"));
+
+    // The balancer without a header: refused.
+    assert_eq!(send("127.0.0.2", Vec::new(), "/checkout/bare").await, None);
+    // Anyone else's PROXY line: never a client address, never upstream.
+    let r = send("127.0.0.1", v1, "/checkout/spoof").await;
+    assert!(
+        r.as_deref().is_none_or(|r| r.starts_with("HTTP/1.1 400")),
+        "{r:?}"
+    );
+    assert!(backend
+        .seen()
+        .iter()
+        .all(|s| s.path != "/checkout/bare" && s.path != "/checkout/spoof"));
+    let m = proxy.metrics().await;
+    assert!(m.contains("k2_connections_refused_total{reason=\"proxy_protocol\"} 1"));
+}
+
+/// A request with both `content-length` and `transfer-encoding` (request
+/// smuggling's raw material) is refused with 400 and never reaches the
+/// backend.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_gets_400() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(&routes_toml(&[backend.addr], ROUTES), &policy_toml(&[])).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST /checkout/smuggle HTTP/1.1\r\nhost: k2.test\r\ncontent-length: 4\r\n\
+transfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /checkout/inner HTTP/1.1\r\nhost: k2.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (text, _) = read_to_close(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "answered {text:?}");
+    let seen = backend.seen();
+    assert!(
+        seen.iter()
+            .all(|s| !s.path.starts_with("/checkout/smuggle") && s.path != "/checkout/inner"),
+        "reached the backend: {:?}",
+        seen.iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+}
+
 /// A client that stalls mid-upload is cut off after `header_timeout` of
 /// silence, and that counts against the client, not the backend: no
 /// upstream error, no ejection, no timeout sample for the limit.

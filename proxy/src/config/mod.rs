@@ -153,6 +153,9 @@ pub struct Server {
     /// After SIGTERM: `/healthz` answers 503 draining and the listeners keep
     /// accepting for this long (so a balancer notices), then stop.
     pub drain_delay: Duration,
+    /// Balancers whose connections must start with a PROXY protocol header
+    /// (v1 or v2); the client address it carries is the client's.
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 /// One tier of the policy.

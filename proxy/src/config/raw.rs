@@ -49,6 +49,9 @@ pub struct ServerRaw {
     pub max_connections_per_client: Option<Spanned<i64>>,
     /// After SIGTERM, how long listeners keep accepting while `/healthz` says draining.
     pub drain_delay: Option<Spanned<String>>,
+    /// Balancers (CIDRs) whose connections start with a PROXY protocol header.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<Spanned<String>>,
 }
 
 /// `[clusters.<name>]`.

@@ -400,19 +400,25 @@ fn retries(c: &mut Check<'_>, raw: Option<&raw::RetriesRaw>) -> Retries {
 fn trust(c: &mut Check<'_>, raw: Option<&raw::TrustRaw>) -> Trust {
     let mut t = Trust::default();
     let Some(raw) = raw else { return t };
-    for cidr in &raw.tier_header_from {
+    t.tier_header_from = cidrs(c, &raw.tier_header_from, "tier_header_from");
+    t
+}
+
+/// A list of networks; a bare address is a /32 or /128.
+fn cidrs(c: &mut Check<'_>, list: &[Spanned<String>], field: &str) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for cidr in list {
         let s = cidr.get_ref().trim();
-        // A bare address is a /32 or /128.
         let parsed = IpNet::from_str(s).or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from));
         match parsed {
-            Ok(net) => t.tier_header_from.push(net),
+            Ok(net) => out.push(net),
             Err(_) => c.err(
                 cidr,
-                format!("invalid CIDR {s:?} in `tier_header_from`: expected an address or network, like \"10.0.0.0/8\" or \"127.0.0.1\""),
+                format!("invalid CIDR {s:?} in `{field}`: expected an address or network, like \"10.0.0.0/8\" or \"127.0.0.1\""),
             ),
         }
     }
-    t
+    out
 }
 
 fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
@@ -506,6 +512,7 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         max_connections,
         max_connections_per_client,
         drain_delay,
+        proxy_protocol_from: cidrs(c, &raw.proxy_protocol_from, "proxy_protocol_from"),
     }
 }
 

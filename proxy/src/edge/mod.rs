@@ -10,11 +10,15 @@
 //!   `[server].header_timeout` over the whole of a request's headers
 //!   (pingora's read timeout restarts on every byte, so a client trickling
 //!   headers would live forever).
+//! - [`proxy_protocol`]: a connection from `[server].proxy_protocol_from`
+//!   (an L4 balancer) starts with a PROXY header whose client address
+//!   becomes the connection's, before anything is counted.
 //! - [`drain`] turns SIGTERM into a drain: `/healthz` answers 503 while the
 //!   listeners keep accepting for `[server].drain_delay`, then pingora's
 //!   graceful shutdown lets in-flight requests finish.
 
 pub(crate) mod drain;
+pub(crate) mod proxy_protocol;
 pub(crate) mod stream;
 
 use std::collections::HashMap;
@@ -24,7 +28,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::protocols::Stream;
+use pingora::protocols::l4::socket::SocketAddr;
+use pingora::protocols::{SocketDigest, Stream};
 use pingora::server::ShutdownWatch;
 
 use crate::Shared;
@@ -48,16 +53,23 @@ pub(crate) fn default_max_connections(open_file_limit: Option<u64>) -> u32 {
 pub(crate) enum Refusal {
     MaxConnections,
     PerClient,
+    /// A trusted balancer's connection without a valid PROXY header.
+    ProxyProtocol,
 }
 
 impl Refusal {
-    pub(crate) const ALL: [Refusal; 2] = [Refusal::MaxConnections, Refusal::PerClient];
+    pub(crate) const ALL: [Refusal; 3] = [
+        Refusal::MaxConnections,
+        Refusal::PerClient,
+        Refusal::ProxyProtocol,
+    ];
 
     /// The `reason` label of `k2_connections_refused_total`.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Refusal::MaxConnections => "max_connections",
             Refusal::PerClient => "max_connections_per_client",
+            Refusal::ProxyProtocol => "proxy_protocol",
         }
     }
 }
@@ -146,36 +158,77 @@ impl<A> Edge<A> {
     }
 }
 
+/// The client's address behind a trusted balancer: read from the PROXY
+/// header and made the connection's peer address (x-forwarded-for, rate
+/// limits, the access log and the per-client count all use it). `Err` when
+/// the balancer sent no valid header in time.
+async fn proxied_client(
+    stream: &mut Stream,
+    within: std::time::Duration,
+) -> Result<Option<std::net::SocketAddr>, String> {
+    let header = tokio::time::timeout(within, proxy_protocol::read(stream))
+        .await
+        .map_err(|_| "no PROXY header within header_timeout".to_string())??;
+    let proxy_protocol::Header::Client(client) = header else {
+        return Ok(None);
+    };
+    let local = stream
+        .get_socket_digest()
+        .and_then(|d| d.local_addr().cloned());
+    let fd = {
+        let io: &dyn pingora::protocols::IO = stream.as_ref();
+        io.as_any()
+            .downcast_ref::<pingora::protocols::l4::stream::Stream>()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+    };
+    let digest = SocketDigest::from_raw_fd(fd.unwrap_or(-1));
+    let _ = digest.peer_addr.set(Some(SocketAddr::Inet(client)));
+    let _ = digest.local_addr.set(local);
+    stream.set_socket_digest(digest);
+    Ok(Some(client))
+}
+
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
     async fn process_new(
         self: &Arc<Self>,
-        stream: Stream,
+        mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let gen = self.shared.current.load();
+        let gen = self.shared.current.load_full();
         let server = &gen.config.server;
+        let refuse = |refusal: Refusal, client: Option<IpAddr>| {
+            self.shared
+                .metrics
+                .connections_refused
+                .with_label_values(&[refusal.as_str()])
+                .inc();
+            tracing::debug!(client = ?client, reason = refusal.as_str(), "connection refused");
+            None // dropping the stream closes it
+        };
+        let mut client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        if client.is_some_and(|ip| server.proxy_protocol_from.iter().any(|n| n.contains(&ip))) {
+            match proxied_client(&mut stream, server.header_timeout).await {
+                Ok(Some(carried)) => client = Some(carried.ip()),
+                Ok(None) => {}
+                Err(why) => {
+                    tracing::warn!(balancer = ?client, "{why}");
+                    return refuse(Refusal::ProxyProtocol, client);
+                }
+            }
+        }
         let max = server
             .max_connections
             .unwrap_or_else(|| default_max_connections(crate::process::open_file_limit()));
-        let client = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         let slot = match self.shared.connections.open(
             client,
             max as usize,
             server.max_connections_per_client,
         ) {
             Ok(slot) => slot,
-            Err(refusal) => {
-                self.shared
-                    .metrics
-                    .connections_refused
-                    .with_label_values(&[refusal.as_str()])
-                    .inc();
-                tracing::debug!(client = ?client, reason = refusal.as_str(), "connection refused");
-                return None; // dropping the stream closes it
-            }
+            Err(refusal) => return refuse(refusal, client),
         };
         let header_timeout = server.header_timeout;
         drop(gen);

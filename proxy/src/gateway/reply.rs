@@ -122,6 +122,9 @@ pub enum Reply {
     HeadersTooLarge { limit: usize },
     /// 413: the body (declared or streamed) is larger than the route's `max_body`.
     BodyTooLarge { limit: u64 },
+    /// 400: both `content-length` and `transfer-encoding` (the two could
+    /// frame the body differently here and at the backend: smuggling).
+    AmbiguousLength,
     /// 429: over a `[[rate_limit]]`.
     RateLimited { tier: TierId, retry_after_s: u64 },
     /// The tier's shed status (503 by default): never sent upstream.
@@ -150,6 +153,7 @@ impl Reply {
             | Reply::TooLargeToInspect
             | Reply::HeadersTooLarge { .. }
             | Reply::BodyTooLarge { .. }
+            | Reply::AmbiguousLength
             | Reply::Failed { .. } => Outcome::Error,
             Reply::RateLimited { .. } => Outcome::RateLimited,
             Reply::Shed { reason, .. } => Outcome::Shed(reason),
@@ -160,7 +164,7 @@ impl Reply {
     pub fn status(self, config: &Config) -> u16 {
         match self {
             Reply::NoRoute => 404,
-            Reply::BadBody(_) => 400,
+            Reply::BadBody(_) | Reply::AmbiguousLength => 400,
             Reply::TooLargeToInspect | Reply::BodyTooLarge { .. } => 413,
             Reply::HeadersTooLarge { .. } => 431,
             Reply::RateLimited { .. } => 429,
@@ -191,6 +195,7 @@ impl Reply {
                 | Reply::TooLargeToInspect
                 | Reply::HeadersTooLarge { .. }
                 | Reply::BodyTooLarge { .. }
+                | Reply::AmbiguousLength
                 | Reply::Failed { .. }
         )
     }
@@ -212,6 +217,11 @@ impl Reply {
                 "error": "request_header_fields_too_large",
                 "message": "the request line and headers are larger than this proxy accepts",
                 "limit_bytes": limit,
+            }),
+            Reply::AmbiguousLength => json!({
+                "error": "bad_request",
+                "reason": "content_length_with_transfer_encoding",
+                "message": "a request may declare content-length or transfer-encoding, not both",
             }),
             Reply::BodyTooLarge { limit } => json!({
                 "error": "payload_too_large",

@@ -58,6 +58,36 @@ fn declared_body(gen: &Generation, routed: Routed, headers: &HeaderMap) -> Resul
     }
 }
 
+/// Whether the request declared both `transfer-encoding` and
+/// `content-length`. pingora keeps the first and drops the second (RFC 9112
+/// §6.3, and closes the connection after); k2proxy refuses such a request
+/// outright, as a smuggling attempt, so the raw head is read for it.
+fn length_and_encoding(session: &Session) -> bool {
+    if !session
+        .req_header()
+        .headers
+        .contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return false;
+    }
+    match session.as_downstream().as_http1() {
+        Some(h1) => has_header(&h1.get_headers_raw_bytes(), b"content-length"),
+        None => session
+            .req_header()
+            .headers
+            .contains_key(http::header::CONTENT_LENGTH),
+    }
+}
+
+/// Whether the raw request head has a header called `name`.
+fn has_header(head: &[u8], name: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').skip(1).any(|line| {
+        line.iter()
+            .position(|&b| b == b':')
+            .is_some_and(|colon| line[..colon].trim_ascii().eq_ignore_ascii_case(name))
+    })
+}
+
 fn view(session: &Session) -> RequestView<'_> {
     let req = session.req_header();
     RequestView {
@@ -75,6 +105,9 @@ impl Gateway {
         let max = gen.config.server.max_header_bytes;
         if head_size(session.req_header()) > max {
             return Err(Reply::HeadersTooLarge { limit: max });
+        }
+        if length_and_encoding(session) {
+            return Err(Reply::AmbiguousLength);
         }
         let client = super::headers::client_ip(session);
         let routed = self.route(session, ctx, &gen).await?;
@@ -335,5 +368,19 @@ async fn inspect_body(session: &mut Session, inspect: &Inspect) -> Extract {
             Extract::NeedMore => return Extract::Bad(BadBody::NoMethodName),
             found => return found,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_header;
+
+    #[test]
+    fn has_header_reads_names_case_insensitively_and_skips_the_request_line() {
+        let head = b"POST /content-length: HTTP/1.1\r\nHost: a\r\nContent-Length : 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(has_header(head, b"content-length"));
+        assert!(has_header(head, b"transfer-encoding"));
+        let head = b"POST /content-length:x HTTP/1.1\r\nhost: a\r\nx-content-length: 4\r\n\r\n";
+        assert!(!has_header(head, b"content-length"));
     }
 }
