@@ -160,6 +160,84 @@ async fn headers_trickled_past_header_timeout_get_408_and_the_connection_closes(
     );
 }
 
+/// 2 000 slowloris connections from four addresses, each trickling a
+/// header line every 500 ms: every one is closed within header_timeout +
+/// 1 s of its first byte, and purchases during the attack are served in
+/// under 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_slowloris_connections_are_closed_in_time_and_purchases_flow() {
+    const CONNS: usize = 2000;
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(&[backend.addr], "header_timeout = \"2s\""),
+        &policy_toml(&[]),
+    )
+    .await;
+    let addr = proxy.addr;
+    let attack: Vec<_> = (0..CONNS)
+        .map(|i| {
+            tokio::spawn(async move {
+                let from = format!("127.0.0.{}", 2 + i % 4);
+                let mut s = connect_from(&from, addr).await;
+                let start = Instant::now();
+                s.write_all(b"GET /checkout/slowloris HTTP/1.1\r\n")
+                    .await
+                    .ok()?;
+                let mut buf = [0u8; 1024];
+                for k in 0..12 {
+                    tokio::select! {
+                        r = s.read(&mut buf) => match r {
+                            Ok(n) if n > 0 => continue, // the 408; EOF follows
+                            _ => return Some(start.elapsed()),
+                        },
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                            let line = format!("x-{k}: y\r\n");
+                            if s.write_all(line.as_bytes()).await.is_err() {
+                                return Some(start.elapsed());
+                            }
+                        }
+                    }
+                }
+                None // still open after 6 s
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = client();
+    let mut took = Vec::new();
+    for i in 0..10 {
+        let start = Instant::now();
+        let r = c
+            .post(proxy.url(&format!("/checkout/during-{i}")))
+            .body("pay")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        took.push(start.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    took.sort();
+    assert!(
+        took[5] < Duration::from_millis(100),
+        "purchases during the attack took {took:?}"
+    );
+    let mut lifetimes = Vec::new();
+    for a in attack {
+        lifetimes.push(a.await.unwrap());
+    }
+    let open = lifetimes.iter().filter(|l| l.is_none()).count();
+    assert_eq!(
+        open, 0,
+        "{open} of {CONNS} slowloris connections still open after 6 s"
+    );
+    let longest = lifetimes.iter().flatten().max().unwrap();
+    assert!(
+        *longest < Duration::from_secs(3),
+        "one lived {longest:?} (header_timeout 2 s)"
+    );
+}
+
 /// Past `max_connections_per_client` from one address, or `max_connections`
 /// in all, a new connection is closed at once; connections already open
 /// keep working, other addresses connect, the admin port answers, and a
@@ -414,13 +492,89 @@ async fn a_stalled_upload_is_cut_off_and_not_held_against_the_backend() {
     assert_eq!(st["clusters"][0]["sites"][0]["backends"][0]["health"], "up");
 }
 
-/// SIGTERM: `/healthz` turns 503 draining at once while the listener keeps
-/// serving for `drain_delay`; a request in flight finishes; then the
-/// listener stops and the process exits.
+/// A backend that passes health checks and never answers anything else.
+async fn healthy_but_hung() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if buf[..n].starts_with(b"GET /health ") {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    } // anything else: never answered
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Client faults are not counted against backends, but a backend's own
+/// are: one that hangs is still ejected after consecutive timeouts.
 #[tokio::test]
-async fn sigterm_drains_then_stops() {
+async fn a_hung_backend_is_still_ejected() {
+    let good = Backend::start("good").await;
+    let hung = healthy_but_hung().await;
+    let routes = routes_toml(&[hung, good.addr], ROUTES)
+        .replacen(
+            "connect_timeout = \"300ms\"",
+            "connect_timeout = \"300ms\"\noutlier = { consecutive_failures = 3, max_ejected_share = 0.5 }",
+            1,
+        )
+        .replacen("max_body = 1000", "max_body = 1000\ntimeout = \"200ms\"", 1);
+    let proxy = Proxy::start(&routes, &policy_toml(&[])).await;
+    let c = client();
+    for i in 0..10 {
+        let _ = c.get(proxy.url(&format!("/upload/{i}"))).send().await;
+    }
+    let st = proxy.status().await;
+    let backends = &st["clusters"][0]["sites"][0]["backends"];
+    let health = |addr: SocketAddr| {
+        backends
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["addr"] == addr.to_string())
+            .map(|b| b["health"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(health(hung).as_deref(), Some("ejected"), "{backends}");
+    assert_eq!(health(good.addr).as_deref(), Some("up"), "{backends}");
+}
+
+/// A request that outlives `idle_timeout` is not cut by it: the timeout is
+/// for connections with no request in progress.
+#[tokio::test]
+async fn a_busy_keepalive_connection_outlives_idle_timeout() {
     let backend = Backend::start("b1").await;
     let proxy = Proxy::start(
+        &with_server(&[backend.addr], "idle_timeout = \"1s\""),
+        &policy_toml(&[]),
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let r = get(&mut s, "/checkout/slow/2500").await.expect("answered");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = get(&mut s, "/checkout/next").await.expect("still open");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+/// SIGTERM under 200 purchases/s: `/healthz` turns 503 draining within
+/// 100 ms while the listener keeps serving for `drain_delay` (the load
+/// stops within it, as a balancer that saw the health check would), a
+/// request in flight finishes, no purchase fails, then the listener stops
+/// and the process exits within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_without_failing_a_purchase() {
+    let backend = Backend::start("b1").await;
+    let mut proxy = Proxy::start(
         &with_server(&[backend.addr], "drain_delay = \"2s\""),
         &policy_toml(&[]),
     )
@@ -429,41 +583,81 @@ async fn sigterm_drains_then_stops() {
     let h = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(h.status(), 200);
     let slow = tokio::spawn({
-        let c = c.clone();
-        let url = proxy.url("/checkout/slow/2500");
+        let (c, url) = (c.clone(), proxy.url("/checkout/slow/2500"));
         async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 200 purchases/s from 0.5 s before SIGTERM to 1.5 s after it.
+    let load = tokio::spawn({
+        let (c, base) = (c.clone(), proxy.url("/checkout/pay-"));
+        async move {
+            let mut sent = Vec::new();
+            for i in 0..400 {
+                let (c, url) = (c.clone(), format!("{base}{i}"));
+                sent.push(tokio::spawn(async move {
+                    c.post(url)
+                        .body("pay")
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                }));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut statuses = Vec::new();
+            for s in sent {
+                statuses.push(s.await.unwrap());
+            }
+            statuses
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let term = Instant::now();
     let ok = std::process::Command::new("kill")
         .args(["-TERM", &proxy.pid().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let h = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
-    assert_eq!(h.status(), 503);
-    let body: serde_json::Value = h.json().await.unwrap();
-    assert_eq!(body["status"], "draining");
+    let flipped = loop {
+        let h = c.get(proxy.admin_url("/healthz")).send().await.unwrap();
+        if h.status() == 503 {
+            let body: serde_json::Value = h.json().await.unwrap();
+            assert_eq!(body["status"], "draining");
+            break term.elapsed();
+        }
+        assert!(
+            term.elapsed() < Duration::from_secs(2),
+            "/healthz never turned 503"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        flipped < Duration::from_millis(100),
+        "/healthz turned 503 after {flipped:?}"
+    );
     assert_eq!(proxy.status().await["draining"], true);
     assert!(proxy.metrics().await.contains("k2_draining 1"));
-    // Still accepting during the drain delay, and telling clients to go.
     let r = client()
         .get(proxy.url("/checkout/during-drain"))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 200, "not serving during the drain delay");
     assert_eq!(
         r.headers().get("connection").and_then(|v| v.to_str().ok()),
         Some("close")
+    );
+    let statuses = load.await.unwrap();
+    let failed: Vec<_> = statuses.iter().filter(|s| !matches!(s, Ok(200))).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 400 purchases failed: {failed:?}",
+        failed.len()
     );
     assert_eq!(
         slow.await.unwrap().unwrap(),
         200,
         "the in-flight request was cut"
     );
-    // After the delay the listener stops.
+    // After the delay the listener stops, then the process exits.
     let deadline = term + Duration::from_secs(8);
     loop {
         if TcpStream::connect(proxy.addr).await.is_err() {
@@ -479,5 +673,11 @@ async fn sigterm_drains_then_stops() {
     assert!(
         stopped >= Duration::from_millis(1800),
         "stopped accepting {stopped:?} after SIGTERM, before drain_delay"
+    );
+    // drain_delay (2 s) + grace period (5 s) + runtime shutdown.
+    let exited = proxy.exited_within(Duration::from_secs(12)).await;
+    assert!(
+        exited.is_some(),
+        "still running 12 s after the listener stopped"
     );
 }

@@ -459,6 +459,18 @@ impl Proxy {
         self.child.id()
     }
 
+    /// How long the process took to exit, if it did within `within`.
+    pub async fn exited_within(&mut self, within: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Some(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// The directory holding `routes.toml` and `policy.toml`.
     pub fn dir(&self) -> &std::path::Path {
         self._dir.path()
