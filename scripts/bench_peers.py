@@ -194,7 +194,7 @@ def bare(upstream, wrap=()):
     return p, port
 
 
-def nginx(primary, backup=(), extra_server=""):
+def nginx(primary, backup=(), extra_server="", http_extra="", wrap=()):
     port = free_port()
     d = os.path.join(WORK, f"nginx-{port}")
     os.makedirs(os.path.join(d, "logs"), exist_ok=True)
@@ -207,7 +207,7 @@ error_log {d}/logs/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
-  client_body_temp_path {d}/body;
+{http_extra}  client_body_temp_path {d}/body;
   proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fastcgi;
   uwsgi_temp_path {d}/uwsgi;
@@ -227,7 +227,7 @@ http {{
 }}
 """
     open(os.path.join(d, "nginx.conf"), "w").write(conf)
-    p = start(["nginx", "-p", d, "-c", os.path.join(d, "nginx.conf")], f"nginx-{port}")
+    p = start([*wrap, "nginx", "-p", d, "-c", os.path.join(d, "nginx.conf")], f"nginx-{port}")
     wait_http(f"http://127.0.0.1:{port}/checkout/x", ok=lambda s: True)
     return p, port
 
@@ -697,6 +697,22 @@ def probe_loop(port, seconds, out):
     out.put(res)
 
 
+def open_fds(pid):
+    """Open files of `pid` and its children (nginx's workers)."""
+    pids = [pid]
+    try:
+        pids += [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        pass
+    n = 0
+    for q in pids:
+        try:
+            n += len(os.listdir(f"/proc/{q}/fd"))
+        except OSError:
+            pass
+    return n
+
+
 async def slowloris(port, pid, conns, seconds):
     """`conns` connections from 127.0.0.2, each sending a request line and
     then one header line every 5 s, reopened (after 1 s) when the proxy
@@ -743,7 +759,7 @@ async def slowloris(port, pid, conns, seconds):
     top, most_held, held_late = 0, 0, 0
     while time.monotonic() < end - 1:
         try:
-            top = max(top, len(os.listdir(f"/proc/{pid}/fd")))
+            top = max(top, open_fds(pid))
         except OSError:
             pass
         most_held = max(most_held, held[0])
@@ -770,14 +786,20 @@ def edge():
     """A slowloris client against k2proxy (and K2PROXY_B, a build before a
     change, side by side), each under `ulimit -n ATTACK_NOFILE`."""
     import asyncio
-    variants = [("k2proxy", None)] + ([("k2proxy B", K2PROXY_B)] if K2PROXY_B else [])
+    variants = [("k2proxy", None)] + ([("k2proxy B", K2PROXY_B)] if K2PROXY_B else []) + [("nginx", "nginx")]
     log(f"== edge: slowloris, {ATTACK_CONNS} connections from one address for {ATTACK_SECONDS:.0f} s, "
         f"k2proxy under ulimit -n {ATTACK_NOFILE}")
     runs = []
     for rnd in range(1, ROUNDS + 1):
         for name, binary in variants:
             sp, sim_port, _ = sim(8, "1ms", "legacy")
-            p, port = k2proxy([sim_port], binary=binary, wrap=("prlimit", f"--nofile={ATTACK_NOFILE}"))
+            wrap = ("prlimit", f"--nofile={ATTACK_NOFILE}")
+            if binary == "nginx":
+                # nginx's equivalent of header_timeout; it has no per-client
+                # limit on connections whose request is not read yet.
+                p, port = nginx([sim_port], http_extra="  client_header_timeout 10s;\n", wrap=wrap)
+            else:
+                p, port = k2proxy([sim_port], binary=binary, wrap=wrap)
             r = asyncio.run(slowloris(port, p.pid, ATTACK_CONNS, ATTACK_SECONDS))
             r.update(variant=name, round=rnd)
             runs.append(r)
