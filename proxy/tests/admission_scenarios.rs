@@ -4,6 +4,10 @@
 //! `tests/data/admission/*.toml` gives the load per phase and the expected
 //! `[min, max]` of what was measured; every miss of every file is reported
 //! before the test fails. Seeded: a run is repeatable.
+//!
+//! `ADMISSION_SCENARIOS=<dir>` runs another folder; `SIM_DEBUG=1` prints
+//! the limit sum and backend queue over time; `SIM_PRINT=key,key` prints
+//! those measurements of every phase (to compare two controllers).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -562,7 +566,15 @@ fn admission_scenarios_meet_their_expected_ranges() {
         let name = file.file_stem().unwrap().to_string_lossy().to_string();
         let measured = simulate(&s);
         println!("\n{name}: {}", s.description);
+        // SIM_PRINT=key,key: these measurements of every phase too, to
+        // compare two controllers on the same scenarios.
+        let extra = std::env::var("SIM_PRINT").unwrap_or_default();
         for (p, m) in s.phase.iter().zip(&measured) {
+            for key in extra.split(',').filter(|k| !k.is_empty()) {
+                if let Some(v) = m.get(key) {
+                    println!("  {:<10} {key:<32} {v:>10.3}  (SIM_PRINT)", p.name);
+                }
+            }
             for (key, [lo, hi]) in &p.expect {
                 let Some(v) = m.get(key) else {
                     misses.push(format!("{name}/{}: unknown measurement {key:?}", p.name));
