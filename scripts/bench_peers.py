@@ -23,7 +23,8 @@ results/peers-<stamp>.md and .json.
   fleet     N k2proxy behind an L4 balancer against N HAProxy (maxconn =
             workers / N), at FLEET_LOADS (docs/admission.md, "Fleets").
   edge      a slowloris client (ATTACK_CONNS connections from one address,
-            a header line every 5 s, ATTACK_SECONDS) while purchases flow;
+            a header line every 5 s, ATTACK_SECONDS; ATTACK_ADDRS addresses
+            for a flood past max_connections) while purchases flow;
             k2proxy under ulimit -n ATTACK_NOFILE (docs/operations.md).
 
 usage: bench_peers.py [overhead] [instructions] [overload] [failover] [fleet] [edge]
@@ -675,6 +676,10 @@ def fleet():
 ATTACK_CONNS = int(os.environ.get("ATTACK_CONNS", "5000"))
 ATTACK_SECONDS = float(os.environ.get("ATTACK_SECONDS", "40"))
 ATTACK_NOFILE = int(os.environ.get("ATTACK_NOFILE", "4096"))
+# Client addresses of the attack (127.0.0.2, .3, ...): 1 is a slowloris from
+# one machine; more spread it past max_connections_per_client, a flood that
+# meets max_connections.
+ATTACK_ADDRS = int(os.environ.get("ATTACK_ADDRS", "1"))
 
 
 def probe_loop(port, seconds, out):
@@ -714,7 +719,7 @@ def open_fds(pid):
 
 
 async def slowloris(port, pid, conns, seconds):
-    """`conns` connections from 127.0.0.2, each sending a request line and
+    """`conns` connections from ATTACK_ADDRS addresses, each sending a request line and
     then one header line every 5 s, reopened (after 1 s) when the proxy
     closes them; meanwhile `probe_loop` in another process. Bounded:
     everything stops after `seconds`."""
@@ -723,10 +728,10 @@ async def slowloris(port, pid, conns, seconds):
     end = time.monotonic() + seconds
     lived, held = [], [0]
 
-    async def attacker():
+    async def attacker(source):
         while time.monotonic() < end:
             try:
-                r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+                r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
             except OSError:
                 await asyncio.sleep(1.0)
                 continue
@@ -755,7 +760,7 @@ async def slowloris(port, pid, conns, seconds):
     out = multiprocessing.Queue()
     prober = multiprocessing.Process(target=probe_loop, args=(port, seconds, out))
     prober.start()
-    tasks = [asyncio.ensure_future(attacker()) for _ in range(conns)]
+    tasks = [asyncio.ensure_future(attacker(f"127.0.0.{2 + i % ATTACK_ADDRS}")) for i in range(conns)]
     top, most_held, held_late = 0, 0, 0
     while time.monotonic() < end - 1:
         try:
@@ -787,7 +792,7 @@ def edge():
     change, side by side), each under `ulimit -n ATTACK_NOFILE`."""
     import asyncio
     variants = [("k2proxy", None)] + ([("k2proxy B", K2PROXY_B)] if K2PROXY_B else []) + [("nginx", "nginx")]
-    log(f"== edge: slowloris, {ATTACK_CONNS} connections from one address for {ATTACK_SECONDS:.0f} s, "
+    log(f"== edge: slowloris, {ATTACK_CONNS} connections from {ATTACK_ADDRS} address(es) for {ATTACK_SECONDS:.0f} s, "
         f"k2proxy under ulimit -n {ATTACK_NOFILE}")
     runs = []
     for rnd in range(1, ROUNDS + 1):
@@ -808,7 +813,7 @@ def edge():
                 f"(lifetime p50 {r['attack_lifetime_p50_s']}); max fds {r['max_fds']}")
             stop(p)
             stop(sp)
-    md = [f"### Edge: slowloris ({ATTACK_CONNS} connections from one address, a header line every 5 s, "
+    md = [f"### Edge: slowloris ({ATTACK_CONNS} connections from {ATTACK_ADDRS} address(es), a header line every 5 s, "
           f"reopened 1 s after a close, {ATTACK_SECONDS:.0f} s; a purchase every 100 ms from another address; "
           f"k2proxy under ulimit -n {ATTACK_NOFILE}; median of {ROUNDS} rounds)", "",
           "| proxy | purchases ok | purchase p50 / p99 ms | attack connections held (max / near the end) | attack connections closed by the proxy | their lifetime p50 s | max open fds |",

@@ -238,6 +238,58 @@ async fn two_thousand_slowloris_connections_are_closed_in_time_and_purchases_flo
     );
 }
 
+/// A flood of slow heads from many addresses fills `max_connections`: a
+/// new connection then closes the one whose head has been arriving longest
+/// (over a second) instead of being refused, so real clients get in.
+#[tokio::test]
+async fn past_max_connections_the_slowest_head_makes_room_for_a_new_client() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(&[backend.addr], "max_connections = 20"),
+        &policy_toml(&[]),
+    )
+    .await;
+    let mut slow = Vec::new();
+    for i in 0..20 {
+        let mut s = connect_from(&format!("127.0.0.{}", 2 + i % 10), proxy.addr).await;
+        s.write_all(b"GET /checkout/slow HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for i in 0..3 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        let r = get(&mut s, &format!("/checkout/real-{i}")).await;
+        assert!(
+            r.as_deref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+            "a real client was refused while slow heads held every slot: {r:?}"
+        );
+    }
+    let m = proxy.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "k2_connections_refused_total{reason=\"slow_head_evicted\""
+        ) >= 2.0,
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let mut closed = 0;
+    for s in &mut slow {
+        let mut buf = [0u8; 16];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 2, "{closed} slow heads were closed");
+}
+
 /// Past `max_connections_per_client` from one address, or `max_connections`
 /// in all, a new connection is closed at once; connections already open
 /// keep working, other addresses connect, the admin port answers, and a
@@ -575,7 +627,7 @@ async fn a_busy_keepalive_connection_outlives_idle_timeout() {
 async fn sigterm_under_load_drains_without_failing_a_purchase() {
     let backend = Backend::start("b1").await;
     let mut proxy = Proxy::start(
-        &with_server(&[backend.addr], "drain_delay = \"2s\""),
+        &with_server(&[backend.addr], "drain_delay = \"3s\""),
         &policy_toml(&[]),
     )
     .await;
@@ -586,13 +638,20 @@ async fn sigterm_under_load_drains_without_failing_a_purchase() {
         let (c, url) = (c.clone(), proxy.url("/checkout/slow/2500"));
         async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
     });
-    // 200 purchases/s from 0.5 s before SIGTERM to 1.5 s after it.
+    // 200 purchases/s for 2 s: from 0.5 s before SIGTERM to 1.5 s after it,
+    // inside the 3 s drain delay.
     let load = tokio::spawn({
         let (c, base) = (c.clone(), proxy.url("/checkout/pay-"));
         async move {
             let mut sent = Vec::new();
-            for i in 0..400 {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let stop = Instant::now() + Duration::from_secs(2);
+            let mut i = 0;
+            while Instant::now() < stop {
+                tick.tick().await;
                 let (c, url) = (c.clone(), format!("{base}{i}"));
+                i += 1;
                 sent.push(tokio::spawn(async move {
                     c.post(url)
                         .body("pay")
@@ -600,7 +659,6 @@ async fn sigterm_under_load_drains_without_failing_a_purchase() {
                         .await
                         .map(|r| r.status().as_u16())
                 }));
-                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let mut statuses = Vec::new();
             for s in sent {
@@ -671,10 +729,10 @@ async fn sigterm_under_load_drains_without_failing_a_purchase() {
     }
     let stopped = term.elapsed();
     assert!(
-        stopped >= Duration::from_millis(1800),
+        stopped >= Duration::from_millis(2800),
         "stopped accepting {stopped:?} after SIGTERM, before drain_delay"
     );
-    // drain_delay (2 s) + grace period (5 s) + runtime shutdown.
+    // drain_delay (3 s) + grace period (5 s) + runtime shutdown.
     let exited = proxy.exited_within(Duration::from_secs(12)).await;
     assert!(
         exited.is_some(),

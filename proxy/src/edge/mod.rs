@@ -21,10 +21,13 @@ pub(crate) mod drain;
 pub(crate) mod proxy_protocol;
 pub(crate) mod stream;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use atomic_waker::AtomicWaker;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -34,6 +37,11 @@ use pingora::server::ShutdownWatch;
 
 use crate::Shared;
 use stream::EdgeStream;
+
+/// Past `max_connections`, a connection whose head has been arriving for
+/// this long (or half of `header_timeout`, if shorter) is closed to make
+/// room for a new one.
+const MIN_HEAD_AGE: Duration = Duration::from_secs(1);
 
 /// File descriptors kept for everything but client connections: admin
 /// connections, health checks, config files, logs.
@@ -55,13 +63,17 @@ pub(crate) enum Refusal {
     PerClient,
     /// A trusted balancer's connection without a valid PROXY header.
     ProxyProtocol,
+    /// Not a refusal of the new connection: an open one still sending its
+    /// head was closed to make room for it.
+    SlowHeadEvicted,
 }
 
 impl Refusal {
-    pub(crate) const ALL: [Refusal; 3] = [
+    pub(crate) const ALL: [Refusal; 4] = [
         Refusal::MaxConnections,
         Refusal::PerClient,
         Refusal::ProxyProtocol,
+        Refusal::SlowHeadEvicted,
     ];
 
     /// The `reason` label of `k2_connections_refused_total`.
@@ -70,44 +82,117 @@ impl Refusal {
             Refusal::MaxConnections => "max_connections",
             Refusal::PerClient => "max_connections_per_client",
             Refusal::ProxyProtocol => "proxy_protocol",
+            Refusal::SlowHeadEvicted => "slow_head_evicted",
         }
     }
 }
 
-/// Client connections open now, in total and per address.
-#[derive(Debug, Default)]
+/// Client connections open now, in total and per address, and those still
+/// receiving a request head (the first to go when the total is reached).
+#[derive(Debug)]
 pub(crate) struct Connections {
     open: AtomicUsize,
     per_client: Mutex<HashMap<IpAddr, u32>>,
+    /// Heads in arrival order; an entry whose connection finished that head
+    /// (or closed) is stale and dropped when met.
+    heads: Mutex<VecDeque<HeadEntry>>,
+    epoch: Instant,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            open: AtomicUsize::new(0),
+            per_client: Mutex::new(HashMap::new()),
+            heads: Mutex::new(VecDeque::new()),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// How a connection can be closed from outside: past `max_connections` the
+/// connection whose head has been arriving longest is closed to make room.
+#[derive(Debug, Default)]
+pub(crate) struct Eviction {
+    /// When the current head began (nanoseconds after the epoch, plus one);
+    /// 0 between heads.
+    head_since: AtomicU64,
+    evicted: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Eviction {
+    /// The head is complete: no longer a candidate.
+    pub(crate) fn head_done(&self) {
+        self.head_since.store(0, Ordering::Release);
+    }
+
+    /// Whether the connection was chosen to make room; registers the
+    /// reading task to be woken when it is.
+    pub(crate) fn poll_evicted(&self, cx: &std::task::Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        self.evicted.load(Ordering::Acquire)
+    }
+
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+#[derive(Debug)]
+struct HeadEntry {
+    since: u64,
+    who: Weak<Eviction>,
+}
+
+impl HeadEntry {
+    /// The connection is alive and still in this head.
+    fn current(&self) -> Option<Arc<Eviction>> {
+        self.who
+            .upgrade()
+            .filter(|w| w.head_since.load(Ordering::Acquire) == self.since)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Connections {
-    /// Counts a new connection from `client` if both limits allow it; the
-    /// slot gives it back when dropped.
+    /// Counts a new connection from `client` if the limits allow it: past
+    /// `max`, by closing the connection whose head has been arriving for
+    /// longest, if for at least `min_head_age` (a slowloris' connection;
+    /// a real client's head takes milliseconds). The slot gives the count
+    /// back when dropped; `true` with it when a connection was evicted.
     pub(crate) fn open(
         self: &Arc<Self>,
         client: Option<IpAddr>,
         max: usize,
         per_client: u32,
-    ) -> Result<Slot, Refusal> {
-        if self.open.fetch_add(1, Ordering::AcqRel) >= max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::MaxConnections);
-        }
+        min_head_age: Duration,
+    ) -> Result<(Slot, bool), Refusal> {
         if let Some(ip) = client {
-            let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = lock(&self.per_client);
             let n = map.entry(ip).or_insert(0);
             if *n >= per_client {
-                drop(map);
-                self.open.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refusal::PerClient);
             }
             *n += 1;
         }
-        Ok(Slot {
+        let slot = Slot {
             conns: self.clone(),
             client,
-        })
+        };
+        let n = self.open.fetch_add(1, Ordering::AcqRel);
+        if n < max {
+            return Ok((slot, false));
+        }
+        // Evicted connections take a moment to close: bound the overshoot.
+        if n < max + max / 8 + 1 && self.evict_slowest_head(min_head_age) {
+            return Ok((slot, true));
+        }
+        Err(Refusal::MaxConnections) // dropping the slot gives both counts back
     }
 
     /// Client connections open now.
@@ -115,10 +200,46 @@ impl Connections {
         self.open.load(Ordering::Acquire)
     }
 
+    /// `who` starts receiving a request head.
+    pub(crate) fn head_started(&self, who: &Arc<Eviction>) {
+        let since = self.epoch.elapsed().as_nanos() as u64 + 1;
+        who.head_since.store(since, Ordering::Release);
+        let mut heads = lock(&self.heads);
+        while heads.front().is_some_and(|e| e.current().is_none()) {
+            heads.pop_front();
+        }
+        // A slow head at the front keeps finished ones behind it: compact.
+        if heads.len() > 64 && heads.len() > 2 * self.count() {
+            heads.retain(|e| e.current().is_some());
+        }
+        heads.push_back(HeadEntry {
+            since,
+            who: Arc::downgrade(who),
+        });
+    }
+
+    fn evict_slowest_head(&self, min_age: Duration) -> bool {
+        let now = self.epoch.elapsed().as_nanos() as u64 + 1;
+        let mut heads = lock(&self.heads);
+        while let Some(front) = heads.front() {
+            let Some(who) = front.current() else {
+                heads.pop_front();
+                continue;
+            };
+            if now.saturating_sub(front.since) < min_age.as_nanos() as u64 {
+                return false;
+            }
+            heads.pop_front();
+            who.evict();
+            return true;
+        }
+        false
+    }
+
     fn close(&self, client: Option<IpAddr>) {
         self.open.fetch_sub(1, Ordering::AcqRel);
         if let Some(ip) = client {
-            let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = lock(&self.per_client);
             if let Some(n) = map.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
@@ -134,6 +255,12 @@ impl Connections {
 pub(crate) struct Slot {
     conns: Arc<Connections>,
     client: Option<IpAddr>,
+}
+
+impl Slot {
+    pub(crate) fn connections(&self) -> &Arc<Connections> {
+        &self.conns
+    }
 }
 
 impl Drop for Slot {
@@ -222,12 +349,23 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
         let max = server
             .max_connections
             .unwrap_or_else(|| default_max_connections(crate::process::open_file_limit()));
+        let min_head_age = (server.header_timeout / 2).min(MIN_HEAD_AGE);
         let slot = match self.shared.connections.open(
             client,
             max as usize,
             server.max_connections_per_client,
+            min_head_age,
         ) {
-            Ok(slot) => slot,
+            Ok((slot, evicted)) => {
+                if evicted {
+                    self.shared
+                        .metrics
+                        .connections_refused
+                        .with_label_values(&[Refusal::SlowHeadEvicted.as_str()])
+                        .inc();
+                }
+                slot
+            }
             Err(refusal) => return refuse(refusal, client),
         };
         let header_timeout = server.header_timeout;

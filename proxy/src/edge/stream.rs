@@ -26,7 +26,7 @@ use pingora::protocols::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::Slot;
+use super::{Eviction, Slot};
 use crate::Shared;
 
 /// Waiting for the head of a request (deadline armed).
@@ -54,8 +54,10 @@ pub(crate) struct EdgeStream {
     deadline: Pin<Box<Sleep>>,
     /// Bytes of the current head arrived (so a timeout answers 408).
     head_started: bool,
+    /// Past `max_connections`, the slowest head is closed to make room.
+    eviction: Arc<Eviction>,
     shared: Arc<Shared>,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl std::fmt::Debug for EdgeStream {
@@ -74,14 +76,17 @@ impl EdgeStream {
         slot: Slot,
         shared: Arc<Shared>,
     ) -> Self {
+        let eviction = Arc::new(Eviction::default());
+        slot.connections().head_started(&eviction);
         EdgeStream {
             inner,
             phase: AtomicU8::new(HEAD),
             header_timeout,
             deadline: Box::pin(tokio::time::sleep(header_timeout)),
             head_started: false,
+            eviction,
             shared,
-            _slot: slot,
+            slot,
         }
     }
 
@@ -94,6 +99,7 @@ impl EdgeStream {
     /// The request head is complete: no deadline while it is handled.
     pub(crate) fn request_started(&self) {
         self.phase.store(REQUEST, Ordering::Release);
+        self.eviction.head_done();
     }
 
     /// The request is answered; the next byte starts a new head.
@@ -130,6 +136,12 @@ impl AsyncRead for EdgeStream {
         if phase == REQUEST {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
+        if phase != REQUEST && this.eviction.poll_evicted(cx) {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "closed to make room past max_connections: the request head was arriving too slowly",
+            )));
+        }
         if phase == HEAD && this.deadline.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(this.expire(cx)));
         }
@@ -141,6 +153,7 @@ impl AsyncRead for EdgeStream {
                 this.phase.store(HEAD, Ordering::Release);
                 let at = Instant::now() + this.header_timeout;
                 this.deadline.as_mut().reset(at);
+                this.slot.connections().head_started(&this.eviction);
             }
         }
         read
