@@ -405,19 +405,48 @@ mod tests {
         let conns = Arc::new(Connections::default());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let s1 = conns.open(Some(a), 3, 2).unwrap();
-        let s2 = conns.open(Some(a), 3, 2).unwrap();
-        assert_eq!(conns.open(Some(a), 3, 2).unwrap_err(), Refusal::PerClient);
-        let s3 = conns.open(Some(b), 3, 2).unwrap();
-        assert_eq!(
-            conns.open(Some(b), 3, 2).unwrap_err(),
-            Refusal::MaxConnections
-        );
+        let open = |ip| conns.open(Some(ip), 3, 2, Duration::from_secs(1));
+        let (s1, _) = open(a).unwrap();
+        let (s2, _) = open(a).unwrap();
+        assert_eq!(open(a).unwrap_err(), Refusal::PerClient);
+        let (s3, _) = open(b).unwrap();
+        assert_eq!(open(b).unwrap_err(), Refusal::MaxConnections);
         assert_eq!(conns.count(), 3);
+        assert_eq!(
+            conns.per_client.lock().unwrap()[&b],
+            1,
+            "a refusal gives its count back"
+        );
         drop(s1);
-        let _s4 = conns.open(Some(a), 3, 2).unwrap();
+        let _s4 = open(a).unwrap();
         drop((s2, s3));
         assert_eq!(conns.count(), 1);
         assert_eq!(conns.per_client.lock().unwrap().get(&b), None);
+    }
+
+    #[test]
+    fn past_the_limit_the_oldest_slow_head_makes_room() {
+        let conns = Arc::new(Connections::default());
+        let age = Duration::from_millis(30);
+        let open = || conns.open(None, 2, 10, age);
+        let (slow, _) = open().unwrap();
+        let (quick, _) = open().unwrap();
+        let slow_e = Arc::new(Eviction::default());
+        let quick_e = Arc::new(Eviction::default());
+        conns.head_started(&slow_e);
+        conns.head_started(&quick_e);
+        // Too young to be a slowloris: the newcomer is refused.
+        assert_eq!(open().unwrap_err(), Refusal::MaxConnections);
+        std::thread::sleep(Duration::from_millis(40));
+        quick_e.head_done(); // a real client: its head came in
+        let (third, evicted) = open().unwrap();
+        assert!(evicted);
+        assert!(slow_e.evicted.load(Ordering::Acquire), "the slow head goes");
+        assert!(!quick_e.evicted.load(Ordering::Acquire));
+        drop((slow, quick, third));
+        // No head left to evict: past the limit, refused again.
+        let (_a, _) = open().unwrap();
+        let (_b, _) = open().unwrap();
+        assert_eq!(open().unwrap_err(), Refusal::MaxConnections);
     }
 }
