@@ -31,6 +31,9 @@ impl std::fmt::Debug for TierMetrics {
 const OUTCOMES: [&str; Outcome::COUNT] = Outcome::LABELS;
 
 /// `code_class` label values of `k2_requests_total`, see [`code_class`].
+/// The `kind` label of `k2_upstream_errors_total`.
+pub const UPSTREAM_ERROR_KINDS: [&str; 3] = ["connect", "timeout", "other"];
+
 pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// The `k2_requests_total` series of one config, by index: (route or none,
@@ -67,6 +70,29 @@ impl RequestCounters {
             tiers,
             cells: (0..n).map(|_| std::sync::OnceLock::new()).collect(),
         }
+    }
+
+    /// Creates at 0 the series a route's requests usually end in (answered
+    /// 2xx/4xx/5xx, shed, rate limited, failed) for each (route, tier), and
+    /// unrouted requests', so dashboards show 0 before the first of each.
+    pub fn precreate(&self, routes: impl IntoIterator<Item = (usize, usize)>) {
+        let class = |c: &str| CODE_CLASSES.iter().position(|x| *x == c).unwrap_or(5);
+        for (route, tier) in routes {
+            for (outcome, c) in [
+                (Outcome::Proxied, "2xx"),
+                (Outcome::Proxied, "4xx"),
+                (Outcome::Proxied, "5xx"),
+                (
+                    Outcome::Shed(crate::admission::gate::ShedReason::Forced),
+                    "5xx",
+                ),
+                (Outcome::RateLimited, "4xx"),
+                (Outcome::Error, "5xx"),
+            ] {
+                self.get(Some(route), Some(tier), outcome, class(c));
+            }
+        }
+        self.get(None, None, Outcome::NoRoute, class("4xx"));
     }
 
     /// The counter of (`route`, `tier`, `outcome`, `CODE_CLASSES[class]`);
@@ -252,12 +278,33 @@ impl Metrics {
         m
     }
 
-    /// Creates at 0 the series of every pair of sites of `config` (failover,
-    /// spill, cross-site retry), so the first event shows in
-    /// `increase()`/`changes()` (a counter first seen at 1 would hide it).
-    pub fn precreate_site_pairs(&self, config: &Config) {
+    /// Creates at 0 the series of every known label value of `config`
+    /// (tiers, sites and their pairs, clusters, reasons, kinds), at start and
+    /// after each reload: a counter first seen at 1 hides its first event
+    /// from `increase()`/`changes()`, and a dashboard shows "No data" for a
+    /// series that was never created.
+    pub fn precreate(&self, config: &Config) {
+        for t in &config.tiers {
+            for reason in crate::admission::gate::ShedReason::ALL {
+                self.shed
+                    .with_label_values(&[t.name.as_str(), reason.as_str()]);
+            }
+            self.shed
+                .with_label_values(&[t.name.as_str(), "rate_limited"]);
+        }
         for c in &config.clusters {
+            for reason in crate::gateway::RetryReason::ALL {
+                self.retries
+                    .with_label_values(&[c.name.as_str(), reason.as_str()]);
+            }
             for from in &c.sites {
+                for kind in UPSTREAM_ERROR_KINDS {
+                    self.upstream_errors.with_label_values(&[
+                        c.name.as_str(),
+                        from.name.as_str(),
+                        kind,
+                    ]);
+                }
                 for to in c.sites.iter().filter(|to| to.name != from.name) {
                     let labels = [c.name.as_str(), from.name.as_str(), to.name.as_str()];
                     self.failovers.with_label_values(&labels);

@@ -366,3 +366,75 @@ cluster = "kred"
         }
     }
 }
+
+/// The metric names an expression reads (`k2_…` and `process_…`; recording
+/// rules, `k2:…`, are made from these).
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts = expr[i..].starts_with("k2_") || expr[i..].starts_with("process_");
+        let boundary = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if starts && boundary {
+            let end = expr[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(expr.len(), |n| i + n);
+            out.insert(expr[i..end].to_string());
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Every metric the dashboard and the alerts read is exported by a freshly
+/// started, idle k2proxy (labelled counters at 0 for every known label
+/// value), so a calm day shows 0, not "No data", and `increase()` has a
+/// first point to compare with.
+#[tokio::test]
+async fn every_metric_the_dashboard_and_alerts_read_exists_on_an_idle_proxy() {
+    let (b1, b2) = (Backend::start("b1").await, Backend::start("b2").await);
+    // Two sites, as every deployment has (failover series are per pair).
+    let routes = routes_toml(
+        &[b1.addr],
+        &format!(
+            "[[clusters.main.sites]]\nname = \"secondary-site\"\nrole = \"secondary\"\nbackends = [\"{}\"]\n\n\
+             [[routes]]\nname = \"checkout\"\nmatch = {{ path_prefix = \"/checkout/\" }}\ntier = \"purchase\"\ncluster = \"main\"\n",
+            b2.addr
+        ),
+    );
+    let proxy = Proxy::start(&routes, &policy_toml(&[])).await;
+    let text = proxy.metrics().await;
+    let mut names = BTreeSet::new();
+    for e in dashboard_exprs(&dashboard())
+        .iter()
+        .chain(alert_exprs().iter())
+    {
+        names.extend(metric_names(e));
+    }
+    assert!(names.len() > 10, "found only {names:?}");
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| {
+            !text.lines().any(|l| {
+                !l.starts_with('#')
+                    && (l.starts_with(&format!("{n}{{")) || l.starts_with(&format!("{n} ")))
+            })
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not exported by an idle k2proxy: {missing:?}"
+    );
+    for series in [
+        r#"k2_shed_total{reason="queue_timeout",tier="purchase"} 0"#,
+        r#"k2_retries_total{cluster="main",reason="connect"} 0"#,
+        r#"k2_upstream_errors_total{cluster="main",kind="timeout",site="primary-site"} 0"#,
+        r#"k2_requests_total{code_class="2xx",outcome="proxied",route="checkout",tier="purchase"} 0"#,
+        r#"k2_requests_total{code_class="5xx",outcome="shed",route="checkout",tier="purchase"} 0"#,
+    ] {
+        assert!(text.contains(series), "missing at 0: {series}");
+    }
+}

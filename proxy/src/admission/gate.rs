@@ -29,6 +29,14 @@ pub enum ShedReason {
 }
 
 impl ShedReason {
+    pub const ALL: [ShedReason; 5] = [
+        ShedReason::Forced,
+        ShedReason::ShedLevel,
+        ShedReason::QueueTimeout,
+        ShedReason::QueueFull,
+        ShedReason::NoHealthySite,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ShedReason::Forced => "forced",

@@ -34,7 +34,8 @@ pub(crate) use ctx::Ctx;
 use headers::{client_ip, forwarded_for, name, RequestId, X_FORWARDED_FOR};
 pub(crate) use reply::Outcome;
 use reply::{Failure, Reply};
-use retry::{Attempt, RetryReason, Stage};
+pub(crate) use retry::RetryReason;
+use retry::{Attempt, Stage};
 
 /// Bounds how long a kept-alive connection may wait for its next request:
 /// pingora keeps an HTTP/1.1 connection open without limit (`Some(0)`) or

@@ -22,6 +22,12 @@ pub enum RetryReason {
 }
 
 impl RetryReason {
+    pub const ALL: [RetryReason; 3] = [
+        RetryReason::Connect,
+        RetryReason::Idempotent,
+        RetryReason::IdempotencyKey,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RetryReason::Connect => "connect",

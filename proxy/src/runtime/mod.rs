@@ -77,7 +77,14 @@ impl Generation {
         let routes: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
         let tiers: Vec<&str> = config.tiers.iter().map(|t| t.name.as_str()).collect();
         let request_counters = RequestCounters::new(&metrics.requests, &routes, &tiers);
-        metrics.precreate_site_pairs(&config);
+        metrics.precreate(&config);
+        request_counters.precreate(
+            config
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i, r.tier.0 as usize)),
+        );
         Generation {
             number: prev.map_or(1, |p| p.number + 1),
             config: Arc::new(config),
