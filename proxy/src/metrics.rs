@@ -132,6 +132,9 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// `k2_request_duration_seconds{tier}`.
     pub request_duration: HistogramVec,
+    /// `k2_upstream_duration_seconds{cluster,site}`: request sent to
+    /// response header, per try.
+    pub upstream_duration: HistogramVec,
     /// `k2_config_generation`: bumps on every config that takes effect.
     pub config_generation: IntGauge,
     /// `k2_config_reloads_total{result}`.
@@ -244,6 +247,7 @@ impl Metrics {
         let m = Metrics {
             requests: counters(&r, "k2_requests_total", "Requests by route, tier, outcome and status class.", &["route", "tier", "outcome", "code_class"]),
             request_duration: histograms(&r, "k2_request_duration_seconds", "Time from request arrival to the end of the response, by tier.", &["tier"]),
+            upstream_duration: histograms(&r, "k2_upstream_duration_seconds", "Time from sending a request to a backend to its response header (the backend's latency, without k2proxy's queue), by cluster and site.", site),
             config_generation,
             config_reloads: counters(&r, "k2_config_reloads_total", "Config reload attempts by result (ok, error).", &["result"]),
             upstream_errors: counters(&r, "k2_upstream_errors_total", "Requests that failed at the backend, by cluster, site and kind (connect, timeout, other).", &["cluster", "site", "kind"]),

@@ -519,3 +519,24 @@ async fn an_idle_keepalive_connection_is_closed_after_idle_timeout() {
         "closed after {closed_after:?}, expected about 1 s"
     );
 }
+
+/// Each try's backend latency (sent to response header) is recorded per
+/// cluster and site.
+#[tokio::test]
+async fn backend_latency_is_recorded_per_site() {
+    let (_backend, proxy) = setup(&[]).await;
+    let r = client()
+        .get(proxy.url("/checkout/slow/120"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m = proxy.metrics().await;
+    let labels = r#"{cluster="main",site="primary-site"}"#;
+    assert_eq!(
+        metric_sum(&m, &format!("k2_upstream_duration_seconds_count{labels}")),
+        1.0
+    );
+    let sum = metric_sum(&m, &format!("k2_upstream_duration_seconds_sum{labels}"));
+    assert!((0.12..1.0).contains(&sum), "latency sum {sum}");
+}

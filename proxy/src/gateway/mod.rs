@@ -354,9 +354,20 @@ impl ProxyHttp for Gateway {
             ctx.outcome = Outcome::Proxied;
             // Time to the response header: the backend's own latency, without
             // our queueing. A backend 503 means it is past its knee.
-            let sample = match (status, ctx.tries.sent) {
+            let latency = ctx.tries.sent.map(|sent| sent.elapsed());
+            if let (Some(l), Some(r), Some(site)) = (latency, ctx.routed, ctx.tries.site) {
+                if let Some(h) = ctx
+                    .gen
+                    .upstream_duration
+                    .get(r.cluster.0 as usize)
+                    .and_then(|c| c.get(site))
+                {
+                    h.observe(l.as_secs_f64());
+                }
+            }
+            let sample = match (status, latency) {
                 (503, _) => Sample::Congestion,
-                (_, Some(sent)) => Sample::Latency(sent.elapsed()),
+                (_, Some(l)) => Sample::Latency(l),
                 (_, None) => Sample::Ignored,
             };
             if let Some(p) = ctx.admitted.as_mut().and_then(|a| a.permit.as_mut()) {

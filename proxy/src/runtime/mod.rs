@@ -51,6 +51,8 @@ pub struct Generation {
     pub tier_metrics: Vec<TierMetrics>,
     /// `k2_requests_total` by route, tier, outcome and code class.
     pub request_counters: RequestCounters,
+    /// `k2_upstream_duration_seconds`, `[cluster][site]`.
+    pub upstream_duration: Vec<Vec<prometheus::Histogram>>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -85,7 +87,22 @@ impl Generation {
                 .enumerate()
                 .map(|(i, r)| (i, r.tier.0 as usize)),
         );
+        let upstream_duration = config
+            .clusters
+            .iter()
+            .map(|c| {
+                c.sites
+                    .iter()
+                    .map(|s| {
+                        metrics
+                            .upstream_duration
+                            .with_label_values(&[c.name.as_str(), s.name.as_str()])
+                    })
+                    .collect()
+            })
+            .collect();
         Generation {
+            upstream_duration,
             number: prev.map_or(1, |p| p.number + 1),
             config: Arc::new(config),
             clusters,
