@@ -74,17 +74,32 @@ fn paths(files: Files) -> Paths {
     }
 }
 
-fn init_logs(format: LogFormat) {
+/// Logs to stderr through a writer thread: a request thread formats its
+/// event and hands it over a channel; the thread writes through a buffer,
+/// flushed whenever the channel is empty (so a quiet process's lines still
+/// appear at once). Before, every access-log line was a write(2) under
+/// stderr's lock on the request path, which halved throughput. Nothing is
+/// dropped: a full channel (128 Ki lines) makes request threads wait. The
+/// guard flushes what is left when dropped, before the process exits.
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("k2proxy-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 fn main() -> ExitCode {
@@ -114,7 +129,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logs(log_format);
+            let log_guard = init_logs(log_format);
             tracing::info!(
                 listen = ?config.server.listen,
                 admin = %config.server.admin,
@@ -138,7 +153,9 @@ fn main() -> ExitCode {
                 );
             }
             let shared = Arc::new(Shared::new(config, paths.clone(), admin_token));
-            server::run(shared, &RunOptions { upgrade, sighup })
+            server::run(shared, &RunOptions { upgrade, sighup });
+            drop(log_guard); // the last lines, written before exit
+            ExitCode::SUCCESS
         }
     }
 }

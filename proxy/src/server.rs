@@ -23,14 +23,12 @@ pub struct RunOptions {
     pub sighup: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Runs k2proxy until it is stopped (SIGTERM drains first: `edge::drain`),
-/// then exits the process.
-pub fn run(shared: Arc<Shared>, opts: &RunOptions) -> ! {
+/// Runs k2proxy until it is stopped (SIGTERM drains first: `edge::drain`).
+pub fn run(shared: Arc<Shared>, opts: &RunOptions) {
     let server = build(shared.clone(), opts);
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainSignal::new(shared)),
     });
-    std::process::exit(0)
 }
 
 /// A server ready to run.
