@@ -54,7 +54,8 @@ bench: bench-classify bench-admission bench-peers
 
 ## bench-peers: the side-by-side comparison alone (scripts/bench_peers.py; PHASES to pick
 ## fleet (N instances behind an L4 balancer vs the HAProxy oracle), edge (a slowloris
-## client against k2proxy and K2PROXY_B, an older build), or
+## client against k2proxy and K2PROXY_B, an older build), accesslog (throughput with the
+## access log on and off), or
 ## overhead, instructions, overload and/or failover).
 PHASES ?= overhead instructions overload failover
 bench-peers: build

@@ -22,6 +22,8 @@ results/peers-<stamp>.md and .json.
 
   fleet     N k2proxy behind an L4 balancer against N HAProxy (maxconn =
             workers / N), at FLEET_LOADS (docs/admission.md, "Fleets").
+  accesslog throughput with the access log on (the default level, stderr to a
+            file) and off, K2PROXY_B with its log on, bare pingora.
   edge      a slowloris client (ATTACK_CONNS connections from one address,
             a header line every 5 s, ATTACK_SECONDS; ATTACK_ADDRS addresses
             for a flood past max_connections) while purchases flow;
@@ -142,7 +144,7 @@ def fault(ctl, mode):
 
 # --- the peers -------------------------------------------------------------
 
-def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wrap=(), binary=None):
+def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wrap=(), binary=None, log_level="warn"):
     """The repo's routes.toml and default policy, pointed at the bench's ports."""
     port, admin = free_port(), free_port()
     routes = open(f"{REPO}/routes.toml").read()
@@ -166,7 +168,7 @@ def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wra
         routes = re.sub(r'interval = "1s"', f'interval = "{health_interval}"', routes)
     rpath = os.path.join(WORK, f"routes-{port}.toml")
     open(rpath, "w").write(routes)
-    env = dict(os.environ, RUST_LOG="warn")
+    env = dict(os.environ, RUST_LOG=log_level)
     out = open(os.path.join(WORK, f"k2proxy-{port}.log"), "ab")
     p = subprocess.Popen([*wrap, binary or f"{BIN}/k2proxy", "run", "--routes", rpath], stdout=out, stderr=out,
                          stdin=subprocess.DEVNULL, env=env)
@@ -333,6 +335,35 @@ def run_scenario(path, base):
 
 def med(xs):
     return statistics.median(xs) if xs else 0.0
+
+
+def accesslog():
+    """Throughput as users run k2proxy: the default log level (the access log
+    on, stderr to a file), beside RUST_LOG=warn (no access log), K2PROXY_B
+    with its access log on, and bare pingora."""
+    log("== accesslog: k2proxy with its access log on and off, bare pingora")
+    _, sim_port = sim(100000, "0ms", "fast")[:2]
+    targets = {}
+    _, targets["k2proxy, access log"] = k2proxy([sim_port], policy_edit=no_rate_limits, log_level="info")
+    _, targets["k2proxy, RUST_LOG=warn"] = k2proxy([sim_port], policy_edit=no_rate_limits)
+    if K2PROXY_B:
+        _, targets["k2proxy B, access log"] = k2proxy([sim_port], policy_edit=no_rate_limits, log_level="info",
+                                                      binary=K2PROXY_B)
+    _, targets["bare pingora"] = bare(sim_port)
+    rows = {t: [] for t in targets}
+    for rnd in range(1, OVERHEAD_ROUNDS + 1):
+        for name, port in targets.items():
+            rps, _ = wrk(f"http://127.0.0.1:{port}/checkout/x")
+            rows[name].append(rps)
+            log(f"round {rnd} {name:<24} {rps:>9.0f} req/s")
+    stop_all()
+    quiet = rows["k2proxy, RUST_LOG=warn"]
+    md = [f"### Access log cost (wrk -t1 -c32 -d{DURATION}; {THREADS} threads; median of {OVERHEAD_ROUNDS} "
+          "interleaved rounds; paired: the median of each round's own ratio)", "",
+          "| target | req/s | vs RUST_LOG=warn, paired |", "|---|---|---|"]
+    for t, v in rows.items():
+        md.append(f"| {t} | {med(v):.0f} | {med([x / y for x, y in zip(v, quiet)]):.2f} |")
+    return rows, md
 
 
 def overhead():
@@ -838,7 +869,8 @@ def main():
     try:
         for phase in phases:
             data, md = {"overhead": overhead, "instructions": instructions, "overload": overload,
-                        "failover": failover, "fleet": fleet, "edge": edge}[phase]()
+                        "failover": failover, "fleet": fleet, "edge": edge,
+                        "accesslog": accesslog}[phase]()
             all_json[phase] = data
             all_md += md + [""]
             print("\n".join(md) + "\n", flush=True)

@@ -351,8 +351,10 @@ async fn metrics_count_requests_by_route_tier_and_outcome() {
 async fn access_log_has_one_event_per_request_with_its_fields() {
     let (backend, proxy) = setup(&[]).await;
     client()
-        .get(proxy.url("/checkout/9"))
+        .post(proxy.url("/checkout/9?cart=7"))
         .header("x-request-id", "log-me-1")
+        .header("user-agent", "shop-app/2.1")
+        .body("0123456789")
         .send()
         .await
         .unwrap();
@@ -362,6 +364,13 @@ async fn access_log_has_one_event_per_request_with_its_fields() {
         "tier=\"purchase\"",
         "status=200",
         "duration_ms=",
+        "host=\"127.0.0.1:",
+        "query=\"cart=7\"",
+        "user_agent=\"shop-app/2.1\"",
+        "bytes_in=10",
+        "bytes_out=10", // the test backend echoes a POST's body
+        "upstream_ms=",
+        "tries=1",
     ] {
         assert!(line.contains(field), "missing {field} in {line}");
     }

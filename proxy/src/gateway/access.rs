@@ -61,10 +61,19 @@ fn log(session: &Session, e: Option<&Error>, ctx: &Ctx, status: u16, elapsed: Du
         .as_ref()
         .and_then(|a| a.spilled_from)
         .map(|s| ctx.site_name_of(Some(s)));
+    let header = |name: http::header::HeaderName| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+    };
+    let host = req.uri.host().unwrap_or_else(|| header(http::header::HOST));
     tracing::info!(
         target: "k2proxy::access",
         method = %req.method,
+        host,
         path = req.uri.path(),
+        query = req.uri.query(),
         route = ctx.route_name(),
         tier = ctx.tier_name(),
         status,
@@ -75,9 +84,13 @@ fn log(session: &Session, e: Option<&Error>, ctx: &Ctx, status: u16, elapsed: Du
         tries = ctx.tries.tried.len(),
         spilled_from,
         xmlrpc = ctx.xmlrpc.as_deref(),
+        bytes_in = session.as_downstream().body_bytes_read(),
+        bytes_out = session.as_downstream().body_bytes_sent(),
+        upstream_ms = ctx.tries.upstream_latency.map(duration_ms),
         duration_ms = duration_ms(elapsed),
         request_id = ctx.request_id().and_then(|v| v.to_str().ok()).unwrap_or("-"),
         client = %client_ip(session).map_or_else(|| "-".to_string(), |a| a.to_string()),
+        user_agent = header(http::header::USER_AGENT),
         error = e.map(|e| e.to_string()),
         "access"
     );

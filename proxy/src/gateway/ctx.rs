@@ -64,6 +64,8 @@ pub struct Tries {
     pub status: Option<u16>,
     /// Body bytes passed upstream in this try (against the route's `max_body`).
     pub body_bytes: u64,
+    /// The last try's time from sending to the backend's response header.
+    pub upstream_latency: Option<std::time::Duration>,
 }
 
 /// Per-request state shared across pingora's phases.

@@ -355,6 +355,7 @@ impl ProxyHttp for Gateway {
             // Time to the response header: the backend's own latency, without
             // our queueing. A backend 503 means it is past its knee.
             let latency = ctx.tries.sent.map(|sent| sent.elapsed());
+            ctx.tries.upstream_latency = latency;
             if let (Some(l), Some(r), Some(site)) = (latency, ctx.routed, ctx.tries.site) {
                 if let Some(h) = ctx
                     .gen
