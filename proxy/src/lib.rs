@@ -25,6 +25,7 @@ mod edge;
 mod gateway;
 mod health;
 mod limits;
+pub mod logbuf;
 mod metrics;
 mod process;
 pub mod reload;

@@ -74,23 +74,13 @@ fn paths(files: Files) -> Paths {
     }
 }
 
-/// Logs to stderr through a writer thread: a request thread formats its
-/// event and hands it over a channel; the thread writes through a buffer,
-/// flushed whenever the channel is empty (so a quiet process's lines still
-/// appear at once). Before, every access-log line was a write(2) under
-/// stderr's lock on the request path, which halved throughput. Nothing is
-/// dropped: a full channel (128 Ki lines) makes request threads wait. The
-/// guard flushes what is left when dropped, before the process exits.
-fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs to stderr through a writer thread (`proxy::logbuf`): a request
+/// never waits for I/O. The guard writes what is left before the process
+/// exits.
+fn init_logs(format: LogFormat) -> proxy::logbuf::Guard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("k2proxy-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = proxy::logbuf::writer(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

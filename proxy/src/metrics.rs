@@ -177,6 +177,9 @@ pub struct Metrics {
     pub header_timeouts: IntCounter,
     /// `k2_draining`: 1 from SIGTERM until the process exits.
     pub draining: IntGauge,
+    /// `k2_log_lines_dropped_total`: log lines the writer could not keep up
+    /// with (`logbuf::DROPPED`, brought up to date when scraped).
+    log_dropped: IntCounter,
     process: crate::process::ProcessMetrics,
 }
 
@@ -268,6 +271,7 @@ impl Metrics {
             connections_refused: counters(&r, "k2_connections_refused_total", "Client connections closed at once by [server].max_connections or max_connections_per_client, by reason.", &["reason"]),
             header_timeouts: counter(&r, "k2_header_timeouts_total", "Client connections closed because a request's headers did not arrive within [server].header_timeout."),
             draining: gauge(&r, "k2_draining", "1 while the process drains after SIGTERM (/healthz answers 503)."),
+            log_dropped: counter(&r, "k2_log_lines_dropped_total", "Log lines (the access log's mostly) dropped because the log output could not keep up; requests never wait for it."),
             process: crate::process::ProcessMetrics::register(&r),
             registry: r,
         };
@@ -322,6 +326,9 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
         self.process.refresh();
+        let dropped = crate::logbuf::DROPPED.load(std::sync::atomic::Ordering::Relaxed);
+        self.log_dropped
+            .inc_by(dropped.saturating_sub(self.log_dropped.get()));
         let mut buf = Vec::with_capacity(8 * 1024);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

@@ -738,4 +738,9 @@ async fn sigterm_under_load_drains_without_failing_a_purchase() {
         exited.is_some(),
         "still running 12 s after the listener stopped"
     );
+    eprintln!(
+        "drain: {} purchases, none failed; /healthz 503 after {flipped:?}; listener closed after {stopped:?}; exited {:?} after SIGTERM",
+        statuses.len(),
+        term.elapsed()
+    );
 }
