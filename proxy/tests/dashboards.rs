@@ -438,3 +438,44 @@ async fn every_metric_the_dashboard_and_alerts_read_exists_on_an_idle_proxy() {
         assert!(text.contains(series), "missing at 0: {series}");
     }
 }
+
+/// A markdown heading's anchor, as GitHub makes it: lower case, spaces to
+/// hyphens, punctuation other than `-` and `_` dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every alert's `runbook_url` names a file of the repo and a heading in it.
+#[test]
+fn every_runbook_url_points_at_a_heading_that_exists() {
+    let text = std::fs::read_to_string(repo().join("dashboards/alerts.yml")).unwrap();
+    let urls: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url:"))
+        .map(str::trim)
+        .collect();
+    assert!(urls.len() >= 5, "found {urls:?}");
+    for url in urls {
+        let (file, want) = url.split_once('#').unwrap_or((url, ""));
+        let doc = std::fs::read_to_string(repo().join(file))
+            .unwrap_or_else(|e| panic!("{url}: {file}: {e}"));
+        let anchors: Vec<String> = doc
+            .lines()
+            .filter(|l| l.starts_with('#'))
+            .map(|l| anchor(l.trim_start_matches('#')))
+            .collect();
+        assert!(
+            want.is_empty() || anchors.iter().any(|a| a == want),
+            "{url}: no heading #{want} in {file} (headings: {anchors:?})"
+        );
+    }
+}
