@@ -549,3 +549,49 @@ async fn backend_latency_is_recorded_per_site() {
     let sum = metric_sum(&m, &format!("k2_upstream_duration_seconds_sum{labels}"));
     assert!((0.12..1.0).contains(&sum), "latency sum {sum}");
 }
+
+/// W3C trace context: a client's valid `traceparent` reaches the backend
+/// unchanged; without one (or with an invalid one) k2proxy starts a trace
+/// and sends it upstream; the access log carries the trace id.
+#[tokio::test]
+async fn traceparent_is_kept_or_started_and_logged() {
+    let (backend, proxy) = setup(&[]).await;
+    let c = client();
+    let theirs = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for (path, sent) in [
+        ("/checkout/traced", Some(theirs)),
+        ("/checkout/untraced", None),
+        ("/checkout/bad-trace", Some("00-xyz")),
+    ] {
+        let mut req = c.get(proxy.url(path)).header("x-request-id", path);
+        if let Some(t) = sent {
+            req = req.header("traceparent", t);
+        }
+        assert_eq!(req.send().await.unwrap().status(), 200);
+    }
+    let seen = backend.seen();
+    let upstream = |path: &str| -> Vec<String> {
+        let s = seen.iter().find(|s| s.path == path).unwrap();
+        s.headers
+            .get_all("traceparent")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(upstream("/checkout/traced"), vec![theirs.to_string()]);
+    for path in ["/checkout/untraced", "/checkout/bad-trace"] {
+        let t = upstream(path);
+        assert_eq!(t.len(), 1, "{path}: {t:?}");
+        assert!(
+            t[0].starts_with("00-") && t[0].ends_with("-01") && t[0].len() == 55,
+            "{t:?}"
+        );
+    }
+    let line = proxy.log_line("/checkout/traced").await;
+    assert!(
+        line.contains("trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\""),
+        "{line}"
+    );
+    let started = &upstream("/checkout/untraced")[0][3..35];
+    assert!(proxy.log_line("/checkout/untraced").await.contains(started));
+}

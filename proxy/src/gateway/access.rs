@@ -89,6 +89,7 @@ fn log(session: &Session, e: Option<&Error>, ctx: &Ctx, status: u16, elapsed: Du
         upstream_ms = ctx.tries.upstream_latency.map(duration_ms),
         duration_ms = duration_ms(elapsed),
         request_id = ctx.request_id().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        trace_id = ctx.trace.as_ref().map_or("-", |t| t.trace_id()),
         client = %client_ip(session).map_or_else(|| "-".to_string(), |a| a.to_string()),
         user_agent = header(http::header::USER_AGENT),
         error = e.map(|e| e.to_string()),

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use smallvec::SmallVec;
 
-use super::headers::RequestId;
+use super::headers::{RequestId, TraceParent};
 use super::reply::{Outcome, Reply};
 use crate::admission::Permit;
 use crate::classify::{ClusterId, TierId};
@@ -75,6 +75,8 @@ pub struct Ctx {
     /// even across a reload.
     pub gen: Arc<Generation>,
     pub request_id: Option<RequestId>,
+    /// W3C `traceparent`, the client's or started here.
+    pub trace: Option<TraceParent>,
     pub routed: Option<Routed>,
     pub admitted: Option<Admitted>,
     pub tries: Tries,
@@ -91,6 +93,7 @@ impl Ctx {
             start: Instant::now(),
             gen,
             request_id: None,
+            trace: None,
             routed: None,
             admitted: None,
             tries: Tries::default(),

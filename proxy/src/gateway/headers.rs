@@ -15,7 +15,9 @@ pub(crate) mod name {
     pub const X_K2_TIER: StaticHeaderName = StaticHeaderName::from_static("x-k2-tier");
     pub const X_REQUEST_ID: StaticHeaderName = StaticHeaderName::from_static("x-request-id");
     pub const X_FORWARDED_FOR: StaticHeaderName = StaticHeaderName::from_static("x-forwarded-for");
+    pub const TRACEPARENT: StaticHeaderName = StaticHeaderName::from_static("traceparent");
 }
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const X_K2_TIER: HeaderName = HeaderName::from_static("x-k2-tier");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 use super::reply::X_REQUEST_ID;
@@ -48,15 +50,79 @@ impl RequestId {
     }
 }
 
-/// A fresh 128-bit request id, as 32 lower-case hex digits.
-fn new_request_id() -> HeaderValue {
+/// The W3C trace context of a request (`traceparent`): the client's when it
+/// sent one valid value (it is then already in the upstream request), or a
+/// new one started here (random trace and span ids, sampled), so a purchase
+/// can be followed from the shopper through k2proxy to the backend.
+#[derive(Debug, Clone)]
+pub struct TraceParent {
+    pub value: HeaderValue,
+    pub kept: bool,
+}
+
+impl TraceParent {
+    pub fn of(headers: &HeaderMap) -> TraceParent {
+        let mut inbound = headers.get_all(TRACEPARENT).iter();
+        match (inbound.next(), inbound.next()) {
+            (Some(v), None) if valid_traceparent(v.as_bytes()) => TraceParent {
+                value: v.clone(),
+                kept: true,
+            },
+            _ => {
+                let mut buf = [0u8; 55];
+                buf[..3].copy_from_slice(b"00-");
+                hex_into(&mut buf[3..35], fastrand::u128(1..));
+                buf[35] = b'-';
+                hex_into(&mut buf[36..52], u128::from(fastrand::u64(1..)));
+                buf[52..].copy_from_slice(b"-01");
+                TraceParent {
+                    value: HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+                        .expect("hex digits are a valid header value"),
+                    kept: false,
+                }
+            }
+        }
+    }
+
+    /// The trace id (32 hex digits), for the access log.
+    pub fn trace_id(&self) -> &str {
+        self.value.to_str().map_or("-", |v| &v[3..35])
+    }
+}
+
+/// `version-traceid-parentid-flags` as the W3C specifies it: lower-case hex,
+/// neither id all zeros, version `ff` invalid; a later version may append
+/// `-…` fields.
+fn valid_traceparent(v: &[u8]) -> bool {
+    let hex = |s: &[u8]| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
+    v.len() >= 55
+        && hex(&v[..2])
+        && &v[..2] != b"ff"
+        && (v.len() == 55 || (&v[..2] != b"00" && v[55] == b'-'))
+        && v[2] == b'-'
+        && hex(&v[3..35])
+        && nonzero(&v[3..35])
+        && v[35] == b'-'
+        && hex(&v[36..52])
+        && nonzero(&v[36..52])
+        && v[52] == b'-'
+        && hex(&v[53..55])
+}
+
+/// `n`'s low `4 × out.len()` bits as lower-case hex.
+fn hex_into(out: &mut [u8], mut n: u128) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = fastrand::u128(..);
-    let mut buf = [0u8; 32];
-    for b in buf.iter_mut().rev() {
+    for b in out.iter_mut().rev() {
         *b = HEX[(n & 0xf) as usize];
         n >>= 4;
     }
+}
+
+/// A fresh 128-bit request id, as 32 lower-case hex digits.
+fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; 32];
+    hex_into(&mut buf, fastrand::u128(..));
     // One allocation that clones share (a copied slice would allocate again
     // on its first clone, and the id is cloned for upstream and response).
     HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
@@ -173,5 +239,35 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn traceparent_is_kept_when_valid_and_started_otherwise() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(TRACEPARENT, HeaderValue::from_str(v).unwrap());
+            TraceParent::of(&h)
+        };
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = with(good);
+        assert!(t.kept);
+        assert_eq!(t.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(with("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra").kept);
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01", // zero trace id
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", // zero parent id
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", // version ff
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", // upper case
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x", // 00 with more
+            "garbage",
+        ] {
+            let t = with(bad);
+            assert!(!t.kept, "{bad} kept");
+            assert!(valid_traceparent(t.value.as_bytes()), "{:?}", t.value);
+        }
+        let a = TraceParent::of(&HeaderMap::new());
+        let b = TraceParent::of(&HeaderMap::new());
+        assert!(valid_traceparent(a.value.as_bytes()) && a.value.as_bytes().ends_with(b"-01"));
+        assert_ne!(a.trace_id(), b.trace_id());
     }
 }

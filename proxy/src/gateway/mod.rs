@@ -31,7 +31,7 @@ use crate::admission::Sample;
 use crate::edge::stream::EdgeStream;
 use crate::Shared;
 pub(crate) use ctx::Ctx;
-use headers::{client_ip, forwarded_for, name, RequestId, X_FORWARDED_FOR};
+use headers::{client_ip, forwarded_for, name, RequestId, TraceParent, X_FORWARDED_FOR};
 pub(crate) use reply::Outcome;
 use reply::{Failure, Reply};
 pub(crate) use retry::RetryReason;
@@ -202,6 +202,7 @@ impl ProxyHttp for Gateway {
             edge.request_started(); // the head is in: header_timeout is met
         }
         ctx.request_id = Some(RequestId::of(&session.req_header().headers));
+        ctx.trace = Some(TraceParent::of(&session.req_header().headers));
         let server = &ctx.gen.config.server;
         idle_timeout(session, server.idle_timeout);
         // A body that stops arriving is cut off as soon as a head would be
@@ -296,14 +297,18 @@ impl ProxyHttp for Gateway {
         };
         let tier = ctx.gen.config.tier(routed.tier);
         ctx.tries.sent = Some(Instant::now());
-        // Room for the three below in one step: each would otherwise grow
+        // Room for the four below in one step: each would otherwise grow
         // (and re-hash) both of pingora's header maps, sized to the client's.
-        upstream.reserve(3);
+        upstream.reserve(4);
         upstream.insert_header(&name::X_K2_TIER, tier.header.clone())?;
         match &ctx.request_id {
             Some(rid) if !rid.kept => {
                 upstream.insert_header(&name::X_REQUEST_ID, rid.value.clone())?
             }
+            _ => {}
+        }
+        match &ctx.trace {
+            Some(t) if !t.kept => upstream.insert_header(&name::TRACEPARENT, t.value.clone())?,
             _ => {}
         }
         if let Some(ip) = client_ip(session) {
