@@ -23,7 +23,8 @@ results/peers-<stamp>.md and .json.
   fleet     N k2proxy behind an L4 balancer against N HAProxy (maxconn =
             workers / N), at FLEET_LOADS (docs/admission.md, "Fleets").
   accesslog throughput with the access log on (the default level, stderr to a
-            file) and off, K2PROXY_B with its log on, bare pingora.
+            file) and off, K2PROXY_B with its log on, bare pingora, nginx
+            with its access log on and off.
   edge      a slowloris client (ATTACK_CONNS connections from one address,
             a header line every 5 s, ATTACK_SECONDS; ATTACK_ADDRS addresses
             for a flood past max_connections) while purchases flow;
@@ -197,9 +198,10 @@ def bare(upstream, wrap=()):
     return p, port
 
 
-def nginx(primary, backup=(), extra_server="", http_extra="", wrap=()):
+def nginx(primary, backup=(), extra_server="", http_extra="", wrap=(), access_log=False):
     port = free_port()
     d = os.path.join(WORK, f"nginx-{port}")
+    access_log = f"{d}/logs/access.log" if access_log else "off"
     os.makedirs(os.path.join(d, "logs"), exist_ok=True)
     servers = "".join(f"    server 127.0.0.1:{p} {extra_server};\n" for p in primary)
     servers += "".join(f"    server 127.0.0.1:{p} backup;\n" for p in backup)
@@ -209,7 +211,7 @@ pid {d}/nginx.pid;
 error_log {d}/logs/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
-  access_log off;
+  access_log {access_log};
 {http_extra}  client_body_temp_path {d}/body;
   proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fastcgi;
@@ -350,6 +352,8 @@ def accesslog():
         _, targets["k2proxy B, access log"] = k2proxy([sim_port], policy_edit=no_rate_limits, log_level="info",
                                                       binary=K2PROXY_B)
     _, targets["bare pingora"] = bare(sim_port)
+    _, targets["nginx, access log"] = nginx([sim_port], access_log=True)
+    _, targets["nginx, no access log"] = nginx([sim_port])
     rows = {t: [] for t in targets}
     for rnd in range(1, OVERHEAD_ROUNDS + 1):
         for name, port in targets.items():
@@ -358,11 +362,13 @@ def accesslog():
             log(f"round {rnd} {name:<24} {rps:>9.0f} req/s")
     stop_all()
     quiet = rows["k2proxy, RUST_LOG=warn"]
+    nginx_quiet = rows["nginx, no access log"]
     md = [f"### Access log cost (wrk -t1 -c32 -d{DURATION}; {THREADS} threads; median of {OVERHEAD_ROUNDS} "
           "interleaved rounds; paired: the median of each round's own ratio)", "",
-          "| target | req/s | vs RUST_LOG=warn, paired |", "|---|---|---|"]
+          "| target | req/s | vs the same proxy without its access log, paired |", "|---|---|---|"]
     for t, v in rows.items():
-        md.append(f"| {t} | {med(v):.0f} | {med([x / y for x, y in zip(v, quiet)]):.2f} |")
+        base = nginx_quiet if t.startswith("nginx") else quiet
+        md.append(f"| {t} | {med(v):.0f} | {med([x / y for x, y in zip(v, base)]):.2f} |")
     return rows, md
 
 

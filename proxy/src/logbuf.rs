@@ -6,10 +6,13 @@
 //! it holds [`FLUSH_AT`] bytes. A request never waits for I/O: with
 //! [`MAX_PENDING`] bytes not yet written (stderr blocked, a slow pipe), a
 //! line is dropped and counted in [`DROPPED`] (`k2_log_lines_dropped_total`)
-//! instead. Writing every line with its own `write(2)` under stderr's lock
+//! instead. The log goes to stderr or to a file (`k2proxy run --log-file`),
+//! reopened on SIGUSR1 as logrotate expects. Writing every line with its own `write(2)` under stderr's lock
 //! took 40% of k2proxy's throughput (docs/benchmarks.md, "Access log").
 
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -81,10 +84,43 @@ impl Drop for Guard {
     }
 }
 
-/// A writer to `out` (stderr in k2proxy) and the guard of its thread.
-pub fn writer(mut out: impl Write + Send + 'static) -> (LogWriter, Guard) {
+/// Where the log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Stderr,
+    /// Appended to; reopened on SIGUSR1 (after logrotate moved it).
+    File(PathBuf),
+}
+
+fn open(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// A writer to `output` and the guard of its thread; a file that cannot be
+/// opened is an error that names it.
+pub fn writer(output: Output) -> Result<(LogWriter, Guard), String> {
+    match output {
+        Output::Stderr => Ok(writer_to(std::io::stderr(), None)),
+        Output::File(path) => {
+            let file = open(&path)
+                .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
+            let reopen = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGUSR1, reopen.clone())
+                .map_err(|e| format!("cannot handle SIGUSR1 (log reopening): {e}"))?;
+            Ok(writer_to(file, Some((path, reopen))))
+        }
+    }
+}
+
+/// The writer thread for `out`; with a path, the file is reopened when the
+/// flag is set (checked at every flush, so within [`FLUSH_EVERY`]).
+fn writer_to(
+    out: impl Write + Send + 'static,
+    reopen: Option<(PathBuf, Arc<AtomicBool>)>,
+) -> (LogWriter, Guard) {
     let shared = Arc::new(Shared::default());
     let s = shared.clone();
+    let mut out: Box<dyn Write + Send> = Box::new(out);
     let thread = std::thread::Builder::new()
         .name("k2proxy-log".into())
         .spawn(move || {
@@ -99,6 +135,17 @@ pub fn writer(mut out: impl Write + Send + 'static) -> (LogWriter, Guard) {
                         })
                         .unwrap_or_else(|p| p.into_inner());
                     std::mem::swap(&mut *pending, &mut batch);
+                }
+                if let Some((path, flag)) = &reopen {
+                    if flag.swap(false, Ordering::AcqRel) {
+                        match open(path) {
+                            Ok(f) => out = Box::new(f),
+                            Err(e) => eprintln!(
+                                "k2proxy: cannot reopen the log file {}: {e}; still writing to the old one",
+                                path.display()
+                            ),
+                        }
+                    }
                 }
                 if !batch.is_empty() {
                     let _ = out.write_all(&batch).and_then(|()| out.flush());
@@ -142,7 +189,7 @@ mod tests {
     #[test]
     fn lines_arrive_in_order_soon_and_all_by_the_guard() {
         let sink = Sink::default();
-        let (mut w, guard) = writer(sink.clone());
+        let (mut w, guard) = writer_to(sink.clone(), None);
         w.write_all(b"one\n").unwrap();
         std::thread::sleep(FLUSH_EVERY * 4);
         assert_eq!(
@@ -173,7 +220,7 @@ mod tests {
                 Ok(())
             }
         }
-        let (mut w, guard) = writer(Stuck);
+        let (mut w, guard) = writer_to(Stuck, None);
         let before = DROPPED.load(Ordering::Relaxed);
         let line = vec![b'x'; 1024];
         let start = std::time::Instant::now();

@@ -59,6 +59,10 @@ enum Command {
         /// Take over the listeners of a running k2proxy (graceful upgrade).
         #[arg(long)]
         upgrade: bool,
+        /// Write the log (the access log and every other event) to this file
+        /// instead of stderr; reopened on SIGUSR1 (logrotate's convention).
+        #[arg(long, value_name = "PATH")]
+        log_file: Option<std::path::PathBuf>,
     },
     /// Validate the routes and policy files, then exit (0 valid, 1 invalid).
     Check {
@@ -77,19 +81,24 @@ fn paths(files: Files) -> Paths {
 /// Logs to stderr through a writer thread (`proxy::logbuf`): a request
 /// never waits for I/O. The guard writes what is left before the process
 /// exits.
-fn init_logs(format: LogFormat) -> proxy::logbuf::Guard {
+fn init_logs(
+    format: LogFormat,
+    file: Option<std::path::PathBuf>,
+) -> Result<proxy::logbuf::Guard, String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = proxy::logbuf::writer(std::io::stderr());
+    let ansi = file.is_none() && std::io::stderr().is_terminal();
+    let output = file.map_or(proxy::logbuf::Output::Stderr, proxy::logbuf::Output::File);
+    let (writer, guard) = proxy::logbuf::writer(output)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    guard
+    Ok(guard)
 }
 
 fn main() -> ExitCode {
@@ -109,6 +118,7 @@ fn main() -> ExitCode {
             files,
             log_format,
             upgrade,
+            log_file,
         } => {
             let paths = paths(files);
             let config = match config::load(&paths) {
@@ -119,7 +129,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let log_guard = init_logs(log_format);
+            let log_guard = match init_logs(log_format, log_file) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("k2proxy: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             tracing::info!(
                 listen = ?config.server.listen,
                 admin = %config.server.admin,

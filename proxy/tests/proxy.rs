@@ -595,3 +595,73 @@ async fn traceparent_is_kept_or_started_and_logged() {
     let started = &upstream("/checkout/untraced")[0][3..35];
     assert!(proxy.log_line("/checkout/untraced").await.contains(started));
 }
+
+/// `--log-file`: the log goes to the file; after logrotate moves it, SIGUSR1
+/// makes k2proxy write to a new file at the same path. A file that cannot
+/// be opened stops the start with its name.
+#[tokio::test]
+async fn the_log_file_is_reopened_on_sigusr1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k2proxy.log");
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start_with_args(
+        &routes_toml(&[backend.addr], ROUTES),
+        &policy_toml(&[]),
+        &["--log-file", path.to_str().unwrap()],
+    )
+    .await;
+    let wait_for = |file: std::path::PathBuf, needle: &'static str| async move {
+        for _ in 0..200 {
+            if std::fs::read_to_string(&file)
+                .unwrap_or_default()
+                .contains(needle)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{needle} never reached {}", file.display());
+    };
+    let get = |id: &'static str| {
+        let url = proxy.url("/checkout/rotate");
+        async move {
+            let r = client()
+                .get(url)
+                .header("x-request-id", id)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    get("before-rotation").await;
+    wait_for(path.clone(), "before-rotation").await;
+    let rotated = dir.path().join("k2proxy.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    let usr1 = std::process::Command::new("kill")
+        .args(["-USR1", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(usr1.success());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    get("after-rotation").await;
+    wait_for(path.clone(), "after-rotation").await;
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("before-rotation") && !old.contains("after-rotation"));
+
+    let out = std::process::Command::new(k2proxy_bin())
+        .args([
+            "run",
+            "--routes",
+            proxy.dir().join("routes.toml").to_str().unwrap(),
+        ])
+        .args(["--log-file", "/nonexistent-dir/k2proxy.log"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot open the log file /nonexistent-dir/k2proxy.log"),
+        "{err}"
+    );
+}

@@ -148,8 +148,15 @@ async fn the_status_page_shows_tiers_sites_and_the_shed_level_under_load() {
         dom.contains("partly shed</span>") || dom.contains("pill bad\">shed</span>"),
         "customer_service is shown as shed:\n{dom}"
     );
+    // The lowest sheddable tier first; on a slow machine the level may have
+    // reached higher tiers too ("merchant, admin, customer_service").
+    let banner = dom
+        .split("id=\"banner\"")
+        .nth(1)
+        .and_then(|b| b.split("</div>").next())
+        .unwrap_or("");
     assert!(
-        dom.contains("Shedding automatically: customer_service"),
+        banner.contains("Shedding automatically: ") && banner.contains("customer_service"),
         "the banner says what is shed:\n{dom}"
     );
     assert!(
