@@ -145,7 +145,8 @@ def fault(ctl, mode):
 
 # --- the peers -------------------------------------------------------------
 
-def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wrap=(), binary=None, log_level="warn"):
+def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wrap=(), binary=None, log_level="warn",
+            per_client_cap=None):
     """The repo's routes.toml and default policy, pointed at the bench's ports."""
     port, admin = free_port(), free_port()
     routes = open(f"{REPO}/routes.toml").read()
@@ -158,6 +159,11 @@ def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wra
     routes = re.sub(r"(?m)^admin = .*$", f'admin = "127.0.0.1:{admin}"', routes)
     routes = re.sub(r"(?m)^threads = .*$", f"threads = {THREADS}", routes)
     routes = re.sub(r"(?m)^policy = .*$", f'policy = "{ppath}"', routes)
+    # The load generator is one address standing for thousands of shoppers:
+    # lift the per-address connection cap (1 000 by default) unless the edge
+    # phase measures it.
+    if per_client_cap is None:
+        routes = re.sub(r"(?m)^policy = (.*)$", r"policy = \1\nmax_connections_per_client = 1000000", routes, count=1)
     sec = secondary or [free_port()]
     sites = iter([f"backends = {json.dumps([f'127.0.0.1:{p}' for p in primary])}",
                   f"backends = {json.dumps([f'127.0.0.1:{p}' for p in sec])}"])
@@ -841,7 +847,7 @@ def edge():
                 # limit on connections whose request is not read yet.
                 p, port = nginx([sim_port], http_extra="  client_header_timeout 10s;\n", wrap=wrap)
             else:
-                p, port = k2proxy([sim_port], binary=binary, wrap=wrap)
+                p, port = k2proxy([sim_port], binary=binary, wrap=wrap, per_client_cap="default")
             r = asyncio.run(slowloris(port, p.pid, ATTACK_CONNS, ATTACK_SECONDS))
             r.update(variant=name, round=rnd)
             runs.append(r)

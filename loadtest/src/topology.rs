@@ -122,7 +122,12 @@ fn point_sites(
     Ok(seen)
 }
 
-/// Moves `[server]` to free loopback ports; returns (listen, admin, the
+/// `[server].max_connections_per_client` of a drill's k2proxy, unless its
+/// routes.toml sets one.
+const LOAD_GENERATOR_CONNECTIONS: i64 = 1_000_000;
+
+/// Moves `[server]` to free loopback ports (and lifts the per-address
+/// connection cap for the one load generator); returns (listen, admin, the
 /// policy file routes.toml names, relative to `routes_dir`).
 fn free_server(
     routes: &mut toml::Table,
@@ -142,6 +147,12 @@ fn free_server(
         toml::Value::Array(vec![listen.to_string().into()]),
     );
     server.insert("admin".into(), admin.to_string().into());
+    // The load generator is one address standing for thousands of
+    // shoppers: k2proxy's per-address connection cap (1 000 by default)
+    // would refuse its connections, which no real peak does.
+    server
+        .entry("max_connections_per_client")
+        .or_insert(toml::Value::Integer(LOAD_GENERATOR_CONNECTIONS));
     let policy = server
         .get("policy")
         .and_then(|p| p.as_str())

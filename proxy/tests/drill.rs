@@ -188,6 +188,13 @@ async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
     assert_eq!(html.matches("<svg").count(), 3);
     assert!(html.contains("secondary: slow x1.5"));
     assert!(out.join("k2proxy.log").exists());
+    // The one load generator stands for many shoppers: its connections are
+    // not held to the per-address cap.
+    let routes = std::fs::read_to_string(out.join("routes.toml")).unwrap();
+    assert!(
+        routes.contains("max_connections_per_client = 1000000"),
+        "{routes}"
+    );
     // The topology is gone: k2proxy's listener no longer accepts.
     let target = json["scenario"]["target"]
         .as_str()
