@@ -236,31 +236,6 @@ async fn wait_for_inflight(proxy: &Proxy, n: i64) {
     }
 }
 
-/// A backend that passes health checks and closes every other request
-/// unanswered (a crash mid-request): an idempotent request is retried.
-async fn healthy_but_dropping() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || !buf[..n].starts_with(b"GET /health ") {
-                        return; // dropped: closed without an answer
-                    }
-                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if s.write_all(ok).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// A request that fails at the primary site and is retried at the
 /// secondary holds the secondary's permit while it is served there (and
 /// gives the primary's back), so each site's limit counts what its backends
@@ -268,29 +243,16 @@ async fn healthy_but_dropping() -> std::net::SocketAddr {
 #[tokio::test]
 async fn a_retry_onto_another_site_holds_that_sites_permit() {
     let secondary = Backend::start("s1").await;
-    let routes = format!(
-        r#"[server]
-listen = ["{{LISTEN}}"]
-admin = "{{ADMIN}}"
-threads = 1
-policy = "policy.toml"
-
-[clusters.main]
-connect_timeout = "300ms"
-health = {{ interval = "1m", fall = 5 }}
-
-[[clusters.main.sites]]
-name = "primary"
-role = "primary"
-backends = ["{}"]
-
-[[clusters.main.sites]]
-name = "secondary"
-role = "secondary"
-backends = ["{}"]
-{ROUTES}"#,
-        healthy_but_dropping().await,
+    let primary = health_checks_only(Otherwise::Drop).await;
+    let secondary_site = format!(
+        "[[clusters.main.sites]]\nname = \"secondary-site\"\nrole = \"secondary\"\nbackends = [\"{}\"]\n{ROUTES}",
         secondary.addr
+    );
+    // Checks rare enough that the primary is still up when the request comes.
+    let routes = routes_toml(&[primary], &secondary_site).replacen(
+        "connect_timeout = \"300ms\"",
+        "connect_timeout = \"300ms\"\nhealth = { interval = \"1m\", fall = 5 }",
+        1,
     );
     let proxy = Proxy::start(
         &routes,
@@ -314,7 +276,7 @@ backends = ["{}"]
     let m = proxy.metrics().await;
     assert!(
         m.contains(
-            r#"k2_cross_site_retries_total{cluster="main",from="primary",to="secondary"} 1"#
+            r#"k2_cross_site_retries_total{cluster="main",from="primary-site",to="secondary-site"} 1"#
         ),
         "the request did not move site: {}",
         m.lines()

@@ -544,37 +544,12 @@ async fn a_stalled_upload_is_cut_off_and_not_held_against_the_backend() {
     assert_eq!(st["clusters"][0]["sites"][0]["backends"][0]["health"], "up");
 }
 
-/// A backend that passes health checks and never answers anything else.
-async fn healthy_but_hung() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    if buf[..n].starts_with(b"GET /health ") {
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if s.write_all(ok).await.is_err() {
-                            return;
-                        }
-                    } // anything else: never answered
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// Client faults are not counted against backends, but a backend's own
 /// are: one that hangs is still ejected after consecutive timeouts.
 #[tokio::test]
 async fn a_hung_backend_is_still_ejected() {
     let good = Backend::start("good").await;
-    let hung = healthy_but_hung().await;
+    let hung = health_checks_only(Otherwise::Hang).await;
     let routes = routes_toml(&[hung, good.addr], ROUTES)
         .replacen(
             "connect_timeout = \"300ms\"",

@@ -96,9 +96,7 @@ pub fn status(shared: &Shared) -> Value {
         "draining": shared.draining.is_set(),
         "connections": {
             "open": shared.connections.count(),
-            "max": snap.server.max_connections.unwrap_or_else(|| {
-                crate::edge::default_max_connections(crate::process::open_file_limit())
-            }),
+            "max": gen.max_connections,
             "max_per_client": snap.server.max_connections_per_client,
         },
         "tiers": tiers,

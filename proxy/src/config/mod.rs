@@ -146,7 +146,8 @@ pub struct Server {
     /// closed (with 408 when a request had begun).
     pub header_timeout: Duration,
     /// Client connections open at once; `None`: derived from the process's
-    /// open-file limit at start (`edge::default_max_connections`).
+    /// open-file limit (`edge::default_max_connections`, once per
+    /// `runtime::Generation`).
     pub max_connections: Option<u32>,
     /// Client connections open at once from one IP address.
     pub max_connections_per_client: u32,

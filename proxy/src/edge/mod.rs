@@ -346,13 +346,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
                 }
             }
         }
-        let max = server
-            .max_connections
-            .unwrap_or_else(|| default_max_connections(crate::process::open_file_limit()));
         let min_head_age = (server.header_timeout / 2).min(MIN_HEAD_AGE);
         let slot = match self.shared.connections.open(
             client,
-            max as usize,
+            gen.max_connections as usize,
             server.max_connections_per_client,
             min_head_age,
         ) {

@@ -64,6 +64,13 @@ impl Gateway {
         ctx.outcome = reply.outcome();
         ctx.reply = Some(reply);
         let config = &ctx.gen.config;
+        self.count_shed(config, reply);
+        let rid = ctx.request_id.as_ref().map(|r| &r.value);
+        reply.write(session, config, rid).await
+    }
+
+    /// `k2_shed_total` for a refusal that is a shed or a rate limit.
+    fn count_shed(&self, config: &crate::config::Config, reply: Reply) {
         if let Some((tier, reason)) = reply.shed_labels(config) {
             self.shared
                 .metrics
@@ -71,8 +78,6 @@ impl Gateway {
                 .with_label_values(&[tier, reason])
                 .inc();
         }
-        let rid = ctx.request_id.as_ref().map(|r| &r.value);
-        reply.write(session, config, rid).await
     }
 
     /// Tells the cluster how the request fared at its backend (passive
@@ -114,13 +119,7 @@ impl Gateway {
                     tier: routed.tier,
                     reason,
                 };
-                if let Some((tier, reason)) = reply.shed_labels(&ctx.gen.config) {
-                    self.shared
-                        .metrics
-                        .shed
-                        .with_label_values(&[tier, reason])
-                        .inc();
-                }
+                self.count_shed(&ctx.gen.config, reply);
                 ctx.reply = Some(reply);
                 Error::e_explain(
                     ErrorType::Custom("shed at the retry's site"),

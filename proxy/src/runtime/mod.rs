@@ -53,6 +53,9 @@ pub struct Generation {
     pub request_counters: RequestCounters,
     /// `k2_upstream_duration_seconds`, `[cluster][site]`.
     pub upstream_duration: Vec<Vec<prometheus::Histogram>>,
+    /// `[server].max_connections`, or the default derived from the
+    /// open-file limit (read once per generation, not per connection).
+    pub max_connections: u32,
 }
 
 impl std::fmt::Debug for Generation {
@@ -101,8 +104,12 @@ impl Generation {
                     .collect()
             })
             .collect();
+        let max_connections = config.server.max_connections.unwrap_or_else(|| {
+            crate::edge::default_max_connections(crate::process::open_file_limit())
+        });
         Generation {
             upstream_duration,
+            max_connections,
             number: prev.map_or(1, |p| p.number + 1),
             config: Arc::new(config),
             clusters,

@@ -189,6 +189,44 @@ impl Drop for Backend {
     }
 }
 
+/// What [`health_checks_only`] does with anything but a health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Otherwise {
+    /// Closes the connection unanswered (a crash mid-request).
+    Drop,
+    /// Never answers (a hung backend).
+    Hang,
+}
+
+/// A backend that answers `GET /health` 200 and fails every other request
+/// the way `otherwise` says.
+pub async fn health_checks_only(otherwise: Otherwise) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if buf[..n].starts_with(b"GET /health ") {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    } else if otherwise == Otherwise::Drop {
+                        return;
+                    } // Hang: keep reading, never answer
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// An address on which nothing listens: connecting is refused.
 pub fn refused_addr() -> SocketAddr {
     let l = StdListener::bind("127.0.0.1:0").unwrap();
