@@ -387,8 +387,15 @@ impl Cluster {
         }
         let n = state.health[site].len();
         let ejected = state.health[site].iter().filter(|h| h.ejected(now)).count();
-        if (ejected + 1) as f64 > o.max_share * n as f64 {
-            return false; // never eject more than max_share of a site
+        // Never eject more than max_share of a site while it is the last
+        // resort; when another site is up, ejecting all of it is a failover
+        // (a site answering 500s leaves in a few requests, not after the
+        // active checks' `fall`).
+        let elsewhere = (0..self.sites.len()).any(|other| {
+            other != site && self.sites[other].enabled && self.site_up(&state, other, now)
+        });
+        if !elsewhere && (ejected + 1) as f64 > o.max_share * n as f64 {
+            return false;
         }
         state.health[site][b].eject(&o, now);
         true
@@ -583,6 +590,34 @@ mod tests {
             c.view(later)[1][0].usable,
             "ejection ends after the base time"
         );
+    }
+
+    #[test]
+    fn a_whole_site_is_ejected_passively_when_another_site_is_up() {
+        let c = two_sites();
+        let now = Instant::now();
+        for _ in 0..2 {
+            c.probe(0, addr(9101), true); // verizon checked up
+        }
+        for port in [9001, 9002] {
+            for _ in 0..4 {
+                assert!(!c.report(1, addr(port), false, now));
+            }
+            assert!(c.report(1, addr(port), false, now), "{port} ejected");
+        }
+        assert_eq!(c.backend_in(1, now, &[]), None);
+        assert_eq!(c.choose_site(now, &[]), Some(0), "failed over");
+        // With the other site down too, the cap holds again.
+        let c = two_sites();
+        for _ in 0..2 {
+            c.probe(0, addr(9101), false);
+        }
+        for _ in 0..5 {
+            c.report(1, addr(9001), false, now);
+        }
+        for _ in 0..5 {
+            assert!(!c.report(1, addr(9002), false, now), "last resort kept");
+        }
     }
 
     #[test]
