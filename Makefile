@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Installing system packages needs root; use sudo when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: bench-peers peak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
+.PHONY: bench-peers peak drill soak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
 
 ## deps: install what the build needs when missing (cmake for pingora's C deps).
 deps:
@@ -71,6 +71,22 @@ bench-admission: deps
 ## off, side by side; prints where the HTML reports are (about 4 minutes).
 peak: build
 	target/release/loadtest run loadtest/scenarios/black-friday.toml --compare --out target/loadtest/peak
+
+## drill: the failover drill (the serving site killed, blackholed, answering 500s, restored
+## each time) and the reload storm (151 valid and broken policy edits by file, SIGHUP and
+## POST /reload under 2x load); fails when either misses a threshold (about 2 minutes).
+drill: build
+	@status=0; \
+	for s in failover-drill reload-storm; do \
+	  target/release/loadtest run loadtest/scenarios/$$s.toml --out target/loadtest/drill-$$s || status=1; \
+	done; exit $$status
+
+## soak: the soak scenario repeated for SOAK (default 30m): 0.8x with 3x bursts, a reload
+## every 10 s, a failover every 5 min; fails when RSS, open files, threads or the purchase
+## p99 trend upward (docs/loadtest.md#soak).
+SOAK ?= 30m
+soak: build
+	target/release/loadtest run loadtest/scenarios/soak.toml --repeat-for $(SOAK) --out target/loadtest/soak
 
 ## lag: the load generator's own send lag at 10,000 requests/s against a legacy-sim.
 lag: build

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use crate::openloop::{run_load, Event, Live, Report};
 use crate::report::ms;
-use crate::scenario::Scenario;
-use crate::thresholds::Verdict;
+use crate::scenario::{Action, Scenario};
+use crate::sim::Fault;
+use crate::soak::Sample;
+use crate::thresholds::{Facts, Verdict};
 use crate::topology::Topology;
 
 /// How to run a scenario.
@@ -33,6 +35,8 @@ pub struct Outcome {
     pub verdicts: Vec<Verdict>,
     /// Everything written, as JSON (report.json).
     pub json: serde_json::Value,
+    /// The drill's facts and the reload edits that failed, said in lines.
+    pub facts: String,
     pub out: PathBuf,
 }
 
@@ -75,46 +79,152 @@ async fn target(
     }
 }
 
-/// Plays the load, with the scenario's events beside it on the same clock;
-/// gives the topology back for its post-mortem.
+/// The tier whose requests a drill's purchase facts count.
+pub const PURCHASE: &str = "purchase";
+
+/// Plays the load, with the scenario's events beside it on the same clock
+/// (and a soak's sampler); gives the topology back for its post-mortem.
 async fn play(
     scenario: &Scenario,
     base: &str,
-    mut topology: Option<Topology>,
+    topology: Option<Topology>,
     opts: &Options,
     label: &str,
-) -> Result<(Report, Option<Topology>), String> {
+) -> Result<(Report, Option<Topology>, Vec<Sample>), String> {
     let load = scenario.load_against(base)?;
     let total = load.schedule.duration();
     let live = Live::new(&load);
     let progress = crate::progress::show(live.clone(), total, label.to_string(), opts.quiet);
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let occurrences = scenario.events.clone();
-    let events = tokio::spawn(async move {
-        let start = tokio::time::Instant::now();
-        let mut log = Vec::new();
-        for o in occurrences {
-            tokio::select! {
-                _ = tokio::time::sleep_until(start + o.at) => {}
-                _ = &mut stop_rx => break,
-            }
-            if let Some(t) = topology.as_mut() {
-                let what = t.apply(&o.action).await;
-                log.push(Event {
-                    at_s: start.elapsed().as_secs_f64(),
-                    what,
-                });
-            }
+    let (stop_sampler, sampler) = match (
+        scenario.soak_sample,
+        topology.as_ref().and_then(Topology::pid),
+    ) {
+        (Some(every), Some(pid)) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (
+                Some(tx),
+                Some(tokio::spawn(crate::soak::sample(pid, every, rx))),
+            )
         }
-        let _ = stop_rx.await;
-        (topology, log)
-    });
+        _ => (None, None),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let events = tokio::spawn(play_events(scenario.events.clone(), topology, stop_rx));
     let mut report = run_load(load, live.clone()).await;
     let _ = stop_tx.send(());
+    if let Some(tx) = stop_sampler {
+        let _ = tx.send(());
+    }
     let (topology, log) = events.await.map_err(|e| format!("events task: {e}"))?;
+    let samples = match sampler {
+        Some(s) => s.await.map_err(|e| format!("soak sampler: {e}"))?,
+        None => Vec::new(),
+    };
     report.events = log;
     let _ = progress.await;
-    Ok((report, topology))
+    Ok((report, topology, samples))
+}
+
+/// Applies each event at its time until `stop`; returns the topology and
+/// what happened when.
+async fn play_events(
+    occurrences: Vec<crate::scenario::Occurrence>,
+    mut topology: Option<Topology>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> (Option<Topology>, Vec<Event>) {
+    let start = tokio::time::Instant::now();
+    let mut log = Vec::new();
+    for o in occurrences {
+        tokio::select! {
+            _ = tokio::time::sleep_until(start + o.at) => {}
+            _ = &mut stop => return (topology, log),
+        }
+        if let Some(t) = topology.as_mut() {
+            let at_s = start.elapsed().as_secs_f64();
+            let what = t.apply(&o.action).await;
+            let fault = matches!(&o.action, Action::Fault { fault, .. } if *fault != Fault::None);
+            log.push(Event { at_s, what, fault });
+        }
+    }
+    let _ = stop.await;
+    (topology, log)
+}
+
+/// After each fault, how long purchases kept failing: the intended send
+/// time of the last purchase shed, failed or timed out before the next
+/// event, less the fault's time; the longest over the run (ms). None when
+/// the run had no fault.
+pub fn time_to_failover(report: &Report) -> Option<f64> {
+    let kind = report.targets.iter().position(|t| t.name == PURCHASE)?;
+    let mut longest = None;
+    for (i, e) in report.events.iter().enumerate().filter(|(_, e)| e.fault) {
+        let end = report.events.get(i + 1).map_or(f64::INFINITY, |n| n.at_s);
+        let last = report
+            .failures
+            .iter()
+            .filter(|f| f.kind == kind && f.at_s >= e.at_s && f.at_s < end)
+            .map(|f| f.at_s - e.at_s)
+            .fold(0.0, f64::max);
+        longest = Some(longest.map_or(last, |l: f64| l.max(last)));
+    }
+    longest.map(|s| s * 1000.0)
+}
+
+/// The facts in a few lines for the terminal and summary.txt.
+fn facts_text(f: &Facts, edits: Option<&crate::topology::Edits>) -> String {
+    let mut out = String::new();
+    let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let _ = writeln!(
+        out,
+        "drill: duplicate purchases {}, lost purchases {}, time to failover {}",
+        n(f.duplicates),
+        n(f.lost_purchases),
+        f.time_to_failover_ms
+            .map_or("- (no fault)".to_string(), |ms| format!("{ms:.0} ms")),
+    );
+    if let Some(e) = edits.filter(|e| e.valid + e.broken > 0) {
+        let _ = writeln!(
+            out,
+            "reload edits: {}/{} valid applied, {}/{} broken refused, {} failed",
+            e.applied, e.valid, e.refused, e.broken, e.failed
+        );
+        for why in &e.failures {
+            let _ = writeln!(out, "  {why}");
+        }
+    }
+    if !f.growth.is_empty() {
+        let trends: Vec<String> = f
+            .growth
+            .iter()
+            .map(|(t, g)| format!("{} {:+.1}%", t.name(), g * 100.0))
+            .collect();
+        let _ = writeln!(
+            out,
+            "soak: fitted growth over the run after warm-up: {}",
+            trends.join(", ")
+        );
+    }
+    out
+}
+
+/// Everything the drill measured beyond the load's counts.
+fn facts(report: &Report, topology: Option<&Topology>, soak: &[Sample], run_s: f64) -> Facts {
+    let mut facts = Facts {
+        lost_purchases: report
+            .target(PURCHASE)
+            .map(|t| t.outcomes.error + t.outcomes.timeout),
+        time_to_failover_ms: time_to_failover(report),
+        ..Facts::default()
+    };
+    if let Some(t) = topology {
+        facts.duplicates = Some(t.duplicates().1);
+        facts.reloads_failed = Some(t.edits.failed);
+        facts.reloads_applied = Some(t.edits.applied);
+    }
+    if !soak.is_empty() {
+        facts.growth = crate::soak::trends(soak, run_s);
+    }
+    facts
 }
 
 /// report.json, summary.txt and report.html in `out`.
@@ -124,6 +234,7 @@ fn write_reports(
     report: &Report,
     title: &str,
     verdicts: &[Verdict],
+    facts: &str,
 ) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let files = [
@@ -131,7 +242,7 @@ fn write_reports(
             "report.json",
             serde_json::to_string_pretty(json).unwrap_or_default(),
         ),
-        ("summary.txt", report.summary()),
+        ("summary.txt", format!("{}{facts}", report.summary())),
         ("report.html", report.html(title, verdicts)),
     ];
     for (name, content) in files {
@@ -153,11 +264,20 @@ pub async fn run(
     if topology.is_none() && !scenario.events.is_empty() {
         return Err("the scenario's events need its topology; run it without --target".into());
     }
-    let (report, topology) = play(&scenario, &base, topology, opts, label).await?;
+    let (report, topology, mut samples) = play(&scenario, &base, topology, opts, label).await?;
+    if let Some(kind) = report.targets.iter().position(|t| t.name == PURCHASE) {
+        crate::soak::fill_p99(&mut samples, &report.timeline, kind);
+    }
+    let facts = facts(
+        &report,
+        topology.as_ref(),
+        &samples,
+        report.elapsed.as_secs_f64(),
+    );
     let verdicts: Vec<Verdict> = scenario
         .thresholds
         .iter()
-        .map(|t| t.check(&report))
+        .map(|t| t.check(&report, &facts))
         .collect();
     let mut json = report.to_json();
     json["scenario"] = serde_json::json!({
@@ -169,6 +289,7 @@ pub async fn run(
     });
     json["thresholds"] = serde_json::to_value(&verdicts).unwrap_or_default();
     json["passed"] = verdicts.iter().all(|v| v.pass).into();
+    json["facts"] = serde_json::to_value(&facts).unwrap_or_default();
     if let Some(t) = &topology {
         let (all, unsafe_) = t.duplicates();
         json["backend"] = serde_json::json!({
@@ -176,15 +297,24 @@ pub async fn run(
             "duplicate_non_idempotent": unsafe_,
             "config": t.reload_state().await,
         });
+        json["reload_edits"] = serde_json::to_value(&t.edits).unwrap_or_default();
     }
+    if !samples.is_empty() {
+        json["soak"] = serde_json::json!({
+            "samples": samples,
+            "warmup_share": crate::soak::WARMUP_SHARE,
+        });
+    }
+    let said = facts_text(&facts, topology.as_ref().map(|t| &t.edits));
     drop(topology);
     let title = format!("{} — {label}", scenario.name);
-    write_reports(&opts.out, &json, &report, &title, &verdicts)?;
+    write_reports(&opts.out, &json, &report, &title, &verdicts, &said)?;
     Ok(Outcome {
         label: label.to_string(),
         report,
         verdicts,
         json,
+        facts: said,
         out: opts.out.clone(),
     })
 }
@@ -263,4 +393,56 @@ pub fn default_out(scenario: &Scenario) -> PathBuf {
         .to_string()
         .replace([':', '-'], "");
     Path::new("target/loadtest").join(format!("{}-{stamp}", scenario.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openloop::{Failure, TargetReport};
+
+    fn report(events: &[(f64, bool)], failures: &[(f64, usize)]) -> Report {
+        Report {
+            targets: vec![TargetReport::new("merchant"), TargetReport::new(PURCHASE)],
+            send_lag: crate::openloop::histogram(),
+            elapsed: Duration::from_secs(60),
+            timeline: Vec::new(),
+            offered_rate: Vec::new(),
+            events: events
+                .iter()
+                .map(|&(at_s, fault)| Event {
+                    at_s,
+                    what: String::new(),
+                    fault,
+                })
+                .collect(),
+            failures: failures
+                .iter()
+                .map(|&(at_s, kind)| Failure {
+                    at_s,
+                    kind,
+                    shed: false,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn time_to_failover_is_the_longest_run_of_purchase_failures_after_a_fault() {
+        // Faults at 10 s and 30 s, each recovered 10 s later.
+        let events = [(10.0, true), (20.0, false), (30.0, true), (40.0, false)];
+        let failures = [
+            (9.9, 1),  // before the fault: in flight when it struck
+            (10.2, 1), // the first fault: purchases fail for 0.5 s
+            (10.5, 1),
+            (12.0, 0), // a merchant request: not a purchase
+            (30.1, 1), // the second: for 1.3 s
+            (31.3, 1),
+            (45.0, 1), // after the recovery: not the fault's
+        ];
+        let ttf = time_to_failover(&report(&events, &failures)).unwrap();
+        assert!((ttf - 1300.0).abs() < 1e-6, "{ttf}");
+        // A fault that cost nothing: 0; no fault at all: not measured.
+        assert_eq!(time_to_failover(&report(&events, &[])), Some(0.0));
+        assert_eq!(time_to_failover(&report(&[(5.0, false)], &failures)), None);
+    }
 }

@@ -9,7 +9,8 @@
 //! - [`scenario`]: scenario files (load, tiers, topology, fault events,
 //!   thresholds); [`topology`] brings up simulators and k2proxy for one;
 //!   [`report`] writes the text, JSON and HTML reports; [`progress`] shows
-//!   the run live.
+//!   the run live; [`soak`] samples k2proxy over a long run and fits its
+//!   trends.
 //!
 //! See `docs/loadtest.md`.
 
@@ -22,6 +23,7 @@ pub mod report;
 pub mod scenario;
 pub mod schedule;
 pub mod sim;
+pub mod soak;
 pub mod template;
 pub mod thresholds;
 pub mod topology;

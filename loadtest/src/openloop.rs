@@ -196,7 +196,7 @@ pub struct TargetReport {
 }
 
 impl TargetReport {
-    fn new(name: &str) -> TargetReport {
+    pub(crate) fn new(name: &str) -> TargetReport {
         TargetReport {
             name: name.to_string(),
             sent: 0,
@@ -238,6 +238,9 @@ pub struct Event {
     /// Seconds from the start of the load.
     pub at_s: f64,
     pub what: String,
+    /// A fault began (not a recovery, not a reload): a drill's
+    /// `time_to_failover` is measured from here.
+    pub fault: bool,
 }
 
 /// The result of a run.
@@ -251,6 +254,25 @@ pub struct Report {
     /// The offered rate per second of the profile, all kinds together.
     pub offered_rate: Vec<f64>,
     pub events: Vec<Event>,
+    /// Requests that were not answered well (shed, error, timeout), by
+    /// intended send time: what a drill's `time_to_failover` reads. At most
+    /// [`MAX_FAILURES`] are kept.
+    pub failures: Vec<Failure>,
+}
+
+/// At most this many [`Failure`]s are kept (a run that fails more has
+/// failed anyway).
+pub const MAX_FAILURES: usize = 200_000;
+
+/// A request that was shed, failed or timed out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Failure {
+    /// Intended send time, seconds from the start of the load.
+    pub at_s: f64,
+    /// Index of its request kind in [`Report::targets`].
+    pub kind: usize,
+    /// Shed (an explicit refusal), rather than an error or a timeout.
+    pub shed: bool,
 }
 
 impl Report {
@@ -306,6 +328,7 @@ enum Class {
 struct Acc {
     targets: Vec<TargetReport>,
     timeline: Vec<Second>,
+    failures: Vec<Failure>,
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -334,6 +357,7 @@ pub async fn run_load(load: Load, live: Arc<Live>) -> Report {
                 ok_latency: (0..kinds).map(|_| coarse_histogram()).collect(),
             })
             .collect(),
+        failures: Vec::new(),
     }));
     let offered_rate = (0..seconds)
         .map(|s| load.schedule.rate_at(Duration::from_secs(s as u64)))
@@ -361,8 +385,12 @@ pub async fn run_load(load: Load, live: Arc<Live>) -> Report {
                     live.sent[kind].fetch_add(1, Ordering::Relaxed);
                     let req = build(&load.requests[kind], load.seed, i, &mut mix);
                     let ctx = (client.clone(), acc.clone(), live.clone(), done_tx.clone());
-                    let second = (offset.as_secs() as usize).min(seconds - 1);
-                    runtime.spawn(send(ctx, req, kind, due, second, load.timeout));
+                    let at = Sent {
+                        due,
+                        offset,
+                        second: (offset.as_secs() as usize).min(seconds - 1),
+                    };
+                    runtime.spawn(send(ctx, req, kind, at, load.timeout));
                 }));
                 lag
             })
@@ -381,6 +409,7 @@ pub async fn run_load(load: Load, live: Arc<Live>) -> Report {
         Acc {
             targets: Vec::new(),
             timeline: Vec::new(),
+            failures: Vec::new(),
         },
     );
     Report {
@@ -390,7 +419,16 @@ pub async fn run_load(load: Load, live: Arc<Live>) -> Report {
         timeline: acc.timeline,
         offered_rate,
         events: Vec::new(),
+        failures: acc.failures,
     }
+}
+
+/// When a request was due: the instant, its offset into the load, and the
+/// timeline second it counts in.
+struct Sent {
+    due: Instant,
+    offset: Duration,
+    second: usize,
 }
 
 /// Renders arrival `i`'s request; an invalid rendering (checked at load
@@ -424,8 +462,11 @@ async fn send(
     ),
     req: Option<hyper::Request<Full<Bytes>>>,
     kind: usize,
-    due: Instant,
-    second: usize,
+    Sent {
+        due,
+        offset,
+        second,
+    }: Sent,
     timeout: Duration,
 ) {
     let sent_at = Instant::now();
@@ -468,6 +509,15 @@ async fn send(
         }
         Class::Shed => r.shed_latency.saturating_record(latency),
         _ => {}
+    }
+    if matches!(class, Class::Shed | Class::Error | Class::Timeout)
+        && acc.failures.len() < MAX_FAILURES
+    {
+        acc.failures.push(Failure {
+            at_s: offset.as_secs_f64(),
+            kind,
+            shed: matches!(class, Class::Shed),
+        });
     }
     let s = &mut acc.timeline[second];
     s.outcomes[kind].add(class);

@@ -101,6 +101,13 @@ struct Raw {
     topology: Option<RawTopology>,
     #[serde(default)]
     events: Vec<Spanned<RawEvent>>,
+    soak: Option<Spanned<RawSoak>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSoak {
+    sample: Dur,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +185,8 @@ struct RawEvent {
     #[serde(default)]
     health: bool,
     reload: Option<Vec<String>>,
+    reject: Option<Vec<String>>,
+    via: Option<Vec<Spanned<String>>>,
 }
 
 /// One tier's share of the mix and its request.
@@ -216,9 +225,35 @@ pub struct TopologySpec {
 pub enum Action {
     /// Every simulator of the site plays the fault.
     Fault { site: String, fault: Fault },
-    /// Rewrites routes.toml to use this policy (k2proxy's file watcher
-    /// reloads it).
-    Reload { policy: PathBuf },
+    /// Rewrites routes.toml to use this policy and asks k2proxy to reload
+    /// (`via`); the drill checks that a `valid` edit is applied and a broken
+    /// one refused while the running config keeps serving.
+    Reload {
+        policy: PathBuf,
+        valid: bool,
+        via: Via,
+    },
+}
+
+/// How a reload event asks k2proxy to reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// k2proxy's file watcher sees the edit.
+    File,
+    /// SIGHUP after the edit.
+    Sighup,
+    /// `POST /reload` on the admin port after the edit.
+    Post,
+}
+
+impl Via {
+    pub fn name(self) -> &'static str {
+        match self {
+            Via::File => "file",
+            Via::Sighup => "sighup",
+            Via::Post => "post",
+        }
+    }
 }
 
 /// An event at a time into the load.
@@ -242,6 +277,9 @@ pub struct Scenario {
     pub topology: Option<TopologySpec>,
     pub events: Vec<Occurrence>,
     pub thresholds: Vec<Threshold>,
+    /// `[soak] sample`: sample k2proxy's RSS, open files, threads and the
+    /// purchase p99 this often, and fit their trends.
+    pub soak_sample: Option<Duration>,
 }
 
 /// A scenario file that cannot be used.
@@ -335,6 +373,16 @@ impl Scenario {
         let total: Duration = stages.iter().map(|s| s.0).sum();
         let events = events(&mut c, &raw.events, topology.as_ref(), total, &dir);
         let thresholds = thresholds(&mut c, &raw);
+        let soak_sample = raw.soak.as_ref().map(|s| {
+            let sample = s.get_ref().sample.0;
+            if sample < Duration::from_secs(1) || topology.is_none() {
+                c.err(
+                    s.span().start,
+                    "[soak] samples k2proxy (needs a [topology]) at most once a second: sample = \"60s\"",
+                );
+            }
+            sample
+        });
         let timeout = raw.timeout.map_or(Duration::from_secs(5), |d| d.0);
         if timeout.is_zero() || timeout > Duration::from_secs(300) {
             c.err(0, "timeout must lie between 1ms and 5m");
@@ -354,6 +402,7 @@ impl Scenario {
             topology,
             events,
             thresholds,
+            soak_sample,
         };
         if let Err(e) = scenario.schedule() {
             c.err(raw.load.stages.first().map_or(0, |s| s.span().start), e);
@@ -397,7 +446,46 @@ impl Scenario {
         self
     }
 
-    /// The arrival schedule in requests per second.
+    /// The scenario's length: its stages' durations summed.
+    pub fn duration(&self) -> Duration {
+        self.stages.iter().map(|s| s.0).sum()
+    }
+
+    /// The scenario played over and over until `total` (a soak of any
+    /// length from a file that describes one cycle): its stages and its
+    /// events repeat with the cycle's length, the last cycle cut at `total`.
+    pub fn repeated(mut self, total: Duration) -> Scenario {
+        let cycle = self.duration();
+        if cycle.is_zero() {
+            return self;
+        }
+        let (stages, events) = (self.stages.clone(), self.events.clone());
+        self.stages.clear();
+        self.events.clear();
+        let mut start = Duration::ZERO;
+        while start < total {
+            let cycle_start = start;
+            for &(d, from, to) in &stages {
+                let left = total.saturating_sub(start);
+                if left.is_zero() {
+                    break;
+                }
+                self.stages.push((d.min(left), from, to));
+                start += d.min(left);
+            }
+            self.events.extend(
+                events
+                    .iter()
+                    .filter(|e| cycle_start + e.at < total)
+                    .map(|e| Occurrence {
+                        at: cycle_start + e.at,
+                        action: e.action.clone(),
+                    }),
+            );
+        }
+        self
+    }
+
     pub fn schedule(&self) -> Result<Schedule, String> {
         let cap = self.capacity();
         let mut stages = Vec::new();
@@ -623,17 +711,10 @@ fn events(
     for e in raw {
         let at = e.span().start;
         let ev = e.get_ref();
-        let action = match (&ev.fault, &ev.reload) {
-            (Some(f), None) => fault(c, at, ev, f, topology).map(|a| vec![a]),
-            (None, Some(policies)) if !policies.is_empty() => {
-                if topology.is_none() {
-                    c.err(at, "a reload event needs a [topology] with k2proxy");
-                }
-                let reloads = policies.iter().map(|p| Action::Reload {
-                    policy: dir.join(p),
-                });
-                topology.map(|_| reloads.collect())
-            }
+        let edits = ev.reload.is_some() || ev.reject.is_some();
+        let action = match (&ev.fault, edits) {
+            (Some(f), false) => fault(c, at, ev, f, topology).map(|a| vec![a]),
+            (None, true) => reloads(c, at, ev, topology, dir),
             _ => {
                 c.err(at, "an event has either `fault` (with `site`) or `reload` (a list of policy files)");
                 None
@@ -666,6 +747,66 @@ fn events(
     out
 }
 
+/// A reload event's edits: its `reload` files (valid) and `reject` files
+/// (broken: k2proxy must refuse them), interleaved, each asked for by the
+/// next of `via` in turn.
+fn reloads(
+    c: &mut Check<'_>,
+    at: usize,
+    ev: &RawEvent,
+    topology: Option<&TopologySpec>,
+    dir: &Path,
+) -> Option<Vec<Action>> {
+    if topology.is_none() {
+        c.err(at, "a reload event needs a [topology] with k2proxy");
+    }
+    let mut vias = Vec::new();
+    for v in ev.via.iter().flatten() {
+        vias.push(match v.get_ref().as_str() {
+            "file" => Via::File,
+            "sighup" => Via::Sighup,
+            "post" => Via::Post,
+            other => {
+                c.err(
+                    v.span().start,
+                    format!("via {other:?}: expected file, sighup or post"),
+                );
+                Via::File
+            }
+        });
+    }
+    if vias.is_empty() {
+        vias.push(Via::File);
+    }
+    let (valid, broken) = (
+        ev.reload.as_deref().unwrap_or_default(),
+        ev.reject.as_deref().unwrap_or_default(),
+    );
+    if valid.is_empty() && broken.is_empty() {
+        c.err(
+            at,
+            "a reload event lists policy files in `reload` (or broken ones in `reject`)",
+        );
+        return None;
+    }
+    let mut edits = Vec::new();
+    for i in 0..valid.len().max(broken.len()) {
+        edits.extend(valid.get(i).map(|p| (p, true)));
+        edits.extend(broken.get(i).map(|p| (p, false)));
+    }
+    // Every edit meets every way to reload: round r shifts the ways by r
+    // (a plain zip pairs 2 files with 2 ways the same way forever).
+    let actions = (0..edits.len() * vias.len()).map(|k| {
+        let (policy, valid) = edits[k % edits.len()];
+        Action::Reload {
+            policy: dir.join(policy),
+            valid,
+            via: vias[(k % edits.len() + k / edits.len()) % vias.len()],
+        }
+    });
+    topology.map(|_| actions.collect())
+}
+
 /// A fault event: what the simulators of a simulated site play.
 fn fault(
     c: &mut Check<'_>,
@@ -678,6 +819,7 @@ fn fault(
         "normal" | "recover" => Fault::None,
         "refuse" => Fault::Refuse,
         "hang" => Fault::Hang,
+        "blackhole" => Fault::Blackhole,
         "slow" => Fault::Slow(ev.factor.unwrap_or(2.0)),
         "errors" => Fault::Errors {
             rate: ev.rate.unwrap_or(1.0),
@@ -686,7 +828,9 @@ fn fault(
         other => {
             c.err(
                 at,
-                format!("fault {other:?}: expected refuse, hang, slow, errors or normal"),
+                format!(
+                    "fault {other:?}: expected refuse, blackhole, hang, slow, errors or normal"
+                ),
             );
             return None;
         }
@@ -715,11 +859,32 @@ fn fault(
     Some(Action::Fault { site, fault })
 }
 
-/// `thresholds`: each parsed, each naming `all` or a tier of the mix.
+/// `thresholds`: each parsed, each naming `all` or a tier of the mix, or a
+/// drill's fact (which needs the topology; a growth needs `[soak]`).
 fn thresholds(c: &mut Check<'_>, raw: &Raw) -> Vec<Threshold> {
     let mut out = Vec::new();
     for t in &raw.thresholds {
         match Threshold::parse(t.get_ref()) {
+            Ok(th) if th.tier.is_empty() => {
+                if raw.topology.is_none() {
+                    c.err(
+                        t.span().start,
+                        format!(
+                            "threshold {:?} is a drill's fact: it needs a [topology]",
+                            th.text
+                        ),
+                    );
+                } else if th.text.contains("_growth") && raw.soak.is_none() {
+                    c.err(
+                        t.span().start,
+                        format!(
+                            "threshold {:?} is a soak's trend: it needs [soak] sample = \"60s\"",
+                            th.text
+                        ),
+                    );
+                }
+                out.push(th);
+            }
             Ok(th) if th.tier == "all" || raw.mix.contains_key(&th.tier) => out.push(th),
             Ok(th) => c.err(
                 t.span().start,
@@ -763,5 +928,96 @@ mod tests {
             ..p
         };
         assert_eq!(whole.to_string(), "s.toml: error: bad");
+    }
+
+    const STORM: &str = r#"
+thresholds = ["reloads_failed <= 0", "duplicates <= 0"]
+[load]
+capacity = 100
+stages = [{ duration = "10s", rate = "1x" }, { duration = "5s", rate = "2x" }]
+[mix]
+a = 1
+[tiers.a]
+path = "/a"
+[topology]
+routes = "routes.toml"
+[topology.sites.s]
+workers = 1
+service = "10ms"
+[[events]]
+at = "1s"
+every = "1s"
+until = "12s"
+reload = ["good-1.toml", "good-2.toml"]
+reject = ["bad.toml"]
+via = ["file", "post"]
+[[events]]
+at = "3s"
+site = "s"
+fault = "blackhole"
+"#;
+
+    fn storm() -> Scenario {
+        Scenario::parse(Path::new("/x/storm.toml"), STORM).unwrap()
+    }
+
+    #[test]
+    fn reload_edits_interleave_valid_and_broken_and_meet_every_way_to_ask() {
+        let s = storm();
+        let edits: Vec<(String, bool, Via)> = s
+            .events
+            .iter()
+            .filter_map(|o| match &o.action {
+                Action::Reload { policy, valid, via } => Some((
+                    policy.file_name().unwrap().to_string_lossy().into_owned(),
+                    *valid,
+                    *via,
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(edits.len(), 12, "1 s to 12 s");
+        let names: Vec<&str> = edits.iter().take(3).map(|e| e.0.as_str()).collect();
+        assert_eq!(names, ["good-1.toml", "bad.toml", "good-2.toml"]);
+        assert!(!edits[1].1 && edits[0].1 && edits[2].1);
+        // Six pairs of (file, way) in the first six edits: every file meets
+        // both ways, though 3 files and 2 ways would pair alike if zipped.
+        let mut pairs: Vec<(String, Via)> = edits[..6].iter().map(|e| (e.0.clone(), e.2)).collect();
+        pairs.sort_by_key(|p| (p.0.clone(), p.1.name()));
+        pairs.dedup();
+        assert_eq!(pairs.len(), 6, "{pairs:?}");
+    }
+
+    #[test]
+    fn a_repeated_scenario_cycles_its_stages_and_events_and_cuts_the_last() {
+        let s = storm().repeated(Duration::from_secs(40));
+        assert_eq!(s.duration(), Duration::from_secs(40));
+        let faults: Vec<u64> = s
+            .events
+            .iter()
+            .filter(|o| matches!(o.action, Action::Fault { .. }))
+            .map(|o| o.at.as_secs())
+            .collect();
+        assert_eq!(faults, [3, 18, 33], "one per 15 s cycle");
+        let peak = s.schedule().unwrap();
+        assert_eq!(peak.rate_at(Duration::from_secs(12)), 200.0);
+        assert_eq!(peak.rate_at(Duration::from_secs(31)), 100.0);
+        assert_eq!(
+            peak.rate_at(Duration::from_secs(39)),
+            100.0,
+            "cut in its first stage"
+        );
+        assert!(s.events.iter().all(|o| o.at < Duration::from_secs(40)));
+        assert!(s.events.windows(2).all(|w| w[0].at <= w[1].at));
+    }
+
+    #[test]
+    fn a_drills_facts_need_its_topology_and_a_growth_needs_soak() {
+        let no_soak = STORM.replace("reloads_failed <= 0", "rss_growth <= 0.1");
+        let e = Scenario::parse(Path::new("s.toml"), &no_soak).unwrap_err();
+        assert!(e.to_string().contains("needs [soak]"), "{e}");
+        let with_soak = format!("{no_soak}[soak]\nsample = \"10s\"\n");
+        let s = Scenario::parse(Path::new("s.toml"), &with_soak).unwrap();
+        assert_eq!(s.soak_sample, Some(Duration::from_secs(10)));
     }
 }

@@ -199,6 +199,10 @@ pub enum Fault {
     Refuse,
     /// Accept, never answer.
     Hang,
+    /// A host that stopped answering at all (packets dropped): open
+    /// connections get no answer, and new ones are not accepted (a backlog
+    /// of one, never accepted from: the next connects time out).
+    Blackhole,
     /// Service times multiplied by this factor.
     Slow(f64),
     /// Answer 500 to this share of requests; `health`: to `/health` too.
@@ -215,6 +219,7 @@ impl Fault {
             Fault::None => "normal".into(),
             Fault::Refuse => "refuse".into(),
             Fault::Hang => "hang".into(),
+            Fault::Blackhole => "blackhole".into(),
             Fault::Slow(f) => format!("slow x{f}"),
             Fault::Errors { rate, .. } => format!("errors {:.0}%", rate * 100.0),
         }
@@ -305,7 +310,7 @@ impl Sim {
         loop {
             match *changes.borrow_and_update() {
                 Fault::None | Fault::Slow(_) | Fault::Refuse => return None,
-                Fault::Hang => {}
+                Fault::Hang | Fault::Blackhole => {}
                 Fault::Errors { rate, health: h } => {
                     if (health && !h) || fastrand::f64() >= rate {
                         return None;
@@ -327,16 +332,26 @@ impl Sim {
     pub async fn serve(self: Arc<Sim>, listener: TcpListener) -> std::io::Result<()> {
         let addr = listener.local_addr()?;
         let mut listener = Some(listener);
+        // While blackholed: a listener that is never accepted from.
+        let mut deaf: Option<TcpListener> = None;
         let mut changes = self.fault.subscribe();
         let mut connections = tokio::task::JoinSet::new();
         loop {
-            let refusing = *changes.borrow_and_update() == Fault::Refuse;
-            match (refusing, &listener) {
-                (true, Some(_)) => {
-                    listener = None;
+            let fault = *changes.borrow_and_update();
+            match fault {
+                Fault::Refuse if listener.is_some() || deaf.is_some() => {
+                    (listener, deaf) = (None, None);
                     connections.abort_all();
                 }
-                (false, None) => listener = Some(rebind(addr).await?),
+                Fault::Blackhole if deaf.is_none() => {
+                    listener = None;
+                    deaf = Some(rebind(addr, 1).await?);
+                }
+                Fault::Refuse | Fault::Blackhole => {}
+                _ if listener.is_none() => {
+                    deaf = None;
+                    listener = Some(rebind(addr, 1024).await?);
+                }
                 _ => {}
             }
             let Some(l) = &listener else {
@@ -572,11 +587,22 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Binds `addr` again after a refuse fault; the old socket may linger briefly.
-async fn rebind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds `addr` again after a refuse or blackhole fault, listening with
+/// this `backlog`; the old socket may linger briefly.
+async fn rebind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
     let mut tries = 0;
     loop {
-        match TcpListener::bind(addr).await {
+        match bind() {
             Ok(l) => return Ok(l),
             Err(e) if tries >= 50 => return Err(e),
             Err(_) => {
@@ -587,7 +613,7 @@ async fn rebind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     }
 }
 
-/// `mode=normal|refuse|hang|slow|errors[&factor=F][&rate=R][&health=1][&for=D]`.
+/// `mode=normal|refuse|blackhole|hang|slow|errors[&factor=F][&rate=R][&health=1][&for=D]`.
 pub fn parse_fault_query(query: &str) -> Result<(Fault, Option<Duration>), String> {
     let arg = |k: &str| {
         query
@@ -608,13 +634,14 @@ pub fn parse_fault_query(query: &str) -> Result<(Fault, Option<Duration>), Strin
         Some("normal") => Fault::None,
         Some("refuse") => Fault::Refuse,
         Some("hang") => Fault::Hang,
+        Some("blackhole") => Fault::Blackhole,
         Some("slow") => Fault::Slow(number("factor", 2.0, |f| (1.0..=1000.0).contains(&f))?),
         Some("errors") => Fault::Errors {
             rate: number("rate", 1.0, |r| (0.0..=1.0).contains(&r))?,
             health: arg("health") == Some("1"),
         },
         _ => return Err(
-            "expected mode=normal|refuse|hang|slow|errors[&factor=F][&rate=R][&health=1][&for=5s]"
+            "expected mode=normal|refuse|blackhole|hang|slow|errors[&factor=F][&rate=R][&health=1][&for=5s]"
                 .into(),
         ),
     };

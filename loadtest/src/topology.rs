@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::scenario::{Action, TopologySpec};
+use crate::scenario::{Action, TopologySpec, Via};
 use crate::sim::{self, SimConfig, SimHandle};
 
 /// A running topology; dropping it stops k2proxy and the simulators.
@@ -26,7 +26,29 @@ pub struct Topology {
     admission: bool,
     out: PathBuf,
     reloads: usize,
+    /// What became of the reload events' edits.
+    pub edits: Edits,
 }
+
+/// What became of a drill's reload edits.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Edits {
+    /// Valid edits made, and how many k2proxy applied.
+    pub valid: u64,
+    pub applied: u64,
+    /// Broken edits made, and how many k2proxy refused (keeping the
+    /// running config).
+    pub broken: u64,
+    pub refused: u64,
+    /// Edits that did not end as expected.
+    pub failed: u64,
+    /// The first few of them, said.
+    pub failures: Vec<String>,
+}
+
+/// How long an edit may take to show in `/status` (the watcher's debounce
+/// and SIGHUP's tick are 50 ms each; a reload takes milliseconds).
+const EDIT_DEADLINE: Duration = Duration::from_secs(3);
 
 fn free_addr() -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
@@ -203,16 +225,41 @@ impl Topology {
             admission: spec.admission,
             out: out.to_path_buf(),
             reloads: 0,
+            edits: Edits::default(),
         };
-        topo.write_files(&policy)?;
+        topo.write_files(&policy, true)?;
         topo.proxy = Some(spawn_k2proxy(k2proxy, &topo.routes_path, out)?);
         topo.wait_ready().await?;
         Ok(topo)
     }
 
     /// Writes routes.toml (with `policy` pointing at a copy in `out`) and the
-    /// policy copy, with admission turned off when the scenario says so.
-    fn write_files(&mut self, policy: &Path) -> Result<(), String> {
+    /// policy copy, with admission turned off when the scenario says so. A
+    /// broken policy (`valid` false) is copied as it is. Returns the copy's
+    /// file name.
+    fn write_files(&mut self, policy: &Path, valid: bool) -> Result<String, String> {
+        let name = format!("policy-{}.toml", self.reloads);
+        let copy = self.out.join(&name);
+        let text = if valid {
+            toml::to_string(&self.policy_copy(policy)?).map_err(|e| e.to_string())?
+        } else {
+            std::fs::read_to_string(policy)
+                .map_err(|e| format!("{}: cannot read: {e}", policy.display()))?
+        };
+        std::fs::write(&copy, text).map_err(|e| format!("{}: {e}", copy.display()))?;
+        if let Some(server) = self.routes.get_mut("server").and_then(|s| s.as_table_mut()) {
+            server.insert("policy".into(), name.clone().into());
+        }
+        let text = toml::to_string(&self.routes).map_err(|e| e.to_string())?;
+        // Write then rename: k2proxy never reads half a file.
+        let tmp = self.out.join(".routes.toml.tmp");
+        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.routes_path).map_err(|e| e.to_string())?;
+        Ok(name)
+    }
+
+    /// The policy as the drill runs it: admission off when the scenario says.
+    fn policy_copy(&self, policy: &Path) -> Result<toml::Table, String> {
         let mut p = read_toml(policy)?;
         if !self.admission {
             let clusters: Vec<String> = self
@@ -229,19 +276,63 @@ impl Topology {
             }
             p.insert("admission".into(), toml::Value::Table(off));
         }
-        let name = format!("policy-{}.toml", self.reloads);
-        let copy = self.out.join(&name);
-        std::fs::write(&copy, toml::to_string(&p).map_err(|e| e.to_string())?)
-            .map_err(|e| format!("{}: {e}", copy.display()))?;
-        if let Some(server) = self.routes.get_mut("server").and_then(|s| s.as_table_mut()) {
-            server.insert("policy".into(), name.into());
+        Ok(p)
+    }
+
+    /// One reload edit: write it, ask k2proxy `via` the given way, and wait
+    /// until `/status` shows the result. A valid edit must become the
+    /// policy in force; a broken one must be refused (a failed reload after
+    /// the edit) and never become it.
+    async fn edit(&mut self, policy: &Path, valid: bool, via: Via) -> Result<String, String> {
+        let since = unix_ms();
+        let name = self.write_files(policy, valid)?;
+        match via {
+            Via::File => {}
+            Via::Sighup => {
+                let pid = self.pid().ok_or("k2proxy is not running")?;
+                let sent = Command::new("kill")
+                    .args(["-HUP", &pid.to_string()])
+                    .status()
+                    .map_err(|e| format!("kill -HUP: {e}"))?;
+                if !sent.success() {
+                    return Err(format!("kill -HUP {pid}: {sent}"));
+                }
+            }
+            Via::Post => {
+                let answer = http_request(self.admin, "POST", "/reload").await;
+                let Some((status, body)) = answer else {
+                    return Err("POST /reload: no answer".into());
+                };
+                if (status == 200) != valid {
+                    return Err(format!("POST /reload answered {status}: {body}"));
+                }
+            }
         }
-        let text = toml::to_string(&self.routes).map_err(|e| e.to_string())?;
-        // Write then rename: k2proxy never reads half a file.
-        let tmp = self.out.join(".routes.toml.tmp");
-        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.routes_path).map_err(|e| e.to_string())?;
-        Ok(())
+        let deadline = Instant::now() + EDIT_DEADLINE;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status().await {
+                let in_force = s["policy_file"].as_str().unwrap_or("");
+                let last = &s["last_reload"];
+                let refused_since = last["ok"] == false
+                    && last["at_unix_ms"].as_u64().is_some_and(|at| at >= since);
+                match (valid, in_force.ends_with(&name)) {
+                    (true, true) => return Ok(name),
+                    (false, true) => return Err("the broken policy was applied".into()),
+                    (false, false) if refused_since => return Ok(name),
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(format!(
+            "no {} within {EDIT_DEADLINE:?}",
+            if valid { "reload" } else { "refusal" }
+        ))
+    }
+
+    /// k2proxy's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proxy.as_ref().map(Child::id)
     }
 
     async fn status(&self) -> Option<serde_json::Value> {
@@ -301,14 +392,41 @@ impl Topology {
                 }
                 format!("{site}: {}", fault.name())
             }
-            Action::Reload { policy } => {
+            Action::Reload { policy, valid, via } => {
                 self.reloads += 1;
                 let name = policy
                     .file_name()
                     .map_or(String::new(), |n| n.to_string_lossy().into_owned());
-                match self.write_files(policy) {
-                    Ok(()) => format!("reload {name}"),
-                    Err(e) => format!("reload {name} failed: {e}"),
+                let e = &mut self.edits;
+                if *valid {
+                    e.valid += 1;
+                } else {
+                    e.broken += 1;
+                }
+                let what = format!(
+                    "{} {name} via {}",
+                    if *valid { "reload" } else { "broken edit" },
+                    via.name()
+                );
+                match self.edit(policy, *valid, *via).await {
+                    Ok(_) => {
+                        let e = &mut self.edits;
+                        if *valid {
+                            e.applied += 1;
+                        } else {
+                            e.refused += 1;
+                        }
+                        what
+                    }
+                    Err(why) => {
+                        let e = &mut self.edits;
+                        e.failed += 1;
+                        let said = format!("{what}: FAILED: {why}");
+                        if e.failures.len() < 20 {
+                            e.failures.push(said.clone());
+                        }
+                        said
+                    }
                 }
             }
         }
@@ -352,8 +470,20 @@ impl Drop for Topology {
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A minimal GET on loopback; None on any failure.
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    http_request(addr, "GET", path).await.map(|(_, body)| body)
+}
+
+/// A minimal request without a body on loopback: (status, body); None on
+/// any failure.
+async fn http_request(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
     use http_body_util::{BodyExt, Empty};
     let stream = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
         .await
@@ -364,7 +494,9 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
             .await
             .ok()?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path)
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", addr.to_string())
         .body(Empty::<bytes::Bytes>::new())
         .ok()?;
@@ -372,6 +504,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
         .await
         .ok()?
         .ok()?;
+    let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.ok()?.to_bytes();
-    Some(String::from_utf8_lossy(&body).into_owned())
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }

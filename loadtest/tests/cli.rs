@@ -153,11 +153,37 @@ fn a_bad_scenario_is_refused_with_file_line_and_column() {
 #[test]
 fn the_shipped_scenarios_load() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
-    for name in ["steady", "black-friday", "failover-drill", "reload-storm"] {
+    for name in [
+        "steady",
+        "black-friday",
+        "failover-drill",
+        "reload-storm",
+        "soak",
+    ] {
         let s = loadtest::scenario::Scenario::load(&dir.join(format!("{name}.toml")))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(s.topology.is_some(), "{name}");
         assert!(!s.thresholds.is_empty(), "{name}");
         assert!(s.schedule().unwrap().peak() > 0.0);
     }
+    // The drills judge their own facts, and the soak samples.
+    let texts = |name: &str| {
+        loadtest::scenario::Scenario::load(&dir.join(format!("{name}.toml")))
+            .unwrap()
+            .thresholds
+            .iter()
+            .map(|t| t.text.clone())
+            .collect::<Vec<_>>()
+    };
+    for (name, fact) in [
+        ("failover-drill", "duplicates <= 0"),
+        ("failover-drill", "time_to_failover <= 3s"),
+        ("reload-storm", "reloads_failed <= 0"),
+        ("soak", "rss_growth <= 0.1"),
+    ] {
+        assert!(texts(name).iter().any(|t| t == fact), "{name}: {fact}");
+    }
+    let soak = loadtest::scenario::Scenario::load(&dir.join("soak.toml")).unwrap();
+    assert_eq!(soak.soak_sample, Some(std::time::Duration::from_secs(60)));
+    assert_eq!(soak.duration(), std::time::Duration::from_secs(300));
 }

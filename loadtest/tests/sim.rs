@@ -275,6 +275,37 @@ async fn every_fault_mode_plays_and_recovers() {
     assert_eq!(get("/x").await.unwrap().unwrap().status(), 200);
     assert_eq!(sim.fault(), sim::Fault::None);
 
+    // blackhole: an open connection gets no answer, and once the one-place
+    // backlog is full a new connect gets no handshake (it times out, it is
+    // not refused); then back.
+    let open = tokio::net::TcpStream::connect(addr).await.unwrap();
+    fault(addr, "mode=blackhole&for=1500ms").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(open);
+    assert!(get("/x").await.is_err(), "a blackholed backend answered");
+    let mut outcomes = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        match tokio::time::timeout(
+            Duration::from_millis(150),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => {
+                held.push(s);
+                outcomes.push("connected")
+            }
+            Ok(Err(_)) => outcomes.push("refused"),
+            Err(_) => outcomes.push("timed out"),
+        }
+    }
+    assert!(!outcomes.contains(&"refused"), "{outcomes:?}");
+    assert_eq!(outcomes.last(), Some(&"timed out"), "{outcomes:?}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(get("/x").await.unwrap().unwrap().status(), 200);
+
     let bad = c
         .post(format!("http://{addr}/_sim/fault?mode=melt"))
         .send()

@@ -1,10 +1,15 @@
-//! A whole load-test drill at small scale, the way an SRE runs one: a
-//! scenario file brings up legacy-sims and the real k2proxy, plays 10 s of
-//! open-loop mixed load ramping to 3x the primary site's capacity with a
-//! fault event (on the idle secondary, so it marks the report without
-//! changing the outcome),
-//! and writes its reports. The JSON report's fields and the scenario's
-//! thresholds are checked.
+//! Whole load-test drills at small scale, the way an SRE runs them: a
+//! scenario file brings up legacy-sims and the real k2proxy, plays open-loop
+//! load with its events, checks its thresholds and writes its reports.
+//!
+//! - 10 s of mixed load ramping to 3x the primary's capacity, a fault on
+//!   the idle secondary marking the report: the report's fields.
+//! - the failover drill, short: the serving site killed, blackholed and
+//!   answering 500s; duplicates, lost purchases and time to failover.
+//! - the reload storm, short: valid and broken edits by file, SIGHUP and
+//!   POST /reload, every one checked, and one mislabelled edit that must
+//!   fail the drill.
+//! - the soak, two minutes: k2proxy sampled, trends fitted.
 
 mod support;
 
@@ -126,6 +131,7 @@ factor = 1.5
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("routes.toml"), ROUTES).unwrap();
     std::fs::write(dir.path().join("policy.toml"), POLICY).unwrap();
@@ -206,4 +212,366 @@ async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
         tokio::net::TcpStream::connect(target).await.is_err(),
         "k2proxy still running"
     );
+}
+
+/// A second valid policy for reload edits: the same tiers, other settings.
+const POLICY_B: &str = r#"
+tiers = ["purchase", "merchant", "customer_service"]
+
+[tier.purchase]
+max_queue_wait = "3s"
+
+[tier.merchant]
+max_queue_wait = "200ms"
+
+[tier.customer_service]
+max_queue_wait = "100ms"
+max_share = 0.2
+
+[shedding]
+target_queue_delay = "30ms"
+never_shed = ["purchase"]
+"#;
+
+/// One drill at a time: each brings up k2proxy, simulators and a load
+/// generator, and on two cores two of them starve each other (a soak run
+/// beside the others lost 3% of its purchases to it).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs `scenario` (with ROUTES, POLICY and POLICY_B beside it, and the
+/// broken policies `broken-*.toml`); returns its outcome and report.json.
+async fn run_drill(
+    scenario: &str,
+    repeat_for: Option<Duration>,
+) -> (drill::Outcome, serde_json::Value, tempfile::TempDir) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        ("routes.toml", ROUTES),
+        ("policy.toml", POLICY),
+        ("policy-b.toml", POLICY_B),
+        ("broken-syntax.toml", "tiers = [\"purchase\"\n"),
+        (
+            "broken-tier.toml",
+            "tiers = [\"purchase\", \"merchant\", \"customer_service\"]\n[shedding]\nnever_shed = [\"purchases\"]\n",
+        ),
+    ];
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let path = dir.path().join("drill.toml");
+    std::fs::write(&path, scenario).unwrap();
+    let mut scenario = Scenario::load(&path).unwrap();
+    if let Some(total) = repeat_for {
+        scenario = scenario.repeated(total);
+    }
+    let out = dir.path().join("out");
+    let opts = Options {
+        target: None,
+        out: out.clone(),
+        k2proxy: k2proxy_bin(),
+        quiet: true,
+    };
+    let outcome = drill::run(&scenario, &opts, None, "test").await.unwrap();
+    println!("{}{}", outcome.report.summary(), outcome.facts);
+    for v in &outcome.verdicts {
+        println!("{v}");
+    }
+    let json =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    (outcome, json, dir)
+}
+
+const MIX: &str = r#"
+[mix]
+purchase = 40
+merchant = 30
+customer_service = 30
+
+[tiers.purchase]
+path = "/checkout/pay/{seq}"
+body = '{"amount": 100}'
+idempotency_key = true
+
+[tiers.merchant]
+path = "/api/orders/{rand:100}"
+
+[tiers.customer_service]
+path = "/cs/tickets/{rand:100}"
+"#;
+
+const SITES: &str = r#"
+[topology]
+routes = "routes.toml"
+
+[topology.sites.primary]
+workers = 8
+service = "lognormal(20ms, 0.3)"
+
+[topology.sites.secondary]
+workers = 8
+service = "lognormal(20ms, 0.3)"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failover_drill_fails_the_serving_site_three_ways_and_counts_what_purchases_lost() {
+    let scenario = format!(
+        r#"
+name = "failover-short"
+seed = 7
+timeout = "3s"
+thresholds = [
+  "duplicates <= 0",
+  "time_to_failover <= 2s",
+  "lost_purchases <= 150",
+]
+
+[load]
+stages = [{{ duration = "14s", rate = "0.6x" }}]
+{MIX}{SITES}
+[[events]]
+at = "2s"
+site = "primary"
+fault = "refuse"
+
+[[events]]
+at = "4s"
+site = "primary"
+fault = "normal"
+
+[[events]]
+at = "6s"
+site = "primary"
+fault = "blackhole"
+
+[[events]]
+at = "8s"
+site = "primary"
+fault = "normal"
+
+[[events]]
+at = "10s"
+site = "primary"
+fault = "errors"
+rate = 1.0
+health = true
+
+[[events]]
+at = "12s"
+site = "primary"
+fault = "normal"
+"#
+    );
+    let (outcome, json, _dir) = run_drill(&scenario, None).await;
+    let events = json["events"].as_array().unwrap();
+    let faults: Vec<&str> = events
+        .iter()
+        .filter(|e| e["fault"] == true)
+        .map(|e| e["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        faults,
+        [
+            "primary: refuse",
+            "primary: blackhole",
+            "primary: errors 100%"
+        ]
+    );
+    let facts = &json["facts"];
+    // Each fault really broke the serving site: purchases failed after
+    // it (a drill whose faults miss the serving site measures nothing).
+    let ttf = facts["time_to_failover_ms"].as_f64().unwrap();
+    assert!(ttf > 0.0, "{facts}");
+    assert_eq!(facts["duplicates"], 0, "{facts}");
+    assert!(facts["lost_purchases"].as_u64().is_some(), "{facts}");
+    assert!(
+        outcome.facts.contains("time to failover"),
+        "{}",
+        outcome.facts
+    );
+    assert_eq!(json["passed"], true, "{}", json["thresholds"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reload_storm_checks_every_edit_and_fails_on_one_that_did_not_end_as_expected() {
+    let scenario = format!(
+        r#"
+name = "storm-short"
+seed = 8
+timeout = "3s"
+thresholds = [
+  "purchase.success >= 0.99",
+  "reloads_failed <= 0",
+  "reloads_applied >= 10",
+]
+
+[load]
+stages = [{{ duration = "8s", rate = "0.6x" }}]
+{MIX}{SITES}
+[[events]]
+at = "1s"
+every = "150ms"
+until = "5800ms"
+reload = ["policy-b.toml", "policy.toml"]
+reject = ["broken-syntax.toml", "broken-tier.toml"]
+via = ["file", "sighup", "post"]
+
+# Mislabelled: a broken file listed as valid. k2proxy refuses it, as it
+# must, so the drill counts one failed edit and fails.
+[[events]]
+at = "6500ms"
+reload = ["broken-tier.toml"]
+via = ["post"]
+"#
+    );
+    let (outcome, json, _dir) = run_drill(&scenario, None).await;
+    let edits = &json["reload_edits"];
+    let n = |k: &str| edits[k].as_u64().unwrap();
+    // 33 storm edits from 1 s to 5.8 s, every second one broken, plus one.
+    assert_eq!(n("valid") + n("broken"), 34, "{edits}");
+    assert_eq!(n("applied"), n("valid") - 1, "{edits}");
+    assert_eq!(n("refused"), n("broken"), "{edits}");
+    assert_eq!(n("failed"), 1, "{edits}");
+    let failures = edits["failures"].as_array().unwrap();
+    assert!(
+        failures[0]
+            .as_str()
+            .unwrap()
+            .contains("reload broken-tier.toml via post: FAILED"),
+        "{failures:?}"
+    );
+    // Every way to ask met valid and broken edits.
+    let whats: Vec<&str> = json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["what"].as_str().unwrap())
+        .collect();
+    for via in ["file", "sighup", "post"] {
+        for kind in ["reload policy", "broken edit broken"] {
+            assert!(
+                whats
+                    .iter()
+                    .any(|w| w.starts_with(kind) && w.contains(&format!("via {via}"))),
+                "{kind} via {via}: {whats:?}"
+            );
+        }
+    }
+    assert_eq!(json["passed"], false);
+    let missed: Vec<String> = outcome
+        .verdicts
+        .iter()
+        .filter(|v| !v.pass)
+        .map(|v| v.threshold.text.clone())
+        .collect();
+    assert_eq!(missed, ["reloads_failed <= 0"]);
+    // The running config kept serving: purchases went through.
+    assert!(json["backend"]["config"]["generation"].as_u64().unwrap() > 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_minute_soak_samples_k2proxy_and_fits_its_trends() {
+    let scenario = format!(
+        r#"
+name = "soak-short"
+seed = 9
+timeout = "3s"
+# Two minutes of a debug build cannot show a slow leak, but a gross one:
+# a file descriptor or a thread kept per reload (60 of them) or per
+# connection would fail these.
+thresholds = [
+  "purchase.success >= 0.97",
+  "duplicates <= 0",
+  "reloads_failed <= 0",
+  "rss_growth <= 0.3",
+  "fds_growth <= 0.5",
+  "threads_growth <= 0.05",
+]
+
+[soak]
+sample = "10s"
+
+[load]
+stages = [
+  {{ duration = "15s", rate = "0.5x" }},
+  {{ duration = "5s", rate = "2x" }},
+  {{ duration = "10s", rate = "0.5x" }},
+]
+{MIX}{SITES}
+[[events]]
+at = "1s"
+every = "2s"
+until = "29s"
+reload = ["policy-b.toml", "policy.toml"]
+via = ["file", "sighup", "post"]
+
+[[events]]
+at = "22s"
+site = "primary"
+fault = "refuse"
+
+[[events]]
+at = "26s"
+site = "primary"
+fault = "normal"
+"#
+    );
+    let (outcome, json, _dir) = run_drill(&scenario, Some(Duration::from_secs(120))).await;
+    let samples = json["soak"]["samples"].as_array().unwrap();
+    // One every 10 s over 2 minutes (the last may fall after the load ends).
+    assert!((11..=12).contains(&samples.len()), "{}", samples.len());
+    for s in samples {
+        assert!(s["rss_bytes"].as_u64().unwrap() > 1 << 20, "{s}");
+        assert!(s["threads"].as_u64().unwrap() >= 2, "{s}");
+        assert!(s["fds"].as_u64().unwrap() >= 4, "{s}");
+        assert!(s["p99_ms"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    // The cycle repeated four times: four kills, 60 reloads.
+    let events = json["events"].as_array().unwrap();
+    assert_eq!(events.iter().filter(|e| e["fault"] == true).count(), 4);
+    assert_eq!(
+        json["reload_edits"]["valid"], 60,
+        "{}",
+        json["reload_edits"]
+    );
+    let growth = json["facts"]["growth"].as_object().unwrap();
+    let mut names: Vec<&str> = growth.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(names, ["fds", "p99", "rss", "threads"]);
+    assert!(
+        outcome.facts.contains("soak: fitted growth"),
+        "{}",
+        outcome.facts
+    );
+    assert_eq!(json["passed"], true, "{}", json["thresholds"]);
+}
+
+#[test]
+fn the_broken_policies_of_the_reload_storm_are_refused_by_k2proxy_check() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../loadtest/scenarios/policies");
+    let k2proxy = k2proxy_bin();
+    let routes = std::fs::read_to_string(dir.join("../../../routes.toml")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["broken-syntax", "broken-unknown-tier", "broken-range"] {
+        let policy = dir.join(format!("{name}.toml"));
+        let r = tmp.path().join("routes.toml");
+        std::fs::write(
+            &r,
+            routes.replace(
+                "policy = \"policies/default.toml\"",
+                &format!("policy = {:?}", policy.display().to_string()),
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(&k2proxy)
+            .args(["check", "--routes"])
+            .arg(&r)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", k2proxy.display()));
+        let said = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{name} was accepted: {said}");
+        assert!(said.contains(&format!("{name}.toml:")), "{name}: {said}");
+    }
 }

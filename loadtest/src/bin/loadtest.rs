@@ -45,6 +45,10 @@ enum Command {
         /// No live progress.
         #[arg(long, short)]
         quiet: bool,
+        /// With a scenario: play it over and over (load stages and events)
+        /// until this long, e.g. 30m (a soak; at most 24h).
+        #[arg(long, requires = "scenario", value_parser = parse_repeat)]
+        repeat_for: Option<Duration>,
         /// Without a scenario: a weighted target, `name=weight=URL`; repeatable.
         #[arg(long, value_parser = parse_mix, conflicts_with = "scenario")]
         mix: Vec<(String, f64, hyper::Uri)>,
@@ -70,6 +74,14 @@ fn parse_bounded(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e}: expected e.g. 10s or 2m"))?;
     if d.is_zero() || d > Duration::from_secs(3600) {
         return Err("expected a duration from 1ms to 1h".into());
+    }
+    Ok(d)
+}
+
+fn parse_repeat(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e}: expected e.g. 30m or 2h"))?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(24 * 3600) {
+        return Err("expected a duration from 1s to 24h".into());
     }
     Ok(d)
 }
@@ -117,6 +129,7 @@ async fn main() {
         out,
         k2proxy,
         quiet,
+        repeat_for,
         mix,
         rate,
         duration,
@@ -129,7 +142,10 @@ async fn main() {
         quick(target, mix, rate, duration, timeout, headers, json).await;
         return;
     };
-    let scenario = Scenario::load(&path).unwrap_or_else(|e| fail(2, &e.to_string()));
+    let mut scenario = Scenario::load(&path).unwrap_or_else(|e| fail(2, &e.to_string()));
+    if let Some(total) = repeat_for {
+        scenario = scenario.repeated(total);
+    }
     if let Some(t) = &target {
         check_base(t).unwrap_or_else(|e| fail(2, &e));
     }
@@ -166,7 +182,7 @@ async fn main() {
         if json {
             println!("{}", o.json);
         } else {
-            print!("{}\n{}", scenario.name, o.report.summary());
+            print!("{}\n{}{}", scenario.name, o.report.summary(), o.facts);
             println!("report: {}", o.html_path().display());
         }
         o
