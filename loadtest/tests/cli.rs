@@ -177,7 +177,7 @@ fn the_shipped_scenarios_load() {
     };
     for (name, fact) in [
         ("failover-drill", "duplicates <= 0"),
-        ("failover-drill", "time_to_failover <= 3s"),
+        ("failover-drill", "time_to_failover <= 1s"),
         ("reload-storm", "reloads_failed <= 0"),
         ("soak", "rss_growth <= 0.1"),
     ] {
