@@ -23,12 +23,14 @@ run: build
 	@scripts/run.sh
 
 ## test-deps: what the tests drive besides k2proxy (headless Chromium for the status page,
-## Prometheus and promtool for the dashboards and alerts).
+## Prometheus and promtool for the dashboards and alerts, redis-server for fleet rate limits).
 test-deps: deps
 	@command -v chromium >/dev/null || { echo "installing chromium (headless, for the status-page test)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	@command -v promtool >/dev/null || { echo "installing prometheus (for the dashboard and alert tests)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus >/dev/null; }
+	@command -v redis-server >/dev/null || { echo "installing redis-server (for the fleet rate-limit tests)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
 ## test: formatting, lints, every test, and the repo's own config files.
 test: test-deps lint

@@ -177,6 +177,12 @@ pub struct Metrics {
     pub header_timeouts: IntCounter,
     /// `k2_draining`: 1 from SIGTERM until the process exits.
     pub draining: IntGauge,
+    /// `k2_rate_limit_store_up`: 1 while the fleet's rate-limit store answers
+    /// (also 1 when the policy names none), 0 while fleet limits fall back.
+    pub rate_limit_store_up: IntGauge,
+    /// `k2_rate_limit_fallbacks_total`: fleet rate-limit checks decided
+    /// locally because the store was down or slow.
+    pub rate_limit_fallbacks: IntCounter,
     /// `k2_log_lines_dropped_total`: log lines the writer could not keep up
     /// with (`logbuf::DROPPED`, brought up to date when scraped).
     log_dropped: IntCounter,
@@ -271,6 +277,8 @@ impl Metrics {
             connections_refused: counters(&r, "k2_connections_refused_total", "Client connections closed at once by [server].max_connections or max_connections_per_client, by reason.", &["reason"]),
             header_timeouts: counter(&r, "k2_header_timeouts_total", "Client connections closed because a request's headers did not arrive within [server].header_timeout."),
             draining: gauge(&r, "k2_draining", "1 while the process drains after SIGTERM (/healthz answers 503)."),
+            rate_limit_store_up: gauge(&r, "k2_rate_limit_store_up", "1 while the fleet's rate-limit store (Redis) answers, or when the policy names none; 0 while scope = fleet limits fall back to per_second / fleet_size per instance."),
+            rate_limit_fallbacks: counter(&r, "k2_rate_limit_fallbacks_total", "Fleet rate-limit checks decided on this instance because the store was down or slower than its timeout."),
             log_dropped: counter(&r, "k2_log_lines_dropped_total", "Log lines (the access log's mostly) dropped because the log output could not keep up; requests never wait for it."),
             process: crate::process::ProcessMetrics::register(&r),
             registry: r,
@@ -283,6 +291,7 @@ impl Metrics {
         for refusal in crate::edge::Refusal::ALL {
             m.connections_refused.with_label_values(&[refusal.as_str()]);
         }
+        m.rate_limit_store_up.set(1);
         m
     }
 

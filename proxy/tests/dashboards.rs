@@ -182,9 +182,17 @@ cluster = "kred"
 "#,
         primary.addr, secondary.addr
     );
-    let policy = "tiers = [\"purchase\", \"merchant\", \"admin\", \"customer_service\", \"background\"]\n\
-                  [tier.purchase]\nmax_queue_wait = \"30ms\"\n[tier.customer_service]\nmax_queue_wait = \"10ms\"\n\
-                  [admission.kred]\nmode = \"fixed\"\nlimit = 2\n";
+    // A fleet rate limit whose store refuses connections: it falls back (and
+    // never limits: 100 000/s), so the store-down alert has its series.
+    let policy = format!(
+        "tiers = [\"purchase\", \"merchant\", \"admin\", \"customer_service\", \"background\"]\n\
+         [tier.purchase]\nmax_queue_wait = \"30ms\"\n[tier.customer_service]\nmax_queue_wait = \"10ms\"\n\
+         [admission.kred]\nmode = \"fixed\"\nlimit = 2\n\
+         [rate_limit_store]\nredis = \"redis://{}/0\"\nfleet_size = 1\n\
+         [[rate_limit]]\ntier = \"customer_service\"\nkey = \"client_ip\"\nper_second = 100000\nscope = \"fleet\"\n",
+        refused_addr()
+    );
+    let policy = policy.as_str();
     let proxy = Proxy::start(&routes, policy).await;
 
     // A real Prometheus scraping k2proxy every second, plus a dead target.

@@ -94,6 +94,10 @@ pub fn status(shared: &Shared) -> Value {
         "watching_files": shared.watching.load(std::sync::atomic::Ordering::Acquire),
         "last_reload": last,
         "draining": shared.draining.is_set(),
+        "rate_limit_store": gen.limiters.store().map(|s| json!({
+            "redis": s.url(),
+            "up": s.is_up(),
+        })),
         "connections": {
             "open": shared.connections.count(),
             "max": gen.max_connections,

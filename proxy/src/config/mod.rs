@@ -83,6 +83,8 @@ pub struct Config {
     /// Admission settings per cluster, same index as `clusters`.
     pub admission: Vec<Admission>,
     pub rate_limits: Vec<RateLimit>,
+    /// `[rate_limit_store]`: where `scope = "fleet"` rules keep their buckets.
+    pub rate_limit_store: Option<RateLimitStore>,
     pub retries: Retries,
     pub trust: Trust,
 }
@@ -255,6 +257,45 @@ pub struct RateLimit {
     pub key: RateKey,
     pub per_second: u32,
     pub burst: u32,
+    /// `scope = "fleet"`: one bucket per key for the whole fleet, in the
+    /// store; `"instance"` (false): per instance.
+    pub fleet: bool,
+    /// What a request without the key gets.
+    pub missing: MissingKey,
+}
+
+/// `missing` of a `[[rate_limit]]`: a request without the rule's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingKey {
+    /// Refused (429), as if over the limit.
+    Deny,
+    /// Not counted by this rule.
+    Allow,
+    /// Counted in one bucket shared by every request without the key.
+    Bucket,
+}
+
+/// `[rate_limit_store]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitStore {
+    /// `redis://host:port/db`.
+    pub redis: String,
+    /// Instances sharing the store: while it is down, a fleet rule allows
+    /// `per_second / fleet_size` on each.
+    pub fleet_size: u32,
+    /// Longest a request waits for the store before it falls back.
+    pub timeout: Duration,
+    /// Tokens leased per round trip; None: per rule, a tenth of a second of
+    /// one instance's share (`per_second / fleet_size / 10`, 1 to 100).
+    pub batch: Option<u32>,
+}
+
+impl RateLimitStore {
+    /// Tokens a lease asks for under `rule`.
+    pub fn batch_for(&self, rule: &RateLimit) -> u32 {
+        self.batch
+            .unwrap_or_else(|| (rule.per_second / self.fleet_size.max(1) / 10).clamp(1, 100))
+    }
 }
 
 /// `[retries]`.
@@ -268,11 +309,52 @@ pub struct Retries {
 #[derive(Debug, Clone, Default)]
 pub struct Trust {
     pub tier_header_from: Vec<IpNet>,
+    /// Proxies in front of k2proxy whose `x-forwarded-for` is believed (for
+    /// `client_ip` rate-limit keys).
+    pub forwarded_for_from: Vec<IpNet>,
 }
 
 impl Trust {
     /// Whether a client may set `x-k2-tier` itself.
     pub fn may_set_tier(&self, ip: std::net::IpAddr) -> bool {
         self.tier_header_from.iter().any(|net| net.contains(&ip))
+    }
+
+    fn forwards(&self, ip: &std::net::IpAddr) -> bool {
+        self.forwarded_for_from.iter().any(|net| net.contains(ip))
+    }
+
+    /// The client a `client_ip` rate limit counts: the TCP peer, unless the
+    /// peer is a trusted proxy; then the first address from the right of
+    /// `x-forwarded-for` that is not a trusted proxy (a client cannot put
+    /// an address in front of the one our proxies appended). A peer that
+    /// forwards without a usable header counts as itself.
+    pub fn client_for_limits(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        headers: &http::HeaderMap,
+    ) -> Option<std::net::IpAddr> {
+        let peer = peer?;
+        if !self.forwards(&peer) {
+            return Some(peer);
+        }
+        let mut chain = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev();
+        let mut last_trusted = peer;
+        for hop in chain.by_ref() {
+            match hop.parse::<std::net::IpAddr>() {
+                Ok(ip) if self.forwards(&ip) => last_trusted = ip,
+                Ok(ip) => return Some(ip),
+                Err(_) => break, // garbage: do not look further left
+            }
+        }
+        Some(last_trusted)
     }
 }

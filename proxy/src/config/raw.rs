@@ -238,6 +238,8 @@ pub struct PolicyFile {
     /// Rate limits, `[[rate_limit]]`.
     #[serde(default)]
     pub rate_limit: Vec<RateLimitRaw>,
+    /// The fleet's shared store for `scope = "fleet"` rate limits.
+    pub rate_limit_store: Option<Spanned<RateLimitStoreRaw>>,
     /// Retry budget and idempotency header.
     pub retries: Option<RetriesRaw>,
     /// Which clients may set `x-k2-tier` themselves.
@@ -309,6 +311,24 @@ pub struct RateLimitRaw {
     pub per_second: Spanned<i64>,
     /// Burst above the sustained rate.
     pub burst: Option<Spanned<i64>>,
+    /// `instance` (default) or `fleet` (needs `[rate_limit_store]`).
+    pub scope: Option<Spanned<String>>,
+    /// `bucket` (default), `allow` or `deny`: a request without the key.
+    pub missing: Option<Spanned<String>>,
+}
+
+/// `[rate_limit_store]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitStoreRaw {
+    /// `redis://host:port/db`.
+    pub redis: Spanned<String>,
+    /// Instances sharing the store.
+    pub fleet_size: Option<Spanned<i64>>,
+    /// Longest wait for the store per request.
+    pub timeout: Option<Spanned<String>>,
+    /// Tokens leased per round trip.
+    pub batch: Option<Spanned<i64>>,
 }
 
 /// `[retries]`.
@@ -328,4 +348,7 @@ pub struct TrustRaw {
     /// CIDRs whose clients may set `x-k2-tier`.
     #[serde(default)]
     pub tier_header_from: Vec<Spanned<String>>,
+    /// CIDRs of proxies whose `x-forwarded-for` is believed.
+    #[serde(default)]
+    pub forwarded_for_from: Vec<Spanned<String>>,
 }

@@ -497,3 +497,79 @@ fn max_body_is_per_route_and_range_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn a_fleet_rate_limit_needs_a_store_and_the_store_its_fleet_size() {
+    let rule = "\n[[rate_limit]]\nroute = \"checkout\"\nkey = \"client_ip\"\nper_second = 5\nscope = \"fleet\"\n";
+    let e = only_error(ROUTES, &format!("{POLICY}{rule}"));
+    assert!(headline(&e).contains("needs a [rate_limit_store]"), "{e}");
+    let store = "\n[rate_limit_store]\nredis = \"redis://127.0.0.1:6379/0\"\n";
+    let e = only_error(ROUTES, &format!("{POLICY}{store}{rule}"));
+    assert!(headline(&e).contains("has no `fleet_size`"), "{e}");
+    let store = "\n[rate_limit_store]\nredis = \"http://127.0.0.1:6379\"\nfleet_size = 3\n";
+    let e = only_error(ROUTES, &format!("{POLICY}{store}{rule}"));
+    assert!(headline(&e).contains("is not a Redis URL"), "{e}");
+    let store = "\n[rate_limit_store]\nredis = \"redis://127.0.0.1:6379/0\"\nfleet_size = 3\n";
+    let c = load(ROUTES, &format!("{POLICY}{store}{rule}")).expect("valid");
+    let s = c.rate_limit_store.as_ref().unwrap();
+    assert_eq!((s.fleet_size, s.timeout), (3, Duration::from_millis(50)));
+    assert!(c.rate_limits[0].fleet);
+    assert_eq!(c.rate_limits[0].missing, MissingKey::Bucket, "the default");
+    // 600/s over 3 instances: a tenth of a second of one's share.
+    let busy = RateLimit {
+        per_second: 600,
+        ..c.rate_limits[0].clone()
+    };
+    assert_eq!(
+        (s.batch_for(&c.rate_limits[0]), s.batch_for(&busy)),
+        (1, 20)
+    );
+    let bad = rule.replace(
+        "scope = \"fleet\"",
+        "scope = \"cluster\"\nmissing = \"skip\"",
+    );
+    let errs = load(ROUTES, &format!("{POLICY}{bad}")).unwrap_err().0;
+    let said: Vec<String> = errs.iter().map(headline).collect();
+    assert!(
+        said[0].contains("expected \"instance\" or \"fleet\""),
+        "{said:?}"
+    );
+    assert!(said[1].contains("expected \"bucket\""), "{said:?}");
+}
+
+#[test]
+fn a_client_ip_key_believes_x_forwarded_for_only_from_trusted_proxies() {
+    let policy = POLICY.replace(
+        "[trust]\n",
+        "[trust]\nforwarded_for_from = [\"10.0.0.0/8\"]\n",
+    );
+    let c = load(ROUTES, &policy).expect("valid");
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        "x-forwarded-for",
+        "6.6.6.6, 203.0.113.9, 10.0.0.7".parse().unwrap(),
+    );
+    let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+    // From a trusted balancer: the first untrusted address from the right
+    // (6.6.6.6 is whatever the client wrote itself).
+    assert_eq!(
+        c.trust.client_for_limits(ip("10.1.1.1"), &h),
+        ip("203.0.113.9")
+    );
+    // From anyone else: the peer, whatever the header says.
+    assert_eq!(
+        c.trust.client_for_limits(ip("198.51.100.1"), &h),
+        ip("198.51.100.1")
+    );
+    // A trusted peer without the header, or with garbage: the peer itself.
+    let none = http::HeaderMap::new();
+    assert_eq!(
+        c.trust.client_for_limits(ip("10.1.1.1"), &none),
+        ip("10.1.1.1")
+    );
+    h.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
+    assert_eq!(
+        c.trust.client_for_limits(ip("10.1.1.1"), &h),
+        ip("10.1.1.1")
+    );
+}

@@ -243,7 +243,14 @@ pub(super) fn config(
         .enumerate()
         .map(|(i, r)| (r.name.get_ref().as_str(), i))
         .collect();
-    let rate_limits = rate_limits(&mut pc, &policy.rate_limit, &route_ids, &tier_names);
+    let rate_limit_store = rate_limit_store(&mut pc, policy.rate_limit_store.as_ref());
+    let rate_limits = rate_limits(
+        &mut pc,
+        &policy.rate_limit,
+        &route_ids,
+        &tier_names,
+        rate_limit_store.is_some(),
+    );
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -258,6 +265,7 @@ pub(super) fn config(
         shedding,
         admission,
         rate_limits,
+        rate_limit_store,
         retries,
         trust,
     })
@@ -401,7 +409,45 @@ fn trust(c: &mut Check<'_>, raw: Option<&raw::TrustRaw>) -> Trust {
     let mut t = Trust::default();
     let Some(raw) = raw else { return t };
     t.tier_header_from = cidrs(c, &raw.tier_header_from, "tier_header_from");
+    t.forwarded_for_from = cidrs(c, &raw.forwarded_for_from, "forwarded_for_from");
     t
+}
+
+/// `[rate_limit_store]`: a Redis URL the client library accepts (nothing is
+/// connected here), the fleet's size, a timeout and a lease batch.
+fn rate_limit_store(
+    c: &mut Check<'_>,
+    raw: Option<&Spanned<raw::RateLimitStoreRaw>>,
+) -> Option<RateLimitStore> {
+    let spanned = raw?;
+    let raw = spanned.get_ref();
+    let url = raw.redis.get_ref().trim().to_string();
+    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+        c.err(
+            &raw.redis,
+            format!("`redis` {url:?} is not a Redis URL ({e}): expected redis://host:port/db"),
+        );
+    }
+    if raw.fleet_size.is_none() {
+        c.err(
+            spanned,
+            "[rate_limit_store] has no `fleet_size`: expected the number of k2proxy instances sharing the store (each allows per_second / fleet_size while the store is down)",
+        );
+    }
+    Some(RateLimitStore {
+        redis: url,
+        fleet_size: c.int(raw.fleet_size.as_ref(), "fleet_size", (1, 1000), 1),
+        timeout: c.duration_in(
+            raw.timeout.as_ref(),
+            "timeout",
+            Duration::from_millis(50),
+            (Duration::from_millis(1), Duration::from_secs(1)),
+        ),
+        batch: raw
+            .batch
+            .as_ref()
+            .map(|b| c.int(Some(b), "batch", (1, 10_000), 1)),
+    })
 }
 
 /// A list of networks; a bare address is a /32 or /128.
@@ -986,6 +1032,7 @@ fn rate_limits(
     raw: &[raw::RateLimitRaw],
     routes: &HashMap<&str, usize>,
     tiers: &TierNames,
+    have_store: bool,
 ) -> Vec<RateLimit> {
     let mut out: Vec<RateLimit> = Vec::new();
     for r in raw {
@@ -1054,6 +1101,30 @@ fn rate_limits(
         };
         let per_second = c.int(Some(&r.per_second), "per_second", (1, 10_000_000), 1);
         let burst = c.int(r.burst.as_ref(), "burst", (1, 10_000_000), per_second);
+        let fleet = match r.scope.as_ref().map(|s| (s, s.get_ref().as_str())) {
+            None | Some((_, "instance")) => false,
+            Some((_, "fleet")) if have_store => true,
+            Some((s, "fleet")) => {
+                c.err(s, "`scope = \"fleet\"` needs a [rate_limit_store] in the policy (redis = \"redis://host:port/0\", fleet_size = N)");
+                false
+            }
+            Some((s, other)) => {
+                c.err(
+                    s,
+                    format!("rate limit scope {other:?}: expected \"instance\" or \"fleet\""),
+                );
+                false
+            }
+        };
+        let missing = match r.missing.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "bucket")) => MissingKey::Bucket,
+            Some((_, "allow")) => MissingKey::Allow,
+            Some((_, "deny")) => MissingKey::Deny,
+            Some((m, other)) => {
+                c.err(m, format!("rate limit `missing` {other:?}: expected \"bucket\" (one shared bucket), \"allow\" or \"deny\""));
+                MissingKey::Bucket
+            }
+        };
         if let (Some(scope), Some(key)) = (scope, key) {
             out.push(RateLimit {
                 name,
@@ -1062,6 +1133,8 @@ fn rate_limits(
                 key,
                 per_second,
                 burst,
+                fleet,
+                missing,
             });
         }
     }

@@ -114,7 +114,7 @@ impl Gateway {
         let routed = trusted_tier(&gen, routed, client, &session.req_header().headers);
         ctx.routed = Some(routed);
         declared_body(&gen, routed, &session.req_header().headers)?;
-        rate_limit(&gen, routed, client, &session.req_header().headers)?;
+        rate_limit(&gen, routed, client, &session.req_header().headers).await?;
         let pick = choose_site(&gen, routed, Instant::now())?;
         ctx.tries.site = Some(pick.site);
         let admitted = self.admit(&gen, routed, pick).await?;
@@ -225,16 +225,19 @@ fn trusted_tier(
     routed
 }
 
-/// Rate limits: per route or tier, per client IP or header value.
-fn rate_limit(
+/// Rate limits: per route or tier, per client IP (behind trusted proxies,
+/// from `x-forwarded-for`) or header value; fleet-wide ones in the store.
+async fn rate_limit(
     gen: &Generation,
     routed: Routed,
     client: Option<IpAddr>,
     headers: &HeaderMap,
 ) -> Result<(), Reply> {
+    let client = gen.config.trust.client_for_limits(client, headers);
     match gen
         .limiters
         .check(routed.route, routed.tier, client, headers)
+        .await
     {
         None => Ok(()),
         Some(wait) => {

@@ -1,30 +1,66 @@
-//! Rate limits, per `[[rate_limit]]` (governor, GCRA): a rule applies to a
-//! route or a tier and counts per key — the client's IP or a header's value
-//! (a request without that header is not counted by that rule). Over the
-//! limit: 429 with `retry-after` and `x-k2-shed: rate_limited`, before
-//! admission, never sent upstream.
+//! Rate limits, per `[[rate_limit]]` (GCRA): a rule applies to a route or a
+//! tier and counts per key — the client's IP (behind trusted proxies, from
+//! `x-forwarded-for`) or a header's value; a request without the key is
+//! counted in one shared bucket, let through or refused, as the rule's
+//! `missing` says. Over the limit: 429 with `retry-after` and
+//! `x-k2-shed: rate_limited`, before admission, never sent upstream.
+//!
+//! `scope = "instance"` rules count on this instance (governor). `scope =
+//! "fleet"` rules count in the fleet's shared store ([`store`]: Redis),
+//! leasing tokens in small batches: a request takes a leased token when one
+//! is held and goes to the store only to lease the next batch. While the
+//! store is down, a fleet rule counts here at `per_second / fleet_size`.
 //!
 //! Memory is bounded: keys idle long enough to be back at a full bucket are
 //! evicted once a second ([`Limiters::evict_idle`]). A rule that a reload
-//! leaves unchanged keeps its buckets (`runtime::carry`).
+//! leaves unchanged keeps its buckets and leases (`runtime::carry`).
 
+pub mod store;
+
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;
 
 use crate::classify::TierId;
-use crate::config::{RateKey, RateLimit, RateScope};
+use crate::config::{MissingKey, RateKey, RateLimit, RateLimitStore, RateScope};
+pub use store::{Lease, Store};
+
+/// The key of the one bucket shared by requests without the rule's key.
+const MISSING: &str = "(missing)";
+
+/// How long leased tokens stay usable: tokens a quiet instance holds longer
+/// are dropped (spent in the store, unused: the fleet admits a little less,
+/// never more).
+const LEASE_TTL: Duration = Duration::from_secs(1);
+
+/// What a refused request waits when its rule denies requests without the
+/// key.
+const DENIED_WAIT: Duration = Duration::from_secs(1);
 
 /// One rule with its buckets (shared with the same rule of the generation
 /// before, when a reload kept them).
 pub struct Limiter {
     rule: RateLimit,
+    /// The rule's quota (instance scope), or the fallback quota while the
+    /// store is down (fleet scope: `per_second / fleet_size`).
     buckets: Arc<DefaultKeyedRateLimiter<String>>,
+    /// Fleet scope: tokens leased from the store, per key.
+    leases: Arc<Mutex<HashMap<String, Held>>>,
+    /// Fleet scope: tokens per lease.
+    batch: u32,
+}
+
+/// Tokens leased for one key, usable until `until`.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    tokens: u32,
+    until: Instant,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -33,14 +69,23 @@ impl std::fmt::Debug for Limiter {
     }
 }
 
+/// The quota governor counts with: the rule's, or a fleet rule's share.
+fn quota(rule: &RateLimit, store: Option<&RateLimitStore>) -> Quota {
+    let divisor = match (rule.fleet, store) {
+        (true, Some(s)) => s.fleet_size.max(1),
+        _ => 1,
+    };
+    let per_second = NonZeroU32::new(rule.per_second / divisor).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(rule.burst / divisor).unwrap_or(per_second);
+    Quota::per_second(per_second).allow_burst(burst)
+}
+
 impl Limiter {
-    pub(crate) fn new(rule: RateLimit) -> Limiter {
-        let per_second = NonZeroU32::new(rule.per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(rule.burst).unwrap_or(per_second);
+    pub(crate) fn new(rule: RateLimit, store: Option<&RateLimitStore>) -> Limiter {
         Limiter {
-            buckets: Arc::new(RateLimiter::keyed(
-                Quota::per_second(per_second).allow_burst(burst),
-            )),
+            buckets: Arc::new(RateLimiter::keyed(quota(&rule, store))),
+            leases: Arc::default(),
+            batch: store.map_or(1, |s| s.batch_for(&rule)),
             rule,
         }
     }
@@ -50,6 +95,8 @@ impl Limiter {
         Limiter {
             rule,
             buckets: self.buckets.clone(),
+            leases: self.leases.clone(),
+            batch: self.batch,
         }
     }
 
@@ -64,20 +111,91 @@ impl Limiter {
         }
     }
 
-    fn key(&self, client: Option<IpAddr>, headers: &HeaderMap) -> Option<String> {
-        match &self.rule.key {
+    /// The request's key; `Err(())` when the rule denies it for lacking one,
+    /// `Ok(None)` when the rule lets it through uncounted.
+    fn key(&self, client: Option<IpAddr>, headers: &HeaderMap) -> Result<Option<String>, ()> {
+        let key = match &self.rule.key {
             RateKey::ClientIp => client.map(|ip| ip.to_string()),
             RateKey::Header(name) => headers
                 .get(name)
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        };
+        match (key, self.rule.missing) {
+            (Some(k), _) => Ok(Some(k)),
+            (None, MissingKey::Bucket) => Ok(Some(MISSING.to_string())),
+            (None, MissingKey::Allow) => Ok(None),
+            (None, MissingKey::Deny) => Err(()),
         }
     }
 
-    /// `Err(wait)` when `key` is over the limit.
-    fn check(&self, key: &String) -> Result<(), Duration> {
+    /// `Err(wait)` when `key` is over the local quota.
+    fn check_local(&self, key: &String) -> Result<(), Duration> {
         self.buckets
             .check_key(key)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Takes a leased token for `key`, if one is held and fresh.
+    fn take_leased(&self, key: &str, now: Instant) -> bool {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        match leases.get_mut(key) {
+            Some(h) if h.tokens > 0 && h.until > now => {
+                h.tokens -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn hold(&self, key: String, tokens: u32, now: Instant) {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let h = leases.entry(key).or_insert(Held {
+            tokens: 0,
+            until: now,
+        });
+        if h.until <= now {
+            h.tokens = 0;
+        }
+        h.tokens += tokens;
+        h.until = now + LEASE_TTL;
+    }
+
+    /// A fleet rule's check: a leased token, else a lease from the store,
+    /// else (store down or slow) the local fallback quota.
+    async fn check_fleet(
+        &self,
+        key: String,
+        store: &Arc<Store>,
+        timeout: Duration,
+    ) -> Result<(), Duration> {
+        let now = Instant::now();
+        if self.take_leased(&key, now) {
+            return Ok(());
+        }
+        let lease = store
+            .lease(
+                &self.rule.name,
+                &key,
+                self.rule.per_second,
+                self.rule.burst,
+                self.batch,
+                timeout,
+            )
+            .await;
+        match lease {
+            Ok(Lease::Granted(n)) => {
+                if n > 1 {
+                    self.hold(key, n - 1, now);
+                }
+                Ok(())
+            }
+            Ok(Lease::Empty(wait)) => Err(wait),
+            Err(e) => {
+                tracing::debug!(rule = %self.rule.name, error = %e, "rate limit decided locally");
+                store.count_fallback();
+                self.check_local(&key)
+            }
+        }
     }
 
     /// Keys currently held.
@@ -87,17 +205,27 @@ impl Limiter {
     }
 }
 
-/// The limiters of one generation, in policy order.
+/// The limiters of one generation, in policy order, and the fleet's store
+/// (when the policy names one).
 #[derive(Debug, Default, Clone)]
-pub struct Limiters(Vec<Arc<Limiter>>);
+pub struct Limiters {
+    rules: Vec<Arc<Limiter>>,
+    store: Option<(Arc<Store>, Duration)>,
+}
 
 impl Limiters {
-    pub(crate) fn new(limiters: Vec<Arc<Limiter>>) -> Limiters {
-        Limiters(limiters)
+    pub(crate) fn new(
+        limiters: Vec<Arc<Limiter>>,
+        store: Option<(Arc<Store>, Duration)>,
+    ) -> Limiters {
+        Limiters {
+            rules: limiters,
+            store,
+        }
     }
 
     /// `Some(wait)` when a rule that applies refuses the request.
-    pub fn check(
+    pub async fn check(
         &self,
         route: usize,
         tier: TierId,
@@ -105,27 +233,42 @@ impl Limiters {
         headers: &HeaderMap,
     ) -> Option<Duration> {
         let mut wait: Option<Duration> = None;
-        for l in self.0.iter().filter(|l| l.applies(route, tier)) {
-            let Some(key) = l.key(client, headers) else {
-                continue;
+        for l in self.rules.iter().filter(|l| l.applies(route, tier)) {
+            let verdict = match l.key(client, headers) {
+                Err(()) => Err(DENIED_WAIT),
+                Ok(None) => continue,
+                Ok(Some(key)) => match (&self.store, l.rule.fleet) {
+                    (Some((store, timeout)), true) => l.check_fleet(key, store, *timeout).await,
+                    _ => l.check_local(&key),
+                },
             };
-            if let Err(w) = l.check(&key) {
+            if let Err(w) = verdict {
                 wait = Some(wait.map_or(w, |x| x.max(w)));
             }
         }
         wait
     }
 
-    /// Drops keys whose bucket is full again (idle), and frees their memory.
+    /// Drops keys whose bucket is full again (idle), and stale leases, and
+    /// frees their memory.
     pub fn evict_idle(&self) {
-        for l in &self.0 {
+        let now = Instant::now();
+        for l in &self.rules {
             l.buckets.retain_recent();
             l.buckets.shrink_to_fit();
+            let mut leases = l.leases.lock().unwrap_or_else(|e| e.into_inner());
+            leases.retain(|_, h| h.until > now);
+            leases.shrink_to_fit();
         }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Limiter>> {
-        self.0.iter()
+        self.rules.iter()
+    }
+
+    /// The fleet's store, if the policy names one.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref().map(|(s, _)| s)
     }
 }
 
@@ -142,6 +285,8 @@ mod tests {
             key: RateKey::Header(http::HeaderName::from_static("x-merchant-id")),
             per_second,
             burst,
+            fleet: false,
+            missing: MissingKey::Allow,
         }
     }
 
@@ -149,8 +294,9 @@ mod tests {
         Limiters::new(
             rules
                 .iter()
-                .map(|r| Arc::new(Limiter::new(r.clone())))
+                .map(|r| Arc::new(Limiter::new(r.clone(), None)))
                 .collect(),
+            None,
         )
     }
 
@@ -160,40 +306,64 @@ mod tests {
         h
     }
 
-    #[test]
-    fn burst_then_refusal_with_a_wait_and_keys_are_separate() {
+    #[tokio::test]
+    async fn burst_then_refusal_with_a_wait_and_keys_are_separate() {
         let ls = limiters(&[rule(1, 3)]);
         let a = headers("a");
         for _ in 0..3 {
-            assert_eq!(ls.check(0, TierId(0), None, &a), None);
+            assert_eq!(ls.check(0, TierId(0), None, &a).await, None);
         }
-        let wait = ls.check(0, TierId(0), None, &a).expect("over the burst");
+        let wait = ls
+            .check(0, TierId(0), None, &a)
+            .await
+            .expect("over the burst");
         assert!(
             wait > Duration::from_millis(500) && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
         assert_eq!(
-            ls.check(0, TierId(0), None, &headers("b")),
+            ls.check(0, TierId(0), None, &headers("b")).await,
             None,
             "another key is unaffected"
         );
         assert_eq!(
-            ls.check(1, TierId(0), None, &a),
+            ls.check(1, TierId(0), None, &a).await,
             None,
             "another route is unaffected"
         );
         assert_eq!(
-            ls.check(0, TierId(0), None, &HeaderMap::new()),
+            ls.check(0, TierId(0), None, &HeaderMap::new()).await,
             None,
             "no key header: not counted"
         );
     }
 
-    #[test]
-    fn idle_keys_are_evicted() {
+    #[tokio::test]
+    async fn a_request_without_the_key_is_bucketed_allowed_or_denied_as_the_rule_says() {
+        let none = HeaderMap::new();
+        for (missing, expect) in [
+            (MissingKey::Bucket, [None, None, Some(())]),
+            (MissingKey::Allow, [None, None, None]),
+            (MissingKey::Deny, [Some(()), Some(()), Some(())]),
+        ] {
+            let ls = limiters(&[RateLimit {
+                missing,
+                ..rule(1, 2)
+            }]);
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(ls.check(0, TierId(0), None, &none).await.map(|_| ()));
+            }
+            assert_eq!(got, expect, "{missing:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_keys_are_evicted() {
         let ls = limiters(&[rule(1000, 1)]);
         for m in 0..100 {
-            ls.check(0, TierId(0), None, &headers(&format!("m{m}")));
+            ls.check(0, TierId(0), None, &headers(&format!("m{m}")))
+                .await;
         }
         assert_eq!(ls.iter().next().unwrap().keys(), 100);
         std::thread::sleep(Duration::from_millis(20));

@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::{ClusterState, Generation};
 use crate::admission::{rules_for, Controller, Controllers};
 use crate::config::{Cluster, Config, RateLimit};
-use crate::limits::{Limiter, Limiters};
+use crate::limits::{Limiter, Limiters, Store};
 use crate::metrics::Metrics;
 
 /// Failover state and retry budget of `c`: backend health by site name and
@@ -86,16 +86,23 @@ pub(super) fn controllers(
     Controllers::new(out)
 }
 
-/// Rate-limit buckets: a rule keeps them when a rule of the same name had
-/// the same scope, key, rate and burst; a changed rule starts with full
-/// buckets (governor cannot change a quota in place).
-pub(super) fn limiters(config: &Config, prev: Option<&Generation>) -> Limiters {
+/// Rate-limit buckets: a rule keeps them (and its leases) when a rule of
+/// the same name had the same scope, key, rate, burst, reach and missing-key
+/// rule under the same store; a changed rule starts with full buckets
+/// (governor cannot change a quota in place). The store itself (its
+/// connection and up/down state) is kept while its URL is the same.
+pub(super) fn limiters(config: &Config, prev: Option<&Generation>, metrics: &Metrics) -> Limiters {
+    let store_config = config.rate_limit_store.as_ref();
+    let same_store = prev.map(|p| p.config.rate_limit_store.as_ref()) == Some(store_config);
     let same = |a: &RateLimit, b: &RateLimit| {
         a.name == b.name
             && a.applies_to == b.applies_to
             && a.key == b.key
             && a.per_second == b.per_second
             && a.burst == b.burst
+            && a.fleet == b.fleet
+            && a.missing == b.missing
+            && (!a.fleet || same_store)
     };
     let out = config
         .rate_limits
@@ -105,9 +112,28 @@ pub(super) fn limiters(config: &Config, prev: Option<&Generation>) -> Limiters {
             match kept {
                 // The scope's index may have moved (routes reordered).
                 Some(l) => Arc::new(l.with_rule(rule.clone())),
-                None => Arc::new(Limiter::new(rule.clone())),
+                None => Arc::new(Limiter::new(rule.clone(), store_config)),
             }
         })
         .collect();
-    Limiters::new(out)
+    let store = store_config.and_then(|s| {
+        let kept = prev
+            .and_then(|p| p.limiters.store())
+            .filter(|st| st.url() == s.redis)
+            .cloned();
+        let store = kept.or_else(|| {
+            Store::new(
+                &s.redis,
+                metrics.rate_limit_store_up.clone(),
+                metrics.rate_limit_fallbacks.clone(),
+            )
+            .map_err(|e| tracing::error!(store = %s.redis, error = %e, "rate-limit store unusable: fleet limits fall back"))
+            .ok()
+        })?;
+        Some((store, s.timeout))
+    });
+    if store.is_none() {
+        metrics.rate_limit_store_up.set(1);
+    }
+    Limiters::new(out, store)
 }

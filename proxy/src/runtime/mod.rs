@@ -77,7 +77,7 @@ impl Generation {
             .map(|c| carry::cluster(c, config.retries.budget, prev, now))
             .collect();
         let controllers = carry::controllers(&config, prev, metrics);
-        let limiters = carry::limiters(&config, prev);
+        let limiters = carry::limiters(&config, prev, metrics);
         let tier_metrics = config.tiers.iter().map(|t| metrics.tier(&t.name)).collect();
         let routes: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
         let tiers: Vec<&str> = config.tiers.iter().map(|t| t.name.as_str()).collect();

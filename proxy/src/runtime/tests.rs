@@ -136,6 +136,14 @@ async fn a_learned_adaptive_limit_is_kept() {
     assert_eq!(after, learned, "a reload does not reset the learned limit");
 }
 
+/// A rate-limit check outside a runtime (instance-scope rules never wait).
+fn limit(g: &Generation, route: usize, headers: &http::HeaderMap) -> Option<Duration> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(g.limiters.check(route, TierId(0), None, headers))
+}
+
 #[test]
 fn rate_limit_buckets_follow_the_rule_name_when_routes_are_reordered() {
     let m = Metrics::new();
@@ -145,7 +153,7 @@ fn rate_limit_buckets_follow_the_rule_name_when_routes_are_reordered() {
         &m,
     );
     let api = route_index(&first, "api");
-    let check = |g: &Generation, route| g.limiters.check(route, TierId(0), None, &merchant("m1"));
+    let check = |g: &Generation, route| limit(g, route, &merchant("m1"));
     assert_eq!(check(&first, api), None, "the burst of one");
     assert!(check(&first, api).is_some(), "then refused");
 
@@ -176,12 +184,45 @@ fn a_renamed_rate_limit_starts_with_full_buckets() {
     let named = |name: &str| format!("{MERCHANT_LIMIT}name = \"{name}\"\n");
     let first = Generation::next(config(&named("merchants"), "verizon"), None, &m);
     let api = route_index(&first, "api");
-    let check = |g: &Generation| g.limiters.check(api, TierId(0), None, &merchant("m1"));
+    let check = |g: &Generation| limit(g, api, &merchant("m1"));
     assert_eq!(check(&first), None);
     let same = Generation::next(config(&named("merchants"), "verizon"), Some(&first), &m);
     assert!(check(&same).is_some(), "same name: bucket kept");
     let renamed = Generation::next(config(&named("quota"), "verizon"), Some(&same), &m);
     assert_eq!(check(&renamed), None, "another name: fresh bucket");
+}
+
+#[test]
+fn the_rate_limit_store_is_kept_while_its_url_is_and_fleet_buckets_follow_it() {
+    let m = Metrics::new();
+    let store = |url: &str| {
+        format!(
+            "[rate_limit_store]\nredis = \"{url}\"\nfleet_size = 3\n{MERCHANT_LIMIT}scope = \"fleet\"\n"
+        )
+    };
+    let a = store("redis://127.0.0.1:1/0");
+    let first = Generation::next(config(&a, "verizon"), None, &m);
+    let second = Generation::next(config(&a, "verizon"), Some(&first), &m);
+    let (s1, s2) = (
+        first.limiters.store().unwrap(),
+        second.limiters.store().unwrap(),
+    );
+    assert!(
+        Arc::ptr_eq(s1, s2),
+        "same URL: the same store (connection, state)"
+    );
+    assert!(second.config.rate_limits[0].fleet);
+    let other = Generation::next(
+        config(&store("redis://127.0.0.1:2/0"), "verizon"),
+        Some(&second),
+        &m,
+    );
+    assert!(
+        !Arc::ptr_eq(s2, other.limiters.store().unwrap()),
+        "another URL: a new store"
+    );
+    let none = Generation::next(config(MERCHANT_LIMIT, "verizon"), Some(&other), &m);
+    assert!(none.limiters.store().is_none());
 }
 
 #[test]
