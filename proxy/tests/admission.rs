@@ -259,6 +259,19 @@ async fn a_retry_onto_another_site_holds_that_sites_permit() {
         &policy("[admission.main]\nmode = \"fixed\"\nlimit = 4\n"),
     )
     .await;
+    // Both sites checked up first: with the primary still unknown, the
+    // request would go straight to the secondary (not a retry), as it did
+    // once in a fresh-clone run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = proxy.status().await;
+        let up = |i: usize| st["clusters"][0]["sites"][i]["backends"][0]["health"] == "up";
+        if up(0) && up(1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not both up: {st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let slow = tokio::spawn({
         let url = proxy.url("/checkout/slow/1500");
         async move { client().get(url).send().await.map(|r| r.status().as_u16()) }
