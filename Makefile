@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Installing system packages needs root; use sudo when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: bench-peers peak drill soak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
+.PHONY: bench-peers bench-limits peak drill soak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
 
 ## deps: install what the build needs when missing (cmake for pingora's C deps).
 deps:
@@ -89,6 +89,12 @@ drill: build
 SOAK ?= 30m
 soak: build
 	target/release/loadtest run loadtest/scenarios/soak.toml --repeat-for $(SOAK) --out target/loadtest/soak
+
+## bench-limits: fleet-wide rate limits on Redis against per-instance ones, three k2proxy
+## instances: accuracy and latency at 100, 1,000 and 10,000 req/s of one key, and the
+## Redis-kill timeline (about 2 minutes; scripts/bench_fleet_limits.py, results/).
+bench-limits: build test-deps
+	python3 scripts/bench_fleet_limits.py
 
 ## lag: the load generator's own send lag at 10,000 requests/s against a legacy-sim.
 lag: build
