@@ -105,9 +105,10 @@ async fn forced_tier_is_shed_per_the_wire_contract_and_never_reaches_the_backend
 async fn a_waiter_past_its_tiers_deadline_is_shed_with_queue_timeout() {
     let (backend, proxy) = setup(FIXED_ONE).await;
     let c = client();
-    // A slow purchase holds the only permit for 600 ms.
+    // A slow purchase holds the only permit for 2 s (600 ms was over
+    // before a scrape of a busy fresh-clone run saw it in flight).
     let slow = tokio::spawn({
-        let (c, url) = (c.clone(), proxy.url("/checkout/slow/600"));
+        let (c, url) = (c.clone(), proxy.url("/checkout/slow/2000"));
         async move { c.get(url).send().await.unwrap().status() }
     });
     wait_for_inflight(&proxy, 1).await;
