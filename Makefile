@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Installing system packages needs root; use sudo when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: bench-peers bench-limits peak drill soak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
+.PHONY: bench-peers bench-limits bench-drain peak drill soak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
 
 ## deps: install what the build needs when missing (cmake for pingora's C deps).
 deps:
@@ -95,6 +95,12 @@ soak: build
 ## Redis-kill timeline (about 2 minutes; scripts/bench_fleet_limits.py, results/).
 bench-limits: build test-deps
 	python3 scripts/bench_fleet_limits.py
+
+## bench-drain: leaving a fleet under 200 purchases/s, k2proxy's SIGTERM (drain_delay) against
+## nginx's graceful stop: purchases failed after the signal, time to exit (scripts/bench_drain.py).
+bench-drain: build
+	@command -v nginx >/dev/null || { echo "installing nginx"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nginx >/dev/null; }
+	python3 scripts/bench_drain.py
 
 ## lag: the load generator's own send lag at 10,000 requests/s against a legacy-sim.
 lag: build
