@@ -1027,6 +1027,38 @@ fn admission(
     out
 }
 
+/// A rule's `scope`: true for `"fleet"` (which needs the store).
+fn fleet_scope(c: &mut Check<'_>, r: &raw::RateLimitRaw, have_store: bool) -> bool {
+    match r.scope.as_ref().map(|s| (s, s.get_ref().as_str())) {
+        None | Some((_, "instance")) => false,
+        Some((_, "fleet")) if have_store => true,
+        Some((s, "fleet")) => {
+            c.err(s, "`scope = \"fleet\"` needs a [rate_limit_store] in the policy (redis = \"redis://host:port/0\", fleet_size = N)");
+            false
+        }
+        Some((s, other)) => {
+            c.err(
+                s,
+                format!("rate limit scope {other:?}: expected \"instance\" or \"fleet\""),
+            );
+            false
+        }
+    }
+}
+
+/// A rule's `missing`: what a request without the key gets.
+fn missing_key(c: &mut Check<'_>, r: &raw::RateLimitRaw) -> MissingKey {
+    match r.missing.as_ref().map(|m| (m, m.get_ref().as_str())) {
+        None | Some((_, "bucket")) => MissingKey::Bucket,
+        Some((_, "allow")) => MissingKey::Allow,
+        Some((_, "deny")) => MissingKey::Deny,
+        Some((m, other)) => {
+            c.err(m, format!("rate limit `missing` {other:?}: expected \"bucket\" (one shared bucket), \"allow\" or \"deny\""));
+            MissingKey::Bucket
+        }
+    }
+}
+
 fn rate_limits(
     c: &mut Check<'_>,
     raw: &[raw::RateLimitRaw],
@@ -1101,30 +1133,8 @@ fn rate_limits(
         };
         let per_second = c.int(Some(&r.per_second), "per_second", (1, 10_000_000), 1);
         let burst = c.int(r.burst.as_ref(), "burst", (1, 10_000_000), per_second);
-        let fleet = match r.scope.as_ref().map(|s| (s, s.get_ref().as_str())) {
-            None | Some((_, "instance")) => false,
-            Some((_, "fleet")) if have_store => true,
-            Some((s, "fleet")) => {
-                c.err(s, "`scope = \"fleet\"` needs a [rate_limit_store] in the policy (redis = \"redis://host:port/0\", fleet_size = N)");
-                false
-            }
-            Some((s, other)) => {
-                c.err(
-                    s,
-                    format!("rate limit scope {other:?}: expected \"instance\" or \"fleet\""),
-                );
-                false
-            }
-        };
-        let missing = match r.missing.as_ref().map(|m| (m, m.get_ref().as_str())) {
-            None | Some((_, "bucket")) => MissingKey::Bucket,
-            Some((_, "allow")) => MissingKey::Allow,
-            Some((_, "deny")) => MissingKey::Deny,
-            Some((m, other)) => {
-                c.err(m, format!("rate limit `missing` {other:?}: expected \"bucket\" (one shared bucket), \"allow\" or \"deny\""));
-                MissingKey::Bucket
-            }
-        };
+        let fleet = fleet_scope(c, r, have_store);
+        let missing = missing_key(c, r);
         if let (Some(scope), Some(key)) = (scope, key) {
             out.push(RateLimit {
                 name,
