@@ -15,7 +15,6 @@ time; the processes it starts are stopped by their PIDs.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,60 +22,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / "target" / "release"
+from benchlib import BIN, REPO, free_port, start_k2proxy, wait_port
 WINDOW_S = 4
 SIGNAL_AT_S = 2
 RUN_S = 10
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
 def k2proxy(work, backend):
-    listen, admin = free_port(), free_port()
-    (work / "routes.toml").write_text(f"""[server]
-listen = ["127.0.0.1:{listen}"]
-admin = "127.0.0.1:{admin}"
-threads = 2
-policy = "policy.toml"
-max_connections_per_client = 100000
-
-[clusters.main]
-connect_timeout = "300ms"
-
-[[clusters.main.sites]]
-name = "a"
-role = "primary"
-backends = ["127.0.0.1:{backend}"]
-
-[[routes]]
-name = "checkout"
-match = {{ path_prefix = "/checkout/" }}
-tier = "purchase"
-cluster = "main"
-""")
-    (work / "policy.toml").write_text('tiers = ["purchase"]\n')
-    p = subprocess.Popen([str(BIN / "k2proxy"), "run", "--routes", str(work / "routes.toml")],
-                         stdout=subprocess.DEVNULL, stderr=open(work / "k2proxy.log", "w"),
-                         env=dict(os.environ, RUST_LOG="warn"))
-    wait_port(listen)
-    wait_port(admin)
-    return p, listen, admin
+    return start_k2proxy(work, backend, 'name = "checkout"\nmatch = { path_prefix = "/checkout/" }\ntier = "purchase"',
+                         'tiers = ["purchase"]\n', threads=2)
 
 
 def nginx(work, backend):
@@ -163,9 +117,7 @@ def main():
         wait_port(sim_port)
         try:
             for r in range(rounds):
-                work = tmp / f"k2-{r}"
-                work.mkdir()
-                p, listen, admin = k2proxy(work, sim_port)
+                p, listen, admin = k2proxy(tmp / f"k2-{r}", sim_port)
                 rows.append(run("k2proxy, SIGTERM (drain_delay 5s)", p, listen, signal.SIGTERM, admin))
                 print(rows[-1], flush=True)
                 work = tmp / f"nginx-{r}"

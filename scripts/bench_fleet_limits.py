@@ -17,34 +17,15 @@ stopped by their PIDs. Output: a Markdown table on stdout and in results/.
 
 import json
 import os
-import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / "target" / "release"
+from benchlib import BIN, REPO, free_port, start_k2proxy, wait_port
 RATES = [int(r) for r in os.environ.get("RATES", "100 1000 10000").split()]
 SECONDS = int(os.environ.get("SECONDS_PER_RUN", "10"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def start_redis(port):
@@ -57,32 +38,8 @@ def start_redis(port):
     return p
 
 
-def start_k2proxy(workdir, i, backend, redis_port, scope, per_second):
-    listen, admin = free_port(), free_port()
-    d = workdir / f"k2-{i}"
-    d.mkdir(exist_ok=True)
-    (d / "routes.toml").write_text(f"""[server]
-listen = ["127.0.0.1:{listen}"]
-admin = "127.0.0.1:{admin}"
-threads = 1
-policy = "policy.toml"
-max_connections_per_client = 100000
-
-[clusters.main]
-connect_timeout = "300ms"
-
-[[clusters.main.sites]]
-name = "a"
-role = "primary"
-backends = ["127.0.0.1:{backend}"]
-
-[[routes]]
-name = "api"
-match = {{ path_prefix = "/api/" }}
-tier = "merchant"
-cluster = "main"
-""")
-    (d / "policy.toml").write_text(f"""tiers = ["merchant"]
+def start_instance(workdir, i, backend, redis_port, scope, per_second):
+    policy = f"""tiers = ["merchant"]
 [admission.main]
 mode = "off"
 [rate_limit_store]
@@ -95,17 +52,9 @@ key = "header:x-merchant-id"
 per_second = {per_second}
 burst = {max(1, per_second // 10)}
 scope = "{scope}"
-""")
-    env = dict(os.environ, RUST_LOG="warn")
-    p = subprocess.Popen(
-        [str(BIN / "k2proxy"), "run", "--routes", str(d / "routes.toml")],
-        stdout=subprocess.DEVNULL,
-        stderr=open(d / "k2proxy.log", "w"),
-        env=env,
-    )
-    wait_port(listen)
-    wait_port(admin)
-    return p, listen, admin
+"""
+    return start_k2proxy(workdir / f"k2-{i}", backend,
+                         'name = "api"\nmatch = { path_prefix = "/api/" }\ntier = "merchant"', policy)
 
 
 def load(ports, rate, seconds, timeline=False):
@@ -148,7 +97,7 @@ def main():
             for scope in ("instance", "fleet"):
                 quota = rate // 2
                 per_second = quota if scope == "fleet" else max(1, quota // 3)
-                procs = [start_k2proxy(workdir, i, sim_port, redis_port, scope, per_second) for i in range(3)]
+                procs = [start_instance(workdir, i, sim_port, redis_port, scope, per_second) for i in range(3)]
                 time.sleep(0.5)
                 report = load([p[1] for p in procs], rate, SECONDS)
                 stop([p[0] for p in procs])
@@ -157,9 +106,8 @@ def main():
                              f"{lat.get('p50', 0):.2f} | {lat.get('p99', 0):.2f} | {other} |")
                 print(lines[-1], flush=True)
         # The Redis-kill timeline at 1,000 req/s, quota 500/s (fleet).
-        procs = [start_k2proxy(workdir, i, sim_port, redis_port, "fleet", 500) for i in range(3)]
+        procs = [start_instance(workdir, i, sim_port, redis_port, "fleet", 500) for i in range(3)]
         time.sleep(0.5)
-        import threading
         result = {}
         t = threading.Thread(target=lambda: result.update(r=load([p[1] for p in procs], 1000, 12)))
         t.start()

@@ -207,17 +207,24 @@ fn facts_text(f: &Facts, edits: Option<&crate::topology::Edits>) -> String {
     out
 }
 
-/// Everything the drill measured beyond the load's counts.
-fn facts(report: &Report, topology: Option<&Topology>, soak: &[Sample], run_s: f64) -> Facts {
+/// Everything the drill measured beyond the load's counts; `duplicates`
+/// is the topology's count of non-idempotent request ids seen twice.
+fn facts(
+    report: &Report,
+    topology: Option<&Topology>,
+    duplicates: Option<u64>,
+    soak: &[Sample],
+    run_s: f64,
+) -> Facts {
     let mut facts = Facts {
         lost_purchases: report
             .target(PURCHASE)
             .map(|t| t.outcomes.error + t.outcomes.timeout),
         time_to_failover_ms: time_to_failover(report),
+        duplicates,
         ..Facts::default()
     };
     if let Some(t) = topology {
-        facts.duplicates = Some(t.duplicates().1);
         facts.reloads_failed = Some(t.edits.failed);
         facts.reloads_applied = Some(t.edits.applied);
     }
@@ -268,9 +275,12 @@ pub async fn run(
     if let Some(kind) = report.targets.iter().position(|t| t.name == PURCHASE) {
         crate::soak::fill_p99(&mut samples, &report.timeline, kind);
     }
+    // Once: it merges every simulator's request ids (millions in a soak).
+    let duplicates = topology.as_ref().map(Topology::duplicates);
     let facts = facts(
         &report,
         topology.as_ref(),
+        duplicates.map(|(_, unsafe_)| unsafe_),
         &samples,
         report.elapsed.as_secs_f64(),
     );
@@ -290,8 +300,7 @@ pub async fn run(
     json["thresholds"] = serde_json::to_value(&verdicts).unwrap_or_default();
     json["passed"] = verdicts.iter().all(|v| v.pass).into();
     json["facts"] = serde_json::to_value(&facts).unwrap_or_default();
-    if let Some(t) = &topology {
-        let (all, unsafe_) = t.duplicates();
+    if let (Some(t), Some((all, unsafe_))) = (&topology, duplicates) {
         json["backend"] = serde_json::json!({
             "duplicate_request_ids": all,
             "duplicate_non_idempotent": unsafe_,
