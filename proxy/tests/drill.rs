@@ -477,26 +477,26 @@ name = "soak-short"
 seed = 9
 timeout = "3s"
 # Two minutes of a debug build cannot show a slow leak, but a gross one:
-# a file descriptor or a thread kept per reload (60 of them) or per
-# connection would fail these.
+# a file descriptor or a thread kept per reload (60 of them, 30 in the
+# fitted half, on about 57 fds) or per connection would fail these. Measured
+# on this steady load: fds 51-60, rss and fds growth within 4%.
 thresholds = [
   "purchase.success >= 0.97",
   "duplicates <= 0",
   "reloads_failed <= 0",
   "rss_growth <= 0.3",
-  "fds_growth <= 0.5",
+  "fds_growth <= 0.3",
   "threads_growth <= 0.05",
 ]
 
 [soak]
 sample = "10s"
 
+# Steady load: a burst's extra connections and allocator growth are not
+# leaks, and with samples every 10 s of a 30 s cycle they made the fitted
+# line rise whenever the last sample fell at a burst's end.
 [load]
-stages = [
-  {{ duration = "15s", rate = "0.5x" }},
-  {{ duration = "5s", rate = "2x" }},
-  {{ duration = "10s", rate = "0.5x" }},
-]
+stages = [{{ duration = "30s", rate = "0.5x" }}]
 {MIX}{SITES}
 [[events]]
 at = "1s"
@@ -518,6 +518,9 @@ fault = "normal"
     );
     let (outcome, json, _dir) = run_drill(&scenario, Some(Duration::from_secs(120))).await;
     let samples = json["soak"]["samples"].as_array().unwrap();
+    for s in samples {
+        eprintln!("sample {s}");
+    }
     // One every 10 s over 2 minutes (the last may fall after the load ends).
     assert!((11..=12).contains(&samples.len()), "{}", samples.len());
     for s in samples {
