@@ -453,13 +453,14 @@ async fn c_a_primary_answering_500s_is_ejected_passively() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_spill_uses_the_idle_secondary_when_the_primary_is_saturated() {
     // Each site admits 2 at a time; the backend takes 50 ms: 40 purchases/s
-    // per site. Offer 70/s for 3 s.
+    // per site. Offer 60/s for 3 s: more than one site, 75% of two (at 70/s,
+    // 88% of two, a busy CI machine once served 0.90 with spill).
     let mut success = Vec::new();
     for spill in [false, true] {
         let s = sites(Duration::from_millis(50), &policy(spill, Some(2))).await;
         let ps = purchases(
             s.proxy.url("/checkout/pay"),
-            70,
+            60,
             Duration::from_secs(3),
             if spill { "f-on" } else { "f-off" },
         )
