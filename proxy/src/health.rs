@@ -15,10 +15,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+use crate::tls::upstream::SiteTls;
 use crate::Shared;
 
 /// How often the service looks at what is due.
@@ -27,25 +28,90 @@ const TICK: Duration = Duration::from_millis(20);
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
 /// One probe: `GET http://addr{path}`, good when 2xx within `timeout`.
-async fn probe(client: &HttpClient, addr: SocketAddr, path: &str, timeout: Duration) -> bool {
-    let Ok(uri) = format!("http://{addr}{path}").parse::<hyper::Uri>() else {
-        return false;
-    };
-    let req = match hyper::Request::get(uri)
+async fn probe(client: &HttpClient, addr: SocketAddr, path: &str) -> Result<(), String> {
+    let uri = format!("http://{addr}{path}")
+        .parse::<hyper::Uri>()
+        .map_err(|e| format!("health path {path:?}: {e}"))?;
+    let resp = client
+        .request(request(uri)?)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    answer(resp).await
+}
+
+fn request(uri: hyper::Uri) -> Result<hyper::Request<Empty<Bytes>>, String> {
+    hyper::Request::get(uri)
         .header("user-agent", "k2proxy-health")
         .body(Empty::new())
-    {
-        Ok(r) => r,
-        Err(_) => return false,
+        .map_err(|e| e.to_string())
+}
+
+async fn answer(resp: hyper::Response<hyper::body::Incoming>) -> Result<(), String> {
+    let status = resp.status();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("answered {status}"))
+    }
+}
+
+/// One probe over TLS, with the site's trust (a fresh connection each
+/// time: a probe checks the handshake as much as the answer).
+async fn probe_tls(tls: &SiteTls, addr: SocketAddr, path: &str) -> Result<(), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(tls.probe.clone());
+    let stream = connector
+        .connect(tls.server_name(addr), tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    tokio::spawn(conn);
+    let host = if tls.sni.is_empty() {
+        addr.to_string()
+    } else {
+        tls.sni.clone()
     };
-    let answer = tokio::time::timeout(timeout, async {
-        let resp = client.request(req).await.ok()?;
-        let ok = resp.status().is_success();
-        resp.into_body().collect().await.ok()?;
-        Some(ok)
-    })
-    .await;
-    matches!(answer, Ok(Some(true)))
+    let uri = path
+        .parse::<hyper::Uri>()
+        .map_err(|e| format!("health path {path:?}: {e}"))?;
+    let mut req = request(uri)?;
+    if let Ok(h) = hyper::header::HeaderValue::from_str(&host) {
+        req.headers_mut().insert(hyper::header::HOST, h);
+    }
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    answer(resp).await
+}
+
+impl Shared {
+    /// Keeps the reason of a failed probe (until the next good one).
+    fn note_probe(&self, cluster: &str, addr: SocketAddr, error: Option<&String>) {
+        let mut errors = self.probe_errors.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(e) => {
+                errors.insert((cluster.to_string(), addr), e.clone());
+            }
+            None => {
+                errors.remove(&(cluster.to_string(), addr));
+            }
+        }
+    }
+
+    /// Why `addr`'s last probe failed, if it did.
+    pub(crate) fn probe_error(&self, cluster: &str, addr: SocketAddr) -> Option<String> {
+        let errors = self.probe_errors.lock().unwrap_or_else(|e| e.into_inner());
+        errors.get(&(cluster.to_string(), addr)).cloned()
+    }
 }
 
 /// The background service running the checks.
@@ -126,17 +192,29 @@ impl BackgroundService for HealthService {
                 *next = now + c.health.interval;
                 for (si, site) in c.sites.iter().enumerate() {
                     for &addr in &site.backends {
-                        let (client, gen, path, timeout) = (
+                        let (shared, client, gen, path, timeout) = (
+                            self.shared.clone(),
                             client.clone(),
                             gen.clone(),
                             c.health.path.clone(),
                             c.health.timeout,
                         );
                         running.spawn(async move {
-                            let ok = probe(&client, addr, &path, timeout).await;
+                            let tls = gen.site_tls.get(ci).and_then(|s| s.get(si)).cloned().flatten();
+                            let result = tokio::time::timeout(timeout, async {
+                                match &tls {
+                                    Some(tls) => probe_tls(tls, addr, &path).await,
+                                    None => probe(&client, addr, &path).await,
+                                }
+                            })
+                            .await
+                            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
                             let cluster = &gen.config.clusters[ci];
+                            let ok = result.is_ok();
+                            shared.note_probe(&cluster.name, addr, result.as_ref().err());
                             if gen.clusters[ci].sites.probe(si, addr, ok) {
-                                tracing::info!(cluster = %cluster.name, site = %cluster.sites[si].name, backend = %addr, ok, "backend health changed");
+                                let reason = result.err().unwrap_or_default();
+                                tracing::info!(cluster = %cluster.name, site = %cluster.sites[si].name, backend = %addr, ok, reason, "backend health changed");
                             }
                         });
                     }

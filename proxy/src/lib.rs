@@ -32,6 +32,7 @@ pub mod reload;
 mod runtime;
 pub mod server;
 mod stats;
+pub mod tls;
 mod xmlrpc;
 
 use std::sync::atomic::AtomicBool;
@@ -63,6 +64,10 @@ pub struct Shared {
     pub(crate) connections: std::sync::Arc<edge::Connections>,
     /// Set by SIGTERM: `/healthz` answers 503 while the node drains.
     pub(crate) draining: edge::drain::Draining,
+    /// Why each failing backend's last health probe failed, by cluster and
+    /// address, for `/status`.
+    pub(crate) probe_errors:
+        Mutex<std::collections::HashMap<(String, std::net::SocketAddr), String>>,
     reload_lock: Mutex<()>,
 }
 
@@ -87,6 +92,7 @@ impl Shared {
             tier_stats: stats::TierStats::default(),
             connections: Default::default(),
             draining: Default::default(),
+            probe_errors: Default::default(),
             reload_lock: Mutex::new(()),
         }
     }

@@ -63,6 +63,12 @@ enum Command {
         /// instead of stderr; reopened on SIGUSR1 (logrotate's convention).
         #[arg(long, value_name = "PATH")]
         log_file: Option<std::path::PathBuf>,
+        /// For trying k2proxy out: one more HTTPS listener (h2 and HTTP/1.1)
+        /// on a localhost certificate made on first run in `certs/dev/`
+        /// next to the routes file (with `ca.pem` to give curl). Never in
+        /// production.
+        #[arg(long, value_name = "IP:PORT")]
+        dev_tls: Option<std::net::SocketAddr>,
     },
     /// Validate the routes and policy files, then exit (0 valid, 1 invalid).
     Check {
@@ -75,7 +81,20 @@ fn paths(files: Files) -> Paths {
     Paths {
         routes: files.routes,
         policy: files.policy,
+        dev_tls: None,
     }
+}
+
+/// `--dev-tls`: the development certificate, made if missing.
+fn dev_tls(paths: &mut Paths, listen: std::net::SocketAddr) -> Result<PathBuf, String> {
+    let dir = paths
+        .routes
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("certs/dev");
+    let (cert, key, ca) = proxy::tls::dev::ensure_localhost(&dir)?;
+    paths.dev_tls = Some(config::DevTls { listen, cert, key });
+    Ok(ca)
 }
 
 /// Logs to stderr through a writer thread (`proxy::logbuf`): a request
@@ -119,8 +138,19 @@ fn main() -> ExitCode {
             log_format,
             upgrade,
             log_file,
+            dev_tls: dev_listen,
         } => {
-            let paths = paths(files);
+            let mut paths = paths(files);
+            let mut dev_ca = None;
+            if let Some(listen) = dev_listen {
+                match dev_tls(&mut paths, listen) {
+                    Ok(ca) => dev_ca = Some((listen, ca)),
+                    Err(e) => {
+                        eprintln!("k2proxy: --dev-tls: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             let config = match config::load(&paths) {
                 Ok(s) => s,
                 Err(errors) => {
@@ -142,6 +172,13 @@ fn main() -> ExitCode {
                 "{}",
                 config.summary()
             );
+            if let Some((listen, ca)) = dev_ca {
+                tracing::info!(
+                    "development HTTPS on {listen}: curl --cacert {} https://localhost:{}/checkout/x",
+                    ca.display(),
+                    listen.port()
+                );
+            }
             let sighup = match proxy::reload::sighup_flag() {
                 Ok(flag) => flag,
                 Err(e) => {

@@ -173,6 +173,10 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     /// `k2_connections_refused_total{reason}`: closed at once by a connection limit.
     pub connections_refused: IntCounterVec,
+    /// `k2_tls_handshake_failures_total{reason}`: `error` or `timeout`.
+    pub tls_handshake_failures: IntCounterVec,
+    /// `k2_tls_cert_expiry_seconds{cert,use}`: time left, set when scraped.
+    pub tls_cert_expiry: GaugeVec,
     /// `k2_header_timeouts_total`: connections closed by `[server].header_timeout`.
     pub header_timeouts: IntCounter,
     /// `k2_draining`: 1 from SIGTERM until the process exits.
@@ -198,6 +202,13 @@ fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounter
 
 fn gauges(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("each metric is registered once");
+    m
+}
+
+fn gauges_f64(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let m = GaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
     r.register(Box::new(m.clone()))
         .expect("each metric is registered once");
     m
@@ -275,6 +286,8 @@ impl Metrics {
             xmlrpc: counters(&r, "k2_xmlrpc_requests_total", "Requests classified by XML-RPC method: a configured name, unmatched, or why none was read.", &["route", "method"]),
             connections_open: gauge(&r, "k2_connections_open", "Client connections open (the admin port's not counted)."),
             connections_refused: counters(&r, "k2_connections_refused_total", "Client connections closed at once by [server].max_connections or max_connections_per_client, by reason.", &["reason"]),
+            tls_handshake_failures: counters(&r, "k2_tls_handshake_failures_total", "Client TLS handshakes that failed (error) or did not finish within header_timeout (timeout).", &["reason"]),
+            tls_cert_expiry: gauges_f64(&r, "k2_tls_cert_expiry_seconds", "Seconds until a certificate in use expires (negative: expired), by file and use (server, client).", &["cert", "use"]),
             header_timeouts: counter(&r, "k2_header_timeouts_total", "Client connections closed because a request's headers did not arrive within [server].header_timeout."),
             draining: gauge(&r, "k2_draining", "1 while the process drains after SIGTERM (/healthz answers 503)."),
             rate_limit_store_up: gauge(&r, "k2_rate_limit_store_up", "1 while the fleet's rate-limit store (Redis) answers, or when the policy names none; 0 while scope = fleet limits fall back to per_second / fleet_size per instance."),
@@ -290,6 +303,9 @@ impl Metrics {
         }
         for refusal in crate::edge::Refusal::ALL {
             m.connections_refused.with_label_values(&[refusal.as_str()]);
+        }
+        for reason in ["error", "timeout"] {
+            m.tls_handshake_failures.with_label_values(&[reason]);
         }
         m.rate_limit_store_up.set(1);
         m

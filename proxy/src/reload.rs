@@ -73,6 +73,14 @@ fn restart_needed(running: &Server, new: &Server) -> Vec<String> {
             new.upgrade_sock.display()
         ));
     }
+    let https = |s: &Server| s.tls.iter().map(|t| t.listen).collect::<Vec<_>>();
+    if https(running) != https(new) {
+        out.push(format!(
+            "[[server.tls]] listen: {:?} -> {:?} (certificates, names and h2 of running listeners apply now)",
+            https(running),
+            https(new)
+        ));
+    }
     if running.threads != new.threads {
         out.push(format!(
             "[server].threads: {} -> {}",
@@ -152,11 +160,14 @@ impl ReloadService {
         ReloadService { shared, sighup }
     }
 
-    /// The files a reload reads now: routes and the policy in force.
+    /// The files a reload reads now: routes, the policy in force, and the
+    /// certificates, keys and CA bundles they name (rotation is a reload).
     fn files(&self) -> Vec<PathBuf> {
         let gen = self.shared.current.load();
         let snap = &gen.config;
-        vec![snap.routes_path.clone(), snap.policy_path.clone()]
+        let mut files = vec![snap.routes_path.clone(), snap.policy_path.clone()];
+        files.extend(snap.tls_files());
+        files
     }
 }
 
@@ -300,6 +311,7 @@ mod tests {
             max_connections_per_client: 1000,
             drain_delay: std::time::Duration::from_secs(5),
             proxy_protocol_from: Vec::new(),
+            tls: Vec::new(),
         };
         let mut b = a.clone();
         assert!(restart_needed(&a, &b).is_empty());
@@ -309,6 +321,19 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert!(r[0].starts_with("[server].listen"));
         assert_eq!(r[1], "[server].threads: 2 -> 4");
+        // An HTTPS listener added needs a restart; its certificates do not.
+        let mut c = a.clone();
+        c.tls.push(crate::config::TlsListener {
+            listen: "127.0.0.1:4".parse().unwrap(),
+            h2: true,
+            certs: Vec::new(),
+        });
+        let r = restart_needed(&a, &c);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].starts_with("[[server.tls]] listen"), "{r:?}");
+        let mut d = c.clone();
+        d.tls[0].h2 = false;
+        assert!(restart_needed(&c, &d).is_empty());
     }
 
     #[test]

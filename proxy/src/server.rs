@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use pingora::apps::HttpServerOptions;
+use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
@@ -31,6 +33,27 @@ pub fn run(shared: Arc<Shared>, opts: &RunOptions) {
     });
 }
 
+/// HTTP/2 limits for clients: pingora's bounded defaults (100 concurrent
+/// streams), a header list no larger than an HTTP/1.1 head may be, and the
+/// h2 crate's guards against reset floods (CVE-2023-44487): a client whose
+/// streams are reset faster than they are accepted, or who makes k2proxy
+/// reset streams for protocol errors, gets GOAWAY ENHANCE_YOUR_CALM.
+fn h2_options(server: &crate::config::Server) -> H2Options {
+    let mut o = default_h2_options();
+    o.max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(server.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS));
+    o
+}
+
+/// Streams one HTTP/2 connection may have open at once.
+const H2_MAX_STREAMS: u32 = 100;
+/// Streams reset by the client before k2proxy took them.
+const H2_MAX_PENDING_RESETS: usize = 50;
+/// Streams k2proxy reset for a client's protocol errors.
+const H2_MAX_LOCAL_RESETS: usize = 256;
+
 /// A server ready to run.
 fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
     let gen = shared.current.load_full();
@@ -54,9 +77,19 @@ fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let gateway = pingora::proxy::http_proxy(&server.configuration, Gateway::new(shared.clone()));
+    let mut gateway =
+        pingora::proxy::http_proxy(&server.configuration, Gateway::new(shared.clone()));
+    gateway.h2_options = Some(h2_options(&snap.server));
+    let mut options = HttpServerOptions::default();
+    // An HTTP/2 connection with no stream open is closed like an idle
+    // HTTP/1.1 keep-alive one.
+    options.h2_idle_timeout = Some(snap.server.idle_timeout);
+    gateway.server_options = Some(options);
     let mut proxy = Service::new("k2proxy".to_string(), Edge::new(gateway, shared.clone()));
-    for addr in &snap.server.listen {
+    // HTTPS listeners are TCP listeners too: the edge does the handshake
+    // (crate::tls::accept says why).
+    let https = snap.server.tls.iter().map(|t| t.listen);
+    for addr in snap.server.listen.iter().copied().chain(https) {
         proxy.add_tcp(&addr.to_string());
     }
     let shared_for_reload = shared.clone();

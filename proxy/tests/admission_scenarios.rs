@@ -187,6 +187,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
     let snap = config::load(&Paths {
         routes: repo().join("routes.toml"),
         policy: Some(repo().join(&s.policy)),
+        dev_tls: None,
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let (rules, limit) = rules_for(&snap, 0);

@@ -87,6 +87,7 @@ impl ServeHttp for Admin {
             (Method::GET, "/metrics") => {
                 self.shared.current.load().controllers.publish_gauges();
                 crate::health::publish_gauges(&self.shared, std::time::Instant::now());
+                crate::tls::publish_expiry(&self.shared);
                 let open = self.shared.connections.count();
                 self.shared.metrics.connections_open.set(open as i64);
                 reply(

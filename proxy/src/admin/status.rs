@@ -71,7 +71,14 @@ pub fn status(shared: &Shared) -> Value {
                             "health": if b.drained { "drained" } else if b.ejected { "ejected" } else { b.active.as_str() },
                             "usable": b.usable,
                             "inflight": b.inflight,
+                            "last_probe_error": shared.probe_error(&c.name, b.addr),
                         })).collect::<Vec<_>>(),
+                        "tls": c.site_tls[si].as_ref().map(|t| json!({
+                            "sni": t.sni,
+                            "verify": t.verify,
+                            "ca": if t.ca.is_some() { "file" } else { "system" },
+                            "client_cert": t.client.as_ref().map(cert),
+                        })),
                     })
                 })
                 .collect();
@@ -103,8 +110,34 @@ pub fn status(shared: &Shared) -> Value {
             "max": gen.max_connections,
             "max_per_client": snap.server.max_connections_per_client,
         },
+        "tls": snap.server.tls.iter().map(|l| json!({
+            "listen": l.listen.to_string(),
+            "h2": l.h2,
+            "certs": l.certs.iter().map(|c| {
+                let mut v = cert(&c.pair);
+                v["server_names"] = json!(c.server_names);
+                v["default"] = json!(c.default);
+                v
+            }).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "tiers": tiers,
         "clusters": clusters,
+    })
+}
+
+/// A certificate in `/status`: where it is, what it is, when it expires.
+fn cert(pair: &crate::config::CertPair) -> Value {
+    let f = &pair.facts;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    json!({
+        "file": pair.cert_path.display().to_string(),
+        "subject": f.subject,
+        "serial": f.serial,
+        "dns_names": f.dns_names,
+        "not_after": crate::tls::pem::unix_to_rfc3339(f.not_after_unix),
+        "expires_in_days": ((f.not_after_unix - now) as f64 / 86400.0 * 10.0).round() / 10.0,
     })
 }
 

@@ -13,6 +13,7 @@ mod error;
 pub mod raw;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod validate;
 
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use crate::tls::pem::CertPair;
 pub use error::{ConfigError, ConfigErrors, SourceFile};
 
 use crate::classify::{ClusterId, RouteTable, TierId};
@@ -31,6 +33,17 @@ use crate::classify::{ClusterId, RouteTable, TierId};
 pub struct Paths {
     pub routes: PathBuf,
     pub policy: Option<PathBuf>,
+    /// `k2proxy run --dev-tls ADDR`: one more HTTPS listener, on the
+    /// development certificate in `dir` (`crate::tls::dev`).
+    pub dev_tls: Option<DevTls>,
+}
+
+/// A development HTTPS listener added to whatever the files say.
+#[derive(Debug, Clone)]
+pub struct DevTls {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Reads, parses and checks both files.
@@ -58,7 +71,33 @@ pub fn load(paths: &Paths) -> Result<Config, ConfigErrors> {
         e
     })?;
     let policy: raw::PolicyFile = policy_src.parse()?;
-    validate::config(&routes_src, routes, &policy_src, policy)
+    let mut config = validate::config(&routes_src, routes, &policy_src, policy)?;
+    if let Some(dev) = &paths.dev_tls {
+        let taken = config.server.listen.contains(&dev.listen)
+            || config.server.tls.iter().any(|t| t.listen == dev.listen);
+        let pair = crate::tls::pem::read_pair(&dev.cert, &dev.key);
+        let problem = match (&pair, taken) {
+            (_, true) => Some(format!(
+                "--dev-tls {}: the routes file already listens there",
+                dev.listen
+            )),
+            (Err(e), _) => Some(format!("--dev-tls: {e}")),
+            _ => None,
+        };
+        if let Some(message) = problem {
+            return Err(ConfigErrors(vec![routes_src.error(None, message)]));
+        }
+        config.server.tls.push(TlsListener {
+            listen: dev.listen,
+            h2: true,
+            certs: vec![ServerCert {
+                pair: pair.expect("checked above"),
+                server_names: Vec::new(),
+                default: true,
+            }],
+        });
+    }
+    Ok(config)
 }
 
 /// Parses and checks files already read (tests, and `load`'s second half).
@@ -92,6 +131,26 @@ pub struct Config {
 impl Config {
     pub fn tier(&self, id: TierId) -> &Tier {
         &self.tiers[id.0 as usize]
+    }
+
+    /// Every certificate, key and CA file the config read.
+    pub fn tls_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let servers = self.server.tls.iter().flat_map(|l| &l.certs);
+        let sites: Vec<&UpstreamTls> = self
+            .clusters
+            .iter()
+            .flat_map(|c| c.site_tls.iter().flatten())
+            .collect();
+        let pairs = servers
+            .map(|c| &c.pair)
+            .chain(sites.iter().filter_map(|t| t.client.as_ref()));
+        for p in pairs {
+            out.push(p.cert_path.clone());
+            out.push(p.key_path.clone());
+        }
+        out.extend(sites.iter().filter_map(|t| t.ca_path.clone()));
+        out
     }
 
     pub fn cluster(&self, id: ClusterId) -> &Cluster {
@@ -159,6 +218,39 @@ pub struct Server {
     /// Balancers whose connections must start with a PROXY protocol header
     /// (v1 or v2); the client address it carries is the client's.
     pub proxy_protocol_from: Vec<IpNet>,
+    /// HTTPS listeners (`[[server.tls]]`), one per address.
+    pub tls: Vec<TlsListener>,
+}
+
+/// An HTTPS listener: its certificates (SNI) and protocols.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    /// HTTP/2 offered by ALPN.
+    pub h2: bool,
+    /// In file order; exactly one is the default.
+    pub certs: Vec<ServerCert>,
+}
+
+/// One `[[server.tls]]` certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerCert {
+    pub pair: CertPair,
+    /// Lower-case SNI names, `*.` prefix for a wildcard.
+    pub server_names: Vec<String>,
+    pub default: bool,
+}
+
+/// A site's TLS to its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    pub sni: String,
+    pub verify: bool,
+    /// DER certificates to trust; `None`: the system's roots.
+    pub ca: Option<std::sync::Arc<[Vec<u8>]>>,
+    pub ca_path: Option<PathBuf>,
+    /// Client certificate for mTLS.
+    pub client: Option<CertPair>,
 }
 
 /// One tier of the policy.
@@ -195,6 +287,8 @@ pub struct Cluster {
     pub sites: Vec<failover::Site>,
     /// Failover mode, balancing, rise/fall and outlier detection.
     pub settings: failover::Settings,
+    /// TLS to each site's backends, same index as `sites`.
+    pub site_tls: Vec<Option<UpstreamTls>>,
 }
 
 /// `[shedding]`.

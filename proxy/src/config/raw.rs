@@ -52,6 +52,43 @@ pub struct ServerRaw {
     /// Balancers (CIDRs) whose connections start with a PROXY protocol header.
     #[serde(default)]
     pub proxy_protocol_from: Vec<Spanned<String>>,
+    /// `[[server.tls]]`: HTTPS listeners and their certificates.
+    #[serde(default)]
+    pub tls: Vec<ServerTlsRaw>,
+}
+
+/// `[[server.tls]]`: one certificate on an HTTPS listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsRaw {
+    /// `ip:port`; several entries may share one (SNI picks the certificate).
+    pub listen: Spanned<String>,
+    /// PEM certificate chain, leaf first; relative to routes.toml.
+    pub cert: Spanned<String>,
+    /// PEM private key; relative to routes.toml.
+    pub key: Spanned<String>,
+    /// SNI names this certificate answers (`*.example.com` allowed).
+    #[serde(default)]
+    pub server_names: Vec<Spanned<String>>,
+    /// The certificate for a name no entry lists (default: the first).
+    pub default: Option<Spanned<bool>>,
+    /// Offer HTTP/2 by ALPN (default true); the same for every entry of a listener.
+    pub h2: Option<Spanned<bool>>,
+}
+
+/// A site's `tls = { ... }`: TLS to its backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteTlsRaw {
+    /// Name sent by SNI and verified against the certificate.
+    pub sni: Option<Spanned<String>>,
+    /// PEM CA bundle to verify with (default: the system's roots).
+    pub ca: Option<Spanned<String>>,
+    /// Verify the backend's certificate (default true).
+    pub verify: Option<Spanned<bool>>,
+    /// Client certificate and key for mTLS.
+    pub client_cert: Option<Spanned<String>>,
+    pub client_key: Option<Spanned<String>>,
 }
 
 /// `[clusters.<name>]`.
@@ -102,6 +139,8 @@ pub struct SiteRaw {
     pub enabled: Option<bool>,
     /// Backends, `ip:port` or `{ addr = "ip:port", enabled = false }`; at least one.
     pub backends: Spanned<Vec<Spanned<BackendRaw>>>,
+    /// TLS to the backends.
+    pub tls: Option<Spanned<SiteTlsRaw>>,
 }
 
 /// One backend: `"ip:port"`, or `{ addr = "ip:port", enabled = false }` to

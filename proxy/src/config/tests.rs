@@ -359,6 +359,7 @@ fn missing_policy_file_names_the_routes_file_that_points_at_it() {
     let errs = super::load(&Paths {
         routes: routes.clone(),
         policy: None,
+        dev_tls: None,
     })
     .unwrap_err();
     let text = errs.to_string();

@@ -19,13 +19,13 @@ use crate::classify::{HeaderMatch, HostMatch, Matcher, PathMatch, Route};
 const MAX_TIERS: usize = 64;
 
 /// Collects the problems of one file.
-struct Check<'a> {
-    src: &'a SourceFile,
+pub(super) struct Check<'a> {
+    pub(super) src: &'a SourceFile,
     errors: &'a mut Vec<ConfigError>,
 }
 
 impl Check<'_> {
-    fn err<T>(&mut self, spanned: &Spanned<T>, message: impl Into<String>) {
+    pub(super) fn err<T>(&mut self, spanned: &Spanned<T>, message: impl Into<String>) {
         self.errors
             .push(self.src.error(Some(spanned.span()), message));
     }
@@ -56,7 +56,7 @@ impl Check<'_> {
         }
     }
 
-    fn addr(&mut self, v: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+    pub(super) fn addr(&mut self, v: &Spanned<String>, what: &str) -> Option<SocketAddr> {
         match SocketAddr::from_str(v.get_ref().trim()) {
             Ok(a) => Some(a),
             Err(_) => {
@@ -547,6 +547,7 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         (1, 10_000_000),
         1000,
     );
+    let tls = super::tls::listeners(c, &raw.tls, &listen, admin);
     Server {
         listen,
         admin,
@@ -559,6 +560,7 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         max_connections_per_client,
         drain_delay,
         proxy_protocol_from: cidrs(c, &raw.proxy_protocol_from, "proxy_protocol_from"),
+        tls,
     }
 }
 
@@ -606,12 +608,19 @@ fn clusters(
             },
             outlier,
         };
+        let site_tls = cl
+            .sites
+            .get_ref()
+            .iter()
+            .map(|s| s.tls.as_ref().and_then(|t| super::tls::upstream(c, t)))
+            .collect();
         out.push(Cluster {
             name: name.get_ref().clone(),
             connect_timeout,
             health,
             sites,
             settings,
+            site_tls,
         });
     }
     out

@@ -366,10 +366,26 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
             Err(refusal) => return refuse(refusal, client),
         };
         let header_timeout = server.header_timeout;
+        let https = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())
+            .and_then(|local| gen.tls.for_local(local));
         drop(gen);
+        let mut h2 = false;
+        if let Some(listener) = https {
+            // After the cheap refusals, within the time a request head gets.
+            let tls = match tokio::time::timeout(header_timeout, listener.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(why)) => return self.handshake_failed("error", client, &why),
+                Err(_) => return self.handshake_failed("timeout", client, "header_timeout"),
+            };
+            h2 = tls.is_h2();
+            stream = Box::new(tls);
+        }
         let mut stream: Stream = Box::new(EdgeStream::new(
             stream,
             header_timeout,
+            h2,
             slot,
             self.shared.clone(),
         ));
@@ -382,6 +398,20 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await
+    }
+}
+
+impl<A> Edge<A> {
+    /// A TLS handshake failed or took too long: counted, logged at debug
+    /// (scanners and port checks do this all day), connection closed.
+    fn handshake_failed(&self, reason: &str, client: Option<IpAddr>, why: &str) -> Option<Stream> {
+        self.shared
+            .metrics
+            .tls_handshake_failures
+            .with_label_values(&[reason])
+            .inc();
+        tracing::debug!(client = ?client, reason, "TLS handshake failed: {why}");
+        None
     }
 }
 

@@ -70,17 +70,23 @@ impl std::fmt::Debug for EdgeStream {
 }
 
 impl EdgeStream {
+    /// `h2`: an HTTP/2 connection multiplexes its requests, so it has no
+    /// head of its own to time: pingora's h2 idle timeout and the h2 limits
+    /// bound it instead.
     pub(crate) fn new(
         inner: Stream,
         header_timeout: Duration,
+        h2: bool,
         slot: Slot,
         shared: Arc<Shared>,
     ) -> Self {
         let eviction = Arc::new(Eviction::default());
-        slot.connections().head_started(&eviction);
+        if !h2 {
+            slot.connections().head_started(&eviction);
+        }
         EdgeStream {
             inner,
-            phase: AtomicU8::new(HEAD),
+            phase: AtomicU8::new(if h2 { REQUEST } else { HEAD }),
             header_timeout,
             deadline: Box::pin(tokio::time::sleep(header_timeout)),
             head_started: false,

@@ -6,7 +6,7 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use super::ctx::Ctx;
-use super::headers::client_ip;
+use super::headers::{client_ip, protocol};
 use super::reply::Outcome;
 use crate::metrics::code_class;
 use crate::Shared;
@@ -68,9 +68,12 @@ fn log(session: &Session, e: Option<&Error>, ctx: &Ctx, status: u16, elapsed: Du
             .unwrap_or("-")
     };
     let host = req.uri.host().unwrap_or_else(|| header(http::header::HOST));
+    let (proto, tls) = protocol(session);
     tracing::info!(
         target: "k2proxy::access",
         method = %req.method,
+        proto,
+        tls,
         host,
         path = req.uri.path(),
         query = req.uri.query(),

@@ -16,11 +16,33 @@ pub(crate) mod name {
     pub const X_REQUEST_ID: StaticHeaderName = StaticHeaderName::from_static("x-request-id");
     pub const X_FORWARDED_FOR: StaticHeaderName = StaticHeaderName::from_static("x-forwarded-for");
     pub const TRACEPARENT: StaticHeaderName = StaticHeaderName::from_static("traceparent");
+    pub const X_FORWARDED_PROTO: StaticHeaderName =
+        StaticHeaderName::from_static("x-forwarded-proto");
 }
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const X_K2_TIER: HeaderName = HeaderName::from_static("x-k2-tier");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 use super::reply::X_REQUEST_ID;
+
+/// `x-forwarded-proto`: how the client reached k2proxy (a client's own
+/// value is replaced, never passed on).
+pub fn forwarded_proto(session: &Session) -> HeaderValue {
+    if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+        HeaderValue::from_static("https")
+    } else {
+        HeaderValue::from_static("http")
+    }
+}
+
+/// `h1` or `h2`, and the TLS version (`-` in clear text), for the access log.
+pub fn protocol(session: &Session) -> (&'static str, String) {
+    let proto = if session.is_http2() { "h2" } else { "h1" };
+    let tls = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .map_or_else(|| "-".to_string(), |t| t.version.to_string());
+    (proto, tls)
+}
 
 /// Longest inbound `x-request-id` kept as is; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;

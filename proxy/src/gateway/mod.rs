@@ -31,7 +31,9 @@ use crate::admission::Sample;
 use crate::edge::stream::EdgeStream;
 use crate::Shared;
 pub(crate) use ctx::Ctx;
-use headers::{client_ip, forwarded_for, name, RequestId, TraceParent, X_FORWARDED_FOR};
+use headers::{
+    client_ip, forwarded_for, forwarded_proto, name, RequestId, TraceParent, X_FORWARDED_FOR,
+};
 pub(crate) use reply::Outcome;
 use reply::{Failure, Reply};
 pub(crate) use retry::RetryReason;
@@ -269,7 +271,10 @@ impl ProxyHttp for Gateway {
         ctx.tries.tried.push(backend);
         ctx.tries.guard = sites.begin(site, backend);
         ctx.tries.body_bytes = 0; // a try replays the body from its start
-        let mut peer = HttpPeer::new(backend, false, String::new());
+        let mut peer = match gen.site_tls(routed.cluster, site) {
+            Some(tls) => tls.peer(backend),
+            None => HttpPeer::new(backend, false, String::new()),
+        };
         if !session.req_header().method.is_idempotent() {
             // Never on a pooled connection: a backend that died (or closed
             // the idle connection) as a purchase was written cannot tell us
@@ -298,8 +303,12 @@ impl ProxyHttp for Gateway {
         ctx.tries.sent = Some(Instant::now());
         // Room for the four below in one step: each would otherwise grow
         // (and re-hash) both of pingora's header maps, sized to the client's.
-        upstream.reserve(4);
+        upstream.reserve(5);
         upstream.insert_header(&name::X_K2_TIER, tier.header.clone())?;
+        upstream.insert_header(&name::X_FORWARDED_PROTO, forwarded_proto(session))?;
+        if session.is_http2() {
+            h2_to_h1(upstream)?;
+        }
         match &ctx.request_id {
             Some(rid) if !rid.kept => {
                 upstream.insert_header(&name::X_REQUEST_ID, rid.value.clone())?
@@ -528,4 +537,25 @@ impl ProxyHttp for Gateway {
         }
         access::record(&self.shared, session, e, ctx);
     }
+}
+
+/// An HTTP/2 request goes to the backend as HTTP/1.1: the `:authority`
+/// becomes `Host` (when the client sent none) and the target its path.
+fn h2_to_h1(upstream: &mut RequestHeader) -> Result<()> {
+    if upstream.headers.get(http::header::HOST).is_none() {
+        if let Some(authority) = upstream.uri.authority().map(|a| a.as_str().to_string()) {
+            upstream.insert_header(http::header::HOST, authority)?;
+        }
+    }
+    if upstream.uri.scheme().is_some() {
+        let path = upstream
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let uri = http::Uri::try_from(path)
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "request target"))?;
+        upstream.set_uri(uri);
+    }
+    Ok(())
 }

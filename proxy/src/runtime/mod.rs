@@ -26,6 +26,7 @@ use crate::classify::ClusterId;
 use crate::config::Config;
 use crate::limits::Limiters;
 use crate::metrics::{Metrics, RequestCounters, TierMetrics};
+use crate::tls::upstream::SiteTls;
 
 /// The live state of one cluster.
 #[derive(Debug)]
@@ -56,6 +57,10 @@ pub struct Generation {
     /// `[server].max_connections`, or the default derived from the
     /// open-file limit (read once per generation, not per connection).
     pub max_connections: u32,
+    /// HTTPS listeners with this config's certificates.
+    pub(crate) tls: crate::tls::accept::Listeners,
+    /// TLS to each site's backends, `[cluster][site]`.
+    pub(crate) site_tls: Vec<Vec<Option<Arc<SiteTls>>>>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -108,6 +113,8 @@ impl Generation {
             crate::edge::default_max_connections(crate::process::open_file_limit())
         });
         Generation {
+            tls: crate::tls::accept::Listeners::build(&config.server.tls),
+            site_tls: site_tls(&config),
             upstream_duration,
             max_connections,
             number: prev.map_or(1, |p| p.number + 1),
@@ -120,7 +127,38 @@ impl Generation {
         }
     }
 
+    /// TLS of a site's backends, if it has any.
+    pub(crate) fn site_tls(&self, cluster: ClusterId, site: usize) -> Option<&Arc<SiteTls>> {
+        self.site_tls.get(cluster.0 as usize)?.get(site)?.as_ref()
+    }
+
     pub fn cluster(&self, id: ClusterId) -> &ClusterState {
         &self.clusters[id.0 as usize]
     }
+}
+
+/// Every site's TLS, built once per generation. The files were checked with
+/// the config; a failure here (the system's roots unreadable) is logged and
+/// the site's connections fail rather than go out in clear text.
+fn site_tls(config: &Config) -> Vec<Vec<Option<Arc<SiteTls>>>> {
+    config
+        .clusters
+        .iter()
+        .map(|c| {
+            c.site_tls
+                .iter()
+                .zip(&c.sites)
+                .map(|(t, site)| {
+                    let t = t.as_ref()?;
+                    match SiteTls::build(t) {
+                        Ok(s) => Some(Arc::new(s)),
+                        Err(e) => {
+                            tracing::error!(cluster = %c.name, site = %site.name, "TLS to the site's backends: {e}");
+                            Some(Arc::new(SiteTls::unusable(t)))
+                        }
+                    }
+                })
+                .collect()
+        })
+        .collect()
 }
