@@ -57,12 +57,15 @@ bench: bench-classify bench-admission bench-peers
 ## bench-peers: the side-by-side comparison alone (scripts/bench_peers.py; PHASES to pick
 ## fleet (N instances behind an L4 balancer vs the HAProxy oracle), edge (a slowloris
 ## client against k2proxy and K2PROXY_B, an older build), accesslog (throughput with the
-## access log on and off), or
+## access log on and off), tls (handshakes/s and HTTPS h1/h2 req/s against bare pingora
+## with the same TLS stack and nginx), or
 ## overhead, instructions, overload and/or failover).
 PHASES ?= overhead instructions overload failover
 bench-peers: build
 	@for tool in nginx haproxy wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$tool >/dev/null; }; done
+	@command -v h2load >/dev/null || { echo "installing h2load (nghttp2-client)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nghttp2-client >/dev/null; }
 	$(CARGO) build --release -q --example bare_pingora
 	python3 scripts/bench_peers.py $(PHASES)
 

@@ -45,6 +45,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,9 @@ def wait_http(url, timeout=20.0, ok=lambda status: 200 <= status < 300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            # The benches' HTTPS certificates are self-signed.
+            ctx = ssl._create_unverified_context() if url.startswith("https") else None
+            with urllib.request.urlopen(url, timeout=1, context=ctx) as r:
                 if ok(r.status):
                     return True
         except Exception:
@@ -146,7 +149,7 @@ def fault(ctl, mode):
 # --- the peers -------------------------------------------------------------
 
 def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wrap=(), binary=None, log_level="warn",
-            per_client_cap=None):
+            per_client_cap=None, routes_edit=None):
     """The repo's routes.toml and default policy, pointed at the bench's ports."""
     port, admin = free_port(), free_port()
     routes = open(f"{REPO}/routes.toml").read()
@@ -173,6 +176,8 @@ def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wra
         routes = routes.replace('role = "secondary"', 'role = "secondary"\nenabled = false')
     if health_interval:
         routes = re.sub(r'interval = "1s"', f'interval = "{health_interval}"', routes)
+    if routes_edit:
+        routes = routes_edit(routes)
     rpath = os.path.join(WORK, f"routes-{port}.toml")
     open(rpath, "w").write(routes)
     env = dict(os.environ, RUST_LOG=log_level)
@@ -196,16 +201,23 @@ def no_rate_limits(policy):
     return re.sub(r"(?ms)^\[\[rate_limit\]\].*?(?=^\[|\Z)", "", policy)
 
 
-def bare(upstream, wrap=()):
+def bare(upstream, wrap=(), tls=None):
     port = free_port()
+    extra = ["--tls-cert", tls[0], "--tls-key", tls[1]] if tls else []
     p = start([*wrap, BARE, "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}",
-               "--threads", str(THREADS)], f"bare-{port}")
-    wait_http(f"http://127.0.0.1:{port}/checkout/x")
+               "--threads", str(THREADS), *extra], f"bare-{port}")
+    wait_http(f"{'https' if tls else 'http'}://127.0.0.1:{port}/checkout/x")
     return p, port
 
 
-def nginx(primary, backup=(), extra_server="", http_extra="", wrap=(), access_log=False):
+def nginx(primary, backup=(), extra_server="", http_extra="", wrap=(), access_log=False, tls=None):
     port = free_port()
+    listen = f"127.0.0.1:{port}"
+    if tls:
+        # keepalive_requests: nginx closes a connection after 1 000 requests
+        # by default (h2 too), and h2load does not reconnect.
+        listen += (f" ssl http2;\n    ssl_certificate {tls[0]};\n    ssl_certificate_key {tls[1]};\n"
+                   "    ssl_protocols TLSv1.2 TLSv1.3;\n    keepalive_requests 100000000")
     d = os.path.join(WORK, f"nginx-{port}")
     access_log = f"{d}/logs/access.log" if access_log else "off"
     os.makedirs(os.path.join(d, "logs"), exist_ok=True)
@@ -227,7 +239,7 @@ http {{
 {servers}    keepalive 128;
   }}
   server {{
-    listen 127.0.0.1:{port};
+    listen {listen};
     location / {{
       proxy_pass http://be;
       proxy_http_version 1.1;
@@ -239,7 +251,7 @@ http {{
 """
     open(os.path.join(d, "nginx.conf"), "w").write(conf)
     p = start([*wrap, "nginx", "-p", d, "-c", os.path.join(d, "nginx.conf")], f"nginx-{port}")
-    wait_http(f"http://127.0.0.1:{port}/checkout/x", ok=lambda s: True)
+    wait_http(f"{'https' if tls else 'http'}://127.0.0.1:{port}/checkout/x", ok=lambda s: True)
     return p, port
 
 
@@ -869,6 +881,96 @@ def edge():
     return runs, md
 
 
+def wrk_args(url, args):
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{DURATION}", *args, url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, int(errors.group(1)) if errors else 0
+
+
+def h2load(url):
+    """HTTP/2 req/s: 8 connections, 4 streams each (32 at once, as wrk's
+    32 connections), for DURATION. More streams than the backend needs make
+    k2proxy's admission hold the excess (the limit settles near 20 for this
+    no-wait backend): a measure of admission, not of HTTP/2."""
+    out = subprocess.run(["h2load", "-t1", "-c8", "-m4", "-D", DURATION.rstrip("s"), url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [^,]+, ([\d.]+) req/s", out).group(1))
+    ok = re.search(r"(\d+) succeeded, (\d+) failed", out)
+    failed = int(ok.group(2)) if ok else -1
+    proto = re.search(r"Application protocol: (\S+)", out)
+    return rps, failed, proto.group(1) if proto else "?"
+
+
+def tls():
+    """TLS: new handshakes per second (wrk with `connection: close`: every
+    request a new TLS connection), keep-alive HTTPS req/s over HTTP/1.1 (wrk)
+    and HTTP/2 (h2load), for k2proxy (access log on, as users run it, and
+    off), bare pingora on the same TLS stack (its own rustls listener) and
+    nginx, all on one ECDSA P-256 certificate; interleaved rounds."""
+    log("== tls: handshakes/s and keep-alive HTTPS req/s (h1, h2): k2proxy, bare pingora, nginx")
+    for tool in ("h2load", "openssl"):
+        if not shutil.which(tool):
+            sys.exit(f"bench_peers: {tool} not found (make bench-peers installs it)")
+    d = os.path.join(WORK, "tls")
+    os.makedirs(d, exist_ok=True)
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "30", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    _, sim_port = sim(100000, "0ms", "fast")[:2]
+
+    def with_tls(port):
+        block = f'\n[[server.tls]]\nlisten = "127.0.0.1:{port}"\ncert = "{cert}"\nkey = "{key}"\n'
+        return lambda routes: re.sub(r"(?m)^(\[clusters\.)", lambda m: block + "\n" + m.group(1), routes, count=1)
+
+    targets, plain = {}, {}
+    for name, level in (("k2proxy", "info"), ("k2proxy, log off", "warn")):
+        tport = free_port()
+        _, plain[name] = k2proxy([sim_port], policy_edit=no_rate_limits, log_level=level,
+                                 routes_edit=with_tls(tport))
+        wait_http(f"https://127.0.0.1:{tport}/checkout/x")
+        targets[name] = tport
+    _, targets["bare pingora"] = bare(sim_port, tls=(cert, key))
+    _, plain["bare pingora"] = bare(sim_port)
+    _, targets["nginx"] = nginx([sim_port], tls=(cert, key))
+    # The same processes in clear text (nginx aside): what k2proxy costs over
+    # bare pingora without TLS, to tell it from what TLS costs.
+    kinds = ("handshakes", "h1", "h2", "clear")
+    rows = {t: {k: [] for k in kinds} for t in targets}
+    failures = {t: 0 for t in targets}
+    for rnd in range(1, ROUNDS + 1):
+        for name, port in targets.items():
+            url = f"https://127.0.0.1:{port}/checkout/x"
+            hs, e1 = wrk_args(url, ["-H", "Connection: close"])
+            h1, e2 = wrk_args(url, [])
+            h2, e3, proto = h2load(url)
+            clear = wrk_args(f"http://127.0.0.1:{plain[name]}/checkout/x", [])[0] if name in plain else 0.0
+            failures[name] += e1 + e2 + max(e3, 0)
+            for k, v in zip(kinds, (hs, h1, h2, clear)):
+                rows[name][k].append(v)
+            log(f"round {rnd} {name:<16} {hs:>8.0f} handshakes/s {h1:>8.0f} h1 req/s {h2:>8.0f} h2 req/s ({proto})"
+                f" {clear:>8.0f} clear req/s")
+    stop_all()
+    bare_rows = rows["bare pingora"]
+    result = {t: {**{k: med(v[k]) for k in kinds},
+                  **{f"{k}_vs_bare_paired": med([x / y for x, y in zip(v[k], bare_rows[k])]) for k in kinds},
+                  "rounds": v, "failures": failures[t]}
+              for t, v in rows.items()}
+    md = [f"### TLS (ECDSA P-256, TLS 1.3; wrk -t1 -c32 -d{DURATION}, with `Connection: close` for handshakes; "
+          f"h2load -t1 -c8 -m4 -D {DURATION}; {THREADS} workers/threads each; median of {ROUNDS} interleaved "
+          "rounds; vs bare pingora: the median of each round's own ratio)", "",
+          "| target | handshakes/s | vs bare | HTTPS h1 req/s | vs bare | HTTPS h2 req/s | vs bare | clear h1 req/s | vs bare | failed |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for t, v in result.items():
+        clear = f"{v['clear']:.0f} | {v['clear_vs_bare_paired']:.2f}" if t in plain else "- | -"
+        md.append(f"| {t} | {v['handshakes']:.0f} | {v['handshakes_vs_bare_paired']:.2f} | {v['h1']:.0f} | "
+                  f"{v['h1_vs_bare_paired']:.2f} | {v['h2']:.0f} | {v['h2_vs_bare_paired']:.2f} | {clear} | {v['failures']} |")
+    return result, md
+
+
 def main():
     phases = sys.argv[1:] or ["overhead", "instructions", "overload", "failover"]
     for tool in ("nginx", "haproxy", "wrk"):
@@ -882,7 +984,7 @@ def main():
         for phase in phases:
             data, md = {"overhead": overhead, "instructions": instructions, "overload": overload,
                         "failover": failover, "fleet": fleet, "edge": edge,
-                        "accesslog": accesslog}[phase]()
+                        "accesslog": accesslog, "tls": tls}[phase]()
             all_json[phase] = data
             all_md += md + [""]
             print("\n".join(md) + "\n", flush=True)

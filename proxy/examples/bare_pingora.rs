@@ -5,6 +5,10 @@
 //! throughput against it.
 //!
 //! `bare_pingora --listen 127.0.0.1:8081 --upstream 127.0.0.1:9001 --threads 2`
+//!
+//! With `--tls-cert C --tls-key K` it listens for HTTPS instead, with
+//! pingora's own TLS listener on the same stack as k2proxy (rustls, h2 by
+//! ALPN): the floor of `make bench-peers PHASES=tls`.
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -57,7 +61,26 @@ fn main() {
     server.bootstrap();
     let timeouts = args.iter().any(|a| a == "--timeouts");
     let mut proxy = http_proxy_service(&server.configuration, Bare { upstream, timeouts });
-    proxy.add_tcp(&listen);
+    match (
+        args.iter().any(|a| a == "--tls-cert"),
+        args.iter().any(|a| a == "--tls-key"),
+    ) {
+        (true, true) => {
+            let (cert, key) = (arg(&args, "--tls-cert", ""), arg(&args, "--tls-key", ""));
+            let mut tls = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+                .unwrap_or_else(|e| {
+                    eprintln!("bare_pingora: {cert} / {key}: {e}");
+                    std::process::exit(2)
+                });
+            tls.enable_h2();
+            proxy.add_tls_with_settings(&listen, None, tls);
+        }
+        (false, false) => proxy.add_tcp(&listen),
+        _ => {
+            eprintln!("bare_pingora: --tls-cert and --tls-key go together");
+            std::process::exit(2)
+        }
+    }
     server.add_service(proxy);
     server.run_forever();
 }

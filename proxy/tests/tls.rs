@@ -59,13 +59,24 @@ async fn connect(
     ca_pem: &str,
     alpn: &[&[u8]],
 ) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    connect_over(tcp, sni, ca_pem, alpn).await
+}
+
+/// TLS over a TCP connection already open (after a PROXY header, say).
+async fn connect_over(
+    tcp: TcpStream,
+    sni: &str,
+    ca_pem: &str,
+    alpn: &[&[u8]],
+) -> TlsStream<TcpStream> {
+    let addr = tcp.peer_addr().unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots(ca_pem))
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(addr).await.unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
         .await
@@ -273,6 +284,40 @@ async fn https_serves_h1_and_h2_with_tiers_request_ids_and_the_shed_contract() {
         Ok(out) => panic!("curl failed: {}", String::from_utf8_lossy(&out.stderr)),
         Err(e) => eprintln!("curl not run ({e}); the rustls and hyper clients above covered it"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancers_proxy_header_comes_before_the_client_hello() {
+    let backend = Backend::start("b1").await;
+    let ca = DevCa::new("test CA").unwrap();
+    let files = Files::new();
+    let (cert, key) = files.pair("site", &ca.issue(&["localhost"], 0x1801).unwrap());
+    let port = free_port();
+    let tls = format!(
+        "[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let routes = tls_routes(&tls, &[backend.addr]).replace(
+        "threads = 2",
+        "threads = 2\nproxy_protocol_from = [\"127.0.0.1\"]",
+    );
+    let _proxy = Proxy::start(&routes, POLICY).await;
+    let https: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // As HAProxy's send-proxy or an NLB does: the header, then TLS.
+    let mut tcp = TcpStream::connect(https).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n",
+    )
+    .await
+    .unwrap();
+    let conn = connect_over(tcp, "localhost", &ca.cert_pem(), &[b"http/1.1"]).await;
+    let a = get_h1(conn, "localhost", "/checkout/p").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let seen = backend.seen();
+    assert_eq!(seen[0].headers["x-forwarded-for"], "203.0.113.7");
+    assert_eq!(seen[0].headers["x-forwarded-proto"], "https");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

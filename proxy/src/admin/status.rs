@@ -38,7 +38,34 @@ pub fn status(shared: &Shared) -> Value {
             })
         })
         .collect();
-    let clusters: Vec<Value> = snap
+    let clusters = clusters(shared, &gen);
+    json!({
+        "pid": std::process::id(),
+        "generation": gen.number,
+        "routes_file": snap.routes_path.display().to_string(),
+        "policy_file": snap.policy_path.display().to_string(),
+        "watching_files": shared.watching.load(std::sync::atomic::Ordering::Acquire),
+        "last_reload": last,
+        "draining": shared.draining.is_set(),
+        "rate_limit_store": gen.limiters.store().map(|s| json!({
+            "redis": s.url(),
+            "up": s.is_up(),
+        })),
+        "connections": {
+            "open": shared.connections.count(),
+            "max": gen.max_connections,
+            "max_per_client": snap.server.max_connections_per_client,
+        },
+        "tls": snap.server.tls.iter().map(listener).collect::<Vec<_>>(),
+        "tiers": tiers,
+        "clusters": clusters,
+    })
+}
+
+/// Per cluster and site: admission, serving state, backends and TLS.
+fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
+    let snap = &gen.config;
+    snap
         .clusters
         .iter()
         .enumerate()
@@ -92,36 +119,20 @@ pub fn status(shared: &Shared) -> Value {
                 "sites": sites,
             })
         })
-        .collect();
+        .collect()
+}
+
+/// An HTTPS listener in `/status`.
+fn listener(l: &crate::config::TlsListener) -> Value {
     json!({
-        "pid": std::process::id(),
-        "generation": gen.number,
-        "routes_file": snap.routes_path.display().to_string(),
-        "policy_file": snap.policy_path.display().to_string(),
-        "watching_files": shared.watching.load(std::sync::atomic::Ordering::Acquire),
-        "last_reload": last,
-        "draining": shared.draining.is_set(),
-        "rate_limit_store": gen.limiters.store().map(|s| json!({
-            "redis": s.url(),
-            "up": s.is_up(),
-        })),
-        "connections": {
-            "open": shared.connections.count(),
-            "max": gen.max_connections,
-            "max_per_client": snap.server.max_connections_per_client,
-        },
-        "tls": snap.server.tls.iter().map(|l| json!({
-            "listen": l.listen.to_string(),
-            "h2": l.h2,
-            "certs": l.certs.iter().map(|c| {
-                let mut v = cert(&c.pair);
-                v["server_names"] = json!(c.server_names);
-                v["default"] = json!(c.default);
-                v
-            }).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        "tiers": tiers,
-        "clusters": clusters,
+        "listen": l.listen.to_string(),
+        "h2": l.h2,
+        "certs": l.certs.iter().map(|c| {
+            let mut v = cert(&c.pair);
+            v["server_names"] = json!(c.server_names);
+            v["default"] = json!(c.default);
+            v
+        }).collect::<Vec<_>>(),
     })
 }
 

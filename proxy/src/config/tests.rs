@@ -574,3 +574,130 @@ fn a_client_ip_key_believes_x_forwarded_for_only_from_trusted_proxies() {
         ip("10.1.1.1")
     );
 }
+
+/// Routes with `[[server.tls]]` entries on certificates written to `dir`.
+fn with_tls(dir: &std::path::Path, entries: &str) -> String {
+    let ca = crate::tls::dev::DevCa::new("test CA").unwrap();
+    for (stem, serial) in [("a", 0x1700u64), ("b", 0x1701)] {
+        let leaf = ca.issue(&["pay.example.test"], serial).unwrap();
+        std::fs::write(dir.join(format!("{stem}.pem")), leaf.cert_pem).unwrap();
+        std::fs::write(dir.join(format!("{stem}.key")), leaf.key_pem).unwrap();
+    }
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+    let d = dir.display();
+    ROUTES.replace(
+        "[clusters.kred]",
+        &format!(
+            "{}\n[clusters.kred]",
+            entries.replace("DIR", &d.to_string())
+        ),
+    )
+}
+
+#[test]
+fn tls_listeners_group_by_address_and_the_first_is_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = with_tls(
+        dir.path(),
+        r#"[[server.tls]]
+listen = "127.0.0.1:8443"
+cert = "DIR/a.pem"
+key = "DIR/a.key"
+server_names = ["Pay.Example.test"]
+
+[[server.tls]]
+listen = "127.0.0.1:8443"
+cert = "DIR/b.pem"
+key = "DIR/b.key"
+server_names = ["*.shop.example.test"]
+h2 = false
+"#,
+    );
+    let c = load(&routes, POLICY).expect("valid");
+    assert_eq!(c.server.tls.len(), 1);
+    let l = &c.server.tls[0];
+    assert!(!l.h2);
+    assert_eq!(l.certs.len(), 2);
+    assert!(l.certs[0].default && !l.certs[1].default);
+    assert_eq!(l.certs[0].server_names, ["pay.example.test"]);
+    assert_eq!(l.certs[0].pair.facts.dns_names, ["pay.example.test"]);
+    assert_eq!(c.tls_files().len(), 4);
+}
+
+#[test]
+fn tls_mistakes_are_errors_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry = |extra: &str| {
+        format!("[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncert = \"DIR/a.pem\"\nkey = \"DIR/a.key\"\n{extra}\n")
+    };
+    let cases = [
+        (
+            entry("h2 = true") + &entry("h2 = false"),
+            "routes.toml:14:6: error: `h2` differs between the [[server.tls]] entries of 127.0.0.1:8443",
+        ),
+        (
+            entry("default = true") + &entry("default = true"),
+            "routes.toml:14:11: error: 127.0.0.1:8443 already has a default certificate",
+        ),
+        (
+            entry("server_names = [\"pay example\"]"),
+            "routes.toml:9:17: error: invalid server name \"pay example\"",
+        ),
+        (
+            "[[server.tls]]\nlisten = \"127.0.0.1:8080\"\ncert = \"DIR/a.pem\"\nkey = \"DIR/a.key\"\n"
+                .to_string(),
+            "routes.toml:6:10: error: 127.0.0.1:8080 is also a plain HTTP or admin listener",
+        ),
+        (
+            entry("").replace("a.key", "b.key"),
+            "routes.toml:8:7: error: ",
+        ),
+    ];
+    for (entries, want) in cases {
+        let e = only_error(&with_tls(dir.path(), &entries), POLICY);
+        assert!(
+            headline(&e).starts_with(want),
+            "{want}\n got {}",
+            headline(&e)
+        );
+    }
+    let e = only_error(
+        &with_tls(dir.path(), &entry("").replace("a.key", "b.key")),
+        POLICY,
+    );
+    assert!(
+        headline(&e).contains("b.key does not match the certificate in"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_sites_tls_needs_a_name_to_verify_and_both_halves_of_a_client_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = |tls: &str| {
+        with_tls(dir.path(), "").replace(
+            "backends = [\"127.0.0.1:9101\"]",
+            &format!("backends = [\"127.0.0.1:9101\"]\ntls = {{ {tls} }}")
+                .replace("DIR", &dir.path().display().to_string()),
+        )
+    };
+    let e = only_error(&site("ca = \"DIR/ca.pem\""), POLICY);
+    assert!(headline(&e).contains("`tls` needs `sni`"), "{e}");
+    let e = only_error(
+        &site("sni = \"b.test\", client_cert = \"DIR/a.pem\""),
+        POLICY,
+    );
+    assert!(
+        headline(&e).contains("mTLS needs both `client_cert` and `client_key`"),
+        "{e}"
+    );
+    let e = only_error(&site("sni = \"b.test\", ca = \"DIR/none.pem\""), POLICY);
+    assert!(headline(&e).contains("none.pem: No such file"), "{e}");
+    let c = load(&site("sni = \"b.test\", ca = \"DIR/ca.pem\", client_cert = \"DIR/a.pem\", client_key = \"DIR/a.key\""), POLICY).expect("valid");
+    let t = c.clusters[0].site_tls[1].as_ref().unwrap();
+    assert!(t.verify && t.ca.is_some() && t.client.is_some());
+    assert!(c.clusters[0].site_tls[0].is_none());
+    // verify = false needs no name.
+    let c = load(&site("verify = false"), POLICY).expect("valid");
+    assert!(!c.clusters[0].site_tls[1].as_ref().unwrap().verify);
+}
