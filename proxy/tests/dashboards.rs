@@ -122,6 +122,28 @@ fn the_dashboard_is_well_formed() {
     );
 }
 
+/// A `[[server.tls]]` entry on a fresh port, with a certificate (written to
+/// `dir`) that expires in `days`.
+fn https_listener(dir: &Path, days: i64) -> String {
+    let ca = proxy::tls::dev::DevCa::new("test CA").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let leaf = ca
+        .issue_at(&["localhost"], now - 3600, now + days * 86400, 0x1900)
+        .unwrap();
+    let (cert, key) = (dir.join("site.pem"), dir.join("site.key"));
+    std::fs::write(&cert, leaf.cert_pem).unwrap();
+    std::fs::write(&key, leaf.key_pem).unwrap();
+    format!(
+        "\n[[server.tls]]\nlisten = \"127.0.0.1:{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        free_port(),
+        cert.display(),
+        key.display()
+    )
+}
+
 async fn query(prom: &str, expr: &str) -> Result<usize, String> {
     let r = client()
         .get(format!("http://{prom}/api/v1/query"))
@@ -150,13 +172,17 @@ async fn every_dashboard_and_alert_expression_returns_series_from_a_real_prometh
     let mut secondary = sim::start(slow("s1"), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
+    // An HTTPS listener on a certificate with 7 days left: the expiry alert
+    // has its series (and fires).
+    let certs = tempfile::tempdir().unwrap();
+    let tls = https_listener(certs.path(), 7);
     let routes = format!(
         r#"[server]
 listen = ["{{LISTEN}}"]
 admin = "{{ADMIN}}"
 threads = 2
 policy = "policy.toml"
-
+{tls}
 [clusters.kred]
 health = {{ path = "/health", interval = "200ms", timeout = "100ms", rise = 2, fall = 2 }}
 [[clusters.kred.sites]]
@@ -412,6 +438,11 @@ async fn every_metric_the_dashboard_and_alerts_read_exists_on_an_idle_proxy() {
              [[routes]]\nname = \"checkout\"\nmatch = {{ path_prefix = \"/checkout/\" }}\ntier = \"purchase\"\ncluster = \"main\"\n",
             b2.addr
         ),
+    );
+    let certs = tempfile::tempdir().unwrap();
+    let routes = routes.replace(
+        "\n[clusters.main]",
+        &format!("{}\n[clusters.main]", https_listener(certs.path(), 90)),
     );
     let proxy = Proxy::start(&routes, &policy_toml(&[])).await;
     let text = proxy.metrics().await;
