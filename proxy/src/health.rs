@@ -213,7 +213,7 @@ impl BackgroundService for HealthService {
                             let ok = result.is_ok();
                             shared.note_probe(&cluster.name, addr, result.as_ref().err());
                             if gen.clusters[ci].sites.probe(si, addr, ok) {
-                                let reason = result.err().unwrap_or_default();
+                                let reason = result.as_ref().err().map(String::as_str);
                                 tracing::info!(cluster = %cluster.name, site = %cluster.sites[si].name, backend = %addr, ok, reason, "backend health changed");
                             }
                         });
