@@ -336,6 +336,7 @@ listen = "127.0.0.1:{port}"
 cert = "{}"
 key = "{}"
 server_names = ["pay.example.test"]
+h2 = false
 
 [[server.tls]]
 listen = "127.0.0.1:{port}"
@@ -366,9 +367,17 @@ default = true
         shop.serial,
         "the default"
     );
-    // And a verifying client gets what it asked for.
-    let conn = connect(https, "pay.example.test", &ca.cert_pem(), &[b"http/1.1"]).await;
+    // And a verifying client gets what it asked for; `h2 = false` on the
+    // listener: a client offering h2 gets HTTP/1.1.
+    let conn = connect(
+        https,
+        "pay.example.test",
+        &ca.cert_pem(),
+        &[b"h2", b"http/1.1"],
+    )
+    .await;
     assert_eq!(serial(&conn), pay.serial);
+    assert_eq!(conn.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
 }
 
 /// The serial presented to `sni`, whatever the certificate's names.
@@ -835,4 +844,42 @@ async fn flood(https: SocketAddr, port: u16, ca_pem: String, time: Duration) -> 
         conn.abort();
     }
     (opened, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_tls_makes_a_localhost_certificate_once_and_serves_https_on_it() {
+    let backend = Backend::start("b1").await;
+    let port = free_port();
+    let routes = tls_routes("", &[backend.addr]);
+    let listen = format!("127.0.0.1:{port}");
+    let proxy = Proxy::start_with_args(&routes, POLICY, &["--dev-tls", &listen]).await;
+    let dir = proxy.dir().join("certs/dev");
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    let https: SocketAddr = listen.parse().unwrap();
+    let conn = connect(https, "localhost", &ca, &[b"h2", b"http/1.1"]).await;
+    let first = serial(&conn);
+    let mut h2 = h2_client(conn).await;
+    let a = answer(
+        h2.send_request(request(&format!("https://localhost:{port}/checkout/dev")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let line = proxy.log_line("development HTTPS on").await;
+    assert!(line.contains("curl --cacert"), "{line}");
+    // Made once: a reload (and a restart) keeps the same certificate, so a
+    // browser or curl told to trust ca.pem keeps trusting it.
+    let pem = std::fs::read_to_string(dir.join("localhost.pem")).unwrap();
+    let _ = client()
+        .post(proxy.admin_url("/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("localhost.pem")).unwrap(),
+        pem
+    );
+    let again = connect(https, "localhost", &ca, &[b"http/1.1"]).await;
+    assert_eq!(serial(&again), first);
 }
