@@ -622,6 +622,21 @@ h2 = false
     assert_eq!(l.certs[0].server_names, ["pay.example.test"]);
     assert_eq!(l.certs[0].pair.facts.dns_names, ["pay.example.test"]);
     assert_eq!(c.tls_files().len(), 4);
+    // What `k2proxy check` prints: one line per certificate, a warning
+    // within 14 days of its end.
+    let not_after = l.certs[0].pair.facts.not_after_unix;
+    let report = crate::tls::certificate_report(&c, not_after - 30 * 86400);
+    assert_eq!(report.len(), 2);
+    assert!(
+        report[0]
+            .0
+            .starts_with("https 127.0.0.1:8443 [pay.example.test]: "),
+        "{report:?}"
+    );
+    assert!(report[0].0.ends_with("(in 30.0 days)"), "{report:?}");
+    assert!(!report[0].1);
+    let report = crate::tls::certificate_report(&c, not_after - 13 * 86400);
+    assert!(report[0].1, "13 days left warns");
 }
 
 #[test]

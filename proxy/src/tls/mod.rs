@@ -48,3 +48,48 @@ pub(crate) fn publish_expiry(shared: &crate::Shared) {
         }
     }
 }
+
+/// Days before expiry from which `k2proxy check` and the start warn (the
+/// alert `K2TlsCertExpiringSoon` uses the same).
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// One line per certificate the config uses, for `k2proxy check` and the
+/// start's log: which file, for what, serial, and when it expires; `true`
+/// when it expires within [`EXPIRY_WARNING_DAYS`] of `now_unix`.
+pub fn certificate_report(config: &crate::config::Config, now_unix: i64) -> Vec<(String, bool)> {
+    let line = |pair: &pem::CertPair, what: String| {
+        let left = pair.facts.not_after_unix - now_unix;
+        let days = left as f64 / 86400.0;
+        (
+            format!(
+                "{what}: {} (serial {}) expires {} (in {days:.1} days)",
+                pair.cert_path.display(),
+                pair.facts.serial,
+                pem::unix_to_rfc3339(pair.facts.not_after_unix)
+            ),
+            left < EXPIRY_WARNING_DAYS * 86400,
+        )
+    };
+    let mut out = Vec::new();
+    for l in &config.server.tls {
+        for c in &l.certs {
+            let names = if c.server_names.is_empty() {
+                c.pair.facts.dns_names.join(", ")
+            } else {
+                c.server_names.join(", ")
+            };
+            out.push(line(&c.pair, format!("https {} [{names}]", l.listen)));
+        }
+    }
+    for c in &config.clusters {
+        for (site, t) in c.sites.iter().zip(&c.site_tls) {
+            if let Some(pair) = t.as_ref().and_then(|t| t.client.as_ref()) {
+                out.push(line(
+                    pair,
+                    format!("client certificate of site {}/{}", c.name, site.name),
+                ));
+            }
+        }
+    }
+    out
+}
