@@ -85,12 +85,6 @@ fn paths(files: Files) -> Paths {
     }
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// `--dev-tls`: the development certificate, made if missing.
 fn dev_tls(paths: &mut Paths, listen: std::net::SocketAddr) -> Result<PathBuf, String> {
     let dir = paths
@@ -132,7 +126,8 @@ fn main() -> ExitCode {
         Command::Check { files } => match config::load(&paths(files)) {
             Ok(config) => {
                 println!("ok: {}", config.summary());
-                for (line, soon) in proxy::tls::certificate_report(&config, now_unix()) {
+                for (line, soon) in proxy::tls::certificate_report(&config, proxy::tls::now_unix())
+                {
                     if soon {
                         println!("warning: {line}: renew it");
                     } else {
@@ -185,7 +180,7 @@ fn main() -> ExitCode {
                 "{}",
                 config.summary()
             );
-            for (line, soon) in proxy::tls::certificate_report(&config, now_unix()) {
+            for (line, soon) in proxy::tls::certificate_report(&config, proxy::tls::now_unix()) {
                 if soon {
                     tracing::warn!("{line}: renew it");
                 } else {

@@ -136,39 +136,40 @@ async fn h2_client(
     send
 }
 
+/// Routes `checkout` (purchase) and `admin` to one cluster `main` on
+/// `backends`, with `listen_tls` (`[[server.tls]]` entries) added.
 fn tls_routes(listen_tls: &str, backends: &[SocketAddr]) -> String {
-    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        r#"[server]
-listen = ["{{LISTEN}}"]
-admin = "{{ADMIN}}"
-threads = 2
-policy = "policy.toml"
-
-{listen_tls}
-
-[clusters.main]
-connect_timeout = "300ms"
-
-[[clusters.main.sites]]
-name = "primary-site"
-role = "primary"
-backends = [{}]
-
-[[routes]]
+    const ROUTES: &str = r#"[[routes]]
 name = "checkout"
-match = {{ path_prefix = "/checkout/" }}
+match = { path_prefix = "/checkout/" }
 tier = "purchase"
 cluster = "main"
 
 [[routes]]
 name = "admin"
-match = {{ path_prefix = "/admin/" }}
+match = { path_prefix = "/admin/" }
 tier = "admin"
 cluster = "main"
-"#,
-        list.join(", ")
-    )
+"#;
+    routes_toml(backends, ROUTES)
+        .replace("threads = 1", "threads = 2")
+        .replace(
+            "\n[clusters.main]",
+            &format!("\n{listen_tls}\n[clusters.main]"),
+        )
+}
+
+/// An HTTPS listener on a fresh port with `cert` (files `site.pem` and
+/// `site.key`): its `[[server.tls]]` entry and its address.
+fn https_entry(files: &Files, cert: &Issued) -> (String, SocketAddr) {
+    let (cert, key) = files.pair("site", cert);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let entry = format!(
+        "[[server.tls]]\nlisten = \"{addr}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    (entry, addr)
 }
 
 const POLICY: &str = r#"tiers = ["purchase", "merchant", "admin", "customer_service", "background"]
@@ -183,15 +184,9 @@ async fn https_serves_h1_and_h2_with_tiers_request_ids_and_the_shed_contract() {
     let backend = Backend::start("b1").await;
     let ca = DevCa::new("test CA").unwrap();
     let files = Files::new();
-    let (cert, key) = files.pair("site", &ca.issue(&["localhost"], 0x1100).unwrap());
-    let port = free_port();
-    let tls = format!(
-        "[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let (tls, https) = https_entry(&files, &ca.issue(&["localhost"], 0x1100).unwrap());
+    let port = https.port();
     let proxy = Proxy::start(&tls_routes(&tls, &[backend.addr]), POLICY).await;
-    let https: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     // HTTP/1.1 over TLS: the client offered only http/1.1.
     let conn = connect(https, "localhost", &ca.cert_pem(), &[b"http/1.1"]).await;
@@ -291,19 +286,12 @@ async fn a_balancers_proxy_header_comes_before_the_client_hello() {
     let backend = Backend::start("b1").await;
     let ca = DevCa::new("test CA").unwrap();
     let files = Files::new();
-    let (cert, key) = files.pair("site", &ca.issue(&["localhost"], 0x1801).unwrap());
-    let port = free_port();
-    let tls = format!(
-        "[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let (tls, https) = https_entry(&files, &ca.issue(&["localhost"], 0x1801).unwrap());
     let routes = tls_routes(&tls, &[backend.addr]).replace(
         "threads = 2",
         "threads = 2\nproxy_protocol_from = [\"127.0.0.1\"]",
     );
     let _proxy = Proxy::start(&routes, POLICY).await;
-    let https: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // As HAProxy's send-proxy or an NLB does: the header, then TLS.
     let mut tcp = TcpStream::connect(https).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(
@@ -445,15 +433,8 @@ async fn a_rotated_certificate_is_served_within_two_seconds_and_a_broken_pair_is
     let ca = DevCa::new("test CA").unwrap();
     let files = Files::new();
     let first = ca.issue(&["localhost"], 0x1301).unwrap();
-    let (cert, key) = files.pair("site", &first);
-    let port = free_port();
-    let tls = format!(
-        "[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let (tls, https) = https_entry(&files, &first);
     let proxy = Proxy::start(&tls_routes(&tls, &[backend.addr]), POLICY).await;
-    let https: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let ca_pem = ca.cert_pem();
     let now = || async { serial(&connect(https, "localhost", &ca_pem, &[b"http/1.1"]).await) };
     assert_eq!(now().await, first.serial);
@@ -756,15 +737,9 @@ async fn an_h2_client_resetting_streams_rapidly_does_not_stop_others_being_serve
     let backend = Backend::start("b1").await;
     let ca = DevCa::new("test CA").unwrap();
     let files = Files::new();
-    let (cert, key) = files.pair("site", &ca.issue(&["localhost"], 0x1601).unwrap());
-    let port = free_port();
-    let tls = format!(
-        "[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key.display()
-    );
+    let (tls, https) = https_entry(&files, &ca.issue(&["localhost"], 0x1601).unwrap());
+    let port = https.port();
     let proxy = Proxy::start(&tls_routes(&tls, &[backend.addr]), POLICY).await;
-    let https: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let ca_pem = ca.cert_pem();
 
     // The abuser: open a stream and reset it at once, as fast as it can, on

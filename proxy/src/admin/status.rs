@@ -139,9 +139,7 @@ fn listener(l: &crate::config::TlsListener) -> Value {
 /// A certificate in `/status`: where it is, what it is, when it expires.
 fn cert(pair: &crate::config::CertPair) -> Value {
     let f = &pair.facts;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = crate::tls::now_unix();
     json!({
         "file": pair.cert_path.display().to_string(),
         "subject": f.subject,

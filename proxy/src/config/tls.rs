@@ -52,8 +52,8 @@ pub(super) fn listeners(
     admin: SocketAddr,
 ) -> Vec<TlsListener> {
     let mut out: Vec<TlsListener> = Vec::new();
-    // Where each listener's first entry and default were set, for errors.
-    let mut first_h2: Vec<(SocketAddr, Option<bool>)> = Vec::new();
+    // The `h2` a listener's entries set explicitly, same index as `out`.
+    let mut explicit_h2: Vec<Option<bool>> = Vec::new();
     for entry in raw {
         let Some(listen) = c.addr(&entry.listen, "[[server.tls]] listen") else {
             continue;
@@ -91,7 +91,7 @@ pub(super) fn listeners(
         };
         match out.iter_mut().position(|l| l.listen == listen) {
             None => {
-                first_h2.push((listen, h2));
+                explicit_h2.push(h2);
                 out.push(TlsListener {
                     listen,
                     h2: h2.unwrap_or(true),
@@ -99,7 +99,7 @@ pub(super) fn listeners(
                 });
             }
             Some(i) => {
-                if h2.is_some() && first_h2[i].1.is_some() && h2 != first_h2[i].1 {
+                if h2.is_some() && explicit_h2[i].is_some() && h2 != explicit_h2[i] {
                     let at = entry.h2.as_ref().expect("h2 is set");
                     c.err(at, format!("`h2` differs between the [[server.tls]] entries of {listen}: ALPN is chosen per listener, set it the same on each"));
                 }
@@ -110,9 +110,9 @@ pub(super) fn listeners(
                         format!("{listen} already has a default certificate: only one entry per listener may say default = true"),
                     );
                 }
-                if h2.is_some() && first_h2[i].1.is_none() {
-                    first_h2[i].1 = h2;
-                    out[i].h2 = h2.unwrap_or(true);
+                if let (Some(set), None) = (h2, explicit_h2[i]) {
+                    explicit_h2[i] = Some(set);
+                    out[i].h2 = set;
                 }
                 out[i].certs.push(cert);
             }

@@ -35,12 +35,12 @@ pub fn forwarded_proto(session: &Session) -> HeaderValue {
 }
 
 /// `h1` or `h2`, and the TLS version (`-` in clear text), for the access log.
-pub fn protocol(session: &Session) -> (&'static str, String) {
+pub fn protocol(session: &Session) -> (&'static str, &str) {
     let proto = if session.is_http2() { "h2" } else { "h1" };
     let tls = session
         .digest()
-        .and_then(|d| d.ssl_digest.as_ref())
-        .map_or_else(|| "-".to_string(), |t| t.version.to_string());
+        .and_then(|d| d.ssl_digest.as_deref())
+        .map_or("-", |t| &t.version);
     (proto, tls)
 }
 

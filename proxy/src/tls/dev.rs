@@ -4,8 +4,8 @@
 //! run; never use them in production.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::now_unix;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
     SerialNumber,
@@ -23,12 +23,6 @@ pub struct Issued {
     pub key_pem: String,
     /// Hex, as in `/status` and `openssl x509 -serial`.
     pub serial: String,
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn at(unix: i64) -> Result<time::OffsetDateTime, String> {

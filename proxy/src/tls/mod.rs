@@ -19,6 +19,13 @@ pub mod dev;
 pub(crate) mod pem;
 pub(crate) mod upstream;
 
+/// Seconds since the Unix epoch: what certificates' validity is compared with.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Sets `k2_tls_cert_expiry_seconds` for every certificate of the config in
 /// force (server certificates and sites' client certificates); called when
 /// `/metrics` is scraped, so a replaced file's series goes with it.
@@ -26,9 +33,7 @@ pub(crate) fn publish_expiry(shared: &crate::Shared) {
     let gen = shared.current.load();
     let gauge = &shared.metrics.tls_cert_expiry;
     gauge.reset();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = now_unix();
     let set = |pair: &pem::CertPair, use_: &str| {
         let file = pair.cert_path.display().to_string();
         gauge

@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -55,12 +54,6 @@ impl CertPair {
         // Checked when read: `read_key` only keeps a key rustls parsed.
         PrivateKeyDer::try_from(self.key.clone()).expect("a key checked by read_key")
     }
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Every certificate of a PEM file, in file order (a chain: leaf first).
@@ -120,7 +113,7 @@ pub fn read_pair(cert_path: &Path, key_path: &Path) -> Result<CertPair, String> 
     let chain = read_certs(cert_path)?;
     let key = read_key(key_path)?;
     let facts = facts(&chain[0]).map_err(|e| format!("{}: {e}", cert_path.display()))?;
-    let now = now_unix();
+    let now = super::now_unix();
     if facts.not_after_unix < now {
         return Err(format!(
             "{}: the certificate expired at {} (serial {})",
