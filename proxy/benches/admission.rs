@@ -23,6 +23,7 @@ fn rules(max_queue: usize) -> Rules {
             .collect(),
         target_queue_delay: Duration::from_millis(20),
         max_queue,
+        refuse_standing_queue: false,
     }
 }
 

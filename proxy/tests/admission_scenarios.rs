@@ -284,12 +284,12 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 .push($now - r.arrived);
         }};
     }
-    // Waiters the shed level came to cover.
+    // Waiters refused while they waited.
     macro_rules! shed_by_level {
         ($i:expr, $now:expr) => {{
             if let Some(g) = fleet[$i].gate.as_mut() {
-                for id in g.take_shed() {
-                    refuse!(id, ShedReason::ShedLevel, $now);
+                for (id, reason) in g.take_shed() {
+                    refuse!(id, reason, $now);
                 }
             }
         }};
@@ -406,7 +406,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 if reqs[id].state == State::Queued && fleet[i].incarnation == inc {
                     let waited = Duration::from_micros(now - reqs[id].arrived);
                     if let Some(g) = fleet[i].gate.as_mut() {
-                        g.note_timeout(at(now), waited);
+                        g.note_timeout(reqs[id].tier, at(now), waited);
                     }
                     refuse!(id, ShedReason::QueueTimeout, now);
                     shed_by_level!(i, now);
@@ -425,8 +425,8 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                     sum += g.limit();
                     g.refused(0, at(now)); // advances the shed-level windows
                     stats[ph].levels.push(g.shed_level());
-                    for id in g.take_shed() {
-                        refuse!(id, ShedReason::ShedLevel, now);
+                    for (id, reason) in g.take_shed() {
+                        refuse!(id, reason, now);
                     }
                 }
                 stats[ph].limit_sums.push(sum);

@@ -10,13 +10,15 @@
 //!    waits, and `t` is within its share (or no other tier wants the room);
 //! 4. otherwise queued until a permit is handed to it, its deadline passes
 //!    (`queue_timeout`), or a full queue gives its place to a higher tier
-//!    (`queue_full`).
+//!    (`queue_full`). While the `never_shed` tiers' own queue stands (see
+//!    [`super::standing`]), they wait only a short target.
 
 use std::time::{Duration, Instant};
 
 use super::limit::{Limit, Sample};
 use super::queue::{TierQueue, Waiter};
 use super::shed_level::{Coverage, ShedLevel};
+use super::standing::Standing;
 
 /// Why a request was refused without reaching the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,6 +66,9 @@ pub struct Rules {
     pub tiers: Vec<TierRule>,
     pub target_queue_delay: Duration,
     pub max_queue: usize,
+    /// `never_shed` tiers wait only a short target while their queue
+    /// stands (see [`super::standing`]).
+    pub refuse_standing_queue: bool,
 }
 
 impl Rules {
@@ -97,9 +102,12 @@ pub struct Gate<W> {
     tier_inflight: Vec<u32>,
     queue: TierQueue<W>,
     shed: ShedLevel,
+    /// Whether the `never_shed` tiers' queue stands (their demand stays
+    /// above what the backend serves).
+    standing: Standing,
     /// Waiters refused since the last [`Gate::take_shed`]: their tier came
     /// under the shed level while they waited.
-    shed_waiters: Vec<W>,
+    shed_waiters: Vec<(W, ShedReason)>,
     /// Draws which requests of a partly shed tier are refused.
     rng: fastrand::Rng,
 }
@@ -115,6 +123,7 @@ impl<W> Gate<W> {
             tier_inflight: vec![0; n],
             queue: TierQueue::new(n),
             shed: ShedLevel::new(rules.target_queue_delay, sheddable.len() as u32, now),
+            standing: Standing::default(),
             shed_waiters: Vec::new(),
             rng: fastrand::Rng::with_seed(0x6b32),
             rules,
@@ -243,22 +252,29 @@ impl<W> Gate<W> {
                     if let Some(cutoff) =
                         now.and_then(|n| n.checked_sub(self.rules.target_queue_delay))
                     {
-                        self.queue
-                            .evict_older_than(t, cutoff, &mut self.shed_waiters);
+                        self.evict_older_than(t, cutoff, ShedReason::ShedLevel);
                     }
                     continue;
                 }
                 Coverage::None => continue,
             }
             while let Some(w) = self.queue.evict_newest(t) {
-                self.shed_waiters.push(w.handle);
+                self.shed_waiters.push((w.handle, ShedReason::ShedLevel));
             }
         }
     }
 
-    /// Waiters refused by the shed level since the last call; tell each one
-    /// `shed_level`.
-    pub fn take_shed(&mut self) -> Vec<W> {
+    fn evict_older_than(&mut self, tier: usize, cutoff: Instant, reason: ShedReason) {
+        let mut out = Vec::new();
+        self.queue.evict_older_than(tier, cutoff, &mut out);
+        self.shed_waiters
+            .extend(out.into_iter().map(|w| (w, reason)));
+    }
+
+    /// Waiters refused while they waited since the last call, and why: the
+    /// shed level came to cover their tier (`shed_level`), or their
+    /// `never_shed` tier's queue came to stand (`queue_timeout`).
+    pub fn take_shed(&mut self) -> Vec<(W, ShedReason)> {
         std::mem::take(&mut self.shed_waiters)
     }
 
@@ -268,6 +284,12 @@ impl<W> Gate<W> {
         let rule = self.rules.tiers.get(tier)?;
         if rule.force_shed {
             return Some(ShedReason::Forced);
+        }
+        // The never_shed tiers alone exceed capacity: everything else is
+        // excess too (the shed level, seeing their short waits, would
+        // otherwise re-admit lower tiers into capacity they need).
+        if !rule.never_shed && self.rules.refuse_standing_queue && self.standing.active(now) {
+            return Some(ShedReason::ShedLevel);
         }
         let shed = match self.coverage(tier) {
             Coverage::None => false,
@@ -289,6 +311,7 @@ impl<W> Gate<W> {
         if self.inflight < self.room(tier) && self.queue.tier_len(tier) == 0 && self.eligible(tier)
         {
             self.count_in(tier);
+            self.note_grant(tier, now, Duration::ZERO);
             // `refused` just ticked to `now`: a second tick would find
             // nothing to do.
             self.shed.record(now, Duration::ZERO);
@@ -302,12 +325,66 @@ impl<W> Gate<W> {
     /// covers part of its tier. A partly shed tier's requests that cannot get
     /// in within the target are its excess: a 503 after 20 ms serves the
     /// client better than one after its full wait.
+    ///
+    /// A `never_shed` tier waits at most [`Gate::standing_target`] while its
+    /// queue stands: its demand exceeds the backend's capacity, and what
+    /// cannot get in that fast is the excess.
     pub fn deadline(&self, tier: usize, now: Instant) -> Instant {
-        let mut wait = self.rules.tiers[tier].max_wait;
+        let rule = &self.rules.tiers[tier];
+        let mut wait = rule.max_wait;
         if let Coverage::Part(_) = self.coverage(tier) {
             wait = wait.min(self.rules.target_queue_delay);
         }
+        if rule.never_shed && self.rules.refuse_standing_queue && self.standing.active(now) {
+            wait = wait.min(self.standing_target());
+        }
         now + wait
+    }
+
+    /// The wait a `never_shed` request may have while its tiers' queue
+    /// stands: the target queue delay, but at most two of the backend's
+    /// uncongested latencies (a purchase served then takes at most three),
+    /// and at least a millisecond.
+    fn standing_target(&self) -> Duration {
+        let target = self.rules.target_queue_delay;
+        match self.limit.baseline() {
+            Some(b) => target.min(2 * b).max(Duration::from_millis(1)),
+            None => target,
+        }
+    }
+
+    /// A request of `tier` got a permit after waiting `waited`.
+    fn note_grant(&mut self, tier: usize, now: Instant, waited: Duration) {
+        if self.rules.tiers[tier].never_shed {
+            // Only while every other tier is refused: until then the
+            // backend's capacity is not all theirs, and their wait is the
+            // lower tiers' share still draining.
+            let all_shed = (0..self.rules.tiers.len()).all(|t| {
+                self.rules.tiers[t].never_shed
+                    || self.rules.tiers[t].force_shed
+                    || self.coverage(t) == Coverage::Whole
+            });
+            let waited = if all_shed { waited } else { Duration::ZERO };
+            let target = self.standing_target();
+            let was = self.standing.active(now);
+            self.standing.on_grant(now, waited, target);
+            if !was && self.rules.refuse_standing_queue && self.standing.active(now) {
+                // The backlog it stood on: refused now, as a newcomer would
+                // be after the target.
+                if let Some(cutoff) = now.checked_sub(target) {
+                    for t in 0..self.rules.tiers.len() {
+                        if self.rules.tiers[t].never_shed {
+                            self.evict_older_than(t, cutoff, ShedReason::QueueTimeout);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the `never_shed` tiers' queue stands (see [`super::standing`]).
+    pub fn standing(&self, now: Instant) -> bool {
+        self.standing.active(now)
     }
 
     /// Queues a request after `try_admit` said `Queue`. A full queue gives up
@@ -365,7 +442,9 @@ impl<W> Gate<W> {
             .collect();
         let (tier, w) = self.queue.pop_highest(now, |t| caps[t])?;
         self.count_in(tier);
-        self.record_wait(now, now.duration_since(w.enqueued));
+        let waited = now.duration_since(w.enqueued);
+        self.note_grant(tier, now, waited);
+        self.record_wait(now, waited);
         Some((tier, w.handle))
     }
 
@@ -377,8 +456,11 @@ impl<W> Gate<W> {
         }
     }
 
-    /// A waiter gave up at its deadline after waiting `waited`.
-    pub fn note_timeout(&mut self, now: Instant, waited: Duration) {
+    /// A waiter of `tier` gave up at its deadline after waiting `waited`.
+    pub fn note_timeout(&mut self, tier: usize, now: Instant, waited: Duration) {
+        if self.rules.tiers.get(tier).is_some_and(|t| t.never_shed) {
+            self.standing.on_timeout(now);
+        }
         self.record_wait(now, waited);
     }
 
@@ -415,6 +497,7 @@ mod tests {
             ],
             target_queue_delay: 20 * MS,
             max_queue,
+            refuse_standing_queue: false,
         }
     }
 
@@ -513,6 +596,49 @@ mod tests {
         );
     }
 
+    /// Purchases alone at twice what a limit of 1 serves (one every 5 ms,
+    /// each held 10 ms) for `secs`; returns the gate, the time, and the
+    /// waiters refused while they waited.
+    fn purchases_at_2x(refuse: bool, secs: u64) -> (Gate<u32>, Instant, Vec<(u32, ShedReason)>) {
+        let now = Instant::now();
+        let mut r = rules(10_000);
+        r.refuse_standing_queue = refuse;
+        let mut g: Gate<u32> = Gate::new(r, Limit::fixed(1), now);
+        let mut refused = Vec::new();
+        for i in 0..(secs * 200) as u32 {
+            let t = now + i * 5 * MS;
+            if g.try_admit(0, t) == Decision::Queue {
+                g.enqueue(0, t, i).unwrap();
+            }
+            if i % 2 == 1 && g.inflight() > 0 {
+                g.release(0, t, Sample::Ignored);
+                g.grant_next(t);
+            }
+            refused.extend(g.take_shed());
+        }
+        (g, now + Duration::from_secs(secs), refused)
+    }
+
+    #[test]
+    fn a_standing_queue_of_purchases_waits_only_the_target_when_refused() {
+        let (mut g, end, refused) = purchases_at_2x(true, 3);
+        assert!(g.standing(end));
+        assert_eq!(
+            g.deadline(0, end),
+            end + 20 * MS,
+            "a newcomer waits the target"
+        );
+        // The backlog it stood on was refused as a timeout, not left to wait 2 s.
+        assert!(!refused.is_empty());
+        assert!(refused.iter().all(|(_, r)| *r == ShedReason::QueueTimeout));
+        // Everything but purchases is excess now.
+        assert_eq!(g.try_admit(1, end), Decision::Shed(ShedReason::ShedLevel));
+        // Without the setting, purchases wait their full max_queue_wait.
+        let (g, end, refused) = purchases_at_2x(false, 3);
+        assert_eq!(g.deadline(0, end), end + 2000 * MS);
+        assert!(refused.is_empty());
+    }
+
     #[test]
     fn full_queue_evicts_the_lowest_newest_for_a_higher_newcomer() {
         let (mut g, now) = gate(1, 2);
@@ -556,7 +682,7 @@ mod tests {
         let mut t = now + Duration::from_secs(10);
         for _ in 0..2000 {
             t += MS;
-            g.note_timeout(t, 40 * MS);
+            g.note_timeout(2, t, 40 * MS);
         }
         assert_eq!(g.shed_level(), 1.0);
         assert_eq!(g.try_admit(2, t), Decision::Shed(ShedReason::ShedLevel));
@@ -580,10 +706,10 @@ mod tests {
         let mut t = now;
         while g.shed_level() < 1.0 {
             t += MS;
-            g.note_timeout(t, 500 * MS);
+            g.note_timeout(2, t, 500 * MS);
             assert!(t < now + Duration::from_secs(1), "the level never rose");
         }
-        let mut shed = g.take_shed();
+        let mut shed: Vec<u32> = g.take_shed().into_iter().map(|(w, _)| w).collect();
         shed.sort();
         assert_eq!(shed, [20, 21]);
         assert_eq!(g.queued(), 1, "the purchase still waits");

@@ -12,6 +12,7 @@ pub mod gate;
 pub mod limit;
 pub mod queue;
 pub mod shed_level;
+pub mod standing;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -88,10 +89,10 @@ impl Controller {
         self.gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Tells the waiters the shed level came to cover.
+    /// Tells the waiters refused while they waited.
     fn settle(&self, g: &mut Gate<Reply>) {
-        for w in g.take_shed() {
-            let _ = w.send(Err(ShedReason::ShedLevel));
+        for (w, reason) in g.take_shed() {
+            let _ = w.send(Err(reason));
         }
     }
 
@@ -175,7 +176,7 @@ impl Controller {
                 }
                 let at = now();
                 let mut g = self.lock();
-                g.note_timeout(at, at.duration_since(start));
+                g.note_timeout(tier, at, at.duration_since(start));
                 self.settle(&mut g);
                 Err(ShedReason::QueueTimeout)
             }
@@ -316,6 +317,7 @@ pub fn rules_for(snap: &Config, cluster: usize) -> (Rules, Limit) {
         tiers,
         target_queue_delay: snap.shedding.target_queue_delay,
         max_queue: a.max_queue as usize,
+        refuse_standing_queue: snap.shedding.refuse_standing_queue,
     };
     let limit = match a.mode {
         AdmissionMode::Fixed { limit } => Limit::fixed(limit),

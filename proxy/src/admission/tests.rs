@@ -22,6 +22,7 @@ fn controller(limit: u32) -> Arc<Controller> {
         tiers: vec![tier(2000, true), tier(500, false), tier(100, false)],
         target_queue_delay: 20 * MS,
         max_queue: 100,
+        refuse_standing_queue: false,
     };
     let names = ["purchase".to_string(), "merchant".into(), "cs".into()];
     Arc::new(Controller::new(
@@ -119,6 +120,7 @@ async fn a_full_queue_sheds_the_lowest_waiter_for_a_purchase() {
         tiers: vec![tier(true), tier(false)],
         target_queue_delay: Duration::from_secs(10),
         max_queue: 1,
+        refuse_standing_queue: false,
     };
     let names = ["purchase".to_string(), "cs".into()];
     let c = Arc::new(Controller::new(

@@ -299,6 +299,9 @@ pub struct Shedding {
     pub force_shed: Vec<TierId>,
     /// Whole seconds, for the `retry-after` header.
     pub retry_after_s: u64,
+    /// `never_shed` tiers wait only a short target while their own queue
+    /// stands (docs/admission.md, "Standing queues of purchases").
+    pub refuse_standing_queue: bool,
 }
 
 /// `[admission.<cluster>]`.

@@ -313,6 +313,9 @@ pub struct SheddingRaw {
     pub force_shed: Vec<Spanned<String>>,
     /// `retry-after` sent with shed responses.
     pub retry_after: Option<Spanned<String>>,
+    /// While the `never_shed` tiers' own queue stands, they wait only a
+    /// short target and the excess is refused.
+    pub refuse_standing_queue: Option<bool>,
 }
 
 /// `[admission.<cluster>]`.

@@ -352,8 +352,10 @@ fn shedding(c: &mut Check<'_>, raw: Option<&raw::SheddingRaw>, names: &TierNames
         never_shed: Vec::new(),
         force_shed: Vec::new(),
         retry_after_s: 30,
+        refuse_standing_queue: false,
     };
     let Some(raw) = raw else { return s };
+    s.refuse_standing_queue = raw.refuse_standing_queue.unwrap_or(false);
     s.target_queue_delay = c.duration(
         raw.target_queue_delay.as_ref(),
         "target_queue_delay",

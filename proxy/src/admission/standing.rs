@@ -1,0 +1,122 @@
+//! Standing-queue control for the tiers that are never shed (purchases).
+//!
+//! The shed level never refuses a `never_shed` request: when their own
+//! demand exceeds what the backend serves, they wait. A burst is what that
+//! wait is for, and it drains. A demand that stays above capacity does not:
+//! without control every purchase waits until its `max_queue_wait` (2 s),
+//! most of them are then served seconds late and the excess is refused only
+//! after waiting all of it.
+//!
+//! This is CoDel's test, applied to admission: the queue is *standing* once
+//! every request of these tiers handed a permit for a whole [`INTERVAL`]
+//! had waited longer than the target (the minimum wait, not the mean: a
+//! burst that drains lets at least one through quickly). While it stands, a
+//! newcomer of these tiers may wait only the target, so the excess is
+//! refused (`queue_timeout`) within tens of milliseconds, the purchases
+//! that are served wait at most that, and the queue still holds a target's
+//! worth of work for the backend (no goodput is lost). Each such refusal,
+//! and each grant that waited over half the target, keeps the state for
+//! another interval; an interval without either (the demand fell under
+//! capacity) ends it.
+//!
+//! The interval is long against a burst or a scheduling stall (a second),
+//! so a purchase is refused only when demand exceeded capacity for at
+//! least that long.
+
+use std::time::{Duration, Instant};
+
+/// How long every grant must have waited over the target before the queue
+/// counts as standing, and how long the state outlives its last refusal.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+
+/// The standing-queue state of one site's `never_shed` tiers.
+#[derive(Debug, Clone, Default)]
+pub struct Standing {
+    /// Since when every grant of these tiers waited over the target.
+    above_since: Option<Instant>,
+    /// The queue counts as standing until then.
+    until: Option<Instant>,
+}
+
+impl Standing {
+    /// A request of these tiers got a permit after waiting `waited`.
+    pub fn on_grant(&mut self, now: Instant, waited: Duration, target: Duration) {
+        // While it stands, waits are cut at the target: one over half of it
+        // still says the demand is at capacity.
+        if self.active(now) && waited > target / 2 {
+            self.until = Some(now + INTERVAL);
+        }
+        if waited <= target {
+            self.above_since = None;
+            return;
+        }
+        let since = *self.above_since.get_or_insert(now);
+        if now.duration_since(since) >= INTERVAL {
+            self.until = Some(now + INTERVAL);
+        }
+    }
+
+    /// A request of these tiers was refused at its deadline: while the
+    /// queue stands, that is the excess, and the overload goes on.
+    pub fn on_timeout(&mut self, now: Instant) {
+        if self.active(now) {
+            self.until = Some(now + INTERVAL);
+        }
+    }
+
+    /// Whether newcomers of these tiers wait only the target.
+    pub fn active(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| now < u)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+    const TARGET: Duration = Duration::from_millis(20);
+
+    #[test]
+    fn a_burst_that_drains_is_not_standing() {
+        let t0 = Instant::now();
+        let mut s = Standing::default();
+        // 900 ms of long waits, then one quick grant: the burst drained.
+        for i in 0..9 {
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET);
+        }
+        s.on_grant(t0 + 950 * MS, 5 * MS, TARGET);
+        for i in 0..9 {
+            s.on_grant(t0 + 1000 * MS + i * 100 * MS, 300 * MS, TARGET);
+        }
+        assert!(!s.active(t0 + 1900 * MS));
+    }
+
+    #[test]
+    fn waits_over_target_for_an_interval_make_it_stand_and_refusals_keep_it() {
+        let t0 = Instant::now();
+        let mut s = Standing::default();
+        for i in 0..12 {
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET);
+        }
+        let now = t0 + 1100 * MS;
+        assert!(s.active(now));
+        // Grants now wait at most the target; refusals keep it standing.
+        for i in 1..30 {
+            let t = now + i * 100 * MS;
+            s.on_grant(t, 15 * MS, TARGET);
+            s.on_timeout(t);
+        }
+        assert!(s.active(now + 3000 * MS));
+        // No refusal for an interval: the demand fell under capacity.
+        assert!(!s.active(now + 3000 * MS + INTERVAL + MS));
+    }
+
+    #[test]
+    fn a_timeout_while_not_standing_changes_nothing() {
+        let t0 = Instant::now();
+        let mut s = Standing::default();
+        s.on_timeout(t0);
+        assert!(!s.active(t0));
+    }
+}
