@@ -139,6 +139,8 @@ struct PhaseStats {
     completions: u64,
     /// Each running instance's limit, every sample.
     limits: Vec<u32>,
+    /// Per instance: the sum and count of its limit samples.
+    instance_limits: BTreeMap<usize, (f64, u32)>,
     /// The sum of the running instances' limits, every sample.
     limit_sums: Vec<u32>,
     /// Each running instance's learned baseline, ms, every sample.
@@ -208,7 +210,12 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             incarnation: 0,
         })
         .collect();
-    let mut rng = fastrand::Rng::with_seed(s.seed);
+    // SIM_SEED=<n> shifts every scenario's seed (to see the spread).
+    let shift: u64 = std::env::var("SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut rng = fastrand::Rng::with_seed(s.seed + shift);
     let mut events: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
     let mut seq = 0u64;
     let mut push = |events: &mut BinaryHeap<_>, t: u64, e: Event| {
@@ -321,7 +328,9 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 if inst.gate.is_some() {
                     inst.incarnation += 1;
                 }
-                inst.gate = Some(Gate::new(rules.clone(), limit.clone(), at(now)));
+                // Probes fall on the simulation's clock grid, as on the wall clock's.
+                let limit = limit.clone().anchored(base, at(now));
+                inst.gate = Some(Gate::new(rules.clone(), limit, at(now)));
             }
             Event::Arrival => {
                 let p = &s.phase[ph];
@@ -414,11 +423,14 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             }
             Event::Sample => {
                 let mut sum = 0;
-                for inst in fleet.iter_mut() {
+                for (i, inst) in fleet.iter_mut().enumerate() {
                     let Some(g) = inst.gate.as_mut() else {
                         continue;
                     };
                     stats[ph].limits.push(g.limit());
+                    let e = stats[ph].instance_limits.entry(i).or_default();
+                    e.0 += f64::from(g.limit());
+                    e.1 += 1;
                     if let Some(b) = g.baseline() {
                         stats[ph].baselines.push(b.as_secs_f64() * 1000.0);
                     }
@@ -430,6 +442,22 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                     }
                 }
                 stats[ph].limit_sums.push(sum);
+                if std::env::var("SIM_TRACE").is_ok() && now % 100_000 == 0 {
+                    let ls: Vec<String> = fleet
+                        .iter()
+                        .map(|i| {
+                            i.gate.as_ref().map_or("-".into(), |g| {
+                                format!("{}/{}q{}", g.limit(), g.inflight(), g.queued())
+                            })
+                        })
+                        .collect();
+                    eprintln!(
+                        "t={:.1} bq={} {}",
+                        now as f64 / 1e6,
+                        backlog.len(),
+                        ls.join(" ")
+                    );
+                }
                 stats[ph].backend_queue.push(backlog.len());
                 push(&mut events, now + 10_000, Event::Sample);
             }
@@ -523,6 +551,23 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
             let sums: Vec<f64> = st.limit_sums.iter().map(|&x| f64::from(x)).collect();
             m.insert("limit_sum_mean".into(), mean(&sums));
+            // Fairness: the largest instance's mean limit over the smallest's.
+            let per: Vec<f64> = st
+                .instance_limits
+                .values()
+                .map(|(s, n)| s / f64::from(*n))
+                .collect();
+            let (lo, hi) = per
+                .iter()
+                .fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            m.insert(
+                "limit_spread".into(),
+                if per.is_empty() {
+                    1.0
+                } else {
+                    hi / lo.max(1e-9)
+                },
+            );
             m.insert("baseline_mean_ms".into(), mean(&st.baselines));
             m.insert(
                 "limit_sum_max".into(),
