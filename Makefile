@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Installing system packages needs root; use sudo when not root and sudo exists.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: bench-peers bench-limits bench-drain peak drill soak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload clean
+.PHONY: bench-peers bench-limits bench-drain peak drill soak lag fuzz deps test-deps build run test check lint bench bench-classify bench-admission bench-overhead bench-overload fleet-chart clean
 
 ## deps: install what the build needs when missing (cmake for pingora's C deps).
 deps:
@@ -92,6 +92,17 @@ drill: build
 SOAK ?= 30m
 soak: build
 	target/release/loadtest run loadtest/scenarios/soak.toml --repeat-for $(SOAK) --out target/loadtest/soak
+
+## fleet-chart: docs/img/fleet-limits.svg, per-instance limits and the backend's queue in
+## the simulator while a third instance starts into a 3x peak (scenario 14).
+fleet-chart: deps
+	rm -rf target/fleet-chart && mkdir -p target/fleet-chart/scenario target/fleet-chart/csv
+	cp proxy/tests/data/admission/14_instance_starts_into_overload.toml target/fleet-chart/scenario/
+	SIM_CSV=$(CURDIR)/target/fleet-chart/csv ADMISSION_SCENARIOS=$(CURDIR)/target/fleet-chart/scenario \
+	  $(CARGO) test -q -p proxy --test admission_scenarios >/dev/null
+	python3 scripts/fleet_chart.py docs/img/fleet-limits.svg \
+	  "3 instances, 8 workers x 10 ms at 3x; the third starts at 8 s" \
+	  "the controller in force (docs/admission.md, Fleets)" target/fleet-chart/csv/14.csv
 
 ## bench-limits: fleet-wide rate limits on Redis against per-instance ones, three k2proxy
 ## instances: accuracy and latency at 100, 1,000 and 10,000 req/s of one key, and the

@@ -667,15 +667,16 @@ def fleet():
     log(f"== fleet: legacy-sim {workers} workers x {service} (capacity ~{capacity:.0f}/s), "
         f"instances {FLEET_SIZES}, loads {FLEET_LOADS}x")
     runs = []
+    variants = ("k2proxy",) + (("k2proxy B",) if K2PROXY_B else ()) + ("haproxy priority",)
     for load in FLEET_LOADS:
         for rnd in range(1, ROUNDS + 1):
             for n in FLEET_SIZES:
-                for v in ("k2proxy", "haproxy priority"):
+                for v in variants:
                     sp, sim_port, _ = sim(workers, service, "legacy")
                     procs, ports, admins = [], [], []
                     for _ in range(n):
-                        if v == "k2proxy":
-                            p, port = k2proxy([sim_port])
+                        if v.startswith("k2proxy"):
+                            p, port = k2proxy([sim_port], binary=K2PROXY_B if v == "k2proxy B" else None)
                             admins.append(int(re.search(r'admin = "127.0.0.1:(\d+)"', open(
                                 os.path.join(WORK, f"routes-{port}.toml")).read()).group(1)))
                         else:
@@ -716,7 +717,7 @@ def fleet():
           "|---|---|---|---|---|---|---|---|"]
     for load in FLEET_LOADS:
         for n in FLEET_SIZES:
-            for v in ("k2proxy", "haproxy priority"):
+            for v in variants:
                 rs = [r for r in runs if r["load"] == load and r["instances"] == n and r["variant"] == v]
                 seen = [x for r in rs for ls in r["limits"][len(r["limits"]) // 2:] for x in ls if x is not None]
                 lim = f"{min(seen)}-{max(seen)}" if seen else f"maxconn {max(1, workers // n)}"

@@ -90,7 +90,7 @@ async fn play(
     topology: Option<Topology>,
     opts: &Options,
     label: &str,
-) -> Result<(Report, Option<Topology>, Vec<Sample>), String> {
+) -> Result<(Report, Option<Topology>, Vec<Sample>, Limits), String> {
     let load = scenario.load_against(base)?;
     let total = load.schedule.duration();
     let live = Live::new(&load);
@@ -108,10 +108,14 @@ async fn play(
         }
         _ => (None, None),
     };
+    let admins = topology.as_ref().map(Topology::admins).unwrap_or_default();
+    let (stop_limits, limits_rx) = tokio::sync::oneshot::channel::<()>();
+    let limits = (admins.len() > 1).then(|| tokio::spawn(sample_limits(admins, limits_rx)));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let events = tokio::spawn(play_events(scenario.events.clone(), topology, stop_rx));
     let mut report = run_load(load, live.clone()).await;
     let _ = stop_tx.send(());
+    let _ = stop_limits.send(());
     if let Some(tx) = stop_sampler {
         let _ = tx.send(());
     }
@@ -120,9 +124,56 @@ async fn play(
         Some(s) => s.await.map_err(|e| format!("soak sampler: {e}"))?,
         None => Vec::new(),
     };
+    let limits = match limits {
+        Some(l) => l.await.map_err(|e| format!("limit sampler: {e}"))?,
+        None => Vec::new(),
+    };
     report.events = log;
     let _ = progress.await;
-    Ok((report, topology, samples))
+    Ok((report, topology, samples, limits))
+}
+
+/// Each instance's admission limit, one row per second (a fleet's).
+type Limits = Vec<Vec<Option<u64>>>;
+
+/// Every second until `stop`: each instance's admission limit at the first
+/// cluster's first site.
+async fn sample_limits(
+    admins: Vec<std::net::SocketAddr>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Limits {
+    let mut rows = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = &mut stop => return rows,
+        }
+        let mut row = Vec::new();
+        for a in &admins {
+            row.push(crate::topology::site_limit(*a).await);
+        }
+        rows.push(row);
+    }
+}
+
+/// "instance 0: 3-5, instance 1: 4-6": each instance's limits in the
+/// second half of the run.
+pub fn limits_text(rows: &Limits) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let half = &rows[rows.len() / 2..];
+    (0..n)
+        .map(|i| {
+            let seen: Vec<u64> = half
+                .iter()
+                .filter_map(|r| r.get(i).copied().flatten())
+                .collect();
+            match (seen.iter().min(), seen.iter().max()) {
+                (Some(lo), Some(hi)) => format!("instance {i}: {lo}-{hi}"),
+                _ => format!("instance {i}: -"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Applies each event at its time until `stop`; returns the topology and
@@ -271,7 +322,8 @@ pub async fn run(
     if topology.is_none() && !scenario.events.is_empty() {
         return Err("the scenario's events need its topology; run it without --target".into());
     }
-    let (report, topology, mut samples) = play(&scenario, &base, topology, opts, label).await?;
+    let (report, topology, mut samples, limits) =
+        play(&scenario, &base, topology, opts, label).await?;
     if let Some(kind) = report.targets.iter().position(|t| t.name == PURCHASE) {
         crate::soak::fill_p99(&mut samples, &report.timeline, kind);
     }
@@ -314,7 +366,15 @@ pub async fn run(
             "warmup_share": crate::soak::WARMUP_SHARE,
         });
     }
-    let said = facts_text(&facts, topology.as_ref().map(|t| &t.edits));
+    let mut said = facts_text(&facts, topology.as_ref().map(|t| &t.edits));
+    if !limits.is_empty() {
+        json["fleet"] =
+            serde_json::json!({"proxies": limits[0].len(), "limits_per_second": limits});
+        said.push_str(&format!(
+            "per-instance admission limit, second half: {}\n",
+            limits_text(&limits)
+        ));
+    }
     drop(topology);
     let title = format!("{} — {label}", scenario.name);
     write_reports(&opts.out, &json, &report, &title, &verdicts, &said)?;

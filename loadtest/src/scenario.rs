@@ -145,6 +145,9 @@ struct RawTopology {
     policy: Option<String>,
     #[serde(default = "yes")]
     admission: bool,
+    /// k2proxy instances in front of the same simulators, behind an L4
+    /// balancer (default 1).
+    proxies: Option<Spanned<usize>>,
     #[serde(default)]
     sites: BTreeMap<String, Spanned<RawSite>>,
 }
@@ -217,6 +220,9 @@ pub struct TopologySpec {
     pub policy: Option<PathBuf>,
     /// False: every cluster's admission runs with `mode = "off"`.
     pub admission: bool,
+    /// k2proxy instances, each with its own controller, behind an L4
+    /// balancer that spreads connections round-robin.
+    pub proxies: usize,
     pub sites: Vec<SiteSpec>,
 }
 
@@ -655,6 +661,10 @@ fn tier(c: &mut Check<'_>, name: &str, weight: f64, t: &Spanned<RawTier>) -> Tie
     }
 }
 
+/// The most k2proxy instances a topology starts (each is a process with its
+/// own threads on this machine).
+const MAX_PROXIES: usize = 16;
+
 /// `[topology]`: files relative to the scenario, simulated sites.
 fn topology(c: &mut Check<'_>, t: &RawTopology, dir: &Path) -> TopologySpec {
     let sites = t
@@ -690,10 +700,22 @@ fn topology(c: &mut Check<'_>, t: &RawTopology, dir: &Path) -> TopologySpec {
             }
         })
         .collect();
+    let proxies = t.proxies.as_ref().map_or(1, |p| {
+        if !(1..=MAX_PROXIES).contains(p.get_ref()) {
+            c.err(
+                p.span().start,
+                format!(
+                    "proxies must lie in 1..={MAX_PROXIES} (k2proxy instances behind one balancer)"
+                ),
+            );
+        }
+        *p.get_ref()
+    });
     TopologySpec {
         routes: dir.join(&t.routes),
         policy: t.policy.as_ref().map(|p| dir.join(p)),
         admission: t.admission,
+        proxies,
         sites,
     }
 }

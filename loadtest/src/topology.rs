@@ -4,6 +4,11 @@
 //! rewritten to the simulators and whose listeners move to free ports.
 //! Events are applied here: faults on a site's simulators, and reloads that
 //! rewrite the routes file's `policy` (k2proxy's watcher picks it up).
+//!
+//! With `proxies = N` it starts N k2proxy instances on the same simulators,
+//! each with its own routes file, ports and log, and an L4 balancer in this
+//! process that hands each new connection to the next instance in turn, as
+//! IPVS or a cloud NLB does; every reload goes to every instance.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,18 +21,30 @@ use crate::sim::{self, SimConfig, SimHandle};
 /// A running topology; dropping it stops k2proxy and the simulators.
 pub struct Topology {
     pub sites: Vec<(String, Vec<SimHandle>)>,
-    /// None until started (the files are written first).
-    proxy: Option<Child>,
-    /// `http://127.0.0.1:port` of k2proxy's listener.
+    instances: Vec<Instance>,
+    /// The L4 balancer in front of several instances.
+    balancer: Option<tokio::task::JoinHandle<()>>,
+    /// `http://127.0.0.1:port` of k2proxy's listener (of the balancer in
+    /// front of several).
     pub base_url: String,
+    /// The first instance's admin address.
     pub admin: SocketAddr,
-    routes_path: PathBuf,
     routes: toml::Table,
     admission: bool,
     out: PathBuf,
     reloads: usize,
     /// What became of the reload events' edits.
     pub edits: Edits,
+}
+
+/// One k2proxy process of the topology.
+struct Instance {
+    /// None until started (the files are written first).
+    child: Option<Child>,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    routes_path: PathBuf,
+    log: PathBuf,
 }
 
 /// What became of a drill's reload edits.
@@ -148,27 +165,16 @@ fn point_sites(
 /// routes.toml sets one.
 const LOAD_GENERATOR_CONNECTIONS: i64 = 1_000_000;
 
-/// Moves `[server]` to free loopback ports (and lifts the per-address
-/// connection cap for the one load generator); returns (listen, admin, the
-/// policy file routes.toml names, relative to `routes_dir`).
-fn free_server(
-    routes: &mut toml::Table,
-    routes_dir: &Path,
-) -> Result<(SocketAddr, SocketAddr, PathBuf), String> {
-    let (listen, admin) = (
-        free_addr().map_err(|e| e.to_string())?,
-        free_addr().map_err(|e| e.to_string())?,
-    );
+/// Lifts `[server]`'s per-address connection cap for the one load
+/// generator; returns the policy file routes.toml names, relative to
+/// `routes_dir`. (Each instance's listen and admin addresses are set when
+/// its routes file is written.)
+fn prepare_server(routes: &mut toml::Table, routes_dir: &Path) -> Result<PathBuf, String> {
     let server = routes
         .entry("server")
         .or_insert_with(|| toml::Value::Table(Default::default()))
         .as_table_mut()
         .ok_or("routes.toml: [server] is not a table")?;
-    server.insert(
-        "listen".into(),
-        toml::Value::Array(vec![listen.to_string().into()]),
-    );
-    server.insert("admin".into(), admin.to_string().into());
     // The load generator is one address standing for thousands of
     // shoppers: k2proxy's per-address connection cap (1 000 by default)
     // would refuse its connections, which no real peak does.
@@ -179,13 +185,12 @@ fn free_server(
         .get("policy")
         .and_then(|p| p.as_str())
         .unwrap_or("policies/default.toml");
-    Ok((listen, admin, routes_dir.join(policy)))
+    Ok(routes_dir.join(policy))
 }
 
-/// Starts `k2proxy run --routes <routes>`, its output to `out/k2proxy.log`.
-fn spawn_k2proxy(k2proxy: &Path, routes: &Path, out: &Path) -> Result<Child, String> {
-    let log = std::fs::File::create(out.join("k2proxy.log"))
-        .map_err(|e| format!("{}: {e}", out.display()))?;
+/// Starts `k2proxy run --routes <routes>`, its output to `log`.
+fn spawn_k2proxy(k2proxy: &Path, routes: &Path, log: &Path) -> Result<Child, String> {
+    let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     Command::new(k2proxy)
         .arg("run")
         .arg("--routes")
@@ -202,9 +207,30 @@ fn spawn_k2proxy(k2proxy: &Path, routes: &Path, out: &Path) -> Result<Child, Str
         })
 }
 
+/// An L4 balancer: each accepted connection goes to the next of `to` in
+/// turn and is copied both ways until either side closes.
+async fn balance(listener: tokio::net::TcpListener, to: Vec<SocketAddr>) {
+    let mut next = 0usize;
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            continue;
+        };
+        let target = to[next % to.len()];
+        next += 1;
+        tokio::spawn(async move {
+            if let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await {
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+        });
+    }
+}
+
 impl Topology {
-    /// Starts the simulators and k2proxy, and waits until k2proxy reports
-    /// every backend healthy. Files and k2proxy's log go to `out`.
+    /// Starts the simulators and k2proxy (N instances and a balancer with
+    /// `proxies = N`), and waits until every instance reports every backend
+    /// healthy. Files and k2proxy's logs go to `out`.
     pub async fn up(spec: &TopologySpec, out: &Path, k2proxy: &Path) -> Result<Topology, String> {
         std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
         let mut routes = read_toml(&spec.routes)?;
@@ -213,14 +239,30 @@ impl Topology {
         let order = point_sites(&mut routes, &sites, &spec.routes)?;
         // Routes order: the first site is the preferred one.
         sites.sort_by_key(|(name, _)| order.iter().position(|s| s == name));
-        let (listen, admin, named_policy) = free_server(&mut routes, &routes_dir)?;
+        let named_policy = prepare_server(&mut routes, &routes_dir)?;
         let policy = spec.policy.clone().unwrap_or(named_policy);
+        let mut instances = Vec::new();
+        for i in 0..spec.proxies.max(1) {
+            // The first instance keeps the single-instance file names.
+            let suffix = if i == 0 {
+                String::new()
+            } else {
+                format!("-{i}")
+            };
+            instances.push(Instance {
+                child: None,
+                listen: free_addr().map_err(|e| e.to_string())?,
+                admin: free_addr().map_err(|e| e.to_string())?,
+                routes_path: out.join(format!("routes{suffix}.toml")),
+                log: out.join(format!("k2proxy{suffix}.log")),
+            });
+        }
         let mut topo = Topology {
             sites,
-            proxy: None,
-            base_url: format!("http://{listen}"),
-            admin,
-            routes_path: out.join("routes.toml"),
+            base_url: format!("http://{}", instances[0].listen),
+            admin: instances[0].admin,
+            instances,
+            balancer: None,
             routes,
             admission: spec.admission,
             out: out.to_path_buf(),
@@ -228,15 +270,39 @@ impl Topology {
             edits: Edits::default(),
         };
         topo.write_files(&policy, true)?;
-        topo.proxy = Some(spawn_k2proxy(k2proxy, &topo.routes_path, out)?);
-        topo.wait_ready().await?;
+        for inst in &mut topo.instances {
+            inst.child = Some(spawn_k2proxy(k2proxy, &inst.routes_path, &inst.log)?);
+        }
+        for i in 0..topo.instances.len() {
+            topo.wait_ready(i).await?;
+        }
+        if topo.instances.len() > 1 {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|e| format!("the balancer's listener: {e}"))?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let to = topo.instances.iter().map(|i| i.listen).collect();
+            topo.balancer = Some(tokio::spawn(balance(listener, to)));
+            topo.base_url = format!("http://{addr}");
+        }
         Ok(topo)
     }
 
-    /// Writes routes.toml (with `policy` pointing at a copy in `out`) and the
-    /// policy copy, with admission turned off when the scenario says so. A
-    /// broken policy (`valid` false) is copied as it is. Returns the copy's
-    /// file name.
+    /// The number of k2proxy instances.
+    pub fn proxies(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// Every instance's admin address.
+    pub fn admins(&self) -> Vec<SocketAddr> {
+        self.instances.iter().map(|i| i.admin).collect()
+    }
+
+    /// Writes every instance's routes.toml (its own listen and admin
+    /// addresses, `policy` pointing at a copy in `out`) and the policy copy,
+    /// with admission turned off when the scenario says so. A broken policy
+    /// (`valid` false) is copied as it is. Returns the copy's file name.
     fn write_files(&mut self, policy: &Path, valid: bool) -> Result<String, String> {
         let name = format!("policy-{}.toml", self.reloads);
         let copy = self.out.join(&name);
@@ -247,14 +313,22 @@ impl Topology {
                 .map_err(|e| format!("{}: cannot read: {e}", policy.display()))?
         };
         std::fs::write(&copy, text).map_err(|e| format!("{}: {e}", copy.display()))?;
-        if let Some(server) = self.routes.get_mut("server").and_then(|s| s.as_table_mut()) {
-            server.insert("policy".into(), name.clone().into());
+        for inst in &self.instances {
+            let mut routes = self.routes.clone();
+            if let Some(server) = routes.get_mut("server").and_then(|s| s.as_table_mut()) {
+                server.insert("policy".into(), name.clone().into());
+                server.insert(
+                    "listen".into(),
+                    toml::Value::Array(vec![inst.listen.to_string().into()]),
+                );
+                server.insert("admin".into(), inst.admin.to_string().into());
+            }
+            let text = toml::to_string(&routes).map_err(|e| e.to_string())?;
+            // Write then rename: k2proxy never reads half a file.
+            let tmp = self.out.join(".routes.toml.tmp");
+            std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, &inst.routes_path).map_err(|e| e.to_string())?;
         }
-        let text = toml::to_string(&self.routes).map_err(|e| e.to_string())?;
-        // Write then rename: k2proxy never reads half a file.
-        let tmp = self.out.join(".routes.toml.tmp");
-        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.routes_path).map_err(|e| e.to_string())?;
         Ok(name)
     }
 
@@ -279,17 +353,33 @@ impl Topology {
         Ok(p)
     }
 
-    /// One reload edit: write it, ask k2proxy `via` the given way, and wait
-    /// until `/status` shows the result. A valid edit must become the
-    /// policy in force; a broken one must be refused (a failed reload after
-    /// the edit) and never become it.
+    /// One reload edit: write it, ask every instance `via` the given way,
+    /// and wait until each one's `/status` shows the result. A valid edit
+    /// must become the policy in force; a broken one must be refused (a
+    /// failed reload after the edit) and never become it.
     async fn edit(&mut self, policy: &Path, valid: bool, via: Via) -> Result<String, String> {
         let since = unix_ms();
         let name = self.write_files(policy, valid)?;
+        for i in 0..self.instances.len() {
+            self.ask(i, valid, via).await?;
+        }
+        for i in 0..self.instances.len() {
+            self.wait_edit(i, &name, valid, since).await?;
+        }
+        Ok(name)
+    }
+
+    /// Asks instance `i` to reload `via` the given way.
+    async fn ask(&self, i: usize, valid: bool, via: Via) -> Result<(), String> {
+        let inst = &self.instances[i];
         match via {
             Via::File => {}
             Via::Sighup => {
-                let pid = self.pid().ok_or("k2proxy is not running")?;
+                let pid = inst
+                    .child
+                    .as_ref()
+                    .map(Child::id)
+                    .ok_or("k2proxy is not running")?;
                 let sent = Command::new("kill")
                     .args(["-HUP", &pid.to_string()])
                     .status()
@@ -299,7 +389,7 @@ impl Topology {
                 }
             }
             Via::Post => {
-                let answer = http_request(self.admin, "POST", "/reload").await;
+                let answer = http_request(inst.admin, "POST", "/reload").await;
                 let Some((status, body)) = answer else {
                     return Err("POST /reload: no answer".into());
                 };
@@ -308,48 +398,59 @@ impl Topology {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Waits until instance `i` shows the edit to `name` applied (valid)
+    /// or refused since `since` (broken).
+    async fn wait_edit(&self, i: usize, name: &str, valid: bool, since: u64) -> Result<(), String> {
         let deadline = Instant::now() + EDIT_DEADLINE;
         while Instant::now() < deadline {
-            if let Some(s) = self.status().await {
+            if let Some(s) = self.status(i).await {
                 let in_force = s["policy_file"].as_str().unwrap_or("");
                 let last = &s["last_reload"];
                 let refused_since = last["ok"] == false
                     && last["at_unix_ms"].as_u64().is_some_and(|at| at >= since);
-                match (valid, in_force.ends_with(&name)) {
-                    (true, true) => return Ok(name),
+                match (valid, in_force.ends_with(name)) {
+                    (true, true) => return Ok(()),
                     (false, true) => return Err("the broken policy was applied".into()),
-                    (false, false) if refused_since => return Ok(name),
+                    (false, false) if refused_since => return Ok(()),
                     _ => {}
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let which = if self.instances.len() > 1 {
+            format!(" by instance {i}")
+        } else {
+            String::new()
+        };
         Err(format!(
-            "no {} within {EDIT_DEADLINE:?}",
+            "no {}{which} within {EDIT_DEADLINE:?}",
             if valid { "reload" } else { "refusal" }
         ))
     }
 
-    /// k2proxy's process id while it runs.
+    /// The first k2proxy's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.proxy.as_ref().map(Child::id)
+        self.instances[0].child.as_ref().map(Child::id)
     }
 
-    async fn status(&self) -> Option<serde_json::Value> {
-        let body = http_get(self.admin, "/status").await?;
+    async fn status(&self, i: usize) -> Option<serde_json::Value> {
+        let body = http_get(self.instances[i].admin, "/status").await?;
         serde_json::from_str(&body).ok()
     }
 
-    async fn wait_ready(&mut self) -> Result<(), String> {
+    async fn wait_ready(&mut self, i: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(Ok(Some(status))) = self.proxy.as_mut().map(Child::try_wait) {
+            if let Some(Ok(Some(status))) = self.instances[i].child.as_mut().map(Child::try_wait) {
                 return Err(format!(
                     "k2proxy exited ({status}) before it was ready:\n{}",
-                    self.log_tail()
+                    self.log_tail(i)
                 ));
             }
-            if let Some(s) = self.status().await {
+            if let Some(s) = self.status(i).await {
                 let all_up = s["clusters"].as_array().is_some_and(|cs| {
                     cs.iter()
                         .flat_map(|c| c["sites"].as_array().cloned().unwrap_or_default())
@@ -363,15 +464,15 @@ impl Topology {
             if Instant::now() > deadline {
                 return Err(format!(
                     "k2proxy's backends were not all up within 20 s:\n{}",
-                    self.log_tail()
+                    self.log_tail(i)
                 ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.out.join("k2proxy.log")).unwrap_or_default();
+    fn log_tail(&self, i: usize) -> String {
+        let log = std::fs::read_to_string(&self.instances[i].log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
@@ -432,9 +533,10 @@ impl Topology {
         }
     }
 
-    /// k2proxy's config generation and last reload result, from /status.
+    /// The first k2proxy's config generation and last reload result, from
+    /// /status.
     pub async fn reload_state(&self) -> Option<serde_json::Value> {
-        let s = self.status().await?;
+        let s = self.status(0).await?;
         Some(serde_json::json!({"generation": s["generation"], "last_reload": s["last_reload"]}))
     }
 
@@ -462,8 +564,11 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        // Only the child this topology started.
-        if let Some(p) = self.proxy.as_mut() {
+        // Only the children this topology started.
+        if let Some(b) = self.balancer.take() {
+            b.abort();
+        }
+        for p in self.instances.iter_mut().filter_map(|i| i.child.as_mut()) {
             let _ = p.kill();
             let _ = p.wait();
         }
@@ -477,6 +582,14 @@ fn unix_ms() -> u64 {
 }
 
 /// A minimal GET on loopback; None on any failure.
+/// The admission limit of the first cluster's first site of the k2proxy
+/// whose admin listens at `admin`, from `/status`.
+pub async fn site_limit(admin: SocketAddr) -> Option<u64> {
+    let body = http_get(admin, "/status").await?;
+    let s: serde_json::Value = serde_json::from_str(&body).ok()?;
+    s["clusters"][0]["sites"][0]["limit"].as_u64()
+}
+
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     http_request(addr, "GET", path).await.map(|(_, body)| body)
 }

@@ -135,6 +135,10 @@ fn a_bad_scenario_is_refused_with_file_line_and_column() {
             SCENARIO.replace("THRESHOLD", "get.p99 <= 5"),
             "is not a duration",
         ),
+        (
+            format!("{SCENARIO}\n[topology]\nroutes = \"r.toml\"\nproxies = 0\n"),
+            "s.toml:23:11: error: proxies must lie in 1..=16",
+        ),
     ] {
         let out = run(dir.path(), &bad, "http://127.0.0.1:1");
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -7,7 +7,10 @@
 //!
 //! `ADMISSION_SCENARIOS=<dir>` runs another folder; `SIM_DEBUG=1` prints
 //! the limit sum and backend queue over time; `SIM_PRINT=key,key` prints
-//! those measurements of every phase (to compare two controllers).
+//! those measurements of every phase (to compare two controllers);
+//! `SIM_SEED=n` shifts every seed (to see the spread); `SIM_CSV=<dir>`
+//! writes each scenario's backend queue and per-instance limits every
+//! 10 ms to `<dir>/<seed>.csv` (scripts/fleet_chart.py draws them).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -247,6 +250,12 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
     let mut current_phase = usize::MAX;
     let mut next_instance = 0usize;
 
+    // SIM_CSV=<dir>: every 10 ms sample, per scenario: the time, the
+    // backend's queue and each instance's limit (scripts/fleet_chart.py).
+    let mut csv = std::env::var_os("SIM_CSV").map(|dir| {
+        let path = Path::new(&dir).join(format!("{}.csv", s.seed));
+        std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    });
     push(&mut events, 0, Event::Arrival);
     push(&mut events, 0, Event::Sample);
     for i in 0..fleet.len() {
@@ -328,9 +337,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 if inst.gate.is_some() {
                     inst.incarnation += 1;
                 }
-                // Probes fall on the simulation's clock grid, as on the wall clock's.
-                let limit = limit.clone().anchored(base, at(now));
-                inst.gate = Some(Gate::new(rules.clone(), limit, at(now)));
+                inst.gate = Some(Gate::new(rules.clone(), limit.clone(), at(now)));
             }
             Event::Arrival => {
                 let p = &s.phase[ph];
@@ -442,20 +449,22 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                     }
                 }
                 stats[ph].limit_sums.push(sum);
-                if std::env::var("SIM_TRACE").is_ok() && now % 100_000 == 0 {
+                if let Some(csv) = csv.as_mut() {
+                    use std::io::Write;
                     let ls: Vec<String> = fleet
                         .iter()
                         .map(|i| {
-                            i.gate.as_ref().map_or("-".into(), |g| {
-                                format!("{}/{}q{}", g.limit(), g.inflight(), g.queued())
-                            })
+                            i.gate
+                                .as_ref()
+                                .map_or(String::new(), |g| g.limit().to_string())
                         })
                         .collect();
-                    eprintln!(
-                        "t={:.1} bq={} {}",
+                    let _ = writeln!(
+                        csv,
+                        "{:.2},{},{}",
                         now as f64 / 1e6,
                         backlog.len(),
-                        ls.join(" ")
+                        ls.join(",")
                     );
                 }
                 stats[ph].backend_queue.push(backlog.len());

@@ -10,6 +10,8 @@
 //!   POST /reload, every one checked, and one mislabelled edit that must
 //!   fail the drill.
 //! - the soak, two minutes: k2proxy sampled, trends fitted.
+//! - a fleet: two k2proxy instances behind the harness's L4 balancer at 3x,
+//!   a reload by each of file, SIGHUP and POST reaching both.
 
 mod support;
 
@@ -129,14 +131,14 @@ fault = "slow"
 factor = 1.5
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+/// Runs `scenario` (with [`ROUTES`] and [`POLICY`]) in a fresh folder:
+/// the folder, its output folder, and the outcome.
+async fn run_in_temp(scenario: &str) -> (tempfile::TempDir, std::path::PathBuf, drill::Outcome) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("routes.toml"), ROUTES).unwrap();
     std::fs::write(dir.path().join("policy.toml"), POLICY).unwrap();
     let path = dir.path().join("drill.toml");
-    std::fs::write(&path, SCENARIO).unwrap();
+    std::fs::write(&path, scenario).unwrap();
     let scenario = Scenario::load(&path).unwrap();
     let out = dir.path().join("out");
     let opts = Options {
@@ -146,6 +148,13 @@ async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
         quiet: true,
     };
     let outcome = drill::run(&scenario, &opts, None, "test").await.unwrap();
+    (dir, out, outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (_dir, out, outcome) = run_in_temp(SCENARIO).await;
     println!("{}", outcome.report.summary());
     for v in &outcome.verdicts {
         println!("{v}");
@@ -237,6 +246,69 @@ never_shed = ["purchase"]
 /// generator, and on two cores two of them starve each other (a soak run
 /// beside the others lost 3% of its purchases to it).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The drill above on two instances, each with its own controller, behind
+/// the harness's balancer, with a reload by each of file, SIGHUP and POST.
+fn fleet_scenario() -> String {
+    let s = SCENARIO
+        .replace("name = \"drill-3x\"", "name = \"fleet-3x\"")
+        // Two instances with the default `min = 4` each hold 8 in flight
+        // for 4 workers that collapse under a queue: purchases keep
+        // flowing, slower (docs/admission.md, Fleets: what to set). This
+        // drill is about the harness; the fleet's latency is measured in
+        // docs/admission.md.
+        .replace("\"purchase.p99 <= 1s\"", "\"purchase.p99 <= 2s\"")
+        .replace(
+            "  \"all.timeout <= 0.01\",\n]",
+            "  \"all.timeout <= 0.01\",\n  \"reloads_failed <= 0\",\n]",
+        )
+        .replace(
+            "routes = \"routes.toml\"\n",
+            "routes = \"routes.toml\"\nproxies = 2\n",
+        );
+    assert!(s.contains("proxies = 2") && s.contains("reloads_failed") && s.contains("p99 <= 2s"));
+    s + r#"
+[[events]]
+at = "3s"
+every = "1s"
+until = "5.5s"
+reload = ["policy.toml"]
+via = ["file", "sighup", "post"]
+"#
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_two_instances_shares_the_load_and_every_reload() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (_dir, out, outcome) = run_in_temp(&fleet_scenario()).await;
+    println!("{}\n{}", outcome.report.summary(), outcome.facts);
+    let json = &outcome.json;
+    assert_eq!(json["passed"], true, "{}", json["thresholds"]);
+    // Every reload reached both instances (each waits for both).
+    let edits = &json["reload_edits"];
+    assert_eq!(edits["valid"], 3, "{edits}");
+    assert_eq!(edits["applied"], 3, "{edits}");
+    // Both instances served: the balancer spreads connections, and each
+    // instance's access log has purchases in it.
+    for log in ["k2proxy.log", "k2proxy-1.log"] {
+        let text = std::fs::read_to_string(out.join(log)).unwrap();
+        assert!(text.contains("/checkout/pay/"), "{log} served no purchase");
+    }
+    assert!(out.join("routes-1.toml").exists());
+    // Each instance's limit was sampled every second.
+    let fleet = &json["fleet"];
+    assert_eq!(fleet["proxies"], 2, "{fleet}");
+    let rows = fleet["limits_per_second"].as_array().unwrap();
+    assert!(rows.len() >= 6, "{fleet}");
+    assert!(rows
+        .iter()
+        .all(|r| r.as_array().unwrap().iter().all(|l| l.as_u64().is_some())));
+    assert!(
+        outcome.facts.contains("per-instance admission limit"),
+        "{}",
+        outcome.facts
+    );
+}
 
 /// Runs `scenario` (with ROUTES, POLICY and POLICY_B beside it, and the
 /// broken policies `broken-*.toml`); returns its outcome and report.json.

@@ -382,14 +382,6 @@ impl<W> Gate<W> {
         }
     }
 
-    /// Whether a `never_shed` request has waited longer than the target
-    /// queue delay.
-    fn never_shed_waiting(&self, now: Instant) -> bool {
-        let cutoff = now.checked_sub(self.rules.target_queue_delay);
-        let oldest = self.queue.oldest(|t| self.rules.tiers[t].never_shed);
-        matches!((oldest, cutoff), (Some(at), Some(c)) if at < c)
-    }
-
     /// Whether the `never_shed` tiers' queue stands (see [`super::standing`]).
     pub fn standing(&self, now: Instant) -> bool {
         self.standing.active(now)
@@ -432,8 +424,6 @@ impl<W> Gate<W> {
         if let Some(n) = self.tier_inflight.get_mut(tier) {
             *n = n.saturating_sub(1);
         }
-        let urgent = self.never_shed_waiting(now);
-        self.limit.set_urgent(urgent);
         self.limit.on_sample(now, sample, self.inflight + 1);
         self.tick(now);
     }

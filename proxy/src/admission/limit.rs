@@ -2,79 +2,51 @@
 //!
 //! The adaptive limit is a gradient controller in the family of Netflix's
 //! Gradient2: it compares the backend's recent latency (`short`, the mean of
-//! one window of 16 responses or 50 ms) with its uncongested latency
-//! (`baseline`). Each window moves the limit a quarter of the way towards
-//! `limit × (baseline + tolerance) / short + allowance × √limit`, so it
-//! settles where a request or two wait inside the backend: every worker
-//! stays busy, but the backend's own first-come, first-served queue, which
-//! no tier can jump, stays that short. The allowance is 1 while the backend
-//! shows no queueing (a start far under a large backend's knee grows fast),
-//! [`QUEUE_ALLOWANCE`] otherwise. The tolerance is [`SLACK`] plus two
-//! standard errors of the mean that set the baseline. Timeouts and backend
-//! 503s are congestion: the limit backs off multiplicatively. The limit
-//! only grows while the site is using at least half of it.
+//! one window of samples) with its uncongested latency (`baseline`). Each
+//! window moves the limit towards `limit × (baseline + tolerance) / short +
+//! QUEUE_ALLOWANCE × √limit`, so it settles where a request or two wait
+//! inside the backend: just past the knee, where the backend is busy all
+//! the time but its own (first-come, first-served) queue, which no tier can
+//! jump, stays that short. The tolerance is [`SLACK`] plus two standard
+//! errors of the mean of the window that set the baseline: a backend whose
+//! service time varies makes the minimum of window means low by about that
+//! much, and without it the limit settled under the worker count (and,
+//! with one, ratcheted down to 7 for 16 workers once an overload ended).
+//! Priority is applied in our queue, not in the backend's. Timeouts and
+//! backend 503s are congestion: the limit backs off multiplicatively.
 //!
-//! **Fleets.** Several k2proxy instances share one backend without talking
-//! to each other, which takes two things beyond that:
+//! `baseline` is the lowest window mean since the last probe. Every
+//! [`PROBE_EVERY`] the limit is lowered, for [`PROBE_WINDOWS`] windows, by
+//! everything the gradient lets wait (the queue allowance and the requests
+//! the tolerance admits): at the settling point that leaves every worker
+//! busy and drains the backend's queue, so the second window measures the
+//! backend's latency as it is now, and that becomes the baseline. This is
+//! BBR's ProbeRTT, scaled down to cost nothing at the knee. Gradient2's long
+//! moving average instead follows the backend's own backlog up under
+//! sustained overload and lets the limit run away; a minimum that only rises
+//! by drift does the same slowly when latency noise is small.
 //!
-//! - *A baseline every instance agrees on.* It is measured by probes at
-//!   wall-clock multiples of [`PROBE_EVERY`] (instances' clocks agree to
-//!   NTP's milliseconds): every instance halves its limit at the same
-//!   moment, so the backend's queue — everyone's, not one instance's —
-//!   drains; after one latency it measures the requests it sends into the
-//!   drained backend, and their mean is the baseline (BBR's ProbeRTT, which
-//!   flows synchronise on in the same way). A probe by one instance alone
-//!   drains only its own part of a shared queue: its baseline then confirms
-//!   whatever queue the others keep (an instance that starts into a loaded
-//!   backend never saw the real latency), and N instances each tolerating
-//!   the queue the others make let it grow. A probe whose latency fell to
-//!   under [`FLAT_RATIO`] of the latency before it halved a latency that was
-//!   mostly queue, may still hold some, and counts only if lower than the
-//!   baseline. Probes that agree are averaged ([`PROBE_WEIGHT`]), so every
-//!   instance's sampling error shrinks and their baselines converge: a
-//!   delay controller's share goes as `1/q²` in the queueing delay `q` it
-//!   perceives, and baselines a few percent apart starved one instance.
-//!   Until its first probe, an instance takes the lowest window mean.
-//! - *Priority across instances.* While a `never_shed` request has waited
-//!   longer than the target queue delay in this instance's queue, its
-//!   allowance is [`URGENT_WEIGHT`] times larger. Behind an L4 balancer every
-//!   instance gets the same demand, so the one whose purchases wait has the
-//!   smallest share: it grows, the shared latency rises, and the others —
-//!   spending their share on lower tiers — give way, until its purchases no
-//!   longer wait.
+//! A backend that really became slower shows the latency staying high however
+//! far the limit is cut, and is followed before the next probe: after
+//! `STALE_AFTER` of window means above `baseline × STALE_RATIO`, once the
+//! limit is down to the concurrency of the last window whose latency was
+//! normal and a probe has measured the baseline at least once, the
+//! baseline jumps to the lowest mean of that stretch's second half. Above
+//! that concurrency, high latency is k2proxy's own backlog (a limit that
+//! starts, or overshot, far above the knee) and says nothing about the
+//! backend's speed.
 //!
-//! A backend that really became slower keeps its latency far above the
-//! baseline however far the limit is cut: after [`SLOW_AFTER`] of it the
-//! next probe runs at once (every instance sees the same latency, so they
-//! probe together then too). docs/admission.md, "Fleets", has the
-//! measurements behind each choice.
+//! There is no warm-up that measures a minimum RTT at low concurrency (as
+//! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
+//! from the first window on. The limit only grows while the site is using at
+//! least half of it, so an idle backend does not earn a huge limit.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-/// How often every instance probes the backend's uncongested latency, on
-/// wall-clock multiples.
-pub const PROBE_EVERY: Duration = Duration::from_secs(5);
-/// The share of the limit kept during a probe: the backend's queue drains
-/// while it is under `1/PROBE_DEPTH − 1` times its workers.
-const PROBE_DEPTH: f64 = 0.5;
-/// How many times the queue allowance an instance claims while its
-/// `never_shed` requests wait: with equal demand behind an L4 balancer, an
-/// instance whose purchases wait has the smallest share, and claiming more
-/// moves capacity to it from instances that spend theirs on lower tiers.
-const URGENT_WEIGHT: f64 = 4.0;
-/// A probe's latency at least this share of the latency before it: halving
-/// the limits hardly changed it, so the backend was not queueing.
-const FLAT_RATIO: f64 = 0.75;
-/// Responses (sent after the drain) a probe needs to count in full…
-const PROBE_SAMPLES: u32 = 16;
-/// …and at all; on light traffic it measures on until it has them.
-const PROBE_MIN_SAMPLES: u32 = 3;
-/// How much longer a probe may run to get [`PROBE_MIN_SAMPLES`].
-const PROBE_LONGEST: Duration = Duration::from_millis(500);
-/// Weight of a probe that agrees with the baseline (within its error).
-const PROBE_WEIGHT: f64 = 0.25;
-/// A probe measures for at least this many baselines.
-const PROBE_ROUND_TRIPS: f64 = 4.0;
+/// How often the limit is lowered by the queue allowance, for
+/// [`PROBE_WINDOWS`] windows, to measure the backend with its queue drained.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+const PROBE_WINDOWS: u8 = 2;
 /// Requests the limit lets wait at the backend, in units of √limit.
 ///
 /// Every request queued there adds to every purchase's latency (the backend
@@ -82,19 +54,21 @@ const PROBE_ROUND_TRIPS: f64 = 4.0;
 /// between a completion and the next dispatch and makes the limit swing.
 /// How 0.3 was chosen: docs/benchmarks.md, "Tuning the controllers".
 const QUEUE_ALLOWANCE: f64 = 0.3;
-/// Weight of each new target in the limit.
-const SMOOTHING: f64 = 0.25;
 /// Latency, in seconds, above the baseline that is not worth a smaller limit:
 /// a backend that answers in 200 µs alone or in 700 µs with 30 others is not
 /// overloaded (it shares CPUs with its clients), and a limit cut to `min`
-/// there only moves the wait into our queue.
+/// there only moves the wait into our queue. It is also latency a purchase
+/// may pay in the backend's queue, so it is kept as small as is stable
+/// (docs/benchmarks.md, "Tuning the controllers").
 const SLACK: f64 = 0.001;
-/// Standard errors of the baseline's mean that count as noise, not queueing.
+/// Standard errors of the window mean that count as noise, not queueing.
 const NOISE_ALLOWANCE: f64 = 2.0;
-/// A latency above `(baseline + tolerance) × SLOW_RATIO`…
-const SLOW_RATIO: f64 = 2.0;
-/// …for this long: the backend may have become slower; probe now.
-const SLOW_AFTER: Duration = Duration::from_millis(300);
+/// A window mean above `baseline × STALE_RATIO`…
+const STALE_RATIO: f64 = 1.5;
+/// …for this long means the backend itself became slower.
+const STALE_AFTER: Duration = Duration::from_millis(300);
+/// Weight of each new target in the limit.
+const SMOOTHING: f64 = 0.25;
 /// Multiplicative back-off on congestion (timeouts, backend 503s).
 const BACKOFF: f64 = 0.9;
 /// A window closes after this many samples…
@@ -125,17 +99,7 @@ pub struct Bounds {
 #[derive(Debug, Clone)]
 pub enum Limit {
     Fixed(u32),
-    Adaptive(Box<Adaptive>),
-}
-
-/// The instant at which the wall clock last stood at a multiple of
-/// [`PROBE_EVERY`]: probes fall on that grid in every instance.
-pub fn probe_anchor(now: Instant) -> Instant {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let into = Duration::from_nanos((since_epoch.as_nanos() % PROBE_EVERY.as_nanos()) as u64);
-    now.checked_sub(into).unwrap_or(now)
+    Adaptive(Gradient),
 }
 
 impl Limit {
@@ -143,23 +107,8 @@ impl Limit {
         Limit::Fixed(limit.max(1))
     }
 
-    /// An adaptive limit whose probes fall on the wall clock's grid.
     pub fn adaptive(bounds: Bounds, now: Instant) -> Limit {
-        Limit::Adaptive(Box::new(Adaptive::new(bounds, now, probe_anchor(now))))
-    }
-
-    /// The same limit, starting at `now`, with probes on a grid through
-    /// `anchor` (a simulation sets its own clock's).
-    pub fn anchored(self, anchor: Instant, now: Instant) -> Limit {
-        match self {
-            Limit::Adaptive(mut a) => {
-                a.anchor = anchor;
-                a.window_start = now;
-                a.probe_due = a.next_probe_after(now);
-                Limit::Adaptive(a)
-            }
-            fixed => fixed,
-        }
+        Limit::Adaptive(Gradient::new(bounds, now))
     }
 
     /// Whether the limit learns the backend's knee (and so moves past slots
@@ -180,21 +129,7 @@ impl Limit {
     pub fn current(&self) -> u32 {
         match self {
             Limit::Fixed(n) => *n,
-            Limit::Adaptive(g) => (g.current().round() as u32).max(1),
-        }
-    }
-
-    /// Whether a probe holds the limit down now.
-    pub fn probing(&self) -> bool {
-        matches!(self, Limit::Adaptive(a) if a.probe.is_some())
-    }
-
-    /// Whether `never_shed` requests wait (too long) in our queue now: the
-    /// instance's share of the backend is too small for them, and the limit
-    /// claims more (see [`URGENT_WEIGHT`]).
-    pub fn set_urgent(&mut self, urgent: bool) {
-        if let Limit::Adaptive(a) = self {
-            a.urgent = urgent;
+            Limit::Adaptive(g) => g.current().round() as u32,
         }
     }
 
@@ -220,124 +155,74 @@ impl Limit {
     }
 }
 
-/// Running sums of latencies: a mean and its standard error.
-#[derive(Debug, Clone, Copy, Default)]
-struct Sums {
-    sum: f64,
-    sq: f64,
-    n: u32,
-}
-
-impl Sums {
-    fn add(&mut self, secs: f64) {
-        self.sum += secs;
-        self.sq += secs * secs;
-        self.n += 1;
-    }
-
-    fn mean(&self) -> Option<f64> {
-        (self.n > 0).then(|| self.sum / f64::from(self.n))
-    }
-
-    /// The standard error of the mean.
-    fn noise(&self) -> f64 {
-        let Some(m) = self.mean() else { return 0.0 };
-        let n = f64::from(self.n);
-        (self.sq / n - m * m).max(0.0).sqrt() / n.sqrt()
-    }
-}
-
-/// A probe of the uncongested latency in progress.
-#[derive(Debug, Clone, Copy)]
-struct Probe {
-    /// The limit in force while probing.
-    lowered: f64,
-    /// Only requests sent from then on count: the backend's queue has
-    /// drained by then.
-    measure_from: Instant,
-    /// The probe ends with what it has then.
-    ends: Instant,
-    /// The latency of the last window before the probe.
-    before: f64,
-    sums: Sums,
-}
-
-/// The adaptive limit (see the module comment).
+/// The adaptive gradient limit (see the module comment).
 #[derive(Debug, Clone)]
-pub struct Adaptive {
+pub struct Gradient {
     bounds: Bounds,
     limit: f64,
     /// Uncongested latency, seconds; `None` until the first window.
     baseline: Option<f64>,
-    /// The standard error of the mean that set the baseline.
-    baseline_noise: f64,
-    /// A probe has measured the baseline (until then it is the lowest
-    /// window mean).
-    probed: bool,
     window_start: Instant,
-    window: Sums,
+    window_sum: f64,
+    /// Sum of squared latencies, for the window's standard error.
+    window_sq: f64,
+    window_count: u32,
     window_congested: u32,
     window_max_inflight: u32,
-    /// Samples of this window taken while `never_shed` requests waited.
-    window_urgent: u32,
-    /// Whether `never_shed` requests wait now (set by the gate).
-    urgent: bool,
-    /// The last window's mean latency.
-    last_short: f64,
-    /// Since when latency has stayed far above the baseline.
-    slow_since: Option<Instant>,
-    /// Probes fall on `anchor + k × PROBE_EVERY`.
-    anchor: Instant,
+    /// Since when window means have stayed above `baseline × STALE_RATIO`,
+    /// and the lowest of them in the stretch's second half.
+    stale: Option<(Instant, f64)>,
+    /// The most requests in flight in the last window whose latency was
+    /// normal (not stale).
+    good_inflight: f64,
+    /// A probe has measured the baseline (until then the stale rule waits:
+    /// at a cold start the limit is far from the knee).
+    probed: bool,
+    /// The standard error of the mean of the window that set the baseline.
+    baseline_noise: f64,
+    /// When the next probe of the uncongested latency is due.
     probe_due: Instant,
-    probe: Option<Probe>,
+    /// While probing: the limit to restore, the lowered limit in force, and
+    /// the windows still to run.
+    probe: Option<(f64, f64, u8)>,
 }
 
-impl Adaptive {
-    fn new(bounds: Bounds, now: Instant, anchor: Instant) -> Adaptive {
+impl Gradient {
+    pub fn new(bounds: Bounds, now: Instant) -> Gradient {
         let bounds = Bounds {
             min: bounds.min.max(1),
             max: bounds.max.max(bounds.min.max(1)),
             initial: bounds.initial,
         };
-        let mut a = Adaptive {
+        Gradient {
             limit: f64::from(bounds.initial.clamp(bounds.min, bounds.max)),
             bounds,
             baseline: None,
-            baseline_noise: 0.0,
-            probed: false,
             window_start: now,
-            window: Sums::default(),
+            window_sum: 0.0,
+            window_sq: 0.0,
+            window_count: 0,
             window_congested: 0,
             window_max_inflight: 0,
-            window_urgent: 0,
-            urgent: false,
-            last_short: 0.0,
-            slow_since: None,
-            anchor,
-            probe_due: now,
+            stale: None,
+            good_inflight: f64::INFINITY,
+            probed: false,
+            baseline_noise: 0.0,
+            probe_due: now + PROBE_EVERY,
             probe: None,
-        };
-        a.probe_due = a.next_probe_after(now);
-        a
+        }
     }
 
-    /// The first point of the probe grid after `now`.
-    fn next_probe_after(&self, now: Instant) -> Instant {
-        let every = PROBE_EVERY.as_nanos();
-        let since = now.saturating_duration_since(self.anchor).as_nanos();
-        let k = since / every + 1;
-        self.anchor + Duration::from_nanos((k * every) as u64)
-    }
-
-    /// Latency above the baseline that is noise, not queueing.
+    /// Latency above the baseline that is noise, not queueing: [`SLACK`]
+    /// plus [`NOISE_ALLOWANCE`] standard errors of the baseline window's mean.
     fn tolerance(&self) -> f64 {
         SLACK + NOISE_ALLOWANCE * self.baseline_noise
     }
 
     /// The limit in force: lowered while a probe drains the backend's queue.
     fn current(&self) -> f64 {
-        match &self.probe {
-            Some(p) => p.lowered,
+        match self.probe {
+            Some((_, lowered, _)) => lowered,
             None => self.limit,
         }
     }
@@ -350,159 +235,120 @@ impl Adaptive {
     }
 
     fn on_sample(&mut self, now: Instant, sample: Sample, inflight: u32) {
-        if self.probe.is_some() {
-            self.probe_sample(now, sample);
-            return;
-        }
-        if now >= self.probe_due {
-            self.start_probe(now);
-            self.probe_sample(now, sample);
-            return;
-        }
         match sample {
-            Sample::Latency(d) => self.window.add(d.as_secs_f64()),
+            Sample::Latency(d) => {
+                self.window_sum += d.as_secs_f64();
+                self.window_sq += d.as_secs_f64() * d.as_secs_f64();
+                self.window_count += 1;
+            }
             Sample::Congestion => self.window_congested += 1,
             Sample::Ignored => return,
         }
         self.window_max_inflight = self.window_max_inflight.max(inflight);
-        self.window_urgent += u32::from(self.urgent);
-        let samples = self.window.n + self.window_congested;
+        let samples = self.window_count + self.window_congested;
         if samples >= WINDOW_SAMPLES || now.duration_since(self.window_start) >= WINDOW_TIME {
             self.close_window(now);
         }
     }
 
-    fn start_probe(&mut self, now: Instant) {
-        // Everything in the backend's queue now is served within about the
-        // latency requests see now.
-        let drain = self.last_short.max(self.baseline.unwrap_or(0.0));
-        let round_trip = self.baseline.unwrap_or(drain).max(0.001);
-        let measure_from = now + Duration::from_secs_f64(drain);
-        self.probe = Some(Probe {
-            lowered: (self.limit * PROBE_DEPTH).max(1.0),
-            measure_from,
-            // The same span in every instance (their baselines agree): one
-            // that measured on after the others restored their limits
-            // would measure their queue.
-            ends: measure_from + Duration::from_secs_f64(round_trip * PROBE_ROUND_TRIPS),
-            before: self.last_short,
-            sums: Sums::default(),
-        });
-    }
-
-    fn probe_sample(&mut self, now: Instant, sample: Sample) {
-        let Some(p) = self.probe.as_mut() else { return };
-        if let Sample::Latency(d) = sample {
-            // Sent after the drain: it met the backend's queue drained.
-            if now
-                .checked_sub(d)
-                .is_some_and(|sent| sent >= p.measure_from)
-            {
-                p.sums.add(d.as_secs_f64());
-            }
-        }
-        if now < p.ends {
-            return;
-        }
-        // Light traffic: keep measuring (the lowered limit binds nobody).
-        if p.sums.n < PROBE_MIN_SAMPLES && now < p.ends + PROBE_LONGEST {
-            return;
-        }
-        let (sums, before) = (p.sums, p.before);
-        self.probe = None;
-        self.probe_due = self.next_probe_after(now);
-        self.reset_window(now);
-        self.slow_since = None;
-        if sums.n < PROBE_MIN_SAMPLES {
-            return; // Too quiet to tell: keep what was known.
-        }
-        let measured = sums.mean().unwrap_or(0.0);
-        // Halving every limit halves a latency that is mostly queue: a
-        // latency that fell that far may still hold queue, and only counts
-        // if it is lower than what is known. One that barely fell is the
-        // backend's own.
-        let flat = measured >= FLAT_RATIO * before;
-        if !flat
-            && self
-                .baseline
-                .is_some_and(|b| measured > b + self.tolerance())
-        {
-            return;
-        }
-        let noise = sums.noise();
-        match self.baseline {
-            // The same backend: average out the probes' sampling error, so
-            // that every instance's baseline converges on the same value.
-            Some(b) if self.probed && (measured - b).abs() <= 3.0 * noise + SLACK => {
-                // A probe of few responses counts for less.
-                let weight = PROBE_WEIGHT * (f64::from(sums.n) / f64::from(PROBE_SAMPLES)).min(1.0);
-                self.baseline = Some(b + weight * (measured - b));
-                self.baseline_noise += PROBE_WEIGHT * (noise - self.baseline_noise);
-            }
-            _ => {
-                self.baseline = Some(measured);
-                self.baseline_noise = noise;
-            }
-        }
-        self.probed = true;
-    }
-
-    fn reset_window(&mut self, now: Instant) {
-        self.window_start = now;
-        self.window = Sums::default();
-        self.window_congested = 0;
-        self.window_max_inflight = 0;
-        self.window_urgent = 0;
-    }
-
     fn close_window(&mut self, now: Instant) {
         let (min, max) = (f64::from(self.bounds.min), f64::from(self.bounds.max));
         let congested = self.window_congested > 0;
-        let window = self.window;
-        let urgent = 2 * self.window_urgent >= window.n + self.window_congested;
-        let busy = f64::from(self.window_max_inflight) >= self.limit / 2.0;
-        self.reset_window(now);
+        let n = f64::from(self.window_count);
+        let short = (self.window_count > 0).then(|| self.window_sum / n);
+        // The standard error of this window's mean.
+        let noise = short.map_or(0.0, |m| {
+            (self.window_sq / n - m * m).max(0.0).sqrt() / n.sqrt()
+        });
+        let inflight = f64::from(self.window_max_inflight);
+        let busy = inflight >= self.limit / 2.0;
+        self.window_start = now;
+        self.window_sum = 0.0;
+        self.window_sq = 0.0;
+        self.window_count = 0;
+        self.window_congested = 0;
+        self.window_max_inflight = 0;
+
         if congested {
             self.limit = (self.limit * BACKOFF).clamp(min, max);
             return;
         }
-        let Some(short) = window.mean() else { return };
-        self.last_short = short;
-        let baseline = match self.baseline {
-            Some(b) if self.probed || b <= short => b,
+        let Some(short) = short else { return };
+        if let Some((saved, lowered, left)) = self.probe {
+            if left > 1 {
+                // The first window still holds requests that queued.
+                self.probe = Some((saved, lowered, left - 1));
+                return;
+            }
+            // The backend's queue has drained: this is its latency now.
+            self.probe = None;
+            self.limit = saved;
+            self.baseline = Some(short);
+            self.baseline_noise = noise;
+            self.probed = true;
+            self.stale = None;
+            self.probe_due = now + PROBE_EVERY;
+            return;
+        }
+        if now >= self.probe_due {
+            // Below the settling point by everything the gradient lets wait:
+            // the queue allowance and the requests the tolerance admits.
+            let kept = self.baseline.map_or(1.0, |b| b / (b + self.tolerance()));
+            let lowered = (self.limit * kept - QUEUE_ALLOWANCE * self.limit.sqrt()).max(min);
+            self.probe = Some((self.limit, lowered, PROBE_WINDOWS));
+            return;
+        }
+        let mut baseline = match self.baseline {
+            Some(b) if b <= short => b,
             _ => {
-                // Before the first probe: the lowest window mean.
-                self.baseline_noise = window.noise();
+                self.baseline_noise = noise;
                 short
             }
         };
+        // A latency that stays far above the baseline while the limit is
+        // being cut is not a backlog (cuts drain a backlog within a few
+        // windows): the backend became slower, and the baseline follows.
+        if short > baseline * STALE_RATIO + SLACK {
+            let (since, lowest) = self.stale.get_or_insert((now, f64::INFINITY));
+            // Only the second half counts: the first still holds samples
+            // from before the change.
+            if now.duration_since(*since) >= STALE_AFTER / 2 {
+                *lowest = lowest.min(short);
+            }
+            // Only once the limit is down to a concurrency whose latency
+            // was normal: above it, high latency is our own backlog (a
+            // limit that starts or overshot far above the knee), and taking
+            // it for the baseline would let the limit run away.
+            if now.duration_since(*since) >= STALE_AFTER
+                && self.probed
+                && self.limit <= self.good_inflight
+            {
+                baseline = *lowest;
+                self.stale = None;
+            }
+        } else {
+            self.stale = None;
+            self.good_inflight = inflight;
+        }
         self.baseline = Some(baseline);
-        self.note_slow(now, short > (baseline + self.tolerance()) * SLOW_RATIO);
+        // The baseline is a minimum of window means: when the backend's own
+        // service time varies, it is low by two or three standard errors of
+        // such a mean (the minimum of ~100 of them), and a gap of that size
+        // is noise, not queueing. The error is the baseline window's own
+        // (measured with the backend's queue drained), so the spread that
+        // queueing adds does not count.
         let gradient = ((baseline + self.tolerance()) / short).clamp(0.5, 1.0);
         // No queueing at all: grow by √limit; otherwise allow a short queue.
         let allowance = if gradient >= 1.0 {
-            self.slow_since = None;
             1.0
         } else {
-            QUEUE_ALLOWANCE * if urgent { URGENT_WEIGHT } else { 1.0 }
+            QUEUE_ALLOWANCE
         };
         let mut target = self.limit * gradient + allowance * self.limit.sqrt();
         if !busy {
             target = target.min(self.limit); // Only shrink without evidence.
         }
         self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(min, max);
-    }
-
-    /// Latency far above the baseline for [`SLOW_AFTER`]: probe at once.
-    fn note_slow(&mut self, now: Instant, far: bool) {
-        if !far {
-            self.slow_since = None;
-            return;
-        }
-        let since = *self.slow_since.get_or_insert(now);
-        if now.duration_since(since) >= SLOW_AFTER {
-            self.probe_due = now;
-        }
     }
 }
 
@@ -540,7 +386,7 @@ mod tests {
     #[test]
     fn grows_while_latency_is_flat_and_the_limit_is_used() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now).anchored(now, now);
+        let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 1000);
         assert!(l.current() > 60, "limit {}", l.current());
     }
@@ -548,7 +394,7 @@ mod tests {
     #[test]
     fn does_not_grow_when_idle() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now).anchored(now, now);
+        let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 2);
         assert_eq!(l.current(), 20);
     }
@@ -556,7 +402,7 @@ mod tests {
     #[test]
     fn shrinks_when_latency_rises_and_stays_within_bounds() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now).anchored(now, now);
+        let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 20, 20 * MS, 1000);
         let high = l.current();
         feed(&mut l, &mut now, 10, 80 * MS, 1000);
@@ -568,16 +414,17 @@ mod tests {
     #[test]
     fn follows_a_backend_that_really_became_slower() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now).anchored(now, now);
+        let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 20, 20 * MS, 1000);
-        // Latency doubles for good: the limit first falls, then a probe
-        // measures the new latency, the baseline follows and the limit
-        // grows again (a response every millisecond for 10 s).
+        // Latency doubles for good: the limit first falls, then the baseline
+        // rises (5%/s) and the limit grows again.
         feed(&mut l, &mut now, 20, 40 * MS, 1000);
         let low = l.current();
-        feed(&mut l, &mut now, 10_000 / WINDOW_SAMPLES, 40 * MS, 1000);
+        for _ in 0..30 {
+            now += Duration::from_secs(1);
+            feed(&mut l, &mut now, 1, 40 * MS, 1000);
+        }
         assert!(l.current() > low, "{low} -> {}", l.current());
-        assert_eq!(l.baseline(), Some(40 * MS));
     }
 
     /// Starting under the knee, as a proxy that was up before the peak: a
@@ -621,37 +468,29 @@ mod tests {
         }
     }
 
-    /// The limit, not lowered by a probe in progress.
-    fn settled(l: &Limit) -> u32 {
-        match l {
-            Limit::Adaptive(a) => a.limit.round() as u32,
-            Limit::Fixed(n) => *n,
-        }
-    }
-
     #[test]
     fn settles_just_past_the_knee() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now).anchored(now, now);
+        let mut l = Limit::adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 10, 16, 20 * MS);
         // 16 workers: the limit keeps them busy with a queue of a few.
-        assert!((16..=22).contains(&settled(&l)), "limit {}", settled(&l));
-        let mut l = Limit::adaptive(bounds(), now).anchored(now, now);
+        assert!((16..=22).contains(&l.current()), "limit {}", l.current());
+        let mut l = Limit::adaptive(bounds(), now);
         run_backend(&mut l, &mut now, 10, 100, 20 * MS);
-        assert!((100..=115).contains(&settled(&l)), "limit {}", settled(&l));
+        assert!((100..=115).contains(&l.current()), "limit {}", l.current());
     }
 
     #[test]
     fn a_backend_that_became_slower_is_followed_within_a_second_or_two() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now).anchored(now, now);
+        let mut l = Limit::adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 10, 16, 20 * MS);
         // Every request now takes 60 ms: same workers, a third of the
         // throughput. Cutting the limit cannot bring the latency back to
         // 20 ms; after 0.5 s of trying the baseline follows and the limit
         // returns to the workers' count instead of sinking to `min`.
         run_backend(&mut l, &mut now, 3, 16, 60 * MS);
-        assert!((14..=22).contains(&settled(&l)), "limit {}", settled(&l));
+        assert!((14..=22).contains(&l.current()), "limit {}", l.current());
     }
 
     #[test]
@@ -661,11 +500,11 @@ mod tests {
         // and the wait moved into our queue.
         let mut now = Instant::now();
         // Scheduling jitter makes such latencies vary widely (±80%).
-        let mut l = Limit::adaptive(bounds(), now).anchored(now, now);
+        let mut l = Limit::adaptive(bounds(), now);
         run_noisy_backend(&mut l, &mut now, 10, 2, Duration::from_micros(100), 0.8);
         // Without the slack the limit sinks to `min` (4), as it did in the
         // real overhead bench.
-        assert!(settled(&l) >= 40, "limit {}", settled(&l));
+        assert!(l.current() >= 40, "limit {}", l.current());
     }
 
     #[test]
@@ -674,14 +513,11 @@ mod tests {
         // means sits below their true mean, and without the noise tolerance
         // the limit settled under the worker count, leaving workers idle.
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now).anchored(now, now);
+        let mut l = Limit::adaptive(under_the_knee(), now);
         let mut limits = Vec::new();
         for _ in 0..20 {
             run_noisy_backend(&mut l, &mut now, 1, 16, 20 * MS, 0.4);
-            // (A probe halves it for a few round trips every 5 s.)
-            if !l.probing() {
-                limits.push(l.current());
-            }
+            limits.push(l.current());
         }
         // Without it: 16, 14, 13, 12 …
         assert!(
@@ -690,103 +526,10 @@ mod tests {
         );
     }
 
-    /// `limits` share one backend of `workers` taking `service` each (±10%),
-    /// for `secs`: each response goes to an instance in proportion to its
-    /// limit; `urgent[i]` says whether instance i's purchases wait.
-    fn run_shared_backend(
-        limits: &mut [Limit],
-        now: &mut Instant,
-        secs: u64,
-        workers: u32,
-        service: Duration,
-        urgent: &[bool],
-    ) {
-        let end = *now + Duration::from_secs(secs);
-        let mut rng = fastrand::Rng::with_seed(7);
-        while *now < end {
-            let total: u32 = limits.iter().map(Limit::current).sum();
-            let queueing = (f64::from(total) / f64::from(workers)).max(1.0);
-            let latency = service.mul_f64(queueing * (0.9 + 0.2 * rng.f64()));
-            *now += latency / total.max(1);
-            let mut pick = rng.u32(0..total.max(1));
-            let i = (0..limits.len())
-                .find(|&i| {
-                    let n = limits[i].current();
-                    pick < n || {
-                        pick -= n;
-                        false
-                    }
-                })
-                .unwrap_or(0);
-            let inflight = limits[i].current();
-            limits[i].set_urgent(urgent[i]);
-            limits[i].on_sample(*now, Sample::Latency(latency), inflight);
-        }
-    }
-
-    fn fleet(n: usize, initial: u32, now: Instant) -> Vec<Limit> {
-        let b = Bounds {
-            initial,
-            min: 1,
-            max: 500,
-        };
-        (0..n)
-            .map(|_| Limit::adaptive(b, now).anchored(now, now))
-            .collect()
-    }
-
-    #[test]
-    fn probes_fall_on_one_grid_whenever_an_instance_started() {
-        let anchor = Instant::now();
-        let due = |l: &Limit| match l {
-            Limit::Adaptive(a) => a.probe_due,
-            Limit::Fixed(_) => unreachable!(),
-        };
-        let b = bounds();
-        let early = Limit::adaptive(b, anchor).anchored(anchor, anchor + 1300 * MS);
-        let late = Limit::adaptive(b, anchor).anchored(anchor, anchor + 4900 * MS);
-        assert_eq!(due(&early), anchor + PROBE_EVERY);
-        assert_eq!(due(&late), anchor + PROBE_EVERY);
-        let next = Limit::adaptive(b, anchor).anchored(anchor, anchor + PROBE_EVERY);
-        assert_eq!(due(&next), anchor + 2 * PROBE_EVERY);
-    }
-
-    #[test]
-    fn three_instances_starting_into_a_loaded_backend_learn_its_latency_and_share_it() {
-        // 60 in flight for 8 workers at the start: every first window
-        // measures 7.5x the service time. A probe by one instance alone
-        // would drain only its third of that queue.
-        let mut now = Instant::now();
-        let mut limits = fleet(3, 20, now);
-        run_shared_backend(&mut limits, &mut now, 30, 8, 10 * MS, &[false; 3]);
-        for l in &limits {
-            let b = l.baseline().unwrap().as_secs_f64() * 1000.0;
-            assert!((9.0..=11.5).contains(&b), "baseline {b:.2} ms");
-        }
-        let each: Vec<u32> = limits.iter().map(Limit::current).collect();
-        let sum: u32 = each.iter().sum();
-        assert!(
-            (8..=13).contains(&sum),
-            "limits {each:?}: the backend's queue"
-        );
-        let (lo, hi) = (each.iter().min().unwrap(), each.iter().max().unwrap());
-        assert!(*hi <= 2 * lo, "limits {each:?}: shares");
-    }
-
-    #[test]
-    fn an_instance_whose_purchases_wait_claims_a_larger_share() {
-        let mut now = Instant::now();
-        let mut limits = fleet(2, 4, now);
-        run_shared_backend(&mut limits, &mut now, 10, 8, 10 * MS, &[false, false]);
-        run_shared_backend(&mut limits, &mut now, 10, 8, 10 * MS, &[true, false]);
-        let (urgent, other) = (limits[0].current(), limits[1].current());
-        assert!(urgent >= 2 * other, "urgent {urgent}, other {other}");
-    }
-
     #[test]
     fn congestion_backs_off_multiplicatively() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now).anchored(now, now);
+        let mut l = Limit::adaptive(bounds(), now);
         for _ in 0..WINDOW_SAMPLES {
             now += MS;
             l.on_sample(now, Sample::Congestion, 20);
@@ -797,7 +540,7 @@ mod tests {
     #[test]
     fn reconfigure_keeps_the_learned_limit_within_new_bounds() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now).anchored(now, now);
+        let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 1000);
         let learned = l.current();
         l.reconfigure(&Limit::adaptive(
