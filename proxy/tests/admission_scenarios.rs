@@ -76,6 +76,11 @@ struct Backend {
     /// Spread of the log-normal service time.
     #[serde(default = "default_sigma")]
     sigma: f64,
+    /// Congestion collapse, as legacy-sim's: each request waiting in the
+    /// backend's own queue makes the next service `collapse / workers`
+    /// slower (default 0: a backend that only queues).
+    #[serde(default)]
+    collapse: f64,
 }
 
 fn default_sigma() -> f64 {
@@ -271,6 +276,11 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
         push(&mut events, us(t), Event::Start(i));
     }
 
+    // The collapse factor with `queued` waiting in the backend, capped as
+    // legacy-sim caps it.
+    let slowdown = |queued: usize| {
+        (1.0 + s.backend.collapse * queued as f64 / f64::from(s.backend.workers)).min(1000.0)
+    };
     // Starts a request at the backend (or queues it there).
     macro_rules! to_backend {
         ($id:expr, $now:expr) => {{
@@ -279,8 +289,10 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             reqs[id].started = $now;
             if busy < s.backend.workers {
                 busy += 1;
-                let svc =
-                    (service_ms * lognormal_factor(&mut rng, s.backend.sigma) * 1000.0) as u64;
+                let svc = (service_ms
+                    * lognormal_factor(&mut rng, s.backend.sigma)
+                    * slowdown(backlog.len())
+                    * 1000.0) as u64;
                 push(&mut events, $now + svc.max(1), Event::BackendDone(id));
             } else {
                 backlog.push_back(id);
@@ -399,8 +411,10 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 }
                 if let Some(next) = backlog.pop_front() {
                     busy += 1;
-                    let svc =
-                        (service_ms * lognormal_factor(&mut rng, s.backend.sigma) * 1000.0) as u64;
+                    let svc = (service_ms
+                        * lognormal_factor(&mut rng, s.backend.sigma)
+                        * slowdown(backlog.len())
+                        * 1000.0) as u64;
                     push(&mut events, now + svc.max(1), Event::BackendDone(next));
                 }
                 let (i, tier) = (reqs[id].instance, reqs[id].tier);
