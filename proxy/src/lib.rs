@@ -64,6 +64,9 @@ pub struct Shared {
     pub(crate) connections: std::sync::Arc<edge::Connections>,
     /// Set by SIGTERM: `/healthz` answers 503 while the node drains.
     pub(crate) draining: edge::drain::Draining,
+    /// Set by SIGQUIT: the listeners go to a new process shortly, so
+    /// connections are not kept alive any more (`edge::drain`).
+    pub(crate) upgrading: edge::drain::Draining,
     /// Why each failing backend's last health probe failed, by cluster and
     /// address, for `/status`.
     pub(crate) probe_errors:
@@ -92,6 +95,7 @@ impl Shared {
             tier_stats: stats::TierStats::default(),
             connections: Default::default(),
             draining: Default::default(),
+            upgrading: Default::default(),
             probe_errors: Default::default(),
             reload_lock: Mutex::new(()),
         }

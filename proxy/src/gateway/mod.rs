@@ -209,8 +209,9 @@ impl ProxyHttp for Gateway {
         // A body that stops arriving is cut off as soon as a head would be
         // (pingora waits 60 s), so a stalled upload cannot hold a permit.
         session.set_read_timeout(Some(server.header_timeout));
-        if self.shared.draining.is_set() {
-            // Clients reconnect through the balancer, to a node that stays.
+        if self.shared.draining.is_set() || self.shared.upgrading.is_set() {
+            // Clients reconnect through the balancer, to a node that stays
+            // (or, in an upgrade, to the new process on the same sockets).
             session.set_keepalive(None);
         }
         match self.stages(session, ctx).await {
