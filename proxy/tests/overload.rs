@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -20,47 +19,6 @@ const SERVICE: Duration = Duration::from_millis(25);
 const CAPACITY: f64 = WORKERS as f64 / 0.025;
 const SECONDS: u64 = 10;
 
-fn routes(backend: std::net::SocketAddr) -> String {
-    format!(
-        r#"[server]
-listen = ["{{LISTEN}}"]
-admin = "{{ADMIN}}"
-threads = 2
-policy = "policy.toml"
-
-[clusters.kred]
-[[clusters.kred.sites]]
-name = "skondal"
-role = "primary"
-backends = ["{backend}"]
-
-[[routes]]
-name = "checkout"
-match = {{ path_prefix = "/checkout/" }}
-tier = "purchase"
-cluster = "kred"
-
-[[routes]]
-name = "merchant-api"
-match = {{ path_prefix = "/api/" }}
-tier = "merchant"
-cluster = "kred"
-
-[[routes]]
-name = "admin"
-match = {{ path_prefix = "/admin/" }}
-tier = "admin"
-cluster = "kred"
-
-[[routes]]
-name = "customer-service"
-match = {{ path_prefix = "/cs/" }}
-tier = "customer_service"
-cluster = "kred"
-"#
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchases_keep_flowing_at_three_times_capacity() {
     let config = SimConfig::fixed("legacy", WORKERS, SERVICE);
@@ -68,9 +26,7 @@ async fn purchases_keep_flowing_at_three_times_capacity() {
         .await
         .unwrap();
     let backend = sim.addr;
-    let policy_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml");
-    let policy = std::fs::read_to_string(policy_path).unwrap();
-    let proxy = Proxy::start(&routes(backend), &policy).await;
+    let proxy = Proxy::start(&kred_routes(backend), &default_policy()).await;
 
     let target = |name: &str, path: &str, weight: f64| Target {
         name: name.into(),

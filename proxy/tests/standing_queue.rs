@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use loadtest::openloop::{self, Plan, Report, Target};
@@ -20,50 +19,18 @@ const SERVICE: Duration = Duration::from_millis(25);
 const CAPACITY: f64 = WORKERS as f64 / 0.025;
 const SECONDS: u64 = 8;
 
-/// The routes the default policy names (its `[admission.kred]` and rate
-/// limit); only checkout is used.
-fn routes(backend: std::net::SocketAddr) -> String {
-    format!(
-        r#"[server]
-listen = ["{{LISTEN}}"]
-admin = "{{ADMIN}}"
-threads = 2
-policy = "policy.toml"
-
-[clusters.kred]
-[[clusters.kred.sites]]
-name = "skondal"
-role = "primary"
-backends = ["{backend}"]
-
-[[routes]]
-name = "checkout"
-match = {{ path_prefix = "/checkout/" }}
-tier = "purchase"
-cluster = "kred"
-
-[[routes]]
-name = "merchant-api"
-match = {{ path_prefix = "/api/" }}
-tier = "merchant"
-cluster = "kred"
-"#
-    )
-}
-
 /// Purchases alone at 2x capacity through a k2proxy with `policy`.
 async fn purchases_at_2x(refuse: bool) -> Report {
     let config = SimConfig::fixed("legacy", WORKERS, SERVICE);
     let sim = sim::start(config, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml");
-    let mut policy = std::fs::read_to_string(path).unwrap();
+    let mut policy = default_policy();
     if refuse {
         policy = policy.replace("[shedding]\n", "[shedding]\nrefuse_standing_queue = true\n");
         assert!(policy.contains("refuse_standing_queue"));
     }
-    let proxy = Proxy::start(&routes(sim.addr), &policy).await;
+    let proxy = Proxy::start(&kred_routes(sim.addr), &policy).await;
     let report = openloop::run(Plan {
         targets: vec![Target {
             name: "purchase".into(),

@@ -355,29 +355,33 @@ impl<W> Gate<W> {
 
     /// A request of `tier` got a permit after waiting `waited`.
     fn note_grant(&mut self, tier: usize, now: Instant, waited: Duration) {
-        if self.rules.tiers[tier].never_shed {
-            // Only while every other tier is refused: until then the
-            // backend's capacity is not all theirs, and their wait is the
-            // lower tiers' share still draining.
-            let all_shed = (0..self.rules.tiers.len()).all(|t| {
-                self.rules.tiers[t].never_shed
-                    || self.rules.tiers[t].force_shed
-                    || self.coverage(t) == Coverage::Whole
-            });
-            let waited = if all_shed { waited } else { Duration::ZERO };
-            let target = self.standing_target();
-            let was = self.standing.active(now);
-            self.standing.on_grant(now, waited, target);
-            if !was && self.rules.refuse_standing_queue && self.standing.active(now) {
-                // The backlog it stood on: refused now, as a newcomer would
-                // be after the target.
-                if let Some(cutoff) = now.checked_sub(target) {
-                    for t in 0..self.rules.tiers.len() {
-                        if self.rules.tiers[t].never_shed {
-                            self.evict_older_than(t, cutoff, ShedReason::QueueTimeout);
-                        }
-                    }
-                }
+        // Off (the default): nothing to track on the request path.
+        if !self.rules.refuse_standing_queue || !self.rules.tiers[tier].never_shed {
+            return;
+        }
+        // Only while every other tier is refused: until then the backend's
+        // capacity is not all theirs, and their wait is the lower tiers'
+        // share still draining.
+        let all_shed = (0..self.rules.tiers.len()).all(|t| {
+            self.rules.tiers[t].never_shed
+                || self.rules.tiers[t].force_shed
+                || self.coverage(t) == Coverage::Whole
+        });
+        let waited = if all_shed { waited } else { Duration::ZERO };
+        let target = self.standing_target();
+        let was = self.standing.active(now);
+        self.standing.on_grant(now, waited, target);
+        if was || !self.standing.active(now) {
+            return;
+        }
+        // The backlog it stood on: refused now, as a newcomer would be
+        // after the target.
+        let Some(cutoff) = now.checked_sub(target) else {
+            return;
+        };
+        for t in 0..self.rules.tiers.len() {
+            if self.rules.tiers[t].never_shed {
+                self.evict_older_than(t, cutoff, ShedReason::QueueTimeout);
             }
         }
     }

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -305,6 +305,56 @@ backends = [{}]
 {routes}
 "#,
         list.join(", ")
+    )
+}
+
+/// The repo's default policy (`policies/default.toml`), as users run it.
+pub fn default_policy() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Routes for [`default_policy`]: cluster `kred` (its `[admission.kred]`)
+/// with one site on `backend`, and a route per tier, `merchant-api` among
+/// them (its rate limit names it).
+pub fn kred_routes(backend: SocketAddr) -> String {
+    format!(
+        r#"[server]
+listen = ["{{LISTEN}}"]
+admin = "{{ADMIN}}"
+threads = 2
+policy = "policy.toml"
+
+[clusters.kred]
+[[clusters.kred.sites]]
+name = "skondal"
+role = "primary"
+backends = ["{backend}"]
+
+[[routes]]
+name = "checkout"
+match = {{ path_prefix = "/checkout/" }}
+tier = "purchase"
+cluster = "kred"
+
+[[routes]]
+name = "merchant-api"
+match = {{ path_prefix = "/api/" }}
+tier = "merchant"
+cluster = "kred"
+
+[[routes]]
+name = "admin"
+match = {{ path_prefix = "/admin/" }}
+tier = "admin"
+cluster = "kred"
+
+[[routes]]
+name = "customer-service"
+match = {{ path_prefix = "/cs/" }}
+tier = "customer_service"
+cluster = "kred"
+"#
     )
 }
 
