@@ -36,7 +36,10 @@ env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), 
        LOADS (overload multiples, "1,2,3,5"), VARIANTS (overload proxies,
        "k2proxy,haproxy priority,nginx"), K2PROXY_B (a second k2proxy binary, say
        a build before a change: run as "k2proxy B" beside "k2proxy" in the
-       overload and failover phases)
+       overload, failover and fleet phases), K2PROXY_B_POLICY (the policy file
+       B reads instead of policies/default.toml: a change of default beside
+       a change of code), FLEET_LOG (RUST_LOG of the fleet's instances; "info",
+       the default, keeps the access log on as users run it)
 """
 
 import json
@@ -68,6 +71,7 @@ LOADS = [int(x) for x in os.environ.get("LOADS", "1,2,3,5").split(",")]
 # K2PROXY_B: another k2proxy binary (a build before a change), run as the
 # variant "k2proxy B" beside "k2proxy" in every phase: an A/B in one run.
 K2PROXY_B = os.environ.get("K2PROXY_B")
+K2PROXY_B_POLICY = os.environ.get("K2PROXY_B_POLICY")
 VARIANTS = os.environ.get(
     "VARIANTS", "k2proxy," + ("k2proxy B," if K2PROXY_B else "") + "haproxy priority,nginx").split(",")
 THREADS = 2
@@ -149,11 +153,12 @@ def fault(ctl, mode):
 # --- the peers -------------------------------------------------------------
 
 def k2proxy(primary, secondary=None, policy_edit=None, health_interval=None, wrap=(), binary=None, log_level="warn",
-            per_client_cap=None, routes_edit=None):
-    """The repo's routes.toml and default policy, pointed at the bench's ports."""
+            per_client_cap=None, routes_edit=None, policy_file=None):
+    """The repo's routes.toml and default policy (or `policy_file`), pointed
+    at the bench's ports."""
     port, admin = free_port(), free_port()
     routes = open(f"{REPO}/routes.toml").read()
-    policy = open(f"{REPO}/policies/default.toml").read()
+    policy = open(policy_file or f"{REPO}/policies/default.toml").read()
     if policy_edit:
         policy = policy_edit(policy)
     ppath = os.path.join(WORK, f"policy-{port}.toml")
@@ -656,6 +661,7 @@ def admission_limits(admins):
 
 FLEET_SIZES = [int(x) for x in os.environ.get("FLEET_SIZES", "1,2,3").split(",")]
 FLEET_LOADS = [int(x) for x in os.environ.get("FLEET_LOADS", "3,5").split(",")]
+FLEET_LOG = os.environ.get("FLEET_LOG", "info")
 
 
 def fleet():
@@ -671,12 +677,18 @@ def fleet():
     for load in FLEET_LOADS:
         for rnd in range(1, ROUNDS + 1):
             for n in FLEET_SIZES:
-                for v in variants:
+                # The order rotates by round: the first run after a size
+                # change was slower whichever binary ran it (the same binary
+                # as k2proxy and k2proxy B: p50 449 against 157 ms at 5x).
+                shift = (rnd - 1) % len(variants)
+                for v in variants[shift:] + variants[:shift]:
                     sp, sim_port, _ = sim(workers, service, "legacy")
                     procs, ports, admins = [], [], []
                     for _ in range(n):
                         if v.startswith("k2proxy"):
-                            p, port = k2proxy([sim_port], binary=K2PROXY_B if v == "k2proxy B" else None)
+                            b = v == "k2proxy B"
+                            p, port = k2proxy([sim_port], binary=K2PROXY_B if b else None, log_level=FLEET_LOG,
+                                              policy_file=K2PROXY_B_POLICY if b else None)
                             admins.append(int(re.search(r'admin = "127.0.0.1:(\d+)"', open(
                                 os.path.join(WORK, f"routes-{port}.toml")).read()).group(1)))
                         else:

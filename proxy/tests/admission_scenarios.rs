@@ -142,6 +142,10 @@ struct PhaseStats {
     /// Requests lost with an instance that restarted.
     lost: HashMap<usize, u64>,
     latencies: HashMap<usize, Vec<u64>>,
+    /// Time served requests waited in k2proxy's queue (not the backend's).
+    waits: HashMap<usize, Vec<u64>>,
+    /// Time served requests spent at the backend (its queue and service).
+    at_backend: HashMap<usize, Vec<u64>>,
     /// Time from arrival to a refusal, per tier.
     refusal_waits: HashMap<usize, Vec<u64>>,
     completions: u64,
@@ -406,6 +410,14 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 let p = &mut stats[r.phase];
                 *p.ok.entry(r.tier).or_default() += 1;
                 p.latencies.entry(r.tier).or_default().push(now - r.arrived);
+                p.waits
+                    .entry(r.tier)
+                    .or_default()
+                    .push(r.started - r.arrived);
+                p.at_backend
+                    .entry(r.tier)
+                    .or_default()
+                    .push(now - r.started);
                 if now < end {
                     stats[phase_at(now)].completions += 1;
                 }
@@ -513,6 +525,16 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 m.insert(
                     format!("{name}_p50_ms"),
                     percentile(lat, 0.5) as f64 / 1000.0,
+                );
+                let waits = st.waits.get(&t).cloned().unwrap_or_default();
+                m.insert(
+                    format!("{name}_wait_p99_ms"),
+                    percentile(waits, 0.99) as f64 / 1000.0,
+                );
+                let at_backend = st.at_backend.get(&t).cloned().unwrap_or_default();
+                m.insert(
+                    format!("{name}_backend_p99_ms"),
+                    percentile(at_backend, 0.99) as f64 / 1000.0,
                 );
                 let refusals = st.refusal_waits.get(&t).cloned().unwrap_or_default();
                 m.insert(

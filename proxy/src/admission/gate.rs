@@ -234,9 +234,13 @@ impl<W> Gate<W> {
     /// backlog (older than the target delay) of a partly covered one.
     fn tick(&mut self, now: Instant) {
         self.queue.purge_expired(now);
+        // While the limit slow-starts, a wait is the limit catching up (a
+        // peak begins, or a cold start), not the backend's capacity: shedding
+        // for it refused lower tiers at half capacity.
+        let slow_start = self.limit.slow_starting();
         let standing = self
             .queue
-            .oldest(|_| true)
+            .oldest(|_| !slow_start)
             .map_or(Duration::ZERO, |at| now.duration_since(at));
         if self.shed.tick(now, standing) {
             self.shed_covered_waiters(Some(now));
@@ -470,6 +474,11 @@ impl<W> Gate<W> {
 
     fn record_wait(&mut self, now: Instant, waited: Duration) {
         self.tick(now);
+        let waited = if self.limit.slow_starting() {
+            Duration::ZERO
+        } else {
+            waited
+        };
         self.shed.record(now, waited);
     }
 
@@ -545,6 +554,33 @@ mod tests {
         g.release(1, now, Sample::Ignored);
         assert_eq!(g.grant_next(now), Some((1, 10)));
         assert_eq!(g.inflight(), 14);
+    }
+
+    #[test]
+    fn waits_while_the_limit_slow_starts_do_not_raise_the_shed_level() {
+        // A cold start: the limit (4) has seen no queueing yet, merchants
+        // wait 100 ms (5x the target) for it to grow. That is the limit
+        // catching up, not the backend's capacity: nothing is shed…
+        let cold = |limit: Limit| {
+            let now = Instant::now();
+            let mut g: Gate<u32> = Gate::new(rules(100), limit, now);
+            // Merchants fill what they may (the adaptive limit keeps a slot
+            // for purchases), then wait.
+            while g.try_admit(1, now) == Decision::Admit {}
+            for i in 0..4 {
+                g.enqueue(1, now, i).unwrap();
+            }
+            g.refused(2, now + 100 * MS);
+            g.shed_level()
+        };
+        let bounds = super::super::limit::Bounds {
+            initial: 4,
+            min: 4,
+            max: 100,
+        };
+        assert_eq!(cold(Limit::adaptive(bounds, Instant::now())), 0.0);
+        // …while the same wait under a limit that does not grow is.
+        assert!(cold(Limit::fixed(4)) > 0.0);
     }
 
     #[test]

@@ -40,6 +40,23 @@
 //! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
 //! from the first window on. The limit only grows while the site is using at
 //! least half of it, so an idle backend does not earn a huge limit.
+//!
+//! Three rules keep a fleet of instances (each with its own limit in front
+//! of one backend) from flooding the backend's own queue when load changes:
+//! - *Calm weather:* while under half of the limit is used, it follows the
+//!   use down to [`IDLE_HEADROOM`] times the most in flight in a window. N
+//!   instances that kept a peak's limit, or `initial`, through a quiet spell
+//!   otherwise sent N times it into the backend the moment a peak started.
+//! - *Slow start:* from there (and from `initial`, which is small), while
+//!   the limit is used to the last slot and the latency shows no queueing,
+//!   it grows by half per window ([`SLOW_START`], TCP's slow start); the
+//!   first window with queueing ends it until the next quiet spell. The gate
+//!   does not count waits in our queue towards shedding meanwhile: they are
+//!   the limit catching up, not the backend's capacity.
+//! - *Floods:* a window whose latency is over [`FLOOD_RATIO`] times the
+//!   baseline halves the limit at once, at most once per latency (the
+//!   backend then holds twice as many waiting as in service; the smoothed
+//!   gradient took a dozen windows to drain that).
 
 use std::time::{Duration, Instant};
 
@@ -71,6 +88,23 @@ const STALE_AFTER: Duration = Duration::from_millis(300);
 const SMOOTHING: f64 = 0.25;
 /// Multiplicative back-off on congestion (timeouts, backend 503s).
 const BACKOFF: f64 = 0.9;
+/// While the limit is used and the backend shows no queueing, after a
+/// quiet spell: the limit's growth per window, as a factor (TCP's slow
+/// start). A limit that followed its use down in calm weather (see
+/// [`IDLE_HEADROOM`]) gets back to the knee within a few windows when a
+/// peak starts.
+const SLOW_START: f64 = 1.5;
+/// In calm weather the limit follows its use down to this many times the
+/// most requests in flight in a window (never under `min`): N instances
+/// each keeping `initial` (or a peak's limit) through a quiet spell would
+/// send N times that into the backend's own queue the moment a peak starts.
+const IDLE_HEADROOM: f64 = 2.0;
+/// A window whose latency is over this many times the baseline (plus the
+/// tolerance) halves the limit at once, once per latency: the backend then
+/// holds as many requests waiting as in service (a flood: N instances each
+/// starting at `initial`), and the smoothed gradient takes a dozen windows
+/// to drain it.
+const FLOOD_RATIO: f64 = 3.0;
 /// A window closes after this many samples…
 const WINDOW_SAMPLES: u32 = 16;
 /// …or this much time with at least one sample.
@@ -123,6 +157,13 @@ impl Limit {
             Limit::Adaptive(g) => g.baseline.map(Duration::from_secs_f64),
             Limit::Fixed(_) => None,
         }
+    }
+
+    /// Whether the limit is growing fast from under the knee (no queueing
+    /// seen since it was last under-used): a wait in our queue then is the
+    /// limit catching up, not the backend's capacity.
+    pub fn slow_starting(&self) -> bool {
+        matches!(self, Limit::Adaptive(g) if g.slow_start && g.probe.is_none())
     }
 
     /// The limit in force, in requests.
@@ -185,6 +226,11 @@ pub struct Gradient {
     /// While probing: the limit to restore, the lowered limit in force, and
     /// the windows still to run.
     probe: Option<(f64, f64, u8)>,
+    /// No queueing seen since the limit was last under-used: grow by
+    /// [`SLOW_START`].
+    slow_start: bool,
+    /// No halving before this (once per latency).
+    halved_until: Instant,
 }
 
 impl Gradient {
@@ -210,6 +256,8 @@ impl Gradient {
             baseline_noise: 0.0,
             probe_due: now + PROBE_EVERY,
             probe: None,
+            slow_start: true,
+            halved_until: now,
         }
     }
 
@@ -271,14 +319,26 @@ impl Gradient {
 
         if congested {
             self.limit = (self.limit * BACKOFF).clamp(min, max);
+            self.slow_start = false;
             return;
         }
         let Some(short) = short else { return };
+        if self.probe_step(now, short, noise) {
+            return;
+        }
+        let baseline = self.update_baseline(now, short, noise, inflight);
+        self.step(now, short, baseline, inflight, busy);
+    }
+
+    /// Runs a probe of the uncongested latency, or starts one when due.
+    /// Returns true when the window went to the probe.
+    fn probe_step(&mut self, now: Instant, short: f64, noise: f64) -> bool {
+        let min = f64::from(self.bounds.min);
         if let Some((saved, lowered, left)) = self.probe {
             if left > 1 {
                 // The first window still holds requests that queued.
                 self.probe = Some((saved, lowered, left - 1));
-                return;
+                return true;
             }
             // The backend's queue has drained: this is its latency now.
             self.probe = None;
@@ -288,7 +348,7 @@ impl Gradient {
             self.probed = true;
             self.stale = None;
             self.probe_due = now + PROBE_EVERY;
-            return;
+            return true;
         }
         if now >= self.probe_due {
             // Below the settling point by everything the gradient lets wait:
@@ -296,8 +356,14 @@ impl Gradient {
             let kept = self.baseline.map_or(1.0, |b| b / (b + self.tolerance()));
             let lowered = (self.limit * kept - QUEUE_ALLOWANCE * self.limit.sqrt()).max(min);
             self.probe = Some((self.limit, lowered, PROBE_WINDOWS));
-            return;
+            return true;
         }
+        false
+    }
+
+    /// The baseline after a window of mean `short`: the lowest window mean,
+    /// or the backend's new latency once it really became slower.
+    fn update_baseline(&mut self, now: Instant, short: f64, noise: f64, inflight: f64) -> f64 {
         let mut baseline = match self.baseline {
             Some(b) if b <= short => b,
             _ => {
@@ -331,13 +397,27 @@ impl Gradient {
             self.good_inflight = inflight;
         }
         self.baseline = Some(baseline);
+        baseline
+    }
+
+    /// Moves the limit after a window of mean `short` with at most
+    /// `inflight` in flight.
+    fn step(&mut self, now: Instant, short: f64, baseline: f64, inflight: f64, busy: bool) {
+        let (min, max) = (f64::from(self.bounds.min), f64::from(self.bounds.max));
         // The baseline is a minimum of window means: when the backend's own
         // service time varies, it is low by two or three standard errors of
         // such a mean (the minimum of ~100 of them), and a gap of that size
         // is noise, not queueing. The error is the baseline window's own
         // (measured with the backend's queue drained), so the spread that
         // queueing adds does not count.
-        let gradient = ((baseline + self.tolerance()) / short).clamp(0.5, 1.0);
+        let ratio = (baseline + self.tolerance()) / short;
+        if ratio * FLOOD_RATIO < 1.0 && now >= self.halved_until && self.probed {
+            self.limit = (self.limit / 2.0).clamp(min, max);
+            self.halved_until = now + Duration::from_secs_f64(short);
+            self.slow_start = false;
+            return;
+        }
+        let gradient = ratio.clamp(0.5, 1.0);
         // No queueing at all: grow by √limit; otherwise allow a short queue.
         let allowance = if gradient >= 1.0 {
             1.0
@@ -345,8 +425,18 @@ impl Gradient {
             QUEUE_ALLOWANCE
         };
         let mut target = self.limit * gradient + allowance * self.limit.sqrt();
+        if gradient < 1.0 {
+            self.slow_start = false;
+        } else if self.slow_start && inflight + 1.0 + self.limit.sqrt() / 2.0 >= self.limit {
+            // In use to the last slot (but the headroom) and nothing queues.
+            self.limit = (self.limit * SLOW_START).clamp(min, max);
+            self.slow_start = self.limit < max;
+            return;
+        }
         if !busy {
-            target = target.min(self.limit); // Only shrink without evidence.
+            // Only shrink without evidence, and follow the use down.
+            target = target.min(self.limit).min(IDLE_HEADROOM * inflight);
+            self.slow_start = true;
         }
         self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(min, max);
     }
@@ -392,11 +482,50 @@ mod tests {
     }
 
     #[test]
-    fn does_not_grow_when_idle() {
+    fn follows_its_use_down_when_idle() {
+        // Two in flight against a limit of 20: the limit does not grow, and
+        // comes down to twice the use (`min` here), so that N instances do
+        // not send N × 20 into the backend the moment a peak starts.
         let mut now = Instant::now();
         let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 2);
-        assert_eq!(l.current(), 20);
+        assert_eq!(l.current(), 4);
+    }
+
+    #[test]
+    fn slow_start_reaches_a_large_backend_within_a_fraction_of_a_second() {
+        // 100 workers, the limit at 8: growing by √limit per window it was
+        // still under 40 after a second, and the excess waited in our queue.
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(under_the_knee(), now);
+        run_backend(&mut l, &mut now, 1, 100, 20 * MS);
+        assert!((95..=160).contains(&l.current()), "limit {}", l.current());
+    }
+
+    #[test]
+    fn a_flood_is_halved_at_once_and_once_per_latency() {
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(under_the_knee(), now);
+        // Past the first probe, the baseline is 20 ms.
+        run_backend(&mut l, &mut now, 6, 16, 20 * MS);
+        let before = f64::from(l.current());
+        // Four times the baseline: as many wait in the backend as are served,
+        // three times over. One window halves the limit (the first window
+        // may still hold samples from before)…
+        feed(&mut l, &mut now, 1, 80 * MS, 1000);
+        if f64::from(l.current()) > before * 0.6 {
+            feed(&mut l, &mut now, 1, 80 * MS, 1000);
+        }
+        let halved = f64::from(l.current());
+        assert!(halved <= (before / 2.0).ceil(), "{before} -> {halved}");
+        // …and the next, within the same latency, only moves it by the
+        // gradient (the requests it measures were sent before the cut).
+        feed(&mut l, &mut now, 1, 80 * MS, 1000);
+        assert!(
+            f64::from(l.current()) >= (halved * 0.8).floor(),
+            "{halved} -> {}",
+            l.current()
+        );
     }
 
     #[test]

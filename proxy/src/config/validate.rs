@@ -971,7 +971,7 @@ fn admission(
 ) -> Vec<Admission> {
     let default = Admission {
         mode: AdmissionMode::Adaptive {
-            initial: 32,
+            initial: 8,
             min: 4,
             max: 1024,
         },
@@ -996,7 +996,7 @@ fn admission(
                     a.initial.as_ref(),
                     "initial",
                     (1, 1_000_000),
-                    32.clamp(min, max.max(min)),
+                    8.clamp(min, max.max(min)),
                 );
                 let problem = if min > max {
                     Some(format!("`min` ({min}) is above `max` ({max})"))
