@@ -24,8 +24,16 @@ cluster = "main"
 
 /// The merchant's quota: 50/s with a burst of 10, per fleet or instance.
 fn policy(redis: SocketAddr, scope: &str, timeout: &str) -> String {
+    // Admission off: these tests count 200s and 429s, and three fleets of
+    // k2proxy, Redis and the load generator share two cores; an adaptive
+    // limit then saw stalls as queueing and shed a few requests (1 run in 6
+    // before issue 17's second round, more after), which is not what these
+    // tests are about.
     format!(
         r#"tiers = ["purchase", "merchant"]
+
+[admission.main]
+mode = "off"
 
 [rate_limit_store]
 redis = "redis://{redis}/0"
@@ -150,7 +158,15 @@ async fn a_fleet_limit_holds_across_three_instances_and_an_instance_limit_does_n
         let ok = total(&report.targets, |t| t.outcomes.ok);
         let limited = total(&report.targets, |t| t.outcomes.rate_limited);
         let sent = total(&report.targets, |t| t.sent);
-        assert_eq!(ok + limited, sent, "{scope}: only 200s and 429s");
+        let other = |f: fn(&TargetReport) -> u64| total(&report.targets, f);
+        assert_eq!(
+            ok + limited,
+            sent,
+            "{scope}: only 200s and 429s (shed {}, errors {}, timeouts {})",
+            other(|t| t.outcomes.shed),
+            other(|t| t.outcomes.error),
+            other(|t| t.outcomes.timeout),
+        );
         accepted.push(ok as f64 / 10.0);
     }
     let (fleet, instance) = (accepted[0], accepted[1]);

@@ -44,7 +44,8 @@
 //! Three rules keep a fleet of instances (each with its own limit in front
 //! of one backend) from flooding the backend's own queue when load changes:
 //! - *Calm weather:* while under half of the limit is used, it follows the
-//!   use down to [`IDLE_HEADROOM`] times the most in flight in a window. N
+//!   use down to [`IDLE_HEADROOM`] times the most in flight in a window,
+//!   but not under `initial`. N
 //!   instances that kept a peak's limit, or `initial`, through a quiet spell
 //!   otherwise sent N times it into the backend the moment a peak started.
 //! - *Slow start:* from there (and from `initial`, which is small), while
@@ -95,7 +96,7 @@ const BACKOFF: f64 = 0.9;
 /// peak starts.
 const SLOW_START: f64 = 1.5;
 /// In calm weather the limit follows its use down to this many times the
-/// most requests in flight in a window (never under `min`): N instances
+/// most requests in flight in a window (never under `initial`): N instances
 /// each keeping `initial` (or a peak's limit) through a quiet spell would
 /// send N times that into the backend's own queue the moment a peak starts.
 const IDLE_HEADROOM: f64 = 2.0;
@@ -411,9 +412,15 @@ impl Gradient {
         // (measured with the backend's queue drained), so the spread that
         // queueing adds does not count.
         let ratio = (baseline + self.tolerance()) / short;
-        if ratio * FLOOD_RATIO < 1.0 && now >= self.halved_until && self.probed {
+        // Not in front of a sub-millisecond backend: there a window three
+        // times the baseline is a stalled CPU (a test machine running three
+        // fleets at once), not a queue, and halving it every few
+        // milliseconds took the limit to `min` and shed at a tenth of
+        // capacity.
+        if ratio * FLOOD_RATIO < 1.0 && now >= self.halved_until && self.probed && baseline > SLACK
+        {
             self.limit = (self.limit / 2.0).clamp(min, max);
-            self.halved_until = now + Duration::from_secs_f64(short);
+            self.halved_until = now + Duration::from_secs_f64(short).max(WINDOW_TIME);
             self.slow_start = false;
             return;
         }
@@ -435,7 +442,12 @@ impl Gradient {
         }
         if !busy {
             // Only shrink without evidence, and follow the use down.
-            target = target.min(self.limit).min(IDLE_HEADROOM * inflight);
+            // Not under `initial`, the limit a fresh instance starts at:
+            // a decayed limit hugging the use queued (and, past the target
+            // delay, shed) the burst that a stalled CPU lets through at a
+            // tenth of capacity.
+            let floor = f64::from(self.bounds.initial).max(IDLE_HEADROOM * inflight);
+            target = target.min(self.limit).min(floor);
             self.slow_start = true;
         }
         self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(min, max);
@@ -483,13 +495,16 @@ mod tests {
 
     #[test]
     fn follows_its_use_down_when_idle() {
-        // Two in flight against a limit of 20: the limit does not grow, and
-        // comes down to twice the use (`min` here), so that N instances do
-        // not send N × 20 into the backend the moment a peak starts.
+        // A peak took the limit far above `initial` (20)…
         let mut now = Instant::now();
         let mut l = Limit::adaptive(bounds(), now);
-        feed(&mut l, &mut now, 30, 20 * MS, 2);
-        assert_eq!(l.current(), 4);
+        feed(&mut l, &mut now, 30, 20 * MS, 1000);
+        assert!(l.current() > 60, "limit {}", l.current());
+        // …then two in flight: it comes back down, to `initial` and no
+        // lower, so that N instances do not send N peaks' limits into the
+        // backend the moment the next peak starts.
+        feed(&mut l, &mut now, 60, 20 * MS, 2);
+        assert_eq!(l.current(), 20);
     }
 
     #[test]
