@@ -43,6 +43,7 @@ env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), 
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -664,12 +665,24 @@ FLEET_LOADS = [int(x) for x in os.environ.get("FLEET_LOADS", "3,5").split(",")]
 FLEET_LOG = os.environ.get("FLEET_LOG", "info")
 
 
+def mean_service_s(service):
+    """The mean of a legacy-sim service time: "10ms", or "lognormal(10ms, 0.5)"
+    (median and sigma: the mean is median x e^(sigma^2 / 2))."""
+    m = re.fullmatch(r"\s*lognormal\(\s*([\d.]+)ms\s*,\s*([\d.]+)\s*\)\s*", service)
+    if m:
+        return float(m.group(1)) / 1000 * math.exp(float(m.group(2)) ** 2 / 2)
+    m = re.fullmatch(r"\s*([\d.]+)ms\s*", service)
+    if not m:
+        sys.exit(f"FLEET_SERVICE={service!r}: expected e.g. 10ms or lognormal(10ms, 0.5)")
+    return float(m.group(1)) / 1000
+
+
 def fleet():
     """N k2proxy instances behind an L4 balancer in front of one backend,
     against N HAProxy instances with priority classes and maxconn = workers / N
     (the oracle that knows the worker count)."""
     workers, service = int(os.environ.get("FLEET_WORKERS", "8")), os.environ.get("FLEET_SERVICE", "10ms")
-    capacity = workers / (float(service.rstrip("ms")) / 1000) * 0.9
+    capacity = workers / mean_service_s(service) * 0.9
     log(f"== fleet: legacy-sim {workers} workers x {service} (capacity ~{capacity:.0f}/s), "
         f"instances {FLEET_SIZES}, loads {FLEET_LOADS}x")
     runs = []

@@ -7,11 +7,18 @@
 //! QUEUE_ALLOWANCE × √limit`, so it settles where a request or two wait
 //! inside the backend: just past the knee, where the backend is busy all
 //! the time but its own (first-come, first-served) queue, which no tier can
-//! jump, stays that short. The tolerance is [`SLACK`] plus two standard
-//! errors of the mean of the window that set the baseline: a backend whose
-//! service time varies makes the minimum of window means low by about that
-//! much, and without it the limit settled under the worker count (and,
-//! with one, ratcheted down to 7 for 16 workers once an overload ended).
+//! jump, stays that short. The tolerance is what noise makes a window mean
+//! differ from the baseline by ([`SLACK`] at least): the baseline is a
+//! minimum of window means, so a backend whose service time varies puts
+//! it [`NOISE_ALLOWANCE`] standard errors of such a mean under the true
+//! mean, and the tolerance adds them back. The standard error comes from
+//! the backend's *spread* (coefficient of variation), pooled over the
+//! windows before the first probe, when k2proxy has not yet queued
+//! anything at the backend. Without it the limit settled under the worker
+//! count; a tolerance from the spread of the baseline window alone (the
+//! quietest window of all, in front of log-normal service times) held one
+//! instance at 12-16 for 16 workers at 3x, serving 0.72-0.85 of capacity
+//! (and, in real processes, 0.30-0.55).
 //! Priority is applied in our queue, not in the backend's. Timeouts and
 //! backend 503s are congestion: the limit backs off multiplicatively.
 //!
@@ -79,8 +86,15 @@ const QUEUE_ALLOWANCE: f64 = 0.3;
 /// may pay in the backend's queue, so it is kept as small as is stable
 /// (docs/benchmarks.md, "Tuning the controllers").
 const SLACK: f64 = 0.001;
-/// Standard errors of the window mean that count as noise, not queueing.
-const NOISE_ALLOWANCE: f64 = 2.0;
+/// Standard errors of a window mean that the minimum of a probe interval's
+/// window means (~100 of them) sits under their mean, and that count as
+/// noise, not queueing.
+const NOISE_ALLOWANCE: f64 = 2.5;
+/// Latency, in seconds, above the mean that noise may add before it counts
+/// as queueing (when the spread, not [`SLACK`], sets the tolerance).
+const NOISE_FLOOR: f64 = 0.0003;
+/// Weight of each window in the pooled spread of latencies.
+const SPREAD_WEIGHT: f64 = 0.05;
 /// A window mean above `baseline × STALE_RATIO`…
 const STALE_RATIO: f64 = 1.5;
 /// …for this long means the backend itself became slower.
@@ -220,8 +234,10 @@ pub struct Gradient {
     /// A probe has measured the baseline (until then the stale rule waits:
     /// at a cold start the limit is far from the knee).
     probed: bool,
-    /// The standard error of the mean of the window that set the baseline.
-    baseline_noise: f64,
+    /// The backend's coefficient of variation (spread / mean of latencies),
+    /// pooled over the windows before the first probe; `None` until a
+    /// window of two samples.
+    spread: Option<f64>,
     /// When the next probe of the uncongested latency is due.
     probe_due: Instant,
     /// While probing: the limit to restore, the lowered limit in force, and
@@ -254,7 +270,7 @@ impl Gradient {
             stale: None,
             good_inflight: f64::INFINITY,
             probed: false,
-            baseline_noise: 0.0,
+            spread: None,
             probe_due: now + PROBE_EVERY,
             probe: None,
             slow_start: true,
@@ -263,9 +279,16 @@ impl Gradient {
     }
 
     /// Latency above the baseline that is noise, not queueing: [`SLACK`]
-    /// plus [`NOISE_ALLOWANCE`] standard errors of the baseline window's mean.
+    /// or [`NOISE_ALLOWANCE`] standard errors of a window mean (and
+    /// [`NOISE_FLOOR`]) when that is more. The error is `spread × mean /
+    /// √samples`, and the mean is the baseline plus those errors.
     fn tolerance(&self) -> f64 {
-        SLACK + NOISE_ALLOWANCE * self.baseline_noise
+        let (Some(b), Some(cv)) = (self.baseline, self.spread) else {
+            return SLACK;
+        };
+        let root = f64::from(WINDOW_SAMPLES).sqrt();
+        let error = cv * b / (root - NOISE_ALLOWANCE * cv).max(1.0);
+        SLACK.max(NOISE_FLOOR + NOISE_ALLOWANCE * error)
     }
 
     /// The limit in force: lowered while a probe drains the backend's queue.
@@ -305,10 +328,10 @@ impl Gradient {
         let congested = self.window_congested > 0;
         let n = f64::from(self.window_count);
         let short = (self.window_count > 0).then(|| self.window_sum / n);
-        // The standard error of this window's mean.
-        let noise = short.map_or(0.0, |m| {
-            (self.window_sq / n - m * m).max(0.0).sqrt() / n.sqrt()
-        });
+        // This window's coefficient of variation.
+        let cv = short
+            .filter(|m| self.window_count > 1 && *m > 0.0)
+            .map(|m| (self.window_sq / n - m * m).max(0.0).sqrt() / m);
         let inflight = f64::from(self.window_max_inflight);
         let busy = inflight >= self.limit / 2.0;
         self.window_start = now;
@@ -324,16 +347,22 @@ impl Gradient {
             return;
         }
         let Some(short) = short else { return };
-        if self.probe_step(now, short, noise) {
+        if let Some(cv) = cv.filter(|_| !self.probed) {
+            // Later windows' spread includes queueing (ours or, in a fleet,
+            // the other instances'), and a tolerance that grows with it
+            // let a collapsing backend's queue grow too.
+            self.spread = Some(self.spread.map_or(cv, |p| p + SPREAD_WEIGHT * (cv - p)));
+        }
+        if self.probe_step(now, short) {
             return;
         }
-        let baseline = self.update_baseline(now, short, noise, inflight);
+        let baseline = self.update_baseline(now, short, inflight);
         self.step(now, short, baseline, inflight, busy);
     }
 
     /// Runs a probe of the uncongested latency, or starts one when due.
     /// Returns true when the window went to the probe.
-    fn probe_step(&mut self, now: Instant, short: f64, noise: f64) -> bool {
+    fn probe_step(&mut self, now: Instant, short: f64) -> bool {
         let min = f64::from(self.bounds.min);
         if let Some((saved, lowered, left)) = self.probe {
             if left > 1 {
@@ -345,7 +374,6 @@ impl Gradient {
             self.probe = None;
             self.limit = saved;
             self.baseline = Some(short);
-            self.baseline_noise = noise;
             self.probed = true;
             self.stale = None;
             self.probe_due = now + PROBE_EVERY;
@@ -364,14 +392,8 @@ impl Gradient {
 
     /// The baseline after a window of mean `short`: the lowest window mean,
     /// or the backend's new latency once it really became slower.
-    fn update_baseline(&mut self, now: Instant, short: f64, noise: f64, inflight: f64) -> f64 {
-        let mut baseline = match self.baseline {
-            Some(b) if b <= short => b,
-            _ => {
-                self.baseline_noise = noise;
-                short
-            }
-        };
+    fn update_baseline(&mut self, now: Instant, short: f64, inflight: f64) -> f64 {
+        let mut baseline = self.baseline.map_or(short, |b| b.min(short));
         // A latency that stays far above the baseline while the limit is
         // being cut is not a backlog (cuts drain a backlog within a few
         // windows): the backend became slower, and the baseline follows.
@@ -408,9 +430,9 @@ impl Gradient {
         // The baseline is a minimum of window means: when the backend's own
         // service time varies, it is low by two or three standard errors of
         // such a mean (the minimum of ~100 of them), and a gap of that size
-        // is noise, not queueing. The error is the baseline window's own
-        // (measured with the backend's queue drained), so the spread that
-        // queueing adds does not count.
+        // is noise, not queueing. The error comes from the spread seen
+        // before k2proxy queued anything, so the spread that queueing adds
+        // does not count.
         let ratio = (baseline + self.tolerance()) / short;
         // Not in front of a sub-millisecond backend: there a window three
         // times the baseline is a stalled CPU (a test machine running three
