@@ -39,7 +39,10 @@ env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), 
        overload, failover and fleet phases), K2PROXY_B_POLICY (the policy file
        B reads instead of policies/default.toml: a change of default beside
        a change of code), FLEET_LOG (RUST_LOG of the fleet's instances; "info",
-       the default, keeps the access log on as users run it)
+       the default, keeps the access log on as users run it), FLEET_WARMUP
+       (a discarded run of this length before each group of fleet runs, "3s";
+       "0" for none), FLEET_WORKERS / FLEET_SERVICE (the backend: "10ms" or
+       "lognormal(20ms, 0.5)")
 """
 
 import json
@@ -663,6 +666,9 @@ def admission_limits(admins):
 FLEET_SIZES = [int(x) for x in os.environ.get("FLEET_SIZES", "1,2,3").split(",")]
 FLEET_LOADS = [int(x) for x in os.environ.get("FLEET_LOADS", "3,5").split(",")]
 FLEET_LOG = os.environ.get("FLEET_LOG", "info")
+# A discarded run of this length opens each group of runs ("0" for none):
+# the first run after a size change was slower whichever binary ran it.
+FLEET_WARMUP = os.environ.get("FLEET_WARMUP", "3s")
 
 
 def mean_service_s(service):
@@ -694,7 +700,10 @@ def fleet():
                 # change was slower whichever binary ran it (the same binary
                 # as k2proxy and k2proxy B: p50 449 against 157 ms at 5x).
                 shift = (rnd - 1) % len(variants)
-                for v in variants[shift:] + variants[:shift]:
+                order = variants[shift:] + variants[:shift]
+                warm = FLEET_WARMUP not in ("", "0", "0s")
+                for i, v in enumerate((order[0],) + order if warm else order):
+                    warmup = warm and i == 0
                     sp, sim_port, _ = sim(workers, service, "legacy")
                     procs, ports, admins = [], [], []
                     for _ in range(n):
@@ -717,11 +726,16 @@ def fleet():
                             limits.append(admission_limits(admins))
                     t = threading.Thread(target=sample, daemon=True)
                     t.start()
-                    r = run_scenario(scenario_file(load, capacity, OVERLOAD_DURATION), f"http://127.0.0.1:{lb_port}")
+                    duration = FLEET_WARMUP if warmup else OVERLOAD_DURATION
+                    r = run_scenario(scenario_file(load, capacity, duration), f"http://127.0.0.1:{lb_port}")
                     stop_sampling.set()
                     t.join()
                     for p in [lb, *procs, sp]:
                         stop(p)
+                    if warmup:
+                        log(f"{load}x {n} x {v:<17} warm-up run ({duration}), not counted")
+                        time.sleep(0.3)
+                        continue
                     tt = {x["name"]: x for x in r["targets"]}
                     a = r["all"]["outcomes"]
                     row = {"load": load, "instances": n, "variant": v, "round": rnd,
