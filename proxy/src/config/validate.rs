@@ -964,6 +964,13 @@ fn matcher(c: &mut Check<'_>, raw: &raw::MatchRaw) -> Option<Matcher> {
     (c.errors.len() == before).then_some(m)
 }
 
+/// The adaptive limit's settings where a policy leaves them out
+/// (docs/policy.md): `initial`, `min`, `max`, and the queue's `max_queue`.
+const DEFAULT_INITIAL: u32 = 8;
+const DEFAULT_MIN: u32 = 4;
+const DEFAULT_MAX: u32 = 1024;
+const DEFAULT_MAX_QUEUE: u32 = 1024;
+
 fn admission(
     c: &mut Check<'_>,
     raw: &std::collections::BTreeMap<Spanned<String>, raw::AdmissionRaw>,
@@ -971,11 +978,11 @@ fn admission(
 ) -> Vec<Admission> {
     let default = Admission {
         mode: AdmissionMode::Adaptive {
-            initial: 8,
-            min: 4,
-            max: 1024,
+            initial: DEFAULT_INITIAL,
+            min: DEFAULT_MIN,
+            max: DEFAULT_MAX,
         },
-        max_queue: 1024,
+        max_queue: DEFAULT_MAX_QUEUE,
     };
     let mut out = vec![default.clone(); clusters.len()];
     for (name, a) in raw {
@@ -984,19 +991,24 @@ fn admission(
             c.err(name, format!("[admission.{}] names an unknown cluster: expected one of the clusters in routes.toml: {}", name.get_ref(), known.join(", ")));
             continue;
         };
-        let max_queue = c.int(a.max_queue.as_ref(), "max_queue", (0, 1_000_000), 1024);
+        let max_queue = c.int(
+            a.max_queue.as_ref(),
+            "max_queue",
+            (0, 1_000_000),
+            DEFAULT_MAX_QUEUE,
+        );
         let mode = match a.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
             None | Some((_, "adaptive")) => {
                 if let Some(l) = &a.limit {
                     c.err(l, "`limit` applies to mode = \"fixed\": an adaptive limit uses `initial`, `min` and `max`");
                 }
-                let min = c.int(a.min.as_ref(), "min", (1, 1_000_000), 4);
-                let max = c.int(a.max.as_ref(), "max", (1, 1_000_000), 1024);
+                let min = c.int(a.min.as_ref(), "min", (1, 1_000_000), DEFAULT_MIN);
+                let max = c.int(a.max.as_ref(), "max", (1, 1_000_000), DEFAULT_MAX);
                 let initial = c.int(
                     a.initial.as_ref(),
                     "initial",
                     (1, 1_000_000),
-                    8.clamp(min, max.max(min)),
+                    DEFAULT_INITIAL.clamp(min, max.max(min)),
                 );
                 let problem = if min > max {
                     Some(format!("`min` ({min}) is above `max` ({max})"))
