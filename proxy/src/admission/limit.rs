@@ -14,7 +14,8 @@
 //! mean, and the tolerance adds them back. The standard error comes from
 //! the backend's *spread* (coefficient of variation), pooled over the
 //! windows before the first probe, when k2proxy has not yet queued
-//! anything at the backend. Without it the limit settled under the worker
+//! anything at the backend, but for the very first (the quickest of the
+//! first requests, which finish first). Without it the limit settled under the worker
 //! count; a tolerance from the spread of the baseline window alone (the
 //! quietest window of all, in front of log-normal service times) held one
 //! instance at 12-16 for 16 workers at 3x, serving 0.72-0.85 of capacity
@@ -235,8 +236,8 @@ pub struct Gradient {
     /// at a cold start the limit is far from the knee).
     probed: bool,
     /// The backend's coefficient of variation (spread / mean of latencies),
-    /// pooled over the windows before the first probe; `None` until a
-    /// window of two samples.
+    /// pooled over the windows before the first probe but the first;
+    /// `None` until such a window of two samples.
     spread: Option<f64>,
     /// When the next probe of the uncongested latency is due.
     probe_due: Instant,
@@ -347,10 +348,15 @@ impl Gradient {
             return;
         }
         let Some(short) = short else { return };
-        if let Some(cv) = cv.filter(|_| !self.probed) {
-            // Later windows' spread includes queueing (ours or, in a fleet,
-            // the other instances'), and a tolerance that grows with it
-            // let a collapsing backend's queue grow too.
+        // Not the first window: its samples are the first requests to
+        // finish, the quickest of those sent at the start (a coefficient
+        // of 0.14 in front of a backend's 0.55), and the pooled spread
+        // took three seconds to forget it while the limit shed lower tiers
+        // at half capacity. Not after the first probe either: later
+        // windows' spread includes queueing (ours or, in a fleet, the
+        // other instances'), and a tolerance that grows with it let a
+        // collapsing backend's queue grow too.
+        if let Some(cv) = cv.filter(|_| !self.probed && self.baseline.is_some()) {
             self.spread = Some(self.spread.map_or(cv, |p| p + SPREAD_WEIGHT * (cv - p)));
         }
         if self.probe_step(now, short) {
@@ -690,6 +696,40 @@ mod tests {
             limits[5..].iter().all(|n| (16..=22).contains(n)),
             "limits {limits:?}"
         );
+    }
+
+    /// Feeds `windows` windows whose latencies alternate between `a` and `b`.
+    fn feed_alternating(l: &mut Limit, now: &mut Instant, windows: u32, a: Duration, b: Duration) {
+        for i in 0..windows * WINDOW_SAMPLES {
+            *now += MS;
+            let inflight = l.current();
+            l.on_sample(
+                *now,
+                Sample::Latency(if i % 2 == 0 { a } else { b }),
+                inflight,
+            );
+        }
+    }
+
+    #[test]
+    fn a_cold_start_does_not_take_its_quickest_requests_for_the_spread() {
+        // The first window holds the first requests to finish: the quickest
+        // (14-16 ms, spread 0.07). The backend's latencies are 10 and 30 ms
+        // (mean 20, spread 0.5). The tolerance must come from the backend's
+        // spread, or the 5 ms between the first window's mean and the true
+        // one reads as queueing and the limit sinks while nothing queues.
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(under_the_knee(), now);
+        feed_alternating(&mut l, &mut now, 1, 14 * MS, 16 * MS);
+        let start = l.current();
+        feed_alternating(&mut l, &mut now, 15, 10 * MS, 30 * MS);
+        // Without: the spread starts at 0.07, is still 0.3 fifteen windows
+        // later, and the limit falls (12 -> 11) while nothing queues.
+        assert!(l.current() >= start, "{start} -> {}", l.current());
+        let Limit::Adaptive(g) = &l else {
+            unreachable!()
+        };
+        assert!(g.spread.is_some_and(|s| s > 0.45), "spread {:?}", g.spread);
     }
 
     #[test]
