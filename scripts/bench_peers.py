@@ -36,7 +36,8 @@ env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), 
        LOADS (overload multiples, "1,2,3,5"), VARIANTS (overload proxies,
        "k2proxy,haproxy priority,nginx"), K2PROXY_B (a second k2proxy binary, say
        a build before a change: run as "k2proxy B" beside "k2proxy" in the
-       overload, failover and fleet phases), K2PROXY_B_POLICY (the policy file
+       overload, failover and fleet phases), KEEP_WORK (1: keep the scratch
+       directory with every process's log), K2PROXY_B_POLICY (the policy file
        B reads instead of policies/default.toml: a change of default beside
        a change of code), FLEET_LOG (RUST_LOG of the fleet's instances; "info",
        the default, keeps the access log on as users run it), FLEET_WARMUP
@@ -1034,7 +1035,10 @@ def main():
     finally:
         stop_all()
     print(f"wrote {base}.md and {base}.json")
-    shutil.rmtree(WORK, ignore_errors=True)
+    if os.environ.get("KEEP_WORK"):
+        print(f"kept {WORK} (every process's log)")
+    else:
+        shutil.rmtree(WORK, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ const IDLE_HEADROOM: f64 = 2.0;
 const FLOOD_RATIO: f64 = 3.0;
 /// A window closes after this many samples…
 const WINDOW_SAMPLES: u32 = 16;
-/// …or this much time with at least one sample.
+/// …or this much time with at least one sample (the first window: after
+/// its first sample).
 const WINDOW_TIME: Duration = Duration::from_millis(50);
 
 /// How a request that held a permit ended at the backend.
@@ -320,6 +321,16 @@ impl Gradient {
             }
             Sample::Congestion => self.window_congested += 1,
             Sample::Ignored => return,
+        }
+        if self.baseline.is_none() && self.window_count + self.window_congested == 1 {
+            // The first window's time runs from its first sample, not from
+            // start-up (the limit is made long before traffic comes): a
+            // first request that finished more than WINDOW_TIME after it
+            // was a window of its own, and set the baseline alone. In real
+            // processes that was 9.8 ms in front of a backend whose mean is
+            // 23, and the limit sat at `min` for as long as the probes took
+            // to raise the baseline (PROBE_RISE).
+            self.window_start = now;
         }
         self.window_max_inflight = self.window_max_inflight.max(inflight);
         let samples = self.window_count + self.window_congested;
@@ -768,6 +779,27 @@ mod tests {
         assert!((seen[1] - 25.0).abs() < 0.01, "{seen:?}");
         // Probe by probe, a latency that stays is followed.
         assert!((seen.last().unwrap() - 30.0).abs() < 0.01, "{seen:?}");
+    }
+
+    #[test]
+    fn the_first_window_starts_at_its_first_sample() {
+        // The limit is made at start-up; the first request comes a second
+        // later and takes 10 ms, the next fifteen 30 ms. Without this the
+        // first request closed a window of its own (more than 50 ms since
+        // the start) and 10 ms became the baseline.
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(under_the_knee(), now);
+        now += Duration::from_secs(1);
+        l.on_sample(now, Sample::Latency(10 * MS), 1);
+        for _ in 1..WINDOW_SAMPLES {
+            now += MS;
+            l.on_sample(now, Sample::Latency(30 * MS), 8);
+        }
+        let baseline = l.baseline().map(|b| b.as_secs_f64() * 1e3);
+        assert!(
+            baseline.is_some_and(|b| (b - 28.75).abs() < 0.01),
+            "{baseline:?}"
+        );
     }
 
     #[test]
