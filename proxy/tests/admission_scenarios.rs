@@ -5,7 +5,9 @@
 //! `[min, max]` of what was measured; every miss of every file is reported
 //! before the test fails. Seeded: a run is repeatable.
 //!
-//! `ADMISSION_SCENARIOS=<dir>` runs another folder; `SIM_DEBUG=1` prints
+//! `ADMISSION_SCENARIOS=<dir>` runs another folder (from the repository's
+//! root: `proxy/tests/data/admission-open` holds the problems still open,
+//! which fail); `SIM_DEBUG=1` prints
 //! the limit sum and backend queue over time; `SIM_PRINT=key,key` prints
 //! those measurements of every phase (to compare two controllers);
 //! `SIM_SEED=n` shifts every seed (to see the spread); `SIM_CSV=<dir>`
@@ -637,10 +639,11 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
 
 #[test]
 fn admission_scenarios_meet_their_expected_ranges() {
-    // ADMISSION_SCENARIOS=<dir> runs the files of another folder (exploring).
+    // ADMISSION_SCENARIOS=<dir> runs the files of another folder (exploring;
+    // a relative path is from the repository's root).
     let dir = std::env::var_os("ADMISSION_SCENARIOS").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/admission"),
-        PathBuf::from,
+        |d| repo().join(d),
     );
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
