@@ -28,10 +28,8 @@
 //! everything the gradient lets wait (the queue allowance and the requests
 //! the tolerance admits): at the settling point that leaves every worker
 //! busy and drains the backend's queue, so the second window measures the
-//! backend's latency as it is now, and that becomes the baseline (raised by
-//! at most [`PROBE_RISE`]: in a fleet the other instances' queue does not
-//! drain for our probe). This is BBR's ProbeRTT, scaled down to cost
-//! nothing at the knee. Gradient2's long
+//! backend's latency as it is now, and that becomes the baseline. This is
+//! BBR's ProbeRTT, scaled down to cost nothing at the knee. Gradient2's long
 //! moving average instead follows the backend's own backlog up under
 //! sustained overload and lets the limit run away; a minimum that only rises
 //! by drift does the same slowly when latency noise is small.
@@ -75,8 +73,6 @@ use std::time::{Duration, Instant};
 /// [`PROBE_WINDOWS`] windows, to measure the backend with its queue drained.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 const PROBE_WINDOWS: u8 = 2;
-/// The most a probe raises the baseline by, as a factor.
-const PROBE_RISE: f64 = 1.25;
 /// Requests the limit lets wait at the backend, in units of √limit.
 ///
 /// Every request queued there adds to every purchase's latency (the backend
@@ -328,8 +324,7 @@ impl Gradient {
             // first request that finished more than WINDOW_TIME after it
             // was a window of its own, and set the baseline alone. In real
             // processes that was 9.8 ms in front of a backend whose mean is
-            // 23, and the limit sat at `min` for as long as the probes took
-            // to raise the baseline (PROBE_RISE).
+            // 23, and the limit sat at `min` until the first probe.
             self.window_start = now;
         }
         self.window_max_inflight = self.window_max_inflight.max(inflight);
@@ -392,17 +387,9 @@ impl Gradient {
                 return true;
             }
             // The backend's queue has drained: this is its latency now.
-            // Unless other instances hold a queue there that our probe
-            // cannot drain: then a higher latency is theirs, and taking it
-            // for the baseline made the instance that probed the most
-            // aggressive of the fleet, whose queue the others' next probes
-            // measured in turn. So a probe raises the baseline by at most
-            // [`PROBE_RISE`]; a backend that really became slower is
-            // followed by the stale rule (`update_baseline`).
             self.probe = None;
             self.limit = saved;
-            let cap = self.baseline.map_or(short, |b| b * PROBE_RISE);
-            self.baseline = Some(short.min(cap));
+            self.baseline = Some(short);
             self.probed = true;
             self.stale = None;
             self.probe_due = now + PROBE_EVERY;
@@ -612,15 +599,13 @@ mod tests {
         let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 20, 20 * MS, 1000);
         // Latency doubles for good: the limit first falls, then the baseline
-        // rises (the first probe by a quarter, the stale rule the rest) and
-        // the limit grows again.
+        // rises (5%/s) and the limit grows again.
         feed(&mut l, &mut now, 20, 40 * MS, 1000);
         let low = l.current();
-        for _ in 0..40 {
+        for _ in 0..30 {
             now += Duration::from_secs(1);
             feed(&mut l, &mut now, 1, 40 * MS, 1000);
         }
-        assert_eq!(l.baseline(), Some(40 * MS));
         assert!(l.current() > low, "{low} -> {}", l.current());
     }
 
@@ -755,30 +740,6 @@ mod tests {
             unreachable!()
         };
         assert!(g.spread.is_some_and(|s| s > 0.45), "spread {:?}", g.spread);
-    }
-
-    #[test]
-    fn a_probe_raises_the_baseline_by_at_most_a_quarter() {
-        // 20 ms, then 30 ms (under the stale rule's 1.5x): as another
-        // instance's queue at the backend looks to a probe that cannot
-        // drain it. Without the bound the first probe took 30 ms for the
-        // uncongested latency at once.
-        let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
-        let baseline = |l: &Limit| l.baseline().unwrap().as_secs_f64() * 1e3;
-        feed(&mut l, &mut now, 400, 20 * MS, 1000);
-        assert!((baseline(&l) - 20.0).abs() < 0.01, "{}", baseline(&l));
-        let mut seen = vec![];
-        for _ in 0..800 {
-            feed(&mut l, &mut now, 1, 30 * MS, 1000);
-            if seen.last() != Some(&baseline(&l)) {
-                seen.push(baseline(&l));
-            }
-        }
-        assert!(seen.len() >= 3, "{seen:?}");
-        assert!((seen[1] - 25.0).abs() < 0.01, "{seen:?}");
-        // Probe by probe, a latency that stays is followed.
-        assert!((seen.last().unwrap() - 30.0).abs() < 0.01, "{seen:?}");
     }
 
     #[test]
