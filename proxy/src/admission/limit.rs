@@ -44,6 +44,15 @@
 //! starts, or overshot, far above the knee) and says nothing about the
 //! backend's speed.
 //!
+//! *Quiet windows* (fewer than half of [`WINDOW_SAMPLES`] requests, and
+//! under half of the limit in flight: a night) are too small for a mean
+//! whose noise the tolerance knows: they fill a *block* across windows, and
+//! a block of [`WINDOW_SAMPLES`] counts as a window would for the baseline
+//! and the spread. No probe starts in a quiet window. Before, a night's
+//! quickest lone request (and a probe's lone window) set the baseline, and
+//! the morning read as queueing. A busy window of a few requests is a slow
+//! backend and counts as it is.
+//!
 //! There is no warm-up that measures a minimum RTT at low concurrency (as
 //! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
 //! from the first window on. The limit only grows while the site is using at
@@ -150,7 +159,7 @@ pub struct Bounds {
 #[derive(Debug, Clone)]
 pub enum Limit {
     Fixed(u32),
-    Adaptive(Gradient),
+    Adaptive(Box<Gradient>),
 }
 
 impl Limit {
@@ -159,7 +168,7 @@ impl Limit {
     }
 
     pub fn adaptive(bounds: Bounds, now: Instant) -> Limit {
-        Limit::Adaptive(Gradient::new(bounds, now))
+        Limit::Adaptive(Box::new(Gradient::new(bounds, now)))
     }
 
     /// Whether the limit learns the backend's knee (and so moves past slots
@@ -227,6 +236,13 @@ pub struct Gradient {
     window_count: u32,
     window_congested: u32,
     window_max_inflight: u32,
+    /// Latencies of the windows since the last block closed (sum, squares,
+    /// count): the baseline and the spread come from blocks of at least
+    /// [`WINDOW_SAMPLES`], however many windows that takes.
+    block: (f64, f64, u32),
+    /// The baseline is a guess from windows of a few requests, until the
+    /// first block or full window replaces it.
+    provisional: bool,
     /// Since when window means have stayed above `baseline × STALE_RATIO`,
     /// and the lowest of them in the stretch's second half.
     stale: Option<(Instant, f64)>,
@@ -269,6 +285,8 @@ impl Gradient {
             window_count: 0,
             window_congested: 0,
             window_max_inflight: 0,
+            block: (0.0, 0.0, 0),
+            provisional: false,
             stale: None,
             good_inflight: f64::INFINITY,
             probed: false,
@@ -339,12 +357,23 @@ impl Gradient {
         let congested = self.window_congested > 0;
         let n = f64::from(self.window_count);
         let short = (self.window_count > 0).then(|| self.window_sum / n);
+        let small = self.window_count < WINDOW_SAMPLES / 2;
         // This window's coefficient of variation.
         let cv = short
             .filter(|m| self.window_count > 1 && *m > 0.0)
             .map(|m| (self.window_sq / n - m * m).max(0.0).sqrt() / m);
         let inflight = f64::from(self.window_max_inflight);
         let busy = inflight >= self.limit / 2.0;
+        // A quiet window (a few requests, under half the limit in flight:
+        // a night) is too small for a mean whose noise the tolerance knows:
+        // it joins a block, and the block counts once it holds a window's
+        // worth. A busy window of a few is a slow backend and counts as is.
+        let quiet = small && !busy;
+        if quiet {
+            self.block.0 += self.window_sum;
+            self.block.1 += self.window_sq;
+            self.block.2 += self.window_count;
+        }
         self.window_start = now;
         self.window_sum = 0.0;
         self.window_sq = 0.0;
@@ -358,6 +387,7 @@ impl Gradient {
             return;
         }
         let Some(short) = short else { return };
+        let block = if quiet { self.take_block() } else { None };
         // Not the first window: its samples are the first requests to
         // finish, the quickest of those sent at the start (a coefficient
         // of 0.14 in front of a backend's 0.55), and the pooled spread
@@ -366,19 +396,26 @@ impl Gradient {
         // windows' spread includes queueing (ours or, in a fleet, the
         // other instances'), and a tolerance that grows with it let a
         // collapsing backend's queue grow too.
-        if let Some(cv) = cv.filter(|_| !self.probed && self.baseline.is_some()) {
+        let cv = if quiet { block.map(|b| b.1) } else { cv };
+        let learnt = self.baseline.is_some() && !self.provisional;
+        if let Some(cv) = cv.filter(|_| !self.probed && learnt) {
             self.spread = Some(self.spread.map_or(cv, |p| p + SPREAD_WEIGHT * (cv - p)));
         }
-        if self.probe_step(now, short) {
+        if self.probe_step(now, short, quiet) {
             return;
         }
-        let baseline = self.update_baseline(now, short, inflight);
+        let seen = if quiet {
+            block.map(|b| b.0)
+        } else {
+            Some(short)
+        };
+        let baseline = self.update_baseline(now, short, seen, inflight);
         self.step(now, short, baseline, inflight, busy);
     }
 
     /// Runs a probe of the uncongested latency, or starts one when due.
     /// Returns true when the window went to the probe.
-    fn probe_step(&mut self, now: Instant, short: f64) -> bool {
+    fn probe_step(&mut self, now: Instant, short: f64, quiet: bool) -> bool {
         let min = f64::from(self.bounds.min);
         if let Some((saved, lowered, left)) = self.probe {
             if left > 1 {
@@ -386,16 +423,22 @@ impl Gradient {
                 self.probe = Some((saved, lowered, left - 1));
                 return true;
             }
-            // The backend's queue has drained: this is its latency now.
+            // The backend's queue has drained: this is its latency now
+            // (unless the load fell away meanwhile, to a few requests).
             self.probe = None;
             self.limit = saved;
-            self.baseline = Some(short);
+            if !quiet {
+                self.baseline = Some(short);
+                self.provisional = false;
+            }
             self.probed = true;
             self.stale = None;
             self.probe_due = now + PROBE_EVERY;
             return true;
         }
-        if now >= self.probe_due {
+        // Not in a quiet window: its few requests cannot say more than the
+        // blocks do, and a probe's one-request window set the baseline.
+        if now >= self.probe_due && !quiet {
             // Below the settling point by everything the gradient lets wait:
             // the queue allowance and the requests the tolerance admits.
             let kept = self.baseline.map_or(1.0, |b| b / (b + self.tolerance()));
@@ -406,10 +449,31 @@ impl Gradient {
         false
     }
 
-    /// The baseline after a window of mean `short`: the lowest window mean,
-    /// or the backend's new latency once it really became slower.
-    fn update_baseline(&mut self, now: Instant, short: f64, inflight: f64) -> f64 {
-        let mut baseline = self.baseline.map_or(short, |b| b.min(short));
+    /// The baseline after a window of mean `short` (`seen`: the mean that
+    /// counts, of the window or of a full block; none for a quiet window
+    /// while its block fills): the lowest such mean, or the backend's new
+    /// latency once it really became slower. Until the first mean that
+    /// counts, the lowest window mean is a provisional baseline, replaced
+    /// by that first one.
+    fn update_baseline(
+        &mut self,
+        now: Instant,
+        short: f64,
+        seen: Option<f64>,
+        inflight: f64,
+    ) -> f64 {
+        let mut baseline = match (self.baseline, seen) {
+            (Some(b), Some(m)) if !self.provisional => b.min(m),
+            (_, Some(m)) => {
+                self.provisional = false;
+                m
+            }
+            (Some(b), None) if !self.provisional => b,
+            (b, None) => {
+                self.provisional = true;
+                b.map_or(short, |b| b.min(short))
+            }
+        };
         // A latency that stays far above the baseline while the limit is
         // being cut is not a backlog (cuts drain a backlog within a few
         // windows): the backend became slower, and the baseline follows.
@@ -437,6 +501,19 @@ impl Gradient {
         }
         self.baseline = Some(baseline);
         baseline
+    }
+
+    /// The mean and coefficient of variation of the block, once it holds
+    /// [`WINDOW_SAMPLES`]; the next block starts empty.
+    fn take_block(&mut self) -> Option<(f64, f64)> {
+        let (sum, sq, count) = self.block;
+        if count < WINDOW_SAMPLES {
+            return None;
+        }
+        self.block = (0.0, 0.0, 0);
+        let n = f64::from(count);
+        let mean = sum / n;
+        (mean > 0.0).then(|| (mean, (sq / n - mean * mean).max(0.0).sqrt() / mean))
     }
 
     /// Moves the limit after a window of mean `short` with at most
@@ -740,6 +817,27 @@ mod tests {
             unreachable!()
         };
         assert!(g.spread.is_some_and(|s| s > 0.45), "spread {:?}", g.spread);
+    }
+
+    #[test]
+    fn a_night_of_lone_requests_learns_the_mean_not_the_quickest() {
+        // One request a second, 10 ms and 30 ms in turn (mean 20), each a
+        // window of its own. Without blocks the quickest lone request (10
+        // ms) became the baseline, and a probe's lone window set it too:
+        // in the morning every window read as queueing.
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(under_the_knee(), now);
+        for i in 0..120 {
+            now += Duration::from_secs(1);
+            let latency = if i % 2 == 0 { 10 * MS } else { 30 * MS };
+            l.on_sample(now, Sample::Latency(latency), 1);
+        }
+        let baseline = l.baseline().unwrap().as_secs_f64() * 1e3;
+        assert!((baseline - 20.0).abs() < 0.01, "{baseline}");
+        // The morning: full windows at 20 ms are not queueing, and the
+        // limit is free to grow with the load.
+        feed(&mut l, &mut now, 20, 20 * MS, 1000);
+        assert!(l.current() > 16, "{}", l.current());
     }
 
     #[test]
