@@ -387,7 +387,14 @@ impl Gradient {
             return;
         }
         let Some(short) = short else { return };
-        let block = if quiet { self.take_block() } else { None };
+        // What counts of this window: its own mean and spread, or a quiet
+        // window's block once full (nothing while it fills).
+        let (seen, cv) = if quiet {
+            self.take_block()
+                .map_or((None, None), |(m, c)| (Some(m), Some(c)))
+        } else {
+            (Some(short), cv)
+        };
         // Not the first window: its samples are the first requests to
         // finish, the quickest of those sent at the start (a coefficient
         // of 0.14 in front of a backend's 0.55), and the pooled spread
@@ -396,7 +403,6 @@ impl Gradient {
         // windows' spread includes queueing (ours or, in a fleet, the
         // other instances'), and a tolerance that grows with it let a
         // collapsing backend's queue grow too.
-        let cv = if quiet { block.map(|b| b.1) } else { cv };
         let learnt = self.baseline.is_some() && !self.provisional;
         if let Some(cv) = cv.filter(|_| !self.probed && learnt) {
             self.spread = Some(self.spread.map_or(cv, |p| p + SPREAD_WEIGHT * (cv - p)));
@@ -404,11 +410,6 @@ impl Gradient {
         if self.probe_step(now, short, quiet) {
             return;
         }
-        let seen = if quiet {
-            block.map(|b| b.0)
-        } else {
-            Some(short)
-        };
         let baseline = self.update_baseline(now, short, seen, inflight);
         self.step(now, short, baseline, inflight, busy);
     }
