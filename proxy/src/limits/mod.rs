@@ -11,6 +11,13 @@
 //! is held and goes to the store only to lease the next batch. While the
 //! store is down, a fleet rule counts here at `per_second / fleet_size`.
 //!
+//! A store that flaps (slow, down for a moment, back) must not hand out a
+//! fresh burst at each change. So the local bucket follows what this
+//! instance admits in fleet mode too (a fallback starts from its recent
+//! use, not full), and what the fallback admitted is owed to the store and
+//! spent there with the next lease (the store's bucket, refilled while
+//! nobody asked it, returns no fuller than the fleet left it).
+//!
 //! Memory is bounded: keys idle long enough to be back at a full bucket are
 //! evicted once a second ([`Limiters::evict_idle`]). A rule that a reload
 //! leaves unchanged keeps its buckets and leases (`runtime::carry`).
@@ -29,7 +36,7 @@ use http::HeaderMap;
 
 use crate::classify::TierId;
 use crate::config::{MissingKey, RateKey, RateLimit, RateLimitStore, RateScope};
-pub use store::{Lease, Store};
+pub use store::{Ask, Lease, Store, StoreError};
 
 /// The key of the one bucket shared by requests without the rule's key.
 const MISSING: &str = "(missing)";
@@ -56,11 +63,29 @@ pub struct Limiter {
     batch: u32,
 }
 
-/// Tokens leased for one key, usable until `until`.
+/// Tokens leased for one key, usable until `until`; and tokens the
+/// fallback admitted for it, owed to the store until `owed_until`.
 #[derive(Debug, Clone, Copy)]
 struct Held {
     tokens: u32,
     until: Instant,
+    owed: u32,
+    owed_until: Instant,
+}
+
+impl Held {
+    fn new(now: Instant) -> Held {
+        Held {
+            tokens: 0,
+            until: now,
+            owed: 0,
+            owed_until: now,
+        }
+    }
+
+    fn live(&self, now: Instant) -> bool {
+        self.until > now || self.owed_until > now
+    }
 }
 
 impl std::fmt::Debug for Limiter {
@@ -149,15 +174,39 @@ impl Limiter {
 
     fn hold(&self, key: String, tokens: u32, now: Instant) {
         let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        let h = leases.entry(key).or_insert(Held {
-            tokens: 0,
-            until: now,
-        });
+        let h = leases.entry(key).or_insert(Held::new(now));
         if h.until <= now {
             h.tokens = 0;
         }
         h.tokens += tokens;
         h.until = now + LEASE_TTL;
+    }
+
+    /// Takes what `key` owes the store (0 once stale: the store's bucket
+    /// has refilled past it).
+    fn take_owed(&self, key: &str, now: Instant) -> u32 {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        match leases.get_mut(key) {
+            Some(h) if h.owed_until > now => std::mem::take(&mut h.owed),
+            _ => 0,
+        }
+    }
+
+    fn owe(&self, key: String, tokens: u32, now: Instant) {
+        if tokens == 0 {
+            return;
+        }
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let h = leases.entry(key).or_insert(Held::new(now));
+        h.owed += tokens;
+        h.owed_until = now + LEASE_TTL;
+    }
+
+    /// A fleet admission, counted in the local bucket as well (its verdict
+    /// does not matter here): a fallback then starts from this instance's
+    /// recent use.
+    fn mirror(&self, key: &String) {
+        let _ = self.buckets.check_key(key);
     }
 
     /// A fleet rule's check: a leased token, else a lease from the store,
@@ -170,20 +219,18 @@ impl Limiter {
     ) -> Result<(), Duration> {
         let now = Instant::now();
         if self.take_leased(&key, now) {
+            self.mirror(&key);
             return Ok(());
         }
-        let lease = store
-            .lease(
-                &self.rule.name,
-                &key,
-                self.rule.per_second,
-                self.rule.burst,
-                self.batch,
-                timeout,
-            )
-            .await;
-        match lease {
+        let ask = Ask {
+            per_second: self.rule.per_second,
+            burst: self.rule.burst,
+            want: self.batch,
+            owed: self.take_owed(&key, now),
+        };
+        match store.lease(&self.rule.name, &key, ask, timeout).await {
             Ok(Lease::Granted(n)) => {
+                self.mirror(&key);
                 if n > 1 {
                     self.hold(key, n - 1, now);
                 }
@@ -193,7 +240,14 @@ impl Limiter {
             Err(e) => {
                 tracing::debug!(rule = %self.rule.name, error = %e, "rate limit decided locally");
                 store.count_fallback();
-                self.check_local(&key)
+                let verdict = self.check_local(&key);
+                // A lease that timed out most likely ran (Redis was slow,
+                // not gone): what it carried, and this request's token, are
+                // spent there already.
+                if !matches!(e, StoreError::Timeout(_)) {
+                    self.owe(key, ask.owed + u32::from(verdict.is_ok()), now);
+                }
+                verdict
             }
         }
     }
@@ -257,7 +311,7 @@ impl Limiters {
             l.buckets.retain_recent();
             l.buckets.shrink_to_fit();
             let mut leases = l.leases.lock().unwrap_or_else(|e| e.into_inner());
-            leases.retain(|_, h| h.until > now);
+            leases.retain(|_, h| h.live(now));
             leases.shrink_to_fit();
         }
     }

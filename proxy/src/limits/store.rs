@@ -21,24 +21,34 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 
 /// GCRA, batched. KEYS[1]: the bucket. ARGV: emission interval (µs per
-/// token), burst (tokens), want (tokens). Returns {granted, wait_us}.
+/// token), burst (tokens), want (tokens), owed (tokens this instance
+/// admitted on its own while the store was down or slow). Returns
+/// {granted, wait_us}.
 const LEASE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local owed = tonumber(ARGV[4])
+local stored = tonumber(redis.call('GET', KEYS[1]) or now)
+local tat = stored
+-- What was admitted without the store is spent here too, on the TAT the
+-- fleet left (not on now: the refill while nobody asked the store pays for
+-- the quota the fallbacks honoured), down to an empty bucket at most:
+-- nobody is refused later for what the fallbacks admitted.
+if owed > 0 then tat = math.min(tat + owed * interval, now + burst * interval) end
 if tat < now then tat = now end
+local start = math.max(stored, now)
 -- Tokens that fit: each moves TAT by one interval; TAT may run ahead of
 -- now by at most burst intervals.
 local room = math.floor((now + burst * interval - tat) / interval)
 local granted = math.min(want, math.max(room, 0))
-if granted > 0 then
-  tat = tat + granted * interval
+tat = tat + granted * interval
+if tat > start then
   redis.call('SET', KEYS[1], tat, 'PX', math.ceil((tat - now) / 1000) + 1000)
-  return {granted, 0}
 end
+if granted > 0 then return {granted, 0} end
 return {0, tat + interval - (now + burst * interval)}
 "#;
 
@@ -52,6 +62,20 @@ pub enum Lease {
     Granted(u32),
     /// None left; the next comes after this wait.
     Empty(Duration),
+}
+
+/// One lease request: the rule's quota, the tokens wanted, and the tokens
+/// owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub per_second: u32,
+    pub burst: u32,
+    /// Tokens to lease (the rule's batch).
+    pub want: u32,
+    /// Tokens this instance admitted for the key on its own (store down or
+    /// slow) since its last lease: the store spends them first, so a store
+    /// that flaps does not hand the fleet a fresh burst on each return.
+    pub owed: u32,
 }
 
 /// Why the store could not answer.
@@ -156,15 +180,14 @@ impl Store {
         Ok(c)
     }
 
-    /// Up to `want` tokens of `rule`'s bucket `key`, within `timeout`. A
+    /// Up to `want` tokens of `rule`'s bucket `key`, within `timeout`,
+    /// after spending `owed` (admitted by the fallback; see [`Ask`]). A
     /// failure marks the store down (and the caller falls back).
     pub async fn lease(
         self: &Arc<Self>,
         rule: &str,
         key: &str,
-        per_second: u32,
-        burst: u32,
-        want: u32,
+        ask: Ask,
         timeout: Duration,
     ) -> Result<Lease, StoreError> {
         if !self.is_up() {
@@ -173,13 +196,14 @@ impl Store {
         }
         let result = tokio::time::timeout(timeout, async {
             let mut c = self.connection(timeout).await?;
-            let interval_us = (1_000_000 / u64::from(per_second.max(1))).max(1);
+            let interval_us = (1_000_000 / u64::from(ask.per_second.max(1))).max(1);
             let (granted, wait_us): (u32, u64) = self
                 .script
                 .key(format!("{}{rule}:{key}", self.prefix))
                 .arg(interval_us)
-                .arg(burst)
-                .arg(want)
+                .arg(ask.burst)
+                .arg(ask.want)
+                .arg(ask.owed)
                 .invoke_async(&mut c)
                 .await?;
             Ok::<_, StoreError>(if granted > 0 {
@@ -225,5 +249,97 @@ impl Store {
                 store.set_up(true);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lease script on a real redis-server (`make test-deps` installs
+    //! it).
+    use super::*;
+
+    /// A redis-server on a free loopback port, killed on drop.
+    struct Redis(std::process::Child, String);
+
+    impl Redis {
+        fn start() -> Redis {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server is not installed: run `make test-deps`");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not listen");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Redis(child, format!("redis://127.0.0.1:{port}/0"))
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn store(redis: &Redis) -> Arc<Store> {
+        let up = prometheus::IntGauge::new("up", "up").unwrap();
+        let fallbacks = prometheus::IntCounter::new("fallbacks", "fallbacks").unwrap();
+        Store::new(&redis.1, up, fallbacks).unwrap()
+    }
+
+    /// 50/s (20 ms a token), a burst of 10.
+    fn ask(want: u32, owed: u32) -> Ask {
+        Ask {
+            per_second: 50,
+            burst: 10,
+            want,
+            owed,
+        }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+
+    #[tokio::test]
+    async fn what_the_fallback_owes_is_spent_before_anything_is_granted() {
+        let redis = Redis::start();
+        let s = store(&redis);
+        let lease = |key: &'static str, a: Ask| {
+            let s = s.clone();
+            async move { s.lease("r", key, a, TIMEOUT).await.unwrap() }
+        };
+        assert_eq!(lease("a", ask(10, 0)).await, Lease::Granted(10));
+        assert_eq!(lease("b", ask(10, 4)).await, Lease::Granted(6));
+        // Owing far more than the bucket holds: an empty bucket, no more
+        // (the next token in one interval, not after the whole debt).
+        let Lease::Empty(wait) = lease("c", ask(10, 1000)).await else {
+            panic!("a debt of 1000 tokens granted some");
+        };
+        assert!(wait <= Duration::from_millis(20), "{wait:?}");
+    }
+
+    #[tokio::test]
+    async fn the_refill_while_the_store_was_away_pays_for_what_the_fallback_admitted() {
+        let redis = Redis::start();
+        let s = store(&redis);
+        // The fleet empties the bucket, then the store is away for 800 ms
+        // (40 tokens of refill) while the fallbacks admit 10: the bucket is
+        // full again. A debt charged from now instead would empty it.
+        assert_eq!(
+            s.lease("r", "k", ask(10, 0), TIMEOUT).await.unwrap(),
+            Lease::Granted(10)
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(
+            s.lease("r", "k", ask(10, 10), TIMEOUT).await.unwrap(),
+            Lease::Granted(10)
+        );
     }
 }
