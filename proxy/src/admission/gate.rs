@@ -432,6 +432,8 @@ impl<W> Gate<W> {
         if let Some(n) = self.tier_inflight.get_mut(tier) {
             *n = n.saturating_sub(1);
         }
+        let urgent = self.rules.refuse_standing_queue && self.standing.pressing(now);
+        self.limit.set_urgent(urgent);
         self.limit.on_sample(now, sample, self.inflight + 1);
         self.tick(now);
     }

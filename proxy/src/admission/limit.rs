@@ -109,6 +109,10 @@ const SPREAD_WEIGHT: f64 = 0.05;
 const STALE_RATIO: f64 = 1.5;
 /// …for this long means the backend itself became slower.
 const STALE_AFTER: Duration = Duration::from_millis(300);
+/// The latency, as a share of the baseline, that an instance whose
+/// `never_shed` tiers wait tolerates above what others do
+/// ([`Limit::set_urgent`]).
+const URGENT_CLAIM: f64 = 0.2;
 /// Weight of each new target in the limit.
 const SMOOTHING: f64 = 0.25;
 /// Multiplicative back-off on congestion (timeouts, backend 503s).
@@ -213,6 +217,20 @@ impl Limit {
         }
     }
 
+    /// Whether this instance's `never_shed` tiers wait while every other
+    /// tier is shed: then it tolerates [`URGENT_CLAIM`] more latency at the
+    /// backend than an instance that is not pressed, and so claims capacity
+    /// from the others in a fleet (a delay-based controller with a higher
+    /// target takes bandwidth from one with a lower target). The others see
+    /// the latency rise, lower their limits and shed their lower tiers
+    /// first; once their own purchases wait, they claim alike and the
+    /// shares are even again, all of them purchases.
+    pub fn set_urgent(&mut self, urgent: bool) {
+        if let Limit::Adaptive(g) = self {
+            g.urgent = urgent;
+        }
+    }
+
     /// Applies new settings from a reload, keeping what was learned.
     pub fn reconfigure(&mut self, new: &Limit) {
         match (self as &mut Limit, new) {
@@ -266,6 +284,8 @@ pub struct Gradient {
     slow_start: bool,
     /// No halving before this (once per latency).
     halved_until: Instant,
+    /// This instance's `never_shed` tiers wait (see [`Limit::set_urgent`]).
+    urgent: bool,
 }
 
 impl Gradient {
@@ -295,6 +315,7 @@ impl Gradient {
             probe: None,
             slow_start: true,
             halved_until: now,
+            urgent: false,
         }
     }
 
@@ -527,7 +548,12 @@ impl Gradient {
         // is noise, not queueing. The error comes from the spread seen
         // before k2proxy queued anything, so the spread that queueing adds
         // does not count.
-        let ratio = (baseline + self.tolerance()) / short;
+        let claim = if self.urgent {
+            URGENT_CLAIM * baseline
+        } else {
+            0.0
+        };
+        let ratio = (baseline + self.tolerance() + claim) / short;
         // Not in front of a sub-millisecond backend: there a window three
         // times the baseline is a stalled CPU (a test machine running three
         // fleets at once), not a queue, and halving it every few
@@ -669,6 +695,23 @@ mod tests {
         assert!(l.current() * 4 < high * 3, "{} -> {}", high, l.current());
         feed(&mut l, &mut now, 200, 400 * MS, 1000);
         assert!(l.current() >= 4);
+    }
+
+    #[test]
+    fn an_urgent_limit_holds_at_a_latency_others_back_off_from() {
+        let mut now = Instant::now();
+        let mut calm = Limit::adaptive(bounds(), now);
+        feed(&mut calm, &mut now, 20, 20 * MS, 1000);
+        let start = calm.current();
+        let mut urgent = calm.clone();
+        urgent.set_urgent(true);
+        let mut then = now;
+        // 15% over the baseline: queueing for an instance that is not
+        // pressed, within the claim of one whose purchases wait.
+        feed(&mut calm, &mut now, 10, 23 * MS, 1000);
+        feed(&mut urgent, &mut then, 10, 23 * MS, 1000);
+        assert!(calm.current() < start, "{start} -> {}", calm.current());
+        assert!(urgent.current() >= start, "{start} -> {}", urgent.current());
     }
 
     #[test]
