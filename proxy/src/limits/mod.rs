@@ -36,7 +36,8 @@ use http::HeaderMap;
 
 use crate::classify::TierId;
 use crate::config::{MissingKey, RateKey, RateLimit, RateLimitStore, RateScope};
-pub use store::{Ask, Lease, Store, StoreError};
+use store::{Ask, StoreError};
+pub use store::{Lease, Store};
 
 /// The key of the one bucket shared by requests without the rule's key.
 const MISSING: &str = "(missing)";
