@@ -24,25 +24,30 @@
 //! backend 503s are congestion: the limit backs off multiplicatively.
 //!
 //! `baseline` is the lowest window mean since the last probe. Every
-//! [`PROBE_EVERY`] the limit is lowered, for [`PROBE_WINDOWS`] windows, by
-//! everything the gradient lets wait (the queue allowance and the requests
-//! the tolerance admits): at the settling point that leaves every worker
-//! busy and drains the backend's queue, so the second window measures the
-//! backend's latency as it is now, and that becomes the baseline. This is
-//! BBR's ProbeRTT, scaled down to cost nothing at the knee. Gradient2's long
+//! [`PROBE_EVERY`] the limit is lowered by everything the gradient lets
+//! wait (the queue allowance and the requests the tolerance admits): at the
+//! settling point that leaves every worker busy and drains the backend's
+//! queue. The requests the limit had let in are discarded (they queued
+//! behind that backlog), and the window after them measures the backend's
+//! latency as it is now, which becomes the baseline. This is BBR's
+//! ProbeRTT, scaled down to cost nothing at the knee. Gradient2's long
 //! moving average instead follows the backend's own backlog up under
 //! sustained overload and lets the limit run away; a minimum that only rises
 //! by drift does the same slowly when latency noise is small.
 //!
-//! A backend that really became slower shows the latency staying high however
-//! far the limit is cut, and is followed before the next probe: after
-//! `STALE_AFTER` of window means above `baseline × STALE_RATIO`, once the
-//! limit is down to the concurrency of the last window whose latency was
-//! normal and a probe has measured the baseline at least once, the
-//! baseline jumps to the lowest mean of that stretch's second half. Above
-//! that concurrency, high latency is k2proxy's own backlog (a limit that
-//! starts, or overshot, far above the knee) and says nothing about the
-//! backend's speed.
+//! A probe whose window is still far above the baseline (by
+//! [`STALE_RATIO`], from the baseline plus the tolerance) did not drain
+//! the queue: the limit had overshot into a backend that collapses under
+//! its own queue. It halves the lowered limit and measures again, while
+//! each cut lowers the latency ([`DEEPER_GAIN`]) and down to `min`; a
+//! latency that a cut no longer lowers is the backend's own. So a backend
+//! that really became slower is followed, and a collapse is not: when
+//! window means stay far above the baseline for [`STALE_AFTER`], a probe
+//! starts at once and tells which it is. (Before, the baseline jumped to
+//! the lowest of those means once the limit was down to the last
+//! concurrency whose latency looked normal; in front of a collapsing
+//! backend that made the collapse the baseline, again and again, and
+//! `make peak` served 69-96% of purchases at 5x.)
 //!
 //! *Quiet windows* (fewer than half of [`WINDOW_SAMPLES`] requests, and
 //! under half of the limit in flight: a night) are too small for a mean
@@ -78,10 +83,12 @@
 
 use std::time::{Duration, Instant};
 
-/// How often the limit is lowered by the queue allowance, for
-/// [`PROBE_WINDOWS`] windows, to measure the backend with its queue drained.
+/// How often the limit is lowered by the queue allowance, to measure the
+/// backend with its queue drained.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
-const PROBE_WINDOWS: u8 = 2;
+/// A probe that cut deeper goes on cutting while each cut lowers the
+/// latency to under this share of what it was.
+const DEEPER_GAIN: f64 = 0.9;
 /// Requests the limit lets wait at the backend, in units of √limit.
 ///
 /// Every request queued there adds to every purchase's latency (the backend
@@ -105,9 +112,10 @@ const NOISE_ALLOWANCE: f64 = 2.5;
 const NOISE_FLOOR: f64 = 0.0003;
 /// Weight of each window in the pooled spread of latencies.
 const SPREAD_WEIGHT: f64 = 0.05;
-/// A window mean above `baseline × STALE_RATIO`…
+/// A window mean above `(baseline + tolerance) × STALE_RATIO`…
 const STALE_RATIO: f64 = 1.5;
-/// …for this long means the backend itself became slower.
+/// …for this long starts a probe: the backend became slower, or a backlog
+/// collapses it.
 const STALE_AFTER: Duration = Duration::from_millis(300);
 /// The latency, as a share of the baseline, that an instance whose
 /// `never_shed` tiers wait tolerates above what others do
@@ -261,12 +269,9 @@ pub struct Gradient {
     /// The baseline is a guess from windows of a few requests, until the
     /// first block or full window replaces it.
     provisional: bool,
-    /// Since when window means have stayed above `baseline × STALE_RATIO`,
-    /// and the lowest of them in the stretch's second half.
-    stale: Option<(Instant, f64)>,
-    /// The most requests in flight in the last window whose latency was
-    /// normal (not stale).
-    good_inflight: f64,
+    /// Since when window means have stayed far above the baseline
+    /// ([`Gradient::far_above`]).
+    stale: Option<Instant>,
     /// A probe has measured the baseline (until then the stale rule waits:
     /// at a cold start the limit is far from the knee).
     probed: bool,
@@ -276,9 +281,8 @@ pub struct Gradient {
     spread: Option<f64>,
     /// When the next probe of the uncongested latency is due.
     probe_due: Instant,
-    /// While probing: the limit to restore, the lowered limit in force, and
-    /// the windows still to run.
-    probe: Option<(f64, f64, u8)>,
+    /// While probing: see [`Probe`].
+    probe: Option<Probe>,
     /// No queueing seen since the limit was last under-used: grow by
     /// [`SLOW_START`].
     slow_start: bool,
@@ -286,6 +290,20 @@ pub struct Gradient {
     halved_until: Instant,
     /// This instance's `never_shed` tiers wait (see [`Limit::set_urgent`]).
     urgent: bool,
+}
+
+/// A probe of the uncongested latency in progress.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    /// The limit to restore when it ends.
+    saved: f64,
+    /// The limit in force meanwhile.
+    lowered: f64,
+    /// Samples still to discard before the window that measures: those of
+    /// the requests in flight when it began, which queued at the backend.
+    skip: u32,
+    /// What the probe measured one cut higher, when it went deeper.
+    above: Option<f64>,
 }
 
 impl Gradient {
@@ -308,7 +326,6 @@ impl Gradient {
             block: (0.0, 0.0, 0),
             provisional: false,
             stale: None,
-            good_inflight: f64::INFINITY,
             probed: false,
             spread: None,
             probe_due: now + PROBE_EVERY,
@@ -332,12 +349,17 @@ impl Gradient {
         SLACK.max(NOISE_FLOOR + NOISE_ALLOWANCE * error)
     }
 
+    /// Whether a window mean of `short` is far above `baseline`: by
+    /// [`STALE_RATIO`], counted from the baseline plus the noise tolerance
+    /// (the baseline is a minimum of window means: in front of a noisy
+    /// backend a window with nothing queued is often half as slow again).
+    fn far_above(&self, short: f64, baseline: f64) -> bool {
+        short > (baseline + self.tolerance()) * STALE_RATIO
+    }
+
     /// The limit in force: lowered while a probe drains the backend's queue.
     fn current(&self) -> f64 {
-        match self.probe {
-            Some((_, lowered, _)) => lowered,
-            None => self.limit,
-        }
+        self.probe.map_or(self.limit, |p| p.lowered)
     }
 
     fn set_bounds(&mut self, bounds: Bounds) {
@@ -357,6 +379,14 @@ impl Gradient {
             Sample::Congestion => self.window_congested += 1,
             Sample::Ignored => return,
         }
+        if let Some(p) = self.probe.as_mut().filter(|p| p.skip > 0) {
+            // A request that was in flight when the probe began: it queued
+            // behind the backlog the probe drains. The window that measures
+            // starts after the last of them.
+            p.skip -= 1;
+            self.open_window(now);
+            return;
+        }
         if self.baseline.is_none() && self.window_count + self.window_congested == 1 {
             // The first window's time runs from its first sample, not from
             // start-up (the limit is made long before traffic comes): a
@@ -373,6 +403,16 @@ impl Gradient {
         }
     }
 
+    /// Starts an empty window at `now`.
+    fn open_window(&mut self, now: Instant) {
+        self.window_start = now;
+        self.window_sum = 0.0;
+        self.window_sq = 0.0;
+        self.window_count = 0;
+        self.window_congested = 0;
+        self.window_max_inflight = 0;
+    }
+
     fn close_window(&mut self, now: Instant) {
         let (min, max) = (f64::from(self.bounds.min), f64::from(self.bounds.max));
         let congested = self.window_congested > 0;
@@ -384,7 +424,8 @@ impl Gradient {
             .filter(|m| self.window_count > 1 && *m > 0.0)
             .map(|m| (self.window_sq / n - m * m).max(0.0).sqrt() / m);
         let inflight = f64::from(self.window_max_inflight);
-        let busy = inflight >= self.limit / 2.0;
+        // Against the limit in force: a probe's lowered one while it runs.
+        let busy = inflight >= self.current() / 2.0;
         // A quiet window (a few requests, under half the limit in flight:
         // a night) is too small for a mean whose noise the tolerance knows:
         // it joins a block, and the block counts once it holds a window's
@@ -395,12 +436,7 @@ impl Gradient {
             self.block.1 += self.window_sq;
             self.block.2 += self.window_count;
         }
-        self.window_start = now;
-        self.window_sum = 0.0;
-        self.window_sq = 0.0;
-        self.window_count = 0;
-        self.window_congested = 0;
-        self.window_max_inflight = 0;
+        self.open_window(now);
 
         if congested {
             self.limit = (self.limit * BACKOFF).clamp(min, max);
@@ -431,7 +467,7 @@ impl Gradient {
         if self.probe_step(now, short, quiet) {
             return;
         }
-        let baseline = self.update_baseline(now, short, seen, inflight);
+        let baseline = self.update_baseline(now, short, seen);
         self.step(now, short, baseline, inflight, busy);
     }
 
@@ -439,18 +475,36 @@ impl Gradient {
     /// Returns true when the window went to the probe.
     fn probe_step(&mut self, now: Instant, short: f64, quiet: bool) -> bool {
         let min = f64::from(self.bounds.min);
-        if let Some((saved, lowered, left)) = self.probe {
-            if left > 1 {
-                // The first window still holds requests that queued.
-                self.probe = Some((saved, lowered, left - 1));
+        if let Some(probe) = self.probe {
+            // Still far above the baseline: the probe did not go deep
+            // enough to drain the backend's queue (the limit had run far
+            // past the knee, into a collapsing backend). Halve it and
+            // measure again, as long as the cut lowered the latency and
+            // down to `min`: a latency that a cut did not lower is the
+            // backend's own now (or, in a fleet, the others' queue's).
+            // Not at the first probe: the baseline before it is the
+            // quickest of the first requests, not a latency to compare with.
+            let undrained = self.probed && self.baseline.is_some_and(|b| self.far_above(short, b));
+            let falling = probe.above.is_none_or(|a| short < a * DEEPER_GAIN);
+            if undrained && falling && !quiet && probe.lowered > min {
+                self.probe = Some(Probe {
+                    lowered: (probe.lowered / 2.0).max(min),
+                    // All the last cut let in.
+                    skip: probe.lowered.ceil() as u32,
+                    above: Some(short),
+                    ..probe
+                });
                 return true;
             }
-            // The backend's queue has drained: this is its latency now
-            // (unless the load fell away meanwhile, to a few requests).
+            // The requests in flight when it began have been discarded
+            // (`on_sample`): the backend's queue has drained, and this
+            // window is its latency now (unless the load fell away
+            // meanwhile, to a few requests).
             self.probe = None;
-            self.limit = saved;
+            self.limit = probe.saved;
             if !quiet {
-                self.baseline = Some(short);
+                // A cut that did not lower the latency measured it too.
+                self.baseline = Some(probe.above.map_or(short, |a| a.min(short)));
                 self.provisional = false;
             }
             self.probed = true;
@@ -465,7 +519,18 @@ impl Gradient {
             // the queue allowance and the requests the tolerance admits.
             let kept = self.baseline.map_or(1.0, |b| b / (b + self.tolerance()));
             let lowered = (self.limit * kept - QUEUE_ALLOWANCE * self.limit.sqrt()).max(min);
-            self.probe = Some((self.limit, lowered, PROBE_WINDOWS));
+            // Every request the limit let in finishes before the window
+            // that measures: a fixed first window of 16 samples did not hold
+            // them all at a limit over 16, and the probe measured the
+            // backlog's tail (a collapsing backend at 5x: 27-46 ms for
+            // 23, the baseline crept up probe by probe and the backend's
+            // queue with it, 3 → 16 in 20 s).
+            self.probe = Some(Probe {
+                saved: self.limit,
+                lowered,
+                skip: self.limit.ceil() as u32,
+                above: None,
+            });
             return true;
         }
         false
@@ -473,18 +538,12 @@ impl Gradient {
 
     /// The baseline after a window of mean `short` (`seen`: the mean that
     /// counts, of the window or of a full block; none for a quiet window
-    /// while its block fills): the lowest such mean, or the backend's new
-    /// latency once it really became slower. Until the first mean that
+    /// while its block fills): the lowest such mean (a probe sets it
+    /// anew, see [`Gradient::probe_step`]). Until the first mean that
     /// counts, the lowest window mean is a provisional baseline, replaced
     /// by that first one.
-    fn update_baseline(
-        &mut self,
-        now: Instant,
-        short: f64,
-        seen: Option<f64>,
-        inflight: f64,
-    ) -> f64 {
-        let mut baseline = match (self.baseline, seen) {
+    fn update_baseline(&mut self, now: Instant, short: f64, seen: Option<f64>) -> f64 {
+        let baseline = match (self.baseline, seen) {
             (Some(b), Some(m)) if !self.provisional => b.min(m),
             (_, Some(m)) => {
                 self.provisional = false;
@@ -496,30 +555,25 @@ impl Gradient {
                 b.map_or(short, |b| b.min(short))
             }
         };
-        // A latency that stays far above the baseline while the limit is
-        // being cut is not a backlog (cuts drain a backlog within a few
-        // windows): the backend became slower, and the baseline follows.
-        if short > baseline * STALE_RATIO + SLACK {
-            let (since, lowest) = self.stale.get_or_insert((now, f64::INFINITY));
-            // Only the second half counts: the first still holds samples
-            // from before the change.
-            if now.duration_since(*since) >= STALE_AFTER / 2 {
-                *lowest = lowest.min(short);
-            }
-            // Only once the limit is down to a concurrency whose latency
-            // was normal: above it, high latency is our own backlog (a
-            // limit that starts or overshot far above the knee), and taking
-            // it for the baseline would let the limit run away.
-            if now.duration_since(*since) >= STALE_AFTER
-                && self.probed
-                && self.limit <= self.good_inflight
-            {
-                baseline = *lowest;
+        // A latency that stays far above the baseline: a backlog (a limit
+        // that overshot, into a backend that collapses under it) or a
+        // backend that really became slower. Which one, a probe tells: it
+        // cuts the limit until the backend's queue drains, as deep as
+        // `min`, where a latency still that high is the backend's own. The
+        // window means themselves cannot tell: taking their lowest for the
+        // baseline, once the limit was down to the last concurrency whose
+        // latency looked normal, made a collapsing backend's latency the
+        // baseline again and again in `make peak` (18 → 56 → 156 ms within
+        // seconds, the limit at twice the workers, a third of the capacity
+        // lost at 5x).
+        if self.far_above(short, baseline) {
+            let since = *self.stale.get_or_insert(now);
+            if now.duration_since(since) >= STALE_AFTER && self.probed && self.probe.is_none() {
+                self.probe_due = now;
                 self.stale = None;
             }
         } else {
             self.stale = None;
-            self.good_inflight = inflight;
         }
         self.baseline = Some(baseline);
         baseline
@@ -719,15 +773,85 @@ mod tests {
         let mut now = Instant::now();
         let mut l = Limit::adaptive(bounds(), now);
         feed(&mut l, &mut now, 20, 20 * MS, 1000);
-        // Latency doubles for good: the limit first falls, then the baseline
-        // rises (5%/s) and the limit grows again.
+        // Latency doubles for good: the limit first falls, then a probe
+        // finds the latency where it is, the baseline follows and the limit
+        // grows again (between probes: one lowers it for a few windows).
         feed(&mut l, &mut now, 20, 40 * MS, 1000);
         let low = l.current();
+        let mut high = 0;
         for _ in 0..30 {
             now += Duration::from_secs(1);
             feed(&mut l, &mut now, 1, 40 * MS, 1000);
+            high = high.max(l.current());
         }
-        assert!(l.current() > low, "{low} -> {}", l.current());
+        assert_eq!(l.baseline(), Some(40 * MS));
+        assert!(high > low, "{low} -> {high}");
+    }
+
+    /// Feeds `samples` samples, `every` apart, of what `latency` says for
+    /// the limit in force, with that many in flight; returns the highest
+    /// baseline seen.
+    fn drive(
+        l: &mut Limit,
+        now: &mut Instant,
+        samples: u32,
+        every: Duration,
+        latency: impl Fn(u32) -> Duration,
+    ) -> Duration {
+        let mut highest = Duration::ZERO;
+        for _ in 0..samples {
+            *now += every;
+            let inflight = l.current();
+            l.on_sample(*now, Sample::Latency(latency(inflight)), inflight);
+            highest = highest.max(l.baseline().unwrap_or_default());
+        }
+        highest
+    }
+
+    fn at_forty() -> Bounds {
+        Bounds {
+            initial: 40,
+            min: 4,
+            max: 40,
+        }
+    }
+
+    #[test]
+    fn a_probe_measures_only_requests_sent_after_it_began() {
+        // 40 in flight, 20 ms each, through the first probe.
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(at_forty(), now);
+        drive(&mut l, &mut now, 7000, MS, |_| 20 * MS);
+        // The next probe begins: the 40 requests in flight then queued
+        // behind a backlog (60 ms); those sent after it began do not.
+        while l.current() == 40 {
+            drive(&mut l, &mut now, 1, MS, |_| 20 * MS);
+        }
+        let backlog = drive(&mut l, &mut now, 40, MS, |_| 60 * MS);
+        let after = drive(&mut l, &mut now, 32, MS, |_| 20 * MS);
+        // A probe that measured its second window of 16 took 60 ms.
+        assert_eq!(backlog.max(after), 20 * MS);
+        assert!(l.current() == 40, "the probe is over");
+    }
+
+    #[test]
+    fn a_collapse_does_not_become_the_baseline() {
+        // 20 ms up to 10 in flight; above, the backend collapses under its
+        // queue and every request takes 33 ms, for as long as the limit
+        // stays there. Samples 10 ms apart: the gradient takes seconds to
+        // cut the limit from 40 to 10.
+        let collapse = |inflight: u32| if inflight > 10 { 33 * MS } else { 20 * MS };
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(at_forty(), now);
+        drive(&mut l, &mut now, 7000, MS, |_| 20 * MS);
+        assert_eq!(l.baseline(), Some(20 * MS));
+        // Taking the lowest window mean of the stretch for the baseline,
+        // once the limit was under the last in-flight whose latency looked
+        // normal, made it 33 ms within 0.3 s; a probe cuts to where the
+        // latency falls back and finds 20 ms.
+        let highest = drive(&mut l, &mut now, 500, 10 * MS, collapse);
+        assert_eq!(highest, 20 * MS);
+        assert!(l.current() <= 14, "limit {}", l.current());
     }
 
     /// Starting under the knee, as a proxy that was up before the peak: a
