@@ -47,7 +47,7 @@
 //! the lowest of those means once the limit was down to the last
 //! concurrency whose latency looked normal; in front of a collapsing
 //! backend that made the collapse the baseline, again and again, and
-//! `make peak` served 69-96% of purchases at 5x.)
+//! `make peak` served 69-100% of purchases, most runs 75-90%.)
 //!
 //! *Quiet windows* (fewer than half of [`WINDOW_SAMPLES`] requests, and
 //! under half of the limit in flight: a night) are too small for a mean
