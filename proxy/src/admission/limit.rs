@@ -299,8 +299,9 @@ struct Probe {
     saved: f64,
     /// The limit in force meanwhile.
     lowered: f64,
-    /// Samples still to discard before the window that measures: those of
-    /// the requests in flight when it began, which queued at the backend.
+    /// Samples still to discard before the window that measures: one per
+    /// request the limit (or, deeper, the last cut) had let in, which
+    /// queued at the backend.
     skip: u32,
     /// What the probe measured one cut higher, when it went deeper.
     above: Option<f64>,
@@ -496,7 +497,7 @@ impl Gradient {
                 });
                 return true;
             }
-            // The requests in flight when it began have been discarded
+            // The requests let in before it have been discarded
             // (`on_sample`): the backend's queue has drained, and this
             // window is its latency now (unless the load fell away
             // meanwhile, to a few requests).
@@ -568,7 +569,8 @@ impl Gradient {
         // lost at 5x).
         if self.far_above(short, baseline) {
             let since = *self.stale.get_or_insert(now);
-            if now.duration_since(since) >= STALE_AFTER && self.probed && self.probe.is_none() {
+            // (No probe runs here: `probe_step` took the window if one did.)
+            if now.duration_since(since) >= STALE_AFTER && self.probed {
                 self.probe_due = now;
                 self.stale = None;
             }
