@@ -14,7 +14,7 @@ use crate::scenario::{Action, Scenario};
 use crate::sim::Fault;
 use crate::soak::Sample;
 use crate::thresholds::{Facts, Verdict};
-use crate::topology::Topology;
+use crate::topology::{SiteState, Topology};
 
 /// How to run a scenario.
 #[derive(Debug, Clone)]
@@ -90,7 +90,7 @@ async fn play(
     topology: Option<Topology>,
     opts: &Options,
     label: &str,
-) -> Result<(Report, Option<Topology>, Vec<Sample>, Limits), String> {
+) -> Result<(Report, Option<Topology>, Vec<Sample>, States), String> {
     let load = scenario.load_against(base)?;
     let total = load.schedule.duration();
     let live = Live::new(&load);
@@ -110,7 +110,7 @@ async fn play(
     };
     let admins = topology.as_ref().map(Topology::admins).unwrap_or_default();
     let (stop_limits, limits_rx) = tokio::sync::oneshot::channel::<()>();
-    let limits = (admins.len() > 1).then(|| tokio::spawn(sample_limits(admins, limits_rx)));
+    let limits = (!admins.is_empty()).then(|| tokio::spawn(sample_states(admins, limits_rx)));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let events = tokio::spawn(play_events(scenario.events.clone(), topology, stop_rx));
     let mut report = run_load(load, live.clone()).await;
@@ -125,7 +125,7 @@ async fn play(
         None => Vec::new(),
     };
     let limits = match limits {
-        Some(l) => l.await.map_err(|e| format!("limit sampler: {e}"))?,
+        Some(l) => l.await.map_err(|e| format!("admission sampler: {e}"))?,
         None => Vec::new(),
     };
     report.events = log;
@@ -133,15 +133,18 @@ async fn play(
     Ok((report, topology, samples, limits))
 }
 
-/// Each instance's admission limit, one row per second (a fleet's).
-type Limits = Vec<Vec<Option<u64>>>;
+/// Each instance's admission state at the first cluster's first site, one
+/// row per second (`None` where `/status` did not answer).
+pub type States = Vec<Vec<Option<SiteState>>>;
 
-/// Every second until `stop`: each instance's admission limit at the first
-/// cluster's first site.
-async fn sample_limits(
+/// Every second until `stop`: each instance's admission state (limit, in
+/// flight, queued, shed level) at the first cluster's first site. The
+/// report charts it beside the load: a limit that holds the backend past
+/// its knee shows there, not only in the latencies it causes.
+async fn sample_states(
     admins: Vec<std::net::SocketAddr>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
-) -> Limits {
+) -> States {
     let mut rows = Vec::new();
     loop {
         tokio::select! {
@@ -150,7 +153,7 @@ async fn sample_limits(
         }
         let mut row = Vec::new();
         for a in &admins {
-            row.push(crate::topology::site_limit(*a).await);
+            row.push(crate::topology::site_state(*a).await);
         }
         rows.push(row);
     }
@@ -158,14 +161,14 @@ async fn sample_limits(
 
 /// "instance 0: 3-5, instance 1: 4-6": each instance's limits in the
 /// second half of the run.
-pub fn limits_text(rows: &Limits) -> String {
+pub fn limits_text(rows: &States) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let half = &rows[rows.len() / 2..];
     (0..n)
         .map(|i| {
             let seen: Vec<u64> = half
                 .iter()
-                .filter_map(|r| r.get(i).copied().flatten())
+                .filter_map(|r| r.get(i).copied().flatten().map(|s| s.limit))
                 .collect();
             match (seen.iter().min(), seen.iter().max()) {
                 (Some(lo), Some(hi)) => format!("instance {i}: {lo}-{hi}"),
@@ -293,6 +296,7 @@ fn write_reports(
     title: &str,
     verdicts: &[Verdict],
     facts: &str,
+    states: &States,
 ) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let files = [
@@ -301,7 +305,7 @@ fn write_reports(
             serde_json::to_string_pretty(json).unwrap_or_default(),
         ),
         ("summary.txt", format!("{}{facts}", report.summary())),
-        ("report.html", report.html(title, verdicts)),
+        ("report.html", report.html(title, verdicts, states)),
     ];
     for (name, content) in files {
         let p = out.join(name);
@@ -322,7 +326,7 @@ pub async fn run(
     if topology.is_none() && !scenario.events.is_empty() {
         return Err("the scenario's events need its topology; run it without --target".into());
     }
-    let (report, topology, mut samples, limits) =
+    let (report, topology, mut samples, states) =
         play(&scenario, &base, topology, opts, label).await?;
     if let Some(kind) = report.targets.iter().position(|t| t.name == PURCHASE) {
         crate::soak::fill_p99(&mut samples, &report.timeline, kind);
@@ -367,17 +371,24 @@ pub async fn run(
         });
     }
     let mut said = facts_text(&facts, topology.as_ref().map(|t| &t.edits));
-    if !limits.is_empty() {
+    if let Some(first) = states.first() {
+        json["k2proxy"] = serde_json::json!({"instances": first.len(), "per_second": states});
+    }
+    if states.first().is_some_and(|r| r.len() > 1) {
+        let limits: Vec<Vec<Option<u64>>> = states
+            .iter()
+            .map(|r| r.iter().map(|s| s.map(|s| s.limit)).collect())
+            .collect();
         json["fleet"] =
             serde_json::json!({"proxies": limits[0].len(), "limits_per_second": limits});
         said.push_str(&format!(
             "per-instance admission limit, second half: {}\n",
-            limits_text(&limits)
+            limits_text(&states)
         ));
     }
     drop(topology);
     let title = format!("{} — {label}", scenario.name);
-    write_reports(&opts.out, &json, &report, &title, &verdicts, &said)?;
+    write_reports(&opts.out, &json, &report, &title, &verdicts, &said, &states)?;
     Ok(Outcome {
         label: label.to_string(),
         report,

@@ -9,8 +9,10 @@ use hdrhistogram::Histogram;
 use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 
+use crate::drill::States;
 use crate::openloop::{Report, TargetReport};
 use crate::thresholds::Verdict;
+use crate::topology::SiteState;
 
 /// The generator's own p99 send lag must stay under this to be trusted.
 pub const LAG_BUDGET_MS: f64 = 1.0;
@@ -148,8 +150,9 @@ impl Report {
     }
 
     /// A self-contained HTML page: title, summary table, threshold verdicts,
-    /// and the charts.
-    pub fn html(&self, title: &str, verdicts: &[Verdict]) -> String {
+    /// and the charts; with `states` (each k2proxy instance's admission
+    /// state, sampled every second), a chart of them too.
+    pub fn html(&self, title: &str, verdicts: &[Verdict], states: &States) -> String {
         let mut page = String::new();
         let _ = write!(
             page,
@@ -196,6 +199,14 @@ impl Report {
             ),
         ] {
             let _ = write!(page, "<h2>{heading}</h2>{svg}");
+        }
+        if !states.is_empty() {
+            let _ = write!(
+                page,
+                "<h2>k2proxy admission at the first site, per instance: limit, in flight at \
+                 the backend, waiting in k2proxy's queue (requests, sampled each second)</h2>{}",
+                self.chart_states(states)
+            );
         }
         page.push_str("</body></html>\n");
         page
@@ -286,6 +297,42 @@ impl Report {
             })
             .collect();
         self.chart(&lines, 0.0..1.05, false, "shed share")
+    }
+
+    /// Each instance's limit, in-flight and queued requests over the run,
+    /// on a log scale (a queue of a thousand beside a limit of twenty).
+    fn chart_states(&self, states: &States) -> String {
+        let instances = states.iter().map(Vec::len).max().unwrap_or(0);
+        let mut lines = Vec::new();
+        let mut top: f64 = 10.0;
+        type Pick = fn(&SiteState) -> u64;
+        let kinds: [(&str, Pick, u32, bool); 3] = [
+            ("limit", |s| s.limit, 2, false),
+            ("in flight", |s| s.inflight, 1, true),
+            ("queued", |s| s.queued, 1, false),
+        ];
+        for i in 0..instances {
+            for (what, pick, width, light) in kinds {
+                // Sample n was taken at the end of second n.
+                let points: Vec<(f64, f64)> = states
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(n, row)| {
+                        let s = row.get(i).copied().flatten()?;
+                        Some((n as f64 + 1.0, (pick(&s) as f64).max(1.0)))
+                    })
+                    .collect();
+                top = points.iter().map(|p| p.1).fold(top, f64::max);
+                let c = palette(i);
+                lines.push(Line {
+                    label: format!("k2proxy {i} {what}"),
+                    color: if light { lighter(c) } else { c },
+                    width,
+                    points,
+                });
+            }
+        }
+        self.chart(&lines, 1.0..top * 1.5, true, "requests")
     }
 
     /// One chart: lines over the run's seconds, events as vertical rules.

@@ -581,15 +581,32 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A minimal GET on loopback; None on any failure.
-/// The admission limit of the first cluster's first site of the k2proxy
-/// whose admin listens at `admin`, from `/status`.
-pub async fn site_limit(admin: SocketAddr) -> Option<u64> {
-    let body = http_get(admin, "/status").await?;
-    let s: serde_json::Value = serde_json::from_str(&body).ok()?;
-    s["clusters"][0]["sites"][0]["limit"].as_u64()
+/// One site's admission state as an instance's `/status` shows it: the
+/// limit, requests in flight at the backend, requests waiting in
+/// k2proxy's queue, and the shed level (tiers shed from the bottom).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct SiteState {
+    pub limit: u64,
+    pub inflight: u64,
+    pub queued: u64,
+    pub shed_level: f64,
 }
 
+/// The first cluster's first site's state at the k2proxy instance whose
+/// admin listens at `admin`, from `/status`.
+pub async fn site_state(admin: SocketAddr) -> Option<SiteState> {
+    let body = http_get(admin, "/status").await?;
+    let s: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let site = &s["clusters"][0]["sites"][0];
+    Some(SiteState {
+        limit: site["limit"].as_u64()?,
+        inflight: site["inflight"].as_u64()?,
+        queued: site["queued"].as_u64()?,
+        shed_level: site["shed_level"].as_f64()?,
+    })
+}
+
+/// A minimal GET on loopback; None on any failure.
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     http_request(addr, "GET", path).await.map(|(_, body)| body)
 }

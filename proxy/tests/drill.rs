@@ -200,8 +200,25 @@ async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
     // Lower tiers were shed fast, and purchases kept flowing.
     assert_eq!(json["passed"], true, "{}", json["thresholds"]);
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
-    assert_eq!(html.matches("<svg").count(), 3);
+    // Goodput, latency, shed share, and k2proxy's own admission state.
+    assert_eq!(html.matches("<svg").count(), 4);
     assert!(html.contains("secondary: slow x1.5"));
+    assert!(html.contains("k2proxy 0 limit"));
+    // That state, sampled every second from the instance's /status: the
+    // limit and the backend in use throughout, lower tiers shed at 3x.
+    let states = &json["k2proxy"];
+    assert_eq!(states["instances"], 1, "{states}");
+    let rows = states["per_second"].as_array().unwrap();
+    assert!(rows.len() >= 8, "{states}");
+    let site = |r: &serde_json::Value| r[0].clone();
+    assert!(rows.iter().all(|r| site(r)["limit"].as_u64() >= Some(1)));
+    assert!(rows.iter().any(|r| site(r)["inflight"].as_u64() > Some(0)));
+    assert!(
+        rows.iter()
+            .any(|r| site(r)["shed_level"].as_f64() > Some(0.0)),
+        "{states}"
+    );
+    assert!(json["fleet"].is_null(), "one instance is no fleet");
     assert!(out.join("k2proxy.log").exists());
     // The one load generator stands for many shoppers: its connections are
     // not held to the per-address cap.
