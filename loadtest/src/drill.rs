@@ -14,7 +14,7 @@ use crate::scenario::{Action, Scenario};
 use crate::sim::Fault;
 use crate::soak::Sample;
 use crate::thresholds::{Facts, Verdict};
-use crate::topology::{SiteState, Topology};
+use crate::topology::{States, Topology};
 
 /// How to run a scenario.
 #[derive(Debug, Clone)]
@@ -109,13 +109,13 @@ async fn play(
         _ => (None, None),
     };
     let admins = topology.as_ref().map(Topology::admins).unwrap_or_default();
-    let (stop_limits, limits_rx) = tokio::sync::oneshot::channel::<()>();
-    let limits = (!admins.is_empty()).then(|| tokio::spawn(sample_states(admins, limits_rx)));
+    let (stop_states, states_rx) = tokio::sync::oneshot::channel::<()>();
+    let states = (!admins.is_empty()).then(|| tokio::spawn(sample_states(admins, states_rx)));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let events = tokio::spawn(play_events(scenario.events.clone(), topology, stop_rx));
     let mut report = run_load(load, live.clone()).await;
     let _ = stop_tx.send(());
-    let _ = stop_limits.send(());
+    let _ = stop_states.send(());
     if let Some(tx) = stop_sampler {
         let _ = tx.send(());
     }
@@ -124,18 +124,14 @@ async fn play(
         Some(s) => s.await.map_err(|e| format!("soak sampler: {e}"))?,
         None => Vec::new(),
     };
-    let limits = match limits {
-        Some(l) => l.await.map_err(|e| format!("admission sampler: {e}"))?,
+    let states = match states {
+        Some(s) => s.await.map_err(|e| format!("admission sampler: {e}"))?,
         None => Vec::new(),
     };
     report.events = log;
     let _ = progress.await;
-    Ok((report, topology, samples, limits))
+    Ok((report, topology, samples, states))
 }
-
-/// Each instance's admission state at the first cluster's first site, one
-/// row per second (`None` where `/status` did not answer).
-pub type States = Vec<Vec<Option<SiteState>>>;
 
 /// Every second until `stop`: each instance's admission state (limit, in
 /// flight, queued, shed level) at the first cluster's first site. The
@@ -371,16 +367,16 @@ pub async fn run(
         });
     }
     let mut said = facts_text(&facts, topology.as_ref().map(|t| &t.edits));
-    if let Some(first) = states.first() {
-        json["k2proxy"] = serde_json::json!({"instances": first.len(), "per_second": states});
+    let instances = states.first().map_or(0, Vec::len);
+    if instances > 0 {
+        json["k2proxy"] = serde_json::json!({"instances": instances, "per_second": states});
     }
-    if states.first().is_some_and(|r| r.len() > 1) {
+    if instances > 1 {
         let limits: Vec<Vec<Option<u64>>> = states
             .iter()
             .map(|r| r.iter().map(|s| s.map(|s| s.limit)).collect())
             .collect();
-        json["fleet"] =
-            serde_json::json!({"proxies": limits[0].len(), "limits_per_second": limits});
+        json["fleet"] = serde_json::json!({"proxies": instances, "limits_per_second": limits});
         said.push_str(&format!(
             "per-instance admission limit, second half: {}\n",
             limits_text(&states)

@@ -9,10 +9,9 @@ use hdrhistogram::Histogram;
 use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 
-use crate::drill::States;
 use crate::openloop::{Report, TargetReport};
 use crate::thresholds::Verdict;
-use crate::topology::SiteState;
+use crate::topology::{SiteState, States};
 
 /// The generator's own p99 send lag must stay under this to be trusted.
 pub const LAG_BUDGET_MS: f64 = 1.0;

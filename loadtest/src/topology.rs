@@ -592,6 +592,10 @@ pub struct SiteState {
     pub shed_level: f64,
 }
 
+/// Each instance's [`SiteState`] at the first cluster's first site, one row
+/// per second (`None` where `/status` did not answer).
+pub type States = Vec<Vec<Option<SiteState>>>;
+
 /// The first cluster's first site's state at the k2proxy instance whose
 /// admin listens at `admin`, from `/status`.
 pub async fn site_state(admin: SocketAddr) -> Option<SiteState> {
