@@ -206,6 +206,13 @@ impl Report {
                  the backend, waiting in k2proxy's queue (requests, sampled each second)</h2>{}",
                 self.chart_states(states)
             );
+            let _ = write!(
+                page,
+                "<h2>The backend's latency as each k2proxy instance sees it (ms, the last \
+                 window's mean) and the uncongested latency its limit learned (lighter: \
+                 a fleet's instances should agree on it)</h2>{}",
+                self.chart_learnt(states)
+            );
         }
         page.push_str("</body></html>\n");
         page
@@ -301,37 +308,24 @@ impl Report {
     /// Each instance's limit, in-flight and queued requests over the run,
     /// on a log scale (a queue of a thousand beside a limit of twenty).
     fn chart_states(&self, states: &States) -> String {
-        let instances = states.iter().map(Vec::len).max().unwrap_or(0);
-        let mut lines = Vec::new();
-        let mut top: f64 = 10.0;
-        type Pick = fn(&SiteState) -> u64;
-        let kinds: [(&str, Pick, u32, bool); 3] = [
-            ("limit", |s| s.limit, 2, false),
-            ("in flight", |s| s.inflight, 1, true),
-            ("queued", |s| s.queued, 1, false),
+        let kinds: [Kind; 3] = [
+            ("limit", |s| Some(s.limit as f64), 2, false),
+            ("in flight", |s| Some(s.inflight as f64), 1, true),
+            ("queued", |s| Some(s.queued as f64), 1, false),
         ];
-        for i in 0..instances {
-            for (what, pick, width, light) in kinds {
-                // Sample n was taken at the end of second n.
-                let points: Vec<(f64, f64)> = states
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(n, row)| {
-                        let s = row.get(i).copied().flatten()?;
-                        Some((n as f64 + 1.0, (pick(&s) as f64).max(1.0)))
-                    })
-                    .collect();
-                top = points.iter().map(|p| p.1).fold(top, f64::max);
-                let c = palette(i);
-                lines.push(Line {
-                    label: format!("k2proxy {i} {what}"),
-                    color: if light { lighter(c) } else { c },
-                    width,
-                    points,
-                });
-            }
-        }
-        self.chart(&lines, 1.0..top * 1.5, true, "requests")
+        // A log scale has no 0: an idle second shows as 1.
+        let (lines, top) = instance_lines(states, &kinds, 1.0);
+        self.chart(&lines, 1.0..top.max(10.0) * 1.5, true, "requests")
+    }
+
+    /// Each instance's latency and learnt baseline over the run, in ms.
+    fn chart_learnt(&self, states: &States) -> String {
+        let kinds: [Kind; 2] = [
+            ("latency", |s| s.latency_ms, 2, false),
+            ("baseline", |s| s.baseline_ms, 1, true),
+        ];
+        let (lines, top) = instance_lines(states, &kinds, 0.0);
+        self.chart(&lines, 0.0..top.max(1.0) * 1.2, false, "ms")
     }
 
     /// One chart: lines over the run's seconds, events as vertical rules.
@@ -363,6 +357,39 @@ impl Report {
         }
         svg
     }
+}
+
+/// A series of each instance's state: name, value, line width, lighter.
+type Kind = (&'static str, fn(&SiteState) -> Option<f64>, u32, bool);
+
+/// One line per instance and kind, in the instance's colour, and the
+/// highest value; values under `floor` are drawn at it.
+fn instance_lines(states: &States, kinds: &[Kind], floor: f64) -> (Vec<Line>, f64) {
+    let instances = states.iter().map(Vec::len).max().unwrap_or(0);
+    let mut lines = Vec::new();
+    let mut top: f64 = 0.0;
+    for i in 0..instances {
+        for &(what, pick, width, light) in kinds {
+            // Sample n was taken at the end of second n.
+            let points: Vec<(f64, f64)> = states
+                .iter()
+                .enumerate()
+                .filter_map(|(n, row)| {
+                    let v = pick(&row.get(i).copied().flatten()?)?;
+                    Some((n as f64 + 1.0, v.max(floor)))
+                })
+                .collect();
+            top = points.iter().map(|p| p.1).fold(top, f64::max);
+            let c = palette(i);
+            lines.push(Line {
+                label: format!("k2proxy {i} {what}"),
+                color: if light { lighter(c) } else { c },
+                width,
+                points,
+            });
+        }
+    }
+    (lines, top)
 }
 
 struct Line {

@@ -590,6 +590,11 @@ pub struct SiteState {
     pub inflight: u64,
     pub queued: u64,
     pub shed_level: f64,
+    /// What the adaptive limit learned (`/status` `learnt`), in ms: the
+    /// backend's uncongested latency and the last window's mean latency.
+    /// `None` for a fixed limit or before the first window.
+    pub baseline_ms: Option<f64>,
+    pub latency_ms: Option<f64>,
 }
 
 /// Each instance's [`SiteState`] at the first cluster's first site, one row
@@ -607,6 +612,8 @@ pub async fn site_state(admin: SocketAddr) -> Option<SiteState> {
         inflight: site["inflight"].as_u64()?,
         queued: site["queued"].as_u64()?,
         shed_level: site["shed_level"].as_f64()?,
+        baseline_ms: site["learnt"]["baseline_ms"].as_f64(),
+        latency_ms: site["learnt"]["latency_ms"].as_f64(),
     })
 }
 

@@ -145,6 +145,9 @@ pub struct Metrics {
     pub inflight: IntGaugeVec,
     /// `k2_admission_limit{cluster,site}`.
     pub admission_limit: IntGaugeVec,
+    /// `k2_admission_baseline_seconds{cluster,site}`: the uncongested
+    /// latency an adaptive limit learned (0 before it has one).
+    pub admission_baseline: GaugeVec,
     /// `k2_shed_level{cluster,site}`: lowest tiers refused outright
     /// (fractional: 2.25 is two tiers and a quarter of the next).
     pub shed_level: GaugeVec,
@@ -273,6 +276,7 @@ impl Metrics {
             upstream_errors: counters(&r, "k2_upstream_errors_total", "Requests that failed at the backend, by cluster, site and kind (connect, timeout, other).", &["cluster", "site", "kind"]),
             inflight: gauges(&r, "k2_inflight", "Requests holding an admission permit.", &["cluster", "site", "tier"]),
             admission_limit: gauges(&r, "k2_admission_limit", "Concurrency limit in force.", site),
+            admission_baseline: gauges_f64(&r, "k2_admission_baseline_seconds", "The backend's uncongested latency the adaptive limit learned (0 before it has one, or for a fixed limit): a fleet's instances should agree on it.", site),
             shed_level,
             queue_depth: gauges(&r, "k2_queue_depth", "Requests waiting for admission.", site),
             queue_wait: histograms(&r, "k2_queue_wait_seconds", "Time from arrival to admission (0 when admitted at once) or to a queue timeout.", &["tier"]),

@@ -200,8 +200,10 @@ async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
     // Lower tiers were shed fast, and purchases kept flowing.
     assert_eq!(json["passed"], true, "{}", json["thresholds"]);
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
-    // Goodput, latency, shed share, and k2proxy's own admission state.
-    assert_eq!(html.matches("<svg").count(), 4);
+    // Goodput, latency, shed share, and k2proxy's own admission state and
+    // what its limit learned of the backend's latency.
+    assert_eq!(html.matches("<svg").count(), 5);
+    assert!(html.contains("k2proxy 0 baseline"));
     assert!(html.contains("secondary: slow x1.5"));
     assert!(html.contains("k2proxy 0 limit"));
     // That state, sampled every second from the instance's /status: the
@@ -217,6 +219,17 @@ async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
         rows.iter()
             .any(|r| site(r)["shed_level"].as_f64() > Some(0.0)),
         "{states}"
+    );
+    // The baseline learnt in front of a median of 25 ms (log-normal, the
+    // primary site), as `/status` shows it.
+    let baselines: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| site(r)["baseline_ms"].as_f64())
+        .collect();
+    assert!(baselines.len() >= rows.len() / 2, "{states}");
+    assert!(
+        baselines.iter().all(|b| (15.0..60.0).contains(b)),
+        "{baselines:?}"
     );
     assert!(json["fleet"].is_null(), "one instance is no fleet");
     assert!(out.join("k2proxy.log").exists());

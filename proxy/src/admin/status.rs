@@ -1,6 +1,7 @@
 //! The data behind `GET /status` and the status page: config generation and
 //! the last reload, per-tier rates and settings, and per cluster and site
-//! the admission limit, in-flight, queue depth, shed level and backends.
+//! the admission limit, in-flight, queue depth, shed level, what an adaptive
+//! limit learned of the backend's latency, and the backends.
 
 use serde_json::{json, Value};
 
@@ -79,20 +80,25 @@ fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
                 .iter()
                 .enumerate()
                 .map(|(si, s)| {
-                    let (limit, inflight, queued, level) = gen
-                        .controllers
-                        .get(ci, si)
-                        .map_or((0, 0, 0, 0.0), |ctl| ctl.state());
+                    let st = gen.controllers.get(ci, si).map(|ctl| ctl.state());
+                    let learnt = st.and_then(|s| s.learnt);
                     json!({
                         "name": s.name,
                         "role": s.role.as_str(),
                         "enabled": s.enabled,
                         "serving": serving == Some(si),
                         "up": state.site_is_up(si, now),
-                        "limit": limit,
-                        "inflight": inflight,
-                        "queued": queued,
-                        "shed_level": level,
+                        "limit": st.map_or(0, |s| s.limit),
+                        "inflight": st.map_or(0, |s| s.inflight),
+                        "queued": st.map_or(0, |s| s.queued),
+                        "shed_level": st.map_or(0.0, |s| s.shed_level),
+                        "standing_queue": st.is_some_and(|s| s.standing),
+                        "learnt": learnt.map(|l| json!({
+                            "baseline_ms": l.baseline.map(ms),
+                            "ceiling_ms": l.ceiling.map(ms),
+                            "latency_ms": l.latency.map(ms),
+                            "probing": l.probing,
+                        })),
                         "backends": view[si].iter().map(|b| json!({
                             "addr": b.addr.to_string(),
                             "health": if b.drained { "drained" } else if b.ejected { "ejected" } else { b.active.as_str() },
@@ -120,6 +126,11 @@ fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+/// A latency in `/status`: milliseconds, to the microsecond.
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// An HTTPS listener in `/status`.

@@ -159,6 +159,11 @@ impl<W> Gate<W> {
         self.limit.baseline()
     }
 
+    /// What the limit learned of the backend, if adaptive.
+    pub fn learnt(&self) -> Option<super::limit::Learnt> {
+        self.limit.learnt()
+    }
+
     pub fn limit(&self) -> u32 {
         self.limit.current()
     }

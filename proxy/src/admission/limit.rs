@@ -194,6 +194,21 @@ pub enum Limit {
     Adaptive(Box<Gradient>),
 }
 
+/// What an adaptive limit has learned of its backend ([`Limit::learnt`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learnt {
+    /// The uncongested latency (none before the first full window).
+    pub baseline: Option<Duration>,
+    /// The highest latency the limit counts as no queueing: over it, the
+    /// limit shrinks.
+    pub ceiling: Option<Duration>,
+    /// The last window's mean latency.
+    pub latency: Option<Duration>,
+    /// A probe of the uncongested latency is running (the limit is
+    /// lowered meanwhile).
+    pub probing: bool,
+}
+
 impl Limit {
     pub fn fixed(limit: u32) -> Limit {
         Limit::Fixed(limit.max(1))
@@ -215,6 +230,21 @@ impl Limit {
             Limit::Adaptive(g) => g.baseline.map(Duration::from_secs_f64),
             Limit::Fixed(_) => None,
         }
+    }
+
+    /// What an adaptive limit has learned, for `/status` and the metrics;
+    /// `None` for a fixed limit.
+    pub fn learnt(&self) -> Option<Learnt> {
+        let Limit::Adaptive(g) = self else {
+            return None;
+        };
+        let secs = |s: f64| Duration::from_secs_f64(s.max(0.0));
+        Some(Learnt {
+            baseline: g.baseline.map(secs),
+            ceiling: g.baseline.map(|b| secs(g.ceiling(b))),
+            latency: g.latest.map(secs),
+            probing: g.probe.is_some(),
+        })
     }
 
     /// Whether the limit is growing fast from under the knee (no queueing
@@ -305,6 +335,8 @@ pub struct Gradient {
     probe: Option<Probe>,
     /// The last probe's measurement: mean latency and samples.
     measured: Option<(f64, u32)>,
+    /// The last closed window's mean latency (for `/status`).
+    latest: Option<f64>,
     /// No queueing seen since the limit was last under-used: grow by
     /// [`SLOW_START`].
     slow_start: bool,
@@ -373,6 +405,7 @@ impl Gradient {
             probe_due: now + PROBE_EVERY,
             probe: None,
             measured: None,
+            latest: None,
             slow_start: true,
             halved_until: now,
             urgent: false,
@@ -491,6 +524,7 @@ impl Gradient {
         let count = self.window_count;
         let n = f64::from(count);
         let short = (count > 0).then(|| self.window_sum / n);
+        self.latest = short.or(self.latest);
         let small = self.window_count < WINDOW_SAMPLES / 2;
         // This window's coefficient of variation.
         let cv = short
@@ -766,6 +800,20 @@ mod tests {
         feed(&mut l, &mut now, 10, 100 * MS, 7);
         l.on_sample(now, Sample::Congestion, 7);
         assert_eq!(l.current(), 7);
+    }
+
+    #[test]
+    fn what_it_learned_is_shown_and_a_fixed_limit_learns_nothing() {
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(bounds(), now);
+        assert_eq!(l.learnt().and_then(|x| x.baseline), None);
+        feed(&mut l, &mut now, 3, 20 * MS, 1000);
+        feed(&mut l, &mut now, 1, 30 * MS, 1000);
+        let learnt = l.learnt().expect("adaptive");
+        assert_eq!(learnt.baseline, Some(20 * MS));
+        assert_eq!(learnt.latency, Some(30 * MS), "the last window's");
+        assert!(learnt.ceiling > learnt.baseline);
+        assert_eq!(Limit::fixed(7).learnt(), None);
     }
 
     #[test]

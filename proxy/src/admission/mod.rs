@@ -37,6 +37,7 @@ type Reply = oneshot::Sender<Result<Permit, ShedReason>>;
 /// Gauges of one site, resolved once.
 struct SiteGauges {
     limit: IntGauge,
+    baseline: Gauge,
     shed_level: Gauge,
     queue_depth: IntGauge,
     inflight: Vec<IntGauge>,
@@ -54,6 +55,22 @@ impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Controller({}/{})", self.cluster, self.site)
     }
+}
+
+/// One site's admission state ([`Controller::state`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SiteState {
+    /// The concurrency limit in force.
+    pub limit: u32,
+    /// Requests at the backend.
+    pub inflight: u32,
+    /// Requests waiting in the queue.
+    pub queued: usize,
+    pub shed_level: f64,
+    /// The `never_shed` tiers' queue stands (`refuse_standing_queue`).
+    pub standing: bool,
+    /// What an adaptive limit learned; `None` for a fixed one.
+    pub learnt: Option<limit::Learnt>,
 }
 
 impl Controller {
@@ -106,6 +123,10 @@ impl Controller {
     fn publish(&self, g: &Gate<Reply>) {
         let gauges = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
         gauges.limit.set(i64::from(g.limit()));
+        let baseline = g.learnt().and_then(|l| l.baseline);
+        gauges
+            .baseline
+            .set(baseline.map_or(0.0, |b| b.as_secs_f64()));
         gauges.shed_level.set(g.shed_level());
         gauges.queue_depth.set(g.queued() as i64);
         for (t, gauge) in gauges.inflight.iter().enumerate() {
@@ -113,10 +134,17 @@ impl Controller {
         }
     }
 
-    /// Current (limit, in flight, queued, shed level), for status and tests.
-    pub fn state(&self) -> (u32, u32, usize, f64) {
+    /// The site's admission state now, for `/status` and tests.
+    pub fn state(&self) -> SiteState {
         let g = self.lock();
-        (g.limit(), g.inflight(), g.queued(), g.shed_level())
+        SiteState {
+            limit: g.limit(),
+            inflight: g.inflight(),
+            queued: g.queued(),
+            shed_level: g.shed_level(),
+            standing: g.standing(now()),
+            learnt: g.learnt(),
+        }
     }
 
     /// A permit for `tier` only if one is free right now (spill): never
@@ -224,6 +252,7 @@ impl SiteGauges {
     fn new(cluster: &str, site: &str, tiers: &[String], m: &Metrics) -> SiteGauges {
         SiteGauges {
             limit: m.admission_limit.with_label_values(&[cluster, site]),
+            baseline: m.admission_baseline.with_label_values(&[cluster, site]),
             shed_level: m.shed_level.with_label_values(&[cluster, site]),
             queue_depth: m.queue_depth.with_label_values(&[cluster, site]),
             inflight: tiers

@@ -48,13 +48,13 @@ async fn dropping_a_permit_admits_the_highest_waiter() {
         async move { c.acquire(0).await.map(|p| p.waited()) }
     });
     tokio::time::sleep(10 * MS).await;
-    assert_eq!(c.state().2, 2, "both wait");
+    assert_eq!(c.state().queued, 2, "both wait");
     drop(held);
     let waited = high.await.unwrap().expect("purchase admitted");
     assert_eq!(waited, 10 * MS);
     // The purchase's permit was dropped when its task ended: cs gets it next.
     assert!(low.await.unwrap().is_ok());
-    assert_eq!(c.state().1, 0);
+    assert_eq!(c.state().inflight, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -69,7 +69,7 @@ async fn a_waiter_is_shed_at_its_tiers_deadline_and_nothing_leaks() {
         100 * MS,
         "cs waits exactly its max_queue_wait"
     );
-    assert_eq!(c.state().1, 1);
+    assert_eq!(c.state().inflight, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -86,7 +86,7 @@ async fn a_cancelled_waiter_does_not_keep_a_slot() {
     let _ = waiter.await;
     drop(held);
     assert_eq!(
-        c.state().1,
+        c.state().inflight,
         0,
         "the grant to the gone waiter was taken back"
     );
@@ -104,7 +104,7 @@ async fn a_panic_while_holding_a_permit_releases_it() {
         }
     });
     assert!(task.await.unwrap_err().is_panic());
-    assert_eq!(c.state().1, 0);
+    assert_eq!(c.state().inflight, 0);
     assert!(c.acquire(0).await.is_ok());
 }
 

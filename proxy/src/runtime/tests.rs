@@ -100,8 +100,8 @@ async fn controllers_are_kept_by_cluster_and_site_name() {
         &m,
     );
     assert!(Arc::ptr_eq(&skondal, second.controllers.get(0, 0).unwrap()));
-    assert_eq!(skondal.state().0, 5);
-    assert_eq!(skondal.state().1, 1, "in flight carried over");
+    assert_eq!(skondal.state().limit, 5);
+    assert_eq!(skondal.state().inflight, 1, "in flight carried over");
     let (old_b, new_b) = (
         first.controllers.get(0, 1).unwrap(),
         second.controllers.get(0, 1).unwrap(),
@@ -109,7 +109,7 @@ async fn controllers_are_kept_by_cluster_and_site_name() {
     assert!(!Arc::ptr_eq(old_b, new_b));
     assert_eq!(new_b.site(), "oslo");
     drop(held);
-    assert_eq!(skondal.state().1, 0);
+    assert_eq!(skondal.state().inflight, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -121,7 +121,7 @@ async fn a_learned_adaptive_limit_is_kept() {
     // Fast, fully used backend: the limit learns upwards.
     for _ in 0..20 {
         let mut permits = Vec::new();
-        for _ in 0..ctl.state().0 {
+        for _ in 0..ctl.state().limit {
             permits.push(ctl.acquire(0).await.unwrap());
         }
         tokio::time::advance(Duration::from_millis(10)).await;
@@ -129,10 +129,10 @@ async fn a_learned_adaptive_limit_is_kept() {
             p.record(Sample::Latency(Duration::from_millis(10)));
         }
     }
-    let learned = ctl.state().0;
+    let learned = ctl.state().limit;
     assert!(learned > 10, "limit learned {learned}");
     let second = Generation::next(config(policy, "verizon"), Some(&first), &m);
-    let after = second.controllers.get(0, 0).unwrap().state().0;
+    let after = second.controllers.get(0, 0).unwrap().state().limit;
     assert_eq!(after, learned, "a reload does not reset the learned limit");
 }
 
