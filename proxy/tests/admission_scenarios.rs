@@ -12,7 +12,11 @@
 //! those measurements of every phase (to compare two controllers);
 //! `SIM_SEED=n` shifts every seed (to see the spread); `SIM_CSV=<dir>`
 //! writes each scenario's backend queue and per-instance limits every
-//! 10 ms to `<dir>/<seed>.csv` (scripts/fleet_chart.py draws them).
+//! 10 ms to `<dir>/<seed>.csv` (scripts/fleet_chart.py draws them);
+//! `SIM_TRACE=1` prints every instance's limit, in flight, queue, shed
+//! level, learnt baseline and last window's latency every 10 ms (how the
+//! ninth round found a night's baseline of 8.9 ms for 23 holding the
+//! morning's limit at `min` for three seconds).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -191,6 +195,22 @@ fn pick<'a>(rng: &mut fastrand::Rng, mix: &'a BTreeMap<String, f64>) -> &'a str 
     mix.keys().last().unwrap()
 }
 
+/// One `SIM_TRACE` line: instance `i`'s gate at `now` (µs).
+fn trace_line<W>(now: u64, i: usize, g: &Gate<W>) -> String {
+    let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    let learnt = g.learnt();
+    format!(
+        "trace {:.2} s instance {i}: limit {} in flight {} queued {} shed level {:.2} baseline {:.1} ms latency {:.1} ms",
+        now as f64 / 1e6,
+        g.limit(),
+        g.inflight(),
+        g.queued(),
+        g.shed_level(),
+        ms(learnt.and_then(|l| l.baseline)),
+        ms(learnt.and_then(|l| l.latency)),
+    )
+}
+
 fn percentile(mut v: Vec<u64>, q: f64) -> u64 {
     v.sort_unstable();
     v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
@@ -263,6 +283,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
 
     // SIM_CSV=<dir>: every 10 ms sample, per scenario: the time, the
     // backend's queue and each instance's limit (scripts/fleet_chart.py).
+    let trace = std::env::var_os("SIM_TRACE").is_some();
     let mut csv = std::env::var_os("SIM_CSV").map(|dir| {
         let path = Path::new(&dir).join(format!("{}.csv", s.seed));
         std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -494,6 +515,13 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                         backlog.len(),
                         ls.join(",")
                     );
+                }
+                if trace {
+                    for (i, g) in fleet.iter().enumerate() {
+                        if let Some(g) = g.gate.as_ref() {
+                            eprintln!("{}", trace_line(now, i, g));
+                        }
+                    }
                 }
                 stats[ph].backend_queue.push(backlog.len());
                 push(&mut events, now + 10_000, Event::Sample);
