@@ -1,6 +1,7 @@
 //! The live status page in a real browser: headless Chromium loads it from a
 //! k2proxy under overload and the rendered page shows the tiers, the sites
-//! and the shed level. A screenshot is kept in target/test-artifacts/.
+//! and the shed level, and under an adaptive limit the latency it learned.
+//! A screenshot is kept in target/test-artifacts/.
 
 mod support;
 
@@ -181,4 +182,55 @@ async fn the_status_page_shows_tiers_sites_and_the_shed_level_under_load() {
         png.canonicalize().unwrap().display()
     );
     load.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_latency_an_adaptive_limit_learned() {
+    let backend = Backend::start("b").await;
+    let proxy = Proxy::start(&kred_routes(backend.addr), &default_policy()).await;
+    // Two seconds of purchases at 20 ms: the limit closes windows and
+    // learns the backend's latency.
+    openloop::run(Plan {
+        targets: vec![Target {
+            name: "purchase".into(),
+            url: proxy.url("/checkout/slow/20").parse().unwrap(),
+            weight: 1.0,
+            headers: vec![],
+            body: None,
+        }],
+        rate: 100,
+        duration: Duration::from_secs(2),
+        timeout: Duration::from_secs(5),
+        seed: 3,
+    })
+    .await;
+    let learnt = proxy.status().await["clusters"][0]["sites"][0]["learnt"].clone();
+    let baseline = learnt["baseline_ms"].as_f64().expect("a baseline");
+    assert!(baseline >= 20.0, "{learnt}");
+
+    let dom = tokio::task::spawn_blocking({
+        let url = proxy.admin_url("/");
+        move || headless(&url, &["--dump-dom"])
+    })
+    .await
+    .unwrap();
+    let dom = dom[..dom.find("<script").expect("the page has its script")].to_string();
+    // "latency 21.3 ms learnt 21.1 ms, limit shrinks over 22.1 ms".
+    let line = dom
+        .split("<span>latency</span>")
+        .nth(1)
+        .and_then(|l| l.split("</span></span>").next())
+        .unwrap_or_else(|| panic!("no latency line:\n{dom}"));
+    let learnt_ms: f64 = line
+        .split("learnt ")
+        .nth(1)
+        .and_then(|l| l.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no learnt baseline in {line:?}"));
+    assert!(
+        (learnt_ms - baseline).abs() <= 0.051,
+        "{line:?} for {baseline}"
+    );
+    assert!(line.contains("limit shrinks over "), "{line:?}");
+    assert!(dom.contains("adaptive 4..1024"), "{dom}");
 }
