@@ -590,10 +590,11 @@ pub struct SiteState {
     pub inflight: u64,
     pub queued: u64,
     pub shed_level: f64,
-    /// What the adaptive limit learned (`/status` `learnt`), in ms: the
-    /// backend's uncongested latency and the last window's mean latency.
-    /// `None` for a fixed limit or before the first window.
+    /// The backend's uncongested latency the adaptive limit learned
+    /// (`/status` `learnt`), in ms; `None` for a fixed limit or before the
+    /// first window.
     pub baseline_ms: Option<f64>,
+    /// The last window's mean latency, in ms; `None` likewise.
     pub latency_ms: Option<f64>,
 }
 

@@ -123,10 +123,9 @@ impl Controller {
     fn publish(&self, g: &Gate<Reply>) {
         let gauges = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
         gauges.limit.set(i64::from(g.limit()));
-        let baseline = g.learnt().and_then(|l| l.baseline);
         gauges
             .baseline
-            .set(baseline.map_or(0.0, |b| b.as_secs_f64()));
+            .set(g.baseline().map_or(0.0, |b| b.as_secs_f64()));
         gauges.shed_level.set(g.shed_level());
         gauges.queue_depth.set(g.queued() as i64);
         for (t, gauge) in gauges.inflight.iter().enumerate() {
