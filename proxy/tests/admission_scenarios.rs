@@ -14,9 +14,10 @@
 //! writes each scenario's backend queue and per-instance limits every
 //! 10 ms to `<dir>/<seed>.csv` (scripts/fleet_chart.py draws them);
 //! `SIM_TRACE=1` prints every instance's limit, in flight, queue, shed
-//! level, learnt baseline and last window's latency every 10 ms (how the
-//! ninth round found a night's baseline of 8.9 ms for 23 holding the
-//! morning's limit at `min` for three seconds).
+//! level, learnt baseline, ceiling (over it the limit shrinks) and last
+//! window's latency every 10 ms (how the ninth round found a night's
+//! baseline of 8.9 ms for 23 holding the morning's limit at `min` for three
+//! seconds, and the tenth the probe due since the night that did the same).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -200,13 +201,14 @@ fn trace_line<W>(now: u64, i: usize, g: &Gate<W>) -> String {
     let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
     let learnt = g.learnt();
     format!(
-        "trace {:.2} s instance {i}: limit {} in flight {} queued {} shed level {:.2} baseline {:.1} ms latency {:.1} ms",
+        "trace {:.2} s instance {i}: limit {} in flight {} queued {} shed level {:.2} baseline {:.1} ms ceiling {:.1} ms latency {:.1} ms",
         now as f64 / 1e6,
         g.limit(),
         g.inflight(),
         g.queued(),
         g.shed_level(),
         ms(learnt.and_then(|l| l.baseline)),
+        ms(learnt.and_then(|l| l.ceiling)),
         ms(learnt.and_then(|l| l.latency)),
     )
 }

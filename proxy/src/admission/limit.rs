@@ -60,10 +60,16 @@
 //! under half of the limit in flight: a night) are too small for a mean
 //! whose noise the tolerance knows: they fill a *block* across windows, and
 //! a block of [`WINDOW_SAMPLES`] counts as a window would for the baseline
-//! and the spread. No probe starts in a quiet window. Before, a night's
-//! quickest lone request (and a probe's lone window) set the baseline, and
-//! the morning read as queueing. A busy window of a few requests is a slow
-//! backend and counts as it is.
+//! and the spread; only a full block moves the limit (a night's single slow
+//! requests cut it to `min`). No probe starts in a quiet window, and one
+//! puts off a probe that is due by [`PROBE_EVERY`] (one due since the night
+//! held the morning's first window at `min`). Before, a night's quickest
+//! lone request (and a probe's lone window) set the baseline, and the
+//! morning read as queueing. A busy window of a few requests is a slow
+//! backend and counts as it is. After a quiet spell ([`QUIET_SPELL`]), the
+//! first busy window holds the quickest requests of the step up, sent at
+//! once: it counts for neither the baseline nor the spread. After a gap of
+//! [`WINDOW_TIME`] without samples, a window starts with its first sample.
 //!
 //! There is no warm-up that measures a minimum RTT at low concurrency (as
 //! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
@@ -141,6 +147,9 @@ const STALE_AFTER: Duration = Duration::from_millis(300);
 /// `never_shed` tiers wait tolerates above what others do
 /// ([`Limit::set_urgent`]).
 const URGENT_CLAIM: f64 = 0.2;
+/// Quiet windows for this long are a quiet spell: the first busy window
+/// after it holds the quickest of a step's requests.
+const QUIET_SPELL: Duration = Duration::from_secs(1);
 /// Weight of each new target in the limit.
 const SMOOTHING: f64 = 0.25;
 /// Multiplicative back-off on congestion (timeouts, backend 503s).
@@ -337,6 +346,11 @@ pub struct Gradient {
     measured: Option<(f64, u32)>,
     /// The last closed window's mean latency (for `/status`).
     latest: Option<f64>,
+    /// When the last sample came (a window's time runs from its first
+    /// sample after a gap).
+    last: Option<Instant>,
+    /// Since when the windows closed have all been quiet.
+    quiet_since: Option<Instant>,
     /// No queueing seen since the limit was last under-used: grow by
     /// [`SLOW_START`].
     slow_start: bool,
@@ -406,6 +420,8 @@ impl Gradient {
             probe: None,
             measured: None,
             latest: None,
+            last: None,
+            quiet_since: None,
             slow_start: true,
             halved_until: now,
             urgent: false,
@@ -475,6 +491,30 @@ impl Gradient {
     }
 
     fn on_sample(&mut self, now: Instant, sample: Sample, inflight: u32) {
+        if sample == Sample::Ignored {
+            return;
+        }
+        if self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= WINDOW_TIME)
+        {
+            // After a gap of a window's time, the window before ends
+            // without this sample and the next one starts with it: its time
+            // runs from here, not from the last close (or start-up: the
+            // limit is made long before traffic comes). Before, a request
+            // that finished after a gap was a window of its own, or shared
+            // one with the request before the gap: the first request set
+            // the baseline alone (9.8 ms in real processes for a mean of
+            // 23, the limit at `min` until the first probe); the morning's
+            // first, busy after a night, ended the slow start (35 ms
+            // against a ceiling of 28) or, paired with the night's last,
+            // set the baseline (12.5 ms).
+            if self.window_count + self.window_congested > 0 {
+                self.close_window(now);
+            }
+            self.open_window(now);
+        }
+        self.last = Some(now);
         match sample {
             Sample::Latency(d) => {
                 self.window_sum += d.as_secs_f64();
@@ -482,7 +522,7 @@ impl Gradient {
                 self.window_count += 1;
             }
             Sample::Congestion => self.window_congested += 1,
-            Sample::Ignored => return,
+            Sample::Ignored => {}
         }
         if let Some(p) = self.probe.as_mut().filter(|p| p.skip > 0) {
             // A request that was in flight when the probe began: it queued
@@ -491,15 +531,6 @@ impl Gradient {
             p.skip -= 1;
             self.open_window(now);
             return;
-        }
-        if self.baseline.is_none() && self.window_count + self.window_congested == 1 {
-            // The first window's time runs from its first sample, not from
-            // start-up (the limit is made long before traffic comes): a
-            // first request that finished more than WINDOW_TIME after it
-            // was a window of its own, and set the baseline alone. In real
-            // processes that was 9.8 ms in front of a backend whose mean is
-            // 23, and the limit sat at `min` until the first probe.
-            self.window_start = now;
         }
         self.window_max_inflight = self.window_max_inflight.max(inflight);
         let samples = self.window_count + self.window_congested;
@@ -544,6 +575,22 @@ impl Gradient {
         // held the morning at `min` with lower tiers shed at 0.7x.
         let slow = inflight >= self.current().max(2.0 * f64::from(self.bounds.min)) / 2.0;
         let quiet = small && !slow;
+        // The first window after a quiet one holds the first requests of a
+        // step up to finish, the quickest of those sent at once: it counts
+        // for neither the baseline nor the spread (the same bias as a cold
+        // start's first window). In real processes the morning's first
+        // window set the baseline to 12.9 ms for a mean of 23 (the night's
+        // blocks had it at 18.3), every window after it read as queueing,
+        // and lower tiers were shed for five seconds at 0.7x.
+        let onset = !quiet
+            && self
+                .quiet_since
+                .is_some_and(|t| now.duration_since(t) >= QUIET_SPELL);
+        if !quiet {
+            self.quiet_since = None;
+        } else if self.quiet_since.is_none() {
+            self.quiet_since = Some(now);
+        }
         if quiet {
             self.block.0 += self.window_sum;
             self.block.1 += self.window_sq;
@@ -574,13 +621,21 @@ impl Gradient {
         // other instances'), and a tolerance that grows with it let a
         // collapsing backend's queue grow too.
         let learnt = self.baseline.is_some() && !self.provisional;
-        if let Some(cv) = cv.filter(|_| !self.probed && learnt) {
+        if let Some(cv) = cv.filter(|_| !self.probed && learnt && !onset) {
             self.spread = Some(self.spread.map_or(cv, |p| p + SPREAD_WEIGHT * (cv - p)));
         }
         if self.probe_step(now, short, count, quiet) {
             return;
         }
-        let baseline = self.update_baseline(now, short, seen);
+        let baseline = self.update_baseline(now, short, seen.filter(|_| !onset));
+        // A quiet window's own mean is one or two requests: noise, not a
+        // gradient. Only its block, once full, moves the limit. Before,
+        // single requests of a log-normal night (32 or 50 ms against a
+        // ceiling of 25) cut the limit under `initial`, to `min`, and the
+        // morning started there.
+        let Some(short) = (if quiet { seen } else { Some(short) }) else {
+            return;
+        };
         self.step(now, short, baseline, inflight, busy);
     }
 
@@ -641,7 +696,14 @@ impl Gradient {
         }
         // Not in a quiet window: its few requests cannot say more than the
         // blocks do, and a probe's one-request window set the baseline.
-        if now >= self.probe_due && !quiet {
+        // And a quiet window puts off a probe that is due: a probe due since
+        // the night held the morning's first window at `min` while our queue
+        // built and the lower tiers were shed at 0.7x.
+        if quiet {
+            self.probe_due = self.probe_due.max(now + PROBE_EVERY);
+            return false;
+        }
+        if now >= self.probe_due {
             // Below the settling point by everything the gradient lets wait:
             // the queue allowance and the requests the tolerance admits.
             // The tolerance of window minimums, not the probe's smaller
@@ -692,15 +754,19 @@ impl Gradient {
         // baseline again and again in `make peak` (18 → 56 → 156 ms within
         // seconds, the limit at twice the workers, a third of the capacity
         // lost at 5x).
-        if self.far_above(short, baseline) {
-            let since = *self.stale.get_or_insert(now);
-            // (No probe runs here: `probe_step` took the window if one did.)
-            if now.duration_since(since) >= STALE_AFTER && self.probed {
-                self.probe_due = now;
-                self.stale = None;
+        // (Of a quiet window, its block's mean once full: a night's slow
+        // single requests are not a backlog.)
+        match seen.map(|m| self.far_above(m, baseline)) {
+            Some(true) => {
+                let since = *self.stale.get_or_insert(now);
+                // (No probe runs here: `probe_step` took the window if one did.)
+                if now.duration_since(since) >= STALE_AFTER && self.probed {
+                    self.probe_due = now;
+                    self.stale = None;
+                }
             }
-        } else {
-            self.stale = None;
+            Some(false) => self.stale = None,
+            None => {}
         }
         self.baseline = Some(baseline);
         baseline
@@ -1195,6 +1261,90 @@ mod tests {
         let baseline = l.baseline().unwrap().as_secs_f64() * 1e3;
         // Blocks of whole windows: 16-18 samples, mean 19.4-20.6.
         assert!((baseline - 20.0).abs() < 1.0, "{baseline}");
+    }
+
+    /// Latencies with a mean of 20 ms and a spread (coefficient of
+    /// variation) of 0.34, in turn.
+    fn spread_latency(i: u32) -> Duration {
+        [10, 26, 14, 30, 18, 22][i as usize % 6] * MS
+    }
+
+    /// A night: one request every 200 ms for 30 s, one in flight, at
+    /// [`spread_latency`]s; returns the limit at its end.
+    fn night(l: &mut Limit, now: &mut Instant) -> u32 {
+        for i in 0..150 {
+            *now += Duration::from_millis(200);
+            l.on_sample(*now, Sample::Latency(spread_latency(i)), 1);
+        }
+        l.current()
+    }
+
+    #[test]
+    fn a_nights_slow_single_requests_do_not_cut_the_limit() {
+        // Each single request was a window whose gradient moved the limit:
+        // the 26 and 30 ms ones against a ceiling near 24 cut it under
+        // `initial`, to `min`, and the morning started there.
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(under_the_knee(), now);
+        assert_eq!(night(&mut l, &mut now), 8);
+    }
+
+    #[test]
+    fn a_probe_due_through_a_night_waits_for_the_morning_to_settle() {
+        // Probes are due every five seconds, and none runs in a quiet
+        // window: the one due through the night started in the morning's
+        // first busy window and held the step at `min` while our queue
+        // built (open scenario 22: lower tiers shed at 0.7x).
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(under_the_knee(), now);
+        let evening = night(&mut l, &mut now);
+        let mut lowest = evening;
+        for i in 0..200 {
+            now += MS;
+            let inflight = l.current();
+            l.on_sample(now, Sample::Latency(spread_latency(i)), inflight);
+            lowest = lowest.min(l.current());
+        }
+        assert_eq!(lowest, evening);
+        assert!(l.current() > 2 * evening, "{}", l.current());
+    }
+
+    #[test]
+    fn the_mornings_first_window_does_not_set_the_baseline() {
+        // The first requests of a step to finish are the quickest of those
+        // sent at once: a real morning's first window (12.9 ms for a mean
+        // of 23) became the baseline, and every window after it read as
+        // queueing.
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(under_the_knee(), now);
+        night(&mut l, &mut now);
+        let evening = l.baseline().unwrap();
+        for _ in 0..WINDOW_SAMPLES {
+            now += MS;
+            l.on_sample(now, Sample::Latency(11 * MS), 8);
+        }
+        assert_eq!(l.baseline(), Some(evening));
+    }
+
+    #[test]
+    fn a_window_after_a_gap_starts_with_its_first_sample() {
+        // The night's last request was slow (60 ms) and finished 30 ms
+        // into a window; the morning's first finished 100 ms later. They
+        // made one window of two, busy by the second, whose mean read as
+        // queueing and ended the slow start: the limit then grew by a
+        // request or so per window.
+        let mut now = Instant::now();
+        let mut l = Limit::adaptive(under_the_knee(), now);
+        let evening = night(&mut l, &mut now);
+        now += Duration::from_millis(30);
+        l.on_sample(now, Sample::Latency(60 * MS), 1);
+        now += Duration::from_millis(100);
+        for i in 0..200 {
+            now += MS;
+            let inflight = l.current();
+            l.on_sample(now, Sample::Latency(spread_latency(i)), inflight);
+        }
+        assert!(l.current() > 4 * evening, "{}", l.current());
     }
 
     #[test]
