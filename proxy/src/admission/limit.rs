@@ -585,10 +585,7 @@ impl Gradient {
         // and lower tiers were shed for five seconds at 0.7x. (After any
         // quiet window, three instances at 0.8x, which alternate quiet and
         // busy windows, lost 0.3% of customer service: scenario 16.)
-        let onset = !quiet
-            && self
-                .quiet_since
-                .is_some_and(|t| now.duration_since(t) >= QUIET_SPELL);
+        let onset = !quiet && self.in_quiet_spell(now);
         if !quiet {
             self.quiet_since = None;
         } else if self.quiet_since.is_none() {
@@ -640,6 +637,13 @@ impl Gradient {
             return;
         };
         self.step(now, short, baseline, inflight, busy);
+    }
+
+    /// Whether the windows closed up to `now` have been quiet for
+    /// [`QUIET_SPELL`] or longer.
+    fn in_quiet_spell(&self, now: Instant) -> bool {
+        self.quiet_since
+            .is_some_and(|t| now.duration_since(t) >= QUIET_SPELL)
     }
 
     /// Runs a probe of the uncongested latency, or starts one when due.
@@ -707,10 +711,7 @@ impl Gradient {
         // for two instances in the simulation, purchase p99 in real ones
         // 220-280 → 290-590 ms).
         if quiet {
-            if self
-                .quiet_since
-                .is_some_and(|t| now.duration_since(t) >= QUIET_SPELL)
-            {
+            if self.in_quiet_spell(now) {
                 self.probe_due = self.probe_due.max(now + PROBE_EVERY);
             }
             return false;
