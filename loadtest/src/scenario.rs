@@ -13,7 +13,7 @@ use hyper::Method;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::openloop::{Load, Request};
+use crate::openloop::{Load, Request, DEFAULT_CLIENTS};
 use crate::schedule::{Schedule, Stage};
 use crate::sim::{Dist, Fault, SimConfig};
 use crate::template::Template;
@@ -114,6 +114,7 @@ struct RawSoak {
 #[serde(deny_unknown_fields)]
 struct RawLoad {
     capacity: Option<f64>,
+    clients: Option<Spanned<usize>>,
     stages: Vec<Spanned<RawStage>>,
 }
 
@@ -279,6 +280,8 @@ pub struct Scenario {
     pub timeout: Duration,
     stages: Vec<(Duration, Rate, Rate)>,
     capacity: Option<f64>,
+    /// `[load] clients`: independent clients the load comes from.
+    pub clients: usize,
     pub tiers: Vec<TierSpec>,
     pub topology: Option<TopologySpec>,
     pub events: Vec<Occurrence>,
@@ -389,6 +392,7 @@ impl Scenario {
             }
             sample
         });
+        let clients = clients(&mut c, &raw.load);
         let timeout = raw.timeout.map_or(Duration::from_secs(5), |d| d.0);
         if timeout.is_zero() || timeout > Duration::from_secs(300) {
             c.err(0, "timeout must lie between 1ms and 5m");
@@ -404,6 +408,7 @@ impl Scenario {
             timeout,
             stages,
             capacity: raw.load.capacity,
+            clients,
             tiers,
             topology,
             events,
@@ -555,8 +560,27 @@ impl Scenario {
             schedule: self.schedule()?,
             timeout: self.timeout,
             seed: self.seed,
+            clients: self.clients,
         })
     }
+}
+
+/// The most clients a load may come from (each holds its own connections).
+const MAX_CLIENTS: usize = 10_000;
+
+/// `[load] clients`: 1 to [`MAX_CLIENTS`], [`DEFAULT_CLIENTS`] unless given.
+fn clients(c: &mut Check<'_>, load: &RawLoad) -> usize {
+    load.clients.as_ref().map_or(DEFAULT_CLIENTS, |n| {
+        if !(1..=MAX_CLIENTS).contains(n.get_ref()) {
+            c.err(
+                n.span().start,
+                format!(
+                    "clients must lie in 1..={MAX_CLIENTS} (independent clients, each with its own connections)"
+                ),
+            );
+        }
+        *n.get_ref()
+    })
 }
 
 /// `[load] stages`: each a constant rate or a ramp, 1ms to 6h long.

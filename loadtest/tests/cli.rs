@@ -139,6 +139,10 @@ fn a_bad_scenario_is_refused_with_file_line_and_column() {
             format!("{SCENARIO}\n[topology]\nroutes = \"r.toml\"\nproxies = 0\n"),
             "s.toml:23:11: error: proxies must lie in 1..=16",
         ),
+        (
+            SCENARIO.replace("[load]\n", "[load]\nclients = 0\n"),
+            "s.toml:7:11: error: clients must lie in 1..=10000",
+        ),
     ] {
         let out = run(dir.path(), &bad, "http://127.0.0.1:1");
         let stderr = String::from_utf8_lossy(&out.stderr);
