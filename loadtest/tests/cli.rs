@@ -159,6 +159,19 @@ fn a_bad_scenario_is_refused_with_file_line_and_column() {
 }
 
 #[test]
+fn a_quick_load_refuses_a_client_count_out_of_range() {
+    for bad in ["0", "10001", "many"] {
+        let out = loadtest()
+            .args(["run", "--target", "http://127.0.0.1:1/x", "--clients", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--clients"), "{bad}: {stderr}");
+    }
+}
+
+#[test]
 fn the_shipped_scenarios_load() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     for name in [

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use loadtest::drill::{self, Options};
-use loadtest::openloop::{self, Plan, Target};
+use loadtest::openloop::{self, Live, Load, Plan, Target};
 use loadtest::scenario::Scenario;
 
 #[derive(Parser)]
@@ -64,6 +64,11 @@ enum Command {
         /// Without a scenario: extra header, `name: value`; repeatable.
         #[arg(long = "header", value_parser = parse_header, conflicts_with = "scenario")]
         headers: Vec<(String, String)>,
+        /// Without a scenario: independent clients the requests take turns
+        /// on, each with its own keep-alive connections (1 to 10000; a
+        /// scenario says `[load] clients`).
+        #[arg(long, default_value_t = openloop::DEFAULT_CLIENTS as u32, conflicts_with = "scenario", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        clients: u32,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -135,11 +140,18 @@ async fn main() {
         duration,
         timeout,
         headers,
+        clients,
         json,
     } = Cli::parse().command;
 
     let Some(path) = scenario else {
-        quick(target, mix, rate, duration, timeout, headers, json).await;
+        let q = Quick {
+            rate,
+            duration,
+            timeout,
+            clients,
+        };
+        quick(target, mix, headers, q, json).await;
         return;
     };
     let mut scenario = Scenario::load(&path).unwrap_or_else(|e| fail(2, &e.to_string()));
@@ -200,14 +212,20 @@ async fn main() {
     }
 }
 
+/// How a quick load sends, besides what to.
+struct Quick {
+    rate: u32,
+    duration: Duration,
+    timeout: Duration,
+    clients: u32,
+}
+
 /// A constant-rate load without a scenario file.
 async fn quick(
     target: Option<String>,
     mix: Vec<(String, f64, hyper::Uri)>,
-    rate: u32,
-    duration: Duration,
-    timeout: Duration,
     headers: Vec<(String, String)>,
+    q: Quick,
     json: bool,
 ) {
     let mut targets: Vec<Target> = mix
@@ -246,14 +264,16 @@ async fn quick(
             );
         }
     }
-    let report = openloop::run(Plan {
+    let mut load = Load::from(Plan {
         targets,
-        rate,
-        duration,
-        timeout,
+        rate: q.rate,
+        duration: q.duration,
+        timeout: q.timeout,
         seed: 1,
-    })
-    .await;
+    });
+    load.clients = q.clients as usize;
+    let live = Live::new(&load);
+    let report = openloop::run_load(load, live).await;
     if json {
         println!("{}", report.to_json());
     } else {
