@@ -63,6 +63,8 @@ pub struct Load {
 /// seconds. Shoppers and merchants are many clients: 64 still shared 3x as
 /// 30/70 at times, 256 within 45/55 (docs/loadtest.md, Fleets).
 pub const DEFAULT_CLIENTS: usize = 256;
+/// The most clients a load may come from (each holds its own connections).
+pub const MAX_CLIENTS: usize = 10_000;
 
 /// One kind of request, simple form: a constant URL.
 #[derive(Debug, Clone)]
@@ -127,7 +129,11 @@ impl From<Plan> for Load {
 
 /// Runs a constant-rate plan to the end.
 pub async fn run(plan: Plan) -> Report {
-    let load = Load::from(plan);
+    run_unwatched(Load::from(plan)).await
+}
+
+/// Runs a load to the end, with no one watching its progress.
+pub async fn run_unwatched(load: Load) -> Report {
     let live = Live::new(&load);
     run_load(load, live).await
 }

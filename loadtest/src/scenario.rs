@@ -13,7 +13,7 @@ use hyper::Method;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::openloop::{Load, Request, DEFAULT_CLIENTS};
+use crate::openloop::{Load, Request, DEFAULT_CLIENTS, MAX_CLIENTS};
 use crate::schedule::{Schedule, Stage};
 use crate::sim::{Dist, Fault, SimConfig};
 use crate::template::Template;
@@ -281,7 +281,7 @@ pub struct Scenario {
     stages: Vec<(Duration, Rate, Rate)>,
     capacity: Option<f64>,
     /// `[load] clients`: independent clients the load comes from.
-    pub clients: usize,
+    clients: usize,
     pub tiers: Vec<TierSpec>,
     pub topology: Option<TopologySpec>,
     pub events: Vec<Occurrence>,
@@ -564,9 +564,6 @@ impl Scenario {
         })
     }
 }
-
-/// The most clients a load may come from (each holds its own connections).
-const MAX_CLIENTS: usize = 10_000;
 
 /// `[load] clients`: 1 to [`MAX_CLIENTS`], [`DEFAULT_CLIENTS`] unless given.
 fn clients(c: &mut Check<'_>, load: &RawLoad) -> usize {

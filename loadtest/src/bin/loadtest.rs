@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use loadtest::drill::{self, Options};
-use loadtest::openloop::{self, Live, Load, Plan, Target};
+use loadtest::openloop::{self, Load, Plan, Target};
 use loadtest::scenario::Scenario;
 
 #[derive(Parser)]
@@ -67,7 +67,7 @@ enum Command {
         /// Without a scenario: independent clients the requests take turns
         /// on, each with its own keep-alive connections (1 to 10000; a
         /// scenario says `[load] clients`).
-        #[arg(long, default_value_t = openloop::DEFAULT_CLIENTS as u32, conflicts_with = "scenario", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        #[arg(long, default_value_t = openloop::DEFAULT_CLIENTS as u32, conflicts_with = "scenario", value_parser = clap::value_parser!(u32).range(1..=openloop::MAX_CLIENTS as i64))]
         clients: u32,
         /// Print the report as JSON on stdout.
         #[arg(long)]
@@ -272,8 +272,7 @@ async fn quick(
         seed: 1,
     });
     load.clients = q.clients as usize;
-    let live = Live::new(&load);
-    let report = openloop::run_load(load, live).await;
+    let report = openloop::run_unwatched(load).await;
     if json {
         println!("{}", report.to_json());
     } else {
