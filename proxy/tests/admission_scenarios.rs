@@ -378,7 +378,11 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 if inst.gate.is_some() {
                     inst.incarnation += 1;
                 }
-                inst.gate = Some(Gate::new(rules.clone(), limit.clone(), at(now)));
+                // Its limit is made now, as the process makes it when it
+                // starts: a late-comer's first probe is a probe interval
+                // after its own start, not due at once (a clone of the one
+                // made at set-up was, and so probed on its first window).
+                inst.gate = Some(Gate::new(rules.clone(), limit.fresh(at(now)), at(now)));
             }
             Event::Arrival => {
                 let p = &s.phase[ph];

@@ -228,6 +228,16 @@ impl Limit {
         Limit::Adaptive(Box::new(Gradient::new(bounds, now)))
     }
 
+    /// The same kind of limit with the same bounds, as a process starting
+    /// at `now` makes it: nothing learnt, its first probe a
+    /// [`PROBE_EVERY`] from `now`.
+    pub fn fresh(&self, now: Instant) -> Limit {
+        match self {
+            Limit::Fixed(n) => Limit::Fixed(*n),
+            Limit::Adaptive(g) => Limit::adaptive(g.bounds, now),
+        }
+    }
+
     /// Whether the limit learns the backend's knee (and so moves past slots
     /// left free: see `Gate::headroom`).
     pub fn is_adaptive(&self) -> bool {
@@ -1358,6 +1368,39 @@ mod tests {
             l.on_sample(now, Sample::Latency(spread_latency(i)), inflight);
         }
         assert!(l.current() > 4 * evening, "{}", l.current());
+    }
+
+    #[test]
+    fn a_fresh_limit_starts_anew_and_probes_a_probe_interval_after_its_start() {
+        // A limit made at set-up and one made fresh ten seconds later (an
+        // instance that starts or restarts into a running fleet): the old
+        // one is due a probe from the first busy window; the fresh one has
+        // learnt nothing and probes PROBE_EVERY after its own start.
+        let t0 = Instant::now();
+        let old = Limit::adaptive(bounds(), t0);
+        let mut now = t0 + Duration::from_secs(10);
+        let mut fresh = old.fresh(now);
+        let mut clone = old.clone();
+        assert_eq!(fresh.learnt().and_then(|l| l.baseline), None);
+        assert_eq!(fresh.current(), bounds().initial);
+        let probing = |l: &mut Limit, now: &mut Instant, windows: u32| {
+            let mut seen = false;
+            for _ in 0..windows {
+                let inflight = l.current();
+                feed(l, now, 1, 20 * MS, inflight);
+                seen |= l.learnt().is_some_and(|x| x.probing);
+            }
+            seen
+        };
+        let mut then = now;
+        assert!(
+            probing(&mut clone, &mut then, 20),
+            "the old one probes at once"
+        );
+        // 20 windows of 16 ms: about a third of a second.
+        assert!(!probing(&mut fresh, &mut now, 20));
+        assert!(!probing(&mut fresh, &mut now, 200), "not before 5 s");
+        assert!(probing(&mut fresh, &mut now, 150), "by 5.6 s");
     }
 
     #[test]
