@@ -34,7 +34,8 @@ usage: bench_peers.py [overhead] [instructions] [overload] [failover] [fleet] [e
        (default: the first four)
 env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), RATE (4000),
        LOADS (overload multiples, "1,2,3,5"), VARIANTS (overload proxies,
-       "k2proxy,haproxy priority,nginx"), K2PROXY_B (a second k2proxy binary, say
+       "k2proxy,haproxy priority,nginx"; the fleet phase runs those of
+       "k2proxy", "k2proxy B" and "haproxy priority" it lists), K2PROXY_B (a second k2proxy binary, say
        a build before a change: run as "k2proxy B" beside "k2proxy" in the
        overload, failover and fleet phases), KEEP_WORK (1: keep the scratch
        directory with every process's log), K2PROXY_B_POLICY (the policy file
@@ -693,7 +694,12 @@ def fleet():
     log(f"== fleet: legacy-sim {workers} workers x {service} (capacity ~{capacity:.0f}/s), "
         f"instances {FLEET_SIZES}, loads {FLEET_LOADS}x")
     runs = []
-    variants = ("k2proxy",) + (("k2proxy B",) if K2PROXY_B else ()) + ("haproxy priority",)
+    # VARIANTS picks among them: an A/B of two builds need not wait for the
+    # oracle's runs.
+    variants = tuple(v for v in ("k2proxy",) + (("k2proxy B",) if K2PROXY_B else ()) + ("haproxy priority",)
+                     if v in VARIANTS)
+    if not variants:
+        sys.exit(f"VARIANTS={','.join(VARIANTS)!r}: the fleet phase runs k2proxy, k2proxy B or haproxy priority")
     for load in FLEET_LOADS:
         for rnd in range(1, ROUNDS + 1):
             for n in FLEET_SIZES:
