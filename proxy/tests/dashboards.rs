@@ -1,7 +1,8 @@
 //! The dashboard and the alerts against a real Prometheus: k2proxy with two
 //! simulated sites is driven through overload, a failover, a rejected
 //! reload and a whole-cluster outage while Prometheus scrapes its admin
-//! /metrics (and a dead second target) and evaluates dashboards/alerts.yml.
+//! /metrics (with two more, adaptive instances whose backends differ in
+//! speed, and a dead target) and evaluates dashboards/alerts.yml.
 //! Then every PromQL expression in the dashboard JSON and in alerts.yml is
 //! evaluated through Prometheus's HTTP API: each must be valid and return a
 //! series. The dashboard's structure is checked too.
@@ -220,15 +221,40 @@ cluster = "kred"
     );
     let policy = policy.as_str();
     let proxy = Proxy::start(&routes, policy).await;
+    // Two more instances of the fleet, adaptive, one in front of a backend
+    // three times as fast: they learn baselines far apart (what
+    // K2FleetBaselinesSplit looks for).
+    let fast = sim::start(
+        SimConfig::fixed("f1", 64, Duration::from_millis(10)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut fleet = Vec::new();
+    for addr in [primary.addr, fast.addr] {
+        let routes = format!(
+            "[server]\nlisten = [\"{{LISTEN}}\"]\nadmin = \"{{ADMIN}}\"\nthreads = 1\npolicy = \"policy.toml\"\n\
+             [clusters.kred]\n[[clusters.kred.sites]]\nname = \"skondal\"\nrole = \"primary\"\nbackends = [\"{addr}\"]\n\
+             [[routes]]\nname = \"checkout\"\nmatch = {{ path_prefix = \"/checkout/\" }}\ntier = \"purchase\"\ncluster = \"kred\"\n"
+        );
+        let p = Proxy::start(&routes, "tiers = [\"purchase\", \"background\"]\n").await;
+        for _ in 0..20 {
+            let r = client().get(p.url("/checkout/pay")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        fleet.push(p);
+    }
 
     // A real Prometheus scraping k2proxy every second, plus a dead target.
     let dir = tempfile::tempdir().unwrap();
     let prom = format!("127.0.0.1:{}", free_port());
     let dead = format!("127.0.0.1:{}", free_port());
     let config = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: k2proxy\n    static_configs:\n      - targets: ['{}', '{dead}']\n",
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: k2proxy\n    static_configs:\n      - targets: ['{}', '{}', '{}', '{dead}']\n",
         repo().join("dashboards/alerts.yml").display(),
-        proxy.admin
+        proxy.admin,
+        fleet[0].admin,
+        fleet[1].admin
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
     let _prom = Killed(
