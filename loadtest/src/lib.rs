@@ -27,3 +27,4 @@ pub mod soak;
 pub mod template;
 pub mod thresholds;
 pub mod topology;
+pub mod workers;

@@ -38,7 +38,10 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::workers::Workers;
 
 /// One standard normal draw from two uniforms (Box–Muller).
 pub fn standard_normal(rng: &mut fastrand::Rng) -> f64 {
@@ -243,7 +246,7 @@ struct Stats {
 /// A running simulator.
 pub struct Sim {
     config: SimConfig,
-    workers: Semaphore,
+    workers: Workers,
     waiting: AtomicUsize,
     stats: Mutex<Stats>,
     fault: watch::Sender<Fault>,
@@ -254,7 +257,7 @@ pub struct Sim {
 impl Sim {
     pub fn new(config: SimConfig) -> Arc<Sim> {
         Arc::new(Sim {
-            workers: Semaphore::new(config.workers.max(1)),
+            workers: Workers::new(config.workers),
             waiting: AtomicUsize::new(0),
             config,
             stats: Mutex::new(Stats::default()),
@@ -438,8 +441,10 @@ impl Sim {
         // Holding a worker for the service time is the capacity limit. A
         // request that finds a worker free never counts as waiting (counted
         // first, it made a concurrent arrival see one waiter too many and
-        // refused it with the queue not yet full).
-        let _worker = match self.workers.try_acquire() {
+        // refused it with the queue not yet full). Workers keep their own
+        // schedule (`workers`): capacity is exactly workers / service.
+        let arrived = Instant::now();
+        let mut worker = match self.workers.try_take(arrived) {
             Ok(worker) => worker,
             Err(_) => {
                 let waiting = Waiting::enter(&self.waiting);
@@ -450,11 +455,7 @@ impl Sim {
                         "legacy backend queue full\n",
                     );
                 }
-                let worker = self
-                    .workers
-                    .acquire()
-                    .await
-                    .expect("semaphore never closed");
+                let worker = self.workers.take(arrived).await;
                 drop(waiting);
                 worker
             }
@@ -468,8 +469,9 @@ impl Sim {
         };
         let service = self.service_time(&path, queued);
         if !service.is_zero() {
-            tokio::time::sleep(service).await;
+            worker.serve(service).await;
         }
+        drop(worker);
 
         let mut resp = if body.is_empty() {
             let json = serde_json::json!({
@@ -556,7 +558,7 @@ impl Sim {
             "duplicate_request_ids": s.duplicates,
             "duplicate_non_idempotent": s.unsafe_duplicates,
             "queue_full": s.queue_full,
-            "busy_workers": self.config.workers.max(1) - self.workers.available_permits(),
+            "busy_workers": self.workers.busy(),
             "waiting": self.waiting.load(Ordering::Relaxed),
             "fault": self.fault().name(),
         });
