@@ -26,5 +26,6 @@ pub mod sim;
 pub mod soak;
 pub mod template;
 pub mod thresholds;
+pub mod timer;
 pub mod topology;
 pub mod workers;

@@ -28,6 +28,9 @@ pub struct Workers {
     /// the one that finished first, the one the next request takes.
     free_at: Mutex<BinaryHeap<Reverse<Instant>>>,
     size: usize,
+    /// Served on the precise timer ([`crate::timer`]), or on tokio's (a
+    /// paused clock in tests).
+    precise: bool,
 }
 
 /// One worker, held: it is due free at `due`, and goes back to the pool
@@ -40,12 +43,23 @@ pub struct Worker<'a> {
 }
 
 impl Workers {
+    /// Workers that answer when due, on the precise timer.
     pub fn new(size: usize) -> Workers {
+        Workers {
+            precise: true,
+            ..Workers::on_tokio_time(size)
+        }
+    }
+
+    /// Workers on tokio's timer (which rounds up to its next millisecond),
+    /// for tests on a paused clock.
+    pub fn on_tokio_time(size: usize) -> Workers {
         let size = size.max(1);
         Workers {
             permits: Semaphore::new(size),
             free_at: Mutex::new(BinaryHeap::new()),
             size,
+            precise: false,
         }
     }
 
@@ -82,7 +96,11 @@ impl Worker<'_> {
     /// (its last request's due time, or the arrival): returns when due.
     pub async fn serve(&mut self, service: Duration) {
         self.due += service;
-        tokio::time::sleep_until(self.due).await;
+        if self.pool.precise {
+            crate::timer::sleep_until(self.due.into_std()).await;
+        } else {
+            tokio::time::sleep_until(self.due).await;
+        }
     }
 }
 
@@ -106,7 +124,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_busy_worker_keeps_its_schedule_when_woken_late() {
-        let pool = Workers::new(1);
+        let pool = Workers::on_tokio_time(1);
         let t0 = Instant::now();
         let mut w = pool.try_take(t0).expect("free");
         w.serve(Duration::from_millis(10)).await;
@@ -121,7 +139,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_that_finds_a_worker_idle_starts_when_it_arrived() {
-        let pool = Workers::new(1);
+        let pool = Workers::on_tokio_time(1);
         let t0 = Instant::now();
         drop(pool.try_take(t0).expect("free"));
         tokio::time::advance(Duration::from_millis(50)).await;
@@ -133,7 +151,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn workers_beyond_the_pool_wait() {
-        let pool = Workers::new(2);
+        let pool = Workers::on_tokio_time(2);
         let now = Instant::now();
         let (_a, _b) = (pool.try_take(now).unwrap(), pool.try_take(now).unwrap());
         assert_eq!(pool.busy(), 2);
