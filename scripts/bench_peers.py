@@ -44,7 +44,10 @@ env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), 
        the default, keeps the access log on as users run it), FLEET_WARMUP
        (a discarded run of this length before each group of fleet runs, "3s";
        "0" for none), FLEET_WORKERS / FLEET_SERVICE (the backend: "10ms" or
-       "lognormal(20ms, 0.5)")
+       "lognormal(20ms, 0.5)"), FLEET_MAXCONN ("down", the default: the
+       oracle's maxconn is workers / N rounded down, as the issue defines
+       it; "up": rounded up, a fleet total at or over the workers, which
+       keeps the backend busier when N does not divide them)
 """
 
 import json
@@ -671,6 +674,15 @@ FLEET_LOG = os.environ.get("FLEET_LOG", "info")
 # A discarded run of this length opens each group of runs ("0" for none):
 # the first run after a size change was slower whichever binary ran it.
 FLEET_WARMUP = os.environ.get("FLEET_WARMUP", "3s")
+FLEET_MAXCONN = os.environ.get("FLEET_MAXCONN", "down")
+
+
+def oracle_maxconn(workers, n):
+    """Each HAProxy's maxconn in a fleet of n: workers / n, rounded as
+    FLEET_MAXCONN says."""
+    if FLEET_MAXCONN not in ("down", "up"):
+        sys.exit(f"FLEET_MAXCONN={FLEET_MAXCONN!r}: expected down or up")
+    return max(1, -(-workers // n) if FLEET_MAXCONN == "up" else workers // n)
 
 
 def mean_service_s(service):
@@ -694,6 +706,7 @@ def fleet():
     # it serves its configured capacity; before, it served about 0.9 of it
     # and this said so.
     capacity = workers / mean_service_s(service)
+    oracle_maxconn(workers, 1)  # a bad FLEET_MAXCONN is refused before any run
     log(f"== fleet: legacy-sim {workers} workers x {service} (capacity ~{capacity:.0f}/s), "
         f"instances {FLEET_SIZES}, loads {FLEET_LOADS}x")
     runs = []
@@ -724,7 +737,7 @@ def fleet():
                             admins.append(int(re.search(r'admin = "127.0.0.1:(\d+)"', open(
                                 os.path.join(WORK, f"routes-{port}.toml")).read()).group(1)))
                         else:
-                            p, port = haproxy([sim_port], maxconn=max(1, workers // n), priority=True)
+                            p, port = haproxy([sim_port], maxconn=oracle_maxconn(workers, n), priority=True)
                         procs.append(p)
                         ports.append(port)
                     lb, lb_port = l4(ports)
@@ -769,7 +782,7 @@ def fleet():
             for v in variants:
                 rs = [r for r in runs if r["load"] == load and r["instances"] == n and r["variant"] == v]
                 seen = [x for r in rs for ls in r["limits"][len(r["limits"]) // 2:] for x in ls if x is not None]
-                lim = f"{min(seen)}-{max(seen)}" if seen else f"maxconn {max(1, workers // n)}"
+                lim = f"{min(seen)}-{max(seen)}" if seen else f"maxconn {oracle_maxconn(workers, n)}"
                 md.append(f"| {load}x | {n} | {v} | {med([r['purchase_success'] for r in rs]) * 100:.1f}% | "
                           f"{med([r['purchase_p50_ms'] for r in rs]):.0f} | {med([r['purchase_p99_ms'] for r in rs]):.0f} | "
                           f"{med([r['goodput_share'] for r in rs]):.2f} | {lim} |")
