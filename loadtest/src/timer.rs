@@ -18,16 +18,15 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-/// Deadlines, earliest first; `seq` keeps equal deadlines apart.
+/// A deadline and whom to wake at it; ordered by the deadline alone.
 struct Entry {
     at: Instant,
-    seq: u64,
     wake: oneshot::Sender<()>,
 }
 
 impl PartialEq for Entry {
     fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
+        self.at == other.at
     }
 }
 impl Eq for Entry {}
@@ -38,12 +37,13 @@ impl PartialOrd for Entry {
 }
 impl Ord for Entry {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
+        self.at.cmp(&other.at)
     }
 }
 
 struct Timer {
-    heap: Mutex<(BinaryHeap<Reverse<Entry>>, u64)>,
+    /// Deadlines, earliest first.
+    heap: Mutex<BinaryHeap<Reverse<Entry>>>,
     thread: Thread,
 }
 
@@ -56,7 +56,7 @@ fn timer() -> &'static Timer {
             .spawn(|| run(timer()))
             .expect("spawn the timer thread");
         Timer {
-            heap: Mutex::new((BinaryHeap::new(), 0)),
+            heap: Mutex::new(BinaryHeap::new()),
             thread: handle.thread().clone(),
         }
     })
@@ -67,14 +67,14 @@ fn timer() -> &'static Timer {
 fn run(timer: &Timer) -> ! {
     loop {
         let next = {
-            let mut guard = timer.heap.lock().expect("timer lock");
+            let mut heap = timer.heap.lock().expect("timer lock");
             let now = Instant::now();
-            while guard.0.peek().is_some_and(|Reverse(e)| e.at <= now) {
-                let Reverse(e) = guard.0.pop().expect("peeked");
+            while heap.peek().is_some_and(|Reverse(e)| e.at <= now) {
+                let Reverse(e) = heap.pop().expect("peeked");
                 // The sleeper may have gone (its request was cancelled).
                 let _ = e.wake.send(());
             }
-            guard.0.peek().map(|Reverse(e)| e.at - now)
+            heap.peek().map(|Reverse(e)| e.at - now)
         };
         match next {
             Some(wait) => std::thread::park_timeout(wait),
@@ -91,11 +91,9 @@ pub async fn sleep_until(at: Instant) {
     let t = timer();
     let (wake, woken) = oneshot::channel();
     let earliest = {
-        let mut guard = t.heap.lock().expect("timer lock");
-        guard.1 += 1;
-        let seq = guard.1;
-        let earliest = guard.0.peek().is_none_or(|Reverse(e)| at < e.at);
-        guard.0.push(Reverse(Entry { at, seq, wake }));
+        let mut heap = t.heap.lock().expect("timer lock");
+        let earliest = heap.peek().is_none_or(|Reverse(e)| at < e.at);
+        heap.push(Reverse(Entry { at, wake }));
         earliest
     };
     if earliest {
