@@ -248,7 +248,10 @@ cluster = "kred"
     // A real Prometheus scraping k2proxy every second, plus a dead target.
     let dir = tempfile::tempdir().unwrap();
     let prom = format!("127.0.0.1:{}", free_port());
-    let dead = format!("127.0.0.1:{}", free_port());
+    // Dead on an address nothing in the suite listens on: a free port of
+    // 127.0.0.1 could be taken by another test's k2proxy admin meanwhile
+    // (tests run in parallel), and its `up` was then 1.
+    let dead = format!("127.0.0.2:{}", free_port());
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: k2proxy\n    static_configs:\n      - targets: ['{}', '{}', '{}', '{dead}']\n",
         repo().join("dashboards/alerts.yml").display(),
