@@ -238,6 +238,10 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
     };
 
     let base = Instant::now();
+    // Every instance probes on one grid, as processes on the wall clock's,
+    // through the scenario's start: an instance that starts then probes
+    // first 5 s after.
+    let limit = limit.on_grid(base);
     let at = |t: u64| base + Duration::from_micros(t);
     let us = |secs: f64| (secs * US as f64) as u64;
     let mut fleet: Vec<Instance> = (0..s.fleet.proxies.max(1))

@@ -242,11 +242,12 @@ impl<W> Gate<W> {
         // While the limit slow-starts, a wait is the limit catching up (a
         // peak begins, or a cold start), not the backend's capacity: shedding
         // for it refused lower tiers at half capacity.
-        let slow_start = self.limit.slow_starting();
+        // So is a wait while a probe holds the limit under its use.
+        let counts = self.limit.waits_count();
         let standing = self
             .queue
-            .oldest(|_| !slow_start)
-            .map_or(Duration::ZERO, |at| now.duration_since(at));
+            .oldest(|_| true)
+            .map_or(Duration::ZERO, |at| counts.of(now, now.duration_since(at)));
         if self.shed.tick(now, standing) {
             self.shed_covered_waiters(Some(now));
         }
@@ -481,11 +482,7 @@ impl<W> Gate<W> {
 
     fn record_wait(&mut self, now: Instant, waited: Duration) {
         self.tick(now);
-        let waited = if self.limit.slow_starting() {
-            Duration::ZERO
-        } else {
-            waited
-        };
+        let waited = self.limit.waits_count().of(now, waited);
         self.shed.record(now, waited);
     }
 
@@ -498,6 +495,12 @@ impl<W> Gate<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An adaptive limit whose probe grid runs through `now` (not the wall
+    /// clock's), so its first probe is due 5 s after `now`.
+    fn adaptive(bounds: super::super::limit::Bounds, now: Instant) -> Limit {
+        Limit::adaptive(bounds, now).on_grid(now)
+    }
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -543,7 +546,7 @@ mod tests {
             min: 4,
             max: 100,
         };
-        let mut g: Gate<u32> = Gate::new(rules(10), Limit::adaptive(bounds, now), now);
+        let mut g: Gate<u32> = Gate::new(rules(10), adaptive(bounds, now), now);
         // Merchants stop 2 short of 16 (√16 / 2)…
         for _ in 0..14 {
             assert_eq!(g.try_admit(1, now), Decision::Admit);
@@ -585,7 +588,7 @@ mod tests {
             min: 4,
             max: 100,
         };
-        assert_eq!(cold(Limit::adaptive(bounds, Instant::now())), 0.0);
+        assert_eq!(cold(adaptive(bounds, Instant::now())), 0.0);
         // …while the same wait under a limit that does not grow is.
         assert!(cold(Limit::fixed(4)) > 0.0);
     }

@@ -95,7 +95,24 @@
 //!   backend then holds twice as many waiting as in service; the smoothed
 //!   gradient took a dozen windows to drain that).
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// An instant on the wall clock's multiples of [`PROBE_EVERY`], as `now`
+/// is on the monotonic clock.
+fn wall_clock_grid(now: Instant) -> Instant {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let period = PROBE_EVERY.as_nanos() * u128::from(DEEP_EVERY);
+    let phase = Duration::from_nanos((wall.as_nanos() % period) as u64);
+    now.checked_sub(phase).unwrap_or(now)
+}
+
+/// A probe lowers the limit to at most this share of it.
+const PROBE_DEPTH: f64 = 0.5;
+
+/// Every this many probes (on the grid) one goes [`PROBE_DEPTH`] deep.
+const DEEP_EVERY: u32 = 4;
 
 /// How often the limit is lowered by the queue allowance, to measure the
 /// backend with its queue drained.
@@ -189,6 +206,26 @@ pub enum Sample {
     Ignored,
 }
 
+/// Which waits in our queue count towards shedding ([`Limit::waits_count`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WaitsCount {
+    All,
+    /// The part of a wait after this instant.
+    Since(Instant),
+    None,
+}
+
+impl WaitsCount {
+    /// What counts of a wait of `waited` that ends at `now`.
+    pub fn of(self, now: Instant, waited: Duration) -> Duration {
+        match self {
+            WaitsCount::All => waited,
+            WaitsCount::Since(t) => waited.min(now.saturating_duration_since(t)),
+            WaitsCount::None => Duration::ZERO,
+        }
+    }
+}
+
 /// Settings of an adaptive limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bounds {
@@ -234,8 +271,23 @@ impl Limit {
     pub fn fresh(&self, now: Instant) -> Limit {
         match self {
             Limit::Fixed(n) => Limit::Fixed(*n),
-            Limit::Adaptive(g) => Limit::adaptive(g.bounds, now),
+            Limit::Adaptive(g) => {
+                let mut fresh = Gradient::new(g.bounds, now);
+                fresh.grid = g.grid;
+                fresh.probe_due = fresh.next_probe(now + PROBE_EVERY / 2);
+                Limit::Adaptive(Box::new(fresh))
+            }
         }
+    }
+
+    /// The same limit with its probes on a grid through `anchor` instead
+    /// of the wall clock's (a simulation, whose time is its own).
+    pub fn on_grid(mut self, anchor: Instant) -> Limit {
+        if let Limit::Adaptive(g) = &mut self {
+            g.grid = anchor;
+            g.probe_due = g.next_probe(g.window_start + PROBE_EVERY / 2);
+        }
+        self
     }
 
     /// Whether the limit learns the backend's knee (and so moves past slots
@@ -267,11 +319,20 @@ impl Limit {
         })
     }
 
-    /// Whether the limit is growing fast from under the knee (no queueing
-    /// seen since it was last under-used): a wait in our queue then is the
-    /// limit catching up, not the backend's capacity.
-    pub fn slow_starting(&self) -> bool {
-        matches!(self, Limit::Adaptive(g) if g.slow_start && g.probe.is_none())
+    /// Which waits in our queue say the backend is at capacity: none while
+    /// the limit slow-starts (grows fast from under the knee, no queueing
+    /// seen since it was last under-used: they are the limit catching up)
+    /// or while a
+    /// probe holds it under its use, and since such a probe ended the part
+    /// of a wait after it (the rest is the probe's doing).
+    pub fn waits_count(&self) -> WaitsCount {
+        let Limit::Adaptive(g) = self else {
+            return WaitsCount::All;
+        };
+        if g.slow_start && g.probe.is_none() || g.probe.is_some_and(|p| p.held) {
+            return WaitsCount::None;
+        }
+        g.held_until.map_or(WaitsCount::All, WaitsCount::Since)
     }
 
     /// The limit in force, in requests.
@@ -369,6 +430,19 @@ pub struct Gradient {
     halved_until: Instant,
     /// This instance's `never_shed` tiers wait (see [`Limit::set_urgent`]).
     urgent: bool,
+    /// The probe due was called by the stale rule, not the grid: it goes
+    /// only as deep as the gradient lets wait, then halves while that
+    /// lowers the latency.
+    stale_probe: bool,
+    /// The next probe goes [`PROBE_DEPTH`] deep wherever it falls on the
+    /// grid: the first, and one after a deep probe that found the baseline
+    /// lower (a fleet's baselines held the others' queue).
+    deep_due: bool,
+    /// When the last probe that held the limit below its use ended.
+    held_until: Option<Instant>,
+    /// An instant on the grid probes are due on: the wall clock's
+    /// multiples of [`PROBE_EVERY`], the same in every process of a fleet.
+    grid: Instant,
 }
 
 /// A probe of the uncongested latency in progress.
@@ -384,6 +458,9 @@ struct Probe {
     skip: u32,
     /// What the probe measured one cut higher, when it went deeper.
     above: Option<f64>,
+    /// It cut below what was in use ([`PROBE_DEPTH`]): waits in our queue
+    /// meanwhile are its doing, not the backend's capacity.
+    held: bool,
     /// The latencies measured at this cut so far: sum, samples, windows.
     sum: f64,
     count: u32,
@@ -398,6 +475,7 @@ impl Probe {
             lowered,
             skip,
             above,
+            held: false,
             sum: 0.0,
             count: 0,
             windows: 0,
@@ -436,7 +514,32 @@ impl Gradient {
             slow_start: true,
             halved_until: now,
             urgent: false,
+            stale_probe: false,
+            held_until: None,
+            deep_due: true,
+            grid: wall_clock_grid(now),
         }
+        .with_first_probe(now)
+    }
+
+    fn with_first_probe(mut self, now: Instant) -> Gradient {
+        self.probe_due = self.next_probe(now + PROBE_EVERY / 2);
+        self
+    }
+
+    /// Whether `at` (a point of the grid) is one of every [`DEEP_EVERY`].
+    fn on_deep_point(&self, at: Instant) -> bool {
+        let steps =
+            at.saturating_duration_since(self.grid).as_secs_f64() / PROBE_EVERY.as_secs_f64();
+        (steps.round() as u64).is_multiple_of(u64::from(DEEP_EVERY))
+    }
+
+    /// The first point of the probe grid at or after `after`.
+    fn next_probe(&self, after: Instant) -> Instant {
+        let period = PROBE_EVERY.as_nanos();
+        let since = after.saturating_duration_since(self.grid).as_nanos();
+        let steps = since.div_ceil(period);
+        self.grid + Duration::from_nanos((steps * period) as u64)
     }
 
     /// Latency above the baseline that is noise, not queueing: [`SLACK`]
@@ -634,7 +737,7 @@ impl Gradient {
         if let Some(cv) = cv.filter(|_| !self.probed && learnt && !onset) {
             self.spread = Some(self.spread.map_or(cv, |p| p + SPREAD_WEIGHT * (cv - p)));
         }
-        if self.probe_step(now, short, count, quiet) {
+        if self.probe_step(now, short, count, quiet, inflight) {
             return;
         }
         let baseline = self.update_baseline(now, short, seen.filter(|_| !onset));
@@ -649,6 +752,11 @@ impl Gradient {
         self.step(now, short, baseline, inflight, busy);
     }
 
+    /// Whether `inflight` uses the limit to its last slot but the headroom.
+    fn in_full_use(&self, inflight: f64) -> bool {
+        inflight + 1.0 + self.limit.sqrt() / 2.0 >= self.limit
+    }
+
     /// Whether the windows closed up to `now` have been quiet for
     /// [`QUIET_SPELL`] or longer.
     fn in_quiet_spell(&self, now: Instant) -> bool {
@@ -658,57 +766,17 @@ impl Gradient {
 
     /// Runs a probe of the uncongested latency, or starts one when due.
     /// Returns true when the window (of mean `short` over `count`
-    /// samples) went to the probe.
-    fn probe_step(&mut self, now: Instant, short: f64, count: u32, quiet: bool) -> bool {
-        let min = f64::from(self.bounds.min);
-        if let Some(mut probe) = self.probe {
-            // A probe's mean is of several windows: one window's mean
-            // (16 samples of log-normal service times: an error of an
-            // eighth) set a baseline that held the limit under the knee
-            // until the next probe.
-            if !quiet {
-                probe.sum += short * f64::from(count);
-                probe.count += count;
-                probe.windows += 1;
-                if probe.count < self.probe_samples() && probe.windows < PROBE_WINDOWS {
-                    self.probe = Some(probe);
-                    return true;
-                }
-            }
-            let mean = probe.sum / f64::from(probe.count.max(1));
-            // Still far above the baseline: the probe did not go deep
-            // enough to drain the backend's queue (the limit had run far
-            // past the knee, into a collapsing backend). Halve it and
-            // measure again, as long as the cut lowered the latency and
-            // down to `min`: a latency that a cut did not lower is the
-            // backend's own now (or, in a fleet, the others' queue's).
-            // Not at the first probe: the baseline before it is the
-            // quickest of the first requests, not a latency to compare with.
-            let undrained = self.probed && self.baseline.is_some_and(|b| self.far_above(mean, b));
-            let falling = probe.above.is_none_or(|a| mean < a * DEEPER_GAIN);
-            if undrained && falling && !quiet && probe.lowered > min {
-                // All the last cut let in is discarded first.
-                let lowered = (probe.lowered / 2.0).max(min);
-                let skip = probe.lowered.ceil() as u32;
-                self.probe = Some(Probe::at(probe.saved, lowered, skip, Some(mean)));
-                return true;
-            }
-            // The requests let in before it have been discarded
-            // (`on_sample`): the backend's queue has drained, and these
-            // windows are its latency now (unless the load fell away
-            // meanwhile, to a few requests).
-            self.probe = None;
-            self.limit = probe.saved;
-            if !quiet {
-                // A cut that did not lower the latency measured it too.
-                let baseline = probe.above.map_or(mean, |a| a.min(mean));
-                self.baseline = Some(baseline);
-                self.measured = Some((baseline, probe.count));
-                self.provisional = false;
-            }
-            self.probed = true;
-            self.stale = None;
-            self.probe_due = now + PROBE_EVERY;
+    /// samples, at most `inflight` in flight) went to the probe.
+    fn probe_step(
+        &mut self,
+        now: Instant,
+        short: f64,
+        count: u32,
+        quiet: bool,
+        inflight: f64,
+    ) -> bool {
+        if let Some(probe) = self.probe {
+            self.run_probe(probe, now, short, count, quiet);
             return true;
         }
         // Not in a quiet window: its few requests cannot say more than the
@@ -722,18 +790,25 @@ impl Gradient {
         // 220-280 → 290-590 ms).
         if quiet {
             if self.in_quiet_spell(now) {
-                self.probe_due = self.probe_due.max(now + PROBE_EVERY);
+                self.probe_due = self.probe_due.max(self.next_probe(now + PROBE_EVERY));
             }
             return false;
         }
         if now >= self.probe_due {
+            let min = f64::from(self.bounds.min);
             // Below the settling point by everything the gradient lets wait:
             // the queue allowance and the requests the tolerance admits.
             // The tolerance of window minimums, not the probe's smaller
             // one: a limit that ran past the knee (a surge) must drain too,
             // or the probe measures the queue and the baseline ratchets.
             let kept = self.baseline.map_or(1.0, |b| b / (b + self.tolerance()));
-            let lowered = (self.limit * kept - QUEUE_ALLOWANCE * self.limit.sqrt()).max(min);
+            let shallow = self.limit * kept - QUEUE_ALLOWANCE * self.limit.sqrt();
+            let deep = self.limit * PROBE_DEPTH;
+            let held = shallow > deep
+                && self.in_full_use(inflight)
+                && !self.stale_probe
+                && (self.deep_due || self.on_deep_point(self.probe_due));
+            let lowered = if held { deep } else { shallow }.max(min);
             // Every request the limit let in finishes before the window
             // that measures: a fixed first window of 16 samples did not hold
             // them all at a limit over 16, and the probe measured the
@@ -741,10 +816,78 @@ impl Gradient {
             // 23, the baseline crept up probe by probe and the backend's
             // queue with it, 3 → 16 in 20 s).
             let skip = self.limit.ceil() as u32;
-            self.probe = Some(Probe::at(self.limit, lowered, skip, None));
+            self.stale_probe = false;
+            self.probe = Some(Probe {
+                held,
+                ..Probe::at(self.limit, lowered, skip, None)
+            });
             return true;
         }
         false
+    }
+
+    /// Goes on with `probe` after a window of mean `short` over `count`
+    /// samples: measures, cuts deeper, or ends it.
+    fn run_probe(&mut self, mut probe: Probe, now: Instant, short: f64, count: u32, quiet: bool) {
+        let min = f64::from(self.bounds.min);
+        // A probe's mean is of several windows: one window's mean
+        // (16 samples of log-normal service times: an error of an
+        // eighth) set a baseline that held the limit under the knee
+        // until the next probe.
+        if !quiet {
+            probe.sum += short * f64::from(count);
+            probe.count += count;
+            probe.windows += 1;
+            if probe.count < self.probe_samples() && probe.windows < PROBE_WINDOWS {
+                self.probe = Some(probe);
+                return;
+            }
+        }
+        let mean = probe.sum / f64::from(probe.count.max(1));
+        // Still far above the baseline: the probe did not go deep
+        // enough to drain the backend's queue (the limit had run far
+        // past the knee, into a collapsing backend). Halve it and
+        // measure again, as long as the cut lowered the latency and
+        // down to `min`: a latency that a cut did not lower is the
+        // backend's own now (or, in a fleet, the others' queue's).
+        // Not at the first probe: the baseline before it is the
+        // quickest of the first requests, not a latency to compare with.
+        let undrained = self.probed && self.baseline.is_some_and(|b| self.far_above(mean, b));
+        let falling = probe.above.is_none_or(|a| mean < a * DEEPER_GAIN);
+        // Not a probe that went half deep on the grid: that drained what
+        // this instance queued (a collapse is the stale rule's probe).
+        if undrained && falling && !quiet && !probe.held && probe.lowered > min {
+            // All the last cut let in is discarded first.
+            let lowered = (probe.lowered / 2.0).max(min);
+            let skip = probe.lowered.ceil() as u32;
+            self.probe = Some(Probe {
+                held: probe.held,
+                ..Probe::at(probe.saved, lowered, skip, Some(mean))
+            });
+            return;
+        }
+        // The requests let in before it have been discarded
+        // (`on_sample`): the backend's queue has drained, and these
+        // windows are its latency now (unless the load fell away
+        // meanwhile, to a few requests).
+        self.probe = None;
+        self.limit = probe.saved;
+        if probe.held {
+            self.held_until = Some(now);
+        }
+        if !quiet {
+            // A cut that did not lower the latency measured it too.
+            let baseline = probe.above.map_or(mean, |a| a.min(mean));
+            if probe.held {
+                self.deep_due = self.baseline.is_some_and(|b| baseline < b * DEEPER_GAIN);
+            }
+            self.baseline = Some(baseline);
+            self.measured = Some((baseline, probe.count));
+            self.provisional = false;
+        }
+        self.probed = true;
+        self.stale = None;
+        self.probe_due = self.next_probe(now + PROBE_EVERY / 2);
     }
 
     /// The baseline after a window of mean `short` (`seen`: the mean that
@@ -785,6 +928,7 @@ impl Gradient {
                 // (No probe runs here: `probe_step` took the window if one did.)
                 if now.duration_since(since) >= STALE_AFTER && self.probed {
                     self.probe_due = now;
+                    self.stale_probe = true;
                     self.stale = None;
                 }
             }
@@ -846,7 +990,7 @@ impl Gradient {
         let mut target = self.limit * gradient + allowance * self.limit.sqrt();
         if gradient < 1.0 {
             self.slow_start = false;
-        } else if self.slow_start && inflight + 1.0 + self.limit.sqrt() / 2.0 >= self.limit {
+        } else if self.slow_start && self.in_full_use(inflight) {
             // In use to the last slot (but the headroom) and nothing queues.
             self.limit = (self.limit * SLOW_START).clamp(min, max);
             self.slow_start = self.limit < max;
@@ -869,6 +1013,12 @@ impl Gradient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An adaptive limit whose probe grid runs through `now` (not the wall
+    /// clock's), so its first probe is due 5 s after `now`.
+    fn adaptive(bounds: Bounds, now: Instant) -> Limit {
+        Limit::adaptive(bounds, now).on_grid(now)
+    }
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -900,7 +1050,7 @@ mod tests {
     #[test]
     fn what_it_learned_is_shown_and_a_fixed_limit_learns_nothing() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now);
+        let mut l = adaptive(bounds(), now);
         assert_eq!(l.learnt().and_then(|x| x.baseline), None);
         feed(&mut l, &mut now, 3, 20 * MS, 1000);
         feed(&mut l, &mut now, 1, 30 * MS, 1000);
@@ -914,7 +1064,7 @@ mod tests {
     #[test]
     fn grows_while_latency_is_flat_and_the_limit_is_used() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now);
+        let mut l = adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 1000);
         assert!(l.current() > 60, "limit {}", l.current());
     }
@@ -923,7 +1073,7 @@ mod tests {
     fn follows_its_use_down_when_idle() {
         // A peak took the limit far above `initial` (20)…
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now);
+        let mut l = adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 1000);
         assert!(l.current() > 60, "limit {}", l.current());
         // …then two in flight: it comes back down, to `initial` and no
@@ -938,7 +1088,7 @@ mod tests {
         // 100 workers, the limit at 8: growing by √limit per window it was
         // still under 40 after a second, and the excess waited in our queue.
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 1, 100, 20 * MS);
         assert!((95..=160).contains(&l.current()), "limit {}", l.current());
     }
@@ -946,7 +1096,7 @@ mod tests {
     #[test]
     fn a_flood_is_halved_at_once_and_once_per_latency() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         // Past the first probe, the baseline is 20 ms.
         run_backend(&mut l, &mut now, 6, 16, 20 * MS);
         let before = f64::from(l.current());
@@ -972,7 +1122,7 @@ mod tests {
     #[test]
     fn shrinks_when_latency_rises_and_stays_within_bounds() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now);
+        let mut l = adaptive(bounds(), now);
         feed(&mut l, &mut now, 20, 20 * MS, 1000);
         let high = l.current();
         feed(&mut l, &mut now, 10, 80 * MS, 1000);
@@ -984,7 +1134,7 @@ mod tests {
     #[test]
     fn an_urgent_limit_holds_at_a_latency_others_back_off_from() {
         let mut now = Instant::now();
-        let mut calm = Limit::adaptive(bounds(), now);
+        let mut calm = adaptive(bounds(), now);
         feed(&mut calm, &mut now, 20, 20 * MS, 1000);
         let start = calm.current();
         let mut urgent = calm.clone();
@@ -1001,7 +1151,7 @@ mod tests {
     #[test]
     fn follows_a_backend_that_really_became_slower() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now);
+        let mut l = adaptive(bounds(), now);
         feed(&mut l, &mut now, 20, 20 * MS, 1000);
         // Latency doubles for good: the limit first falls, then a probe
         // finds the latency where it is, the baseline follows and the limit
@@ -1053,7 +1203,7 @@ mod tests {
     fn a_probe_measures_only_requests_sent_after_it_began() {
         // 40 in flight, 20 ms each, through the first probe.
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(at_forty(), now);
+        let mut l = adaptive(at_forty(), now);
         drive(&mut l, &mut now, 7000, MS, |_| 20 * MS);
         // The next probe begins: the 40 requests in flight then queued
         // behind a backlog (60 ms); those sent after it began do not.
@@ -1075,7 +1225,7 @@ mod tests {
         // cut the limit from 40 to 10.
         let collapse = |inflight: u32| if inflight > 10 { 33 * MS } else { 20 * MS };
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(at_forty(), now);
+        let mut l = adaptive(at_forty(), now);
         drive(&mut l, &mut now, 7000, MS, |_| 20 * MS);
         assert_eq!(l.baseline(), Some(20 * MS));
         // Taking the lowest window mean of the stretch for the baseline,
@@ -1101,19 +1251,23 @@ mod tests {
     /// requests at the current limit measures.
     /// ±10% of noise, as a real backend has.
     fn run_backend(l: &mut Limit, now: &mut Instant, secs: u64, workers: u32, service: Duration) {
-        run_noisy_backend(l, now, secs, workers, service, 0.1);
+        let span = Duration::from_secs(secs);
+        run_noisy_backend(l, now, span, workers, service, 0.1, 1);
     }
 
-    /// As [`run_backend`], each latency off by up to ±`noise` (uniform).
+    /// As [`run_backend`], each latency off by up to ±`noise` (uniform),
+    /// with `fleet` instances doing as this one does (the same limit, on
+    /// the same grid) in front of the backend.
     fn run_noisy_backend(
         l: &mut Limit,
         now: &mut Instant,
-        secs: u64,
+        span: Duration,
         workers: u32,
         service: Duration,
         noise: f64,
+        fleet: u32,
     ) {
-        let end = *now + Duration::from_secs(secs);
+        let end = *now + span;
         let mut seed = 1u64;
         while *now < end {
             let inflight = l.current();
@@ -1121,7 +1275,7 @@ mod tests {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let unit = (seed >> 33) as f64 / (1u64 << 31) as f64;
-            let queueing = (f64::from(inflight) / f64::from(workers)).max(1.0);
+            let queueing = (f64::from(inflight * fleet) / f64::from(workers)).max(1.0);
             let latency = service.mul_f64(queueing * (1.0 - noise + 2.0 * noise * unit));
             *now += latency / inflight.max(1);
             l.on_sample(*now, Sample::Latency(latency), inflight);
@@ -1131,11 +1285,11 @@ mod tests {
     #[test]
     fn settles_just_past_the_knee() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 10, 16, 20 * MS);
         // 16 workers: the limit keeps them busy with a queue of a few.
         assert!((16..=22).contains(&l.current()), "limit {}", l.current());
-        let mut l = Limit::adaptive(bounds(), now);
+        let mut l = adaptive(bounds(), now);
         run_backend(&mut l, &mut now, 10, 100, 20 * MS);
         assert!((100..=115).contains(&l.current()), "limit {}", l.current());
     }
@@ -1143,7 +1297,7 @@ mod tests {
     #[test]
     fn a_backend_that_became_slower_is_followed_within_a_second_or_two() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 10, 16, 20 * MS);
         // Every request now takes 60 ms: same workers, a third of the
         // throughput. Cutting the limit cannot bring the latency back to
@@ -1160,8 +1314,17 @@ mod tests {
         // and the wait moved into our queue.
         let mut now = Instant::now();
         // Scheduling jitter makes such latencies vary widely (±80%).
-        let mut l = Limit::adaptive(bounds(), now);
-        run_noisy_backend(&mut l, &mut now, 10, 2, Duration::from_micros(100), 0.8);
+        let mut l = adaptive(bounds(), now);
+        let span = Duration::from_secs(10);
+        run_noisy_backend(
+            &mut l,
+            &mut now,
+            span,
+            2,
+            Duration::from_micros(100),
+            0.8,
+            1,
+        );
         // Without the slack the limit sinks to `min` (4), as it did in the
         // real overhead bench.
         assert!(l.current() >= 40, "limit {}", l.current());
@@ -1169,12 +1332,23 @@ mod tests {
 
     /// The limit at the end of each second in front of 16 workers of
     /// 20 ms ± `noise`, from under the knee.
+    /// The limit after each second of 16 workers at 20 ms ± `noise`, or
+    /// after the probe running then (its lowered limit is not where the
+    /// limit settles).
     fn limits_each_second(secs: u32, noise: f64) -> Vec<u32> {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
+        let probing = |l: &Limit| l.learnt().is_some_and(|x| x.probing);
         (0..secs)
             .map(|_| {
-                run_noisy_backend(&mut l, &mut now, 1, 16, 20 * MS, noise);
+                let second = Duration::from_secs(1);
+                run_noisy_backend(&mut l, &mut now, second, 16, 20 * MS, noise, 1);
+                for _ in 0..100 {
+                    if !probing(&l) {
+                        break;
+                    }
+                    run_noisy_backend(&mut l, &mut now, 10 * MS, 16, 20 * MS, noise, 1);
+                }
                 l.current()
             })
             .collect()
@@ -1228,7 +1402,7 @@ mod tests {
         // spread, or the 5 ms between the first window's mean and the true
         // one reads as queueing and the limit sinks while nothing queues.
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         feed_alternating(&mut l, &mut now, 1, 14 * MS, 16 * MS);
         let start = l.current();
         feed_alternating(&mut l, &mut now, 15, 10 * MS, 30 * MS);
@@ -1248,7 +1422,7 @@ mod tests {
         // ms) became the baseline, and a probe's lone window set it too:
         // in the morning every window read as queueing.
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         for i in 0..120 {
             now += Duration::from_secs(1);
             let latency = if i % 2 == 0 { 10 * MS } else { 30 * MS };
@@ -1274,7 +1448,7 @@ mod tests {
             initial: 4,
             ..bounds()
         };
-        let mut l = Limit::adaptive(low, now);
+        let mut l = adaptive(low, now);
         for i in 0..120 {
             now += Duration::from_secs(1);
             let latency = if i % 2 == 0 { 10 * MS } else { 30 * MS };
@@ -1308,7 +1482,7 @@ mod tests {
         // the 26 and 30 ms ones against a ceiling near 24 cut it under
         // `initial`, to `min`, and the morning started there.
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         assert_eq!(night(&mut l, &mut now), 8);
     }
 
@@ -1319,7 +1493,7 @@ mod tests {
         // first busy window and held the step at `min` while our queue
         // built (open scenario 22: lower tiers shed at 0.7x).
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         let evening = night(&mut l, &mut now);
         let mut lowest = evening;
         for i in 0..200 {
@@ -1339,7 +1513,7 @@ mod tests {
         // of 23) became the baseline, and every window after it read as
         // queueing.
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         night(&mut l, &mut now);
         let evening = l.baseline().unwrap();
         for _ in 0..WINDOW_SAMPLES {
@@ -1357,7 +1531,7 @@ mod tests {
         // queueing and ended the slow start: the limit then grew by a
         // request or so per window.
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         let evening = night(&mut l, &mut now);
         now += Duration::from_millis(30);
         l.on_sample(now, Sample::Latency(60 * MS), 1);
@@ -1377,7 +1551,7 @@ mod tests {
         // one is due a probe from the first busy window; the fresh one has
         // learnt nothing and probes PROBE_EVERY after its own start.
         let t0 = Instant::now();
-        let old = Limit::adaptive(bounds(), t0);
+        let old = adaptive(bounds(), t0);
         let mut now = t0 + Duration::from_secs(10);
         let mut fresh = old.fresh(now);
         let mut clone = old.clone();
@@ -1410,7 +1584,7 @@ mod tests {
         // first request closed a window of its own (more than 50 ms since
         // the start) and 10 ms became the baseline.
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(under_the_knee(), now);
+        let mut l = adaptive(under_the_knee(), now);
         now += Duration::from_secs(1);
         l.on_sample(now, Sample::Latency(10 * MS), 1);
         for _ in 1..WINDOW_SAMPLES {
@@ -1427,7 +1601,7 @@ mod tests {
     #[test]
     fn congestion_backs_off_multiplicatively() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now);
+        let mut l = adaptive(bounds(), now);
         for _ in 0..WINDOW_SAMPLES {
             now += MS;
             l.on_sample(now, Sample::Congestion, 20);
@@ -1438,10 +1612,10 @@ mod tests {
     #[test]
     fn reconfigure_keeps_the_learned_limit_within_new_bounds() {
         let mut now = Instant::now();
-        let mut l = Limit::adaptive(bounds(), now);
+        let mut l = adaptive(bounds(), now);
         feed(&mut l, &mut now, 30, 20 * MS, 1000);
         let learned = l.current();
-        l.reconfigure(&Limit::adaptive(
+        l.reconfigure(&adaptive(
             Bounds {
                 initial: 10,
                 min: 4,
@@ -1450,7 +1624,7 @@ mod tests {
             now,
         ));
         assert_eq!(l.current(), learned);
-        l.reconfigure(&Limit::adaptive(
+        l.reconfigure(&adaptive(
             Bounds {
                 initial: 10,
                 min: 4,
@@ -1459,5 +1633,87 @@ mod tests {
             now,
         ));
         assert_eq!(l.current(), 30);
+    }
+    #[test]
+    fn the_grid_is_on_the_wall_clocks_multiples() {
+        let now = Instant::now();
+        let at_grid = SystemTime::now() - now.duration_since(wall_clock_grid(now));
+        let period = PROBE_EVERY.as_millis() * u128::from(DEEP_EVERY);
+        let off = at_grid.duration_since(UNIX_EPOCH).unwrap().as_millis() % period;
+        // Two readings of two clocks, a few microseconds apart.
+        assert!(off < 50 || off > period - 50, "{off} ms off the grid");
+    }
+
+    #[test]
+    fn instances_started_apart_probe_at_once() {
+        let start = Instant::now();
+        let first = adaptive(bounds(), start);
+        let probe_start = |mut l: Limit, mut now: Instant| {
+            for _ in 0..20_000 {
+                now += MS;
+                l.on_sample(now, Sample::Latency(10 * MS), l.current());
+                if l.learnt().is_some_and(|x| x.probing) {
+                    return now;
+                }
+            }
+            panic!("no probe");
+        };
+        let later = start + Duration::from_millis(1300);
+        let a = probe_start(first.fresh(start), start);
+        let b = probe_start(first.fresh(later), later);
+        // At the first window after 5 s: the second's first probe is on the
+        // grid, not 5 s after its start.
+        let due = start + PROBE_EVERY;
+        for at in [a, b] {
+            assert!(at >= due && at < due + WINDOW_TIME, "{:?}", at - start);
+        }
+    }
+
+    /// The baseline after `secs` of a fleet of `fleet` in front of 8
+    /// workers at 10 ms, each instance doing as this one does (the default
+    /// policy's bounds).
+    fn fleet_baseline(fleet: u32, secs: u64) -> f64 {
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        let span = Duration::from_secs(secs);
+        run_noisy_backend(&mut l, &mut now, span, 8, 10 * MS, 0.1, fleet);
+        l.baseline().unwrap().as_secs_f64() * 1000.0
+    }
+
+    #[test]
+    fn a_fleet_that_starts_together_unlearns_each_others_queue() {
+        // Two instances at `initial` hold 16 for 8 workers, three 24: their
+        // first windows measure 20 and 30 ms for 10. A probe that lowered
+        // each by its allowance alone measured the others' queue again (the
+        // baselines stayed 20 and 30 ms); on one grid, each at half its
+        // limit, they drain it. Three are held at 15 ms by `min`: 3 × 4 in
+        // flight for 8 workers.
+        for (fleet, start, after) in [(2, 18.0, 11.0), (3, 27.0, 15.5)] {
+            let at_start = fleet_baseline(fleet, 4);
+            assert!(at_start > start, "{fleet}: {at_start} ms at the start");
+            let settled = fleet_baseline(fleet, 30);
+            assert!(settled < after, "{fleet}: {settled} ms for 10");
+        }
+    }
+
+    #[test]
+    fn waits_under_a_deep_probe_are_not_the_backends_capacity() {
+        let mut now = Instant::now();
+        let mut l = adaptive(bounds(), now);
+        let mut held = false;
+        for _ in 0..20_000 {
+            now += MS;
+            l.on_sample(now, Sample::Latency(20 * MS), l.current());
+            if l.learnt().is_some_and(|x| x.probing) {
+                held = true;
+                assert_eq!(l.waits_count(), WaitsCount::None);
+            } else if held {
+                break;
+            }
+        }
+        assert!(held, "no probe");
+        // After it, only what a wait lasted since it ended.
+        assert_eq!(l.waits_count().of(now + 30 * MS, 100 * MS), 30 * MS);
+        assert_eq!(WaitsCount::All.of(now, 100 * MS), 100 * MS);
     }
 }
