@@ -27,7 +27,17 @@
 //! [`PROBE_EVERY`] the limit is lowered by everything the gradient lets
 //! wait (the queue allowance and the requests the tolerance admits): at the
 //! settling point that leaves every worker busy and drains the backend's
-//! queue. The requests the limit had let in are discarded (they queued
+//! queue. Probes fall on the wall clock's multiples of [`PROBE_EVERY`], so
+//! the instances of a fleet (each with its own limit in front of one
+//! backend, their clocks kept by NTP) probe at once without talking. A
+//! probe whose limit is in use to its last slot goes [`PROBE_DEPTH`] deep
+//! when it is an instance's first, one of every [`DEEP_EVERY`] on the grid,
+//! or follows a deep probe that found the baseline lower: instances that
+//! started together into a peak learnt each other's queue as their
+//! baseline from their first windows, and a probe by the allowance alone
+//! measured that queue again (the others kept it full); halving together,
+//! they drain it. Waits in our queue while such a probe holds the limit are
+//! not counted towards shedding ([`Limit::waits_count`]). The requests the limit had let in are discarded (they queued
 //! behind that backlog), and the windows after them measure the backend's
 //! latency as it is now, which becomes the baseline. This is BBR's
 //! ProbeRTT, scaled down to cost nothing at the knee. A probe measures
