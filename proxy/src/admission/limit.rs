@@ -37,7 +37,9 @@
 //! baseline from their first windows, and a probe by the allowance alone
 //! measured that queue again (the others kept it full); halving together,
 //! they drain it. Waits in our queue while such a probe holds the limit are
-//! not counted towards shedding ([`Limit::waits_count`]). The requests the limit had let in are discarded (they queued
+//! not counted towards shedding ([`Limit::waits_count`]).
+//!
+//! The requests the limit had let in are discarded (they queued
 //! behind that backlog), and the windows after them measure the backend's
 //! latency as it is now, which becomes the baseline. This is BBR's
 //! ProbeRTT, scaled down to cost nothing at the knee. A probe measures
@@ -107,8 +109,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// An instant on the wall clock's multiples of [`PROBE_EVERY`], as `now`
-/// is on the monotonic clock.
+/// The monotonic instant at which the wall clock last passed a multiple
+/// of [`PROBE_EVERY`] × [`DEEP_EVERY`] (20 s) before `now`: the grid's
+/// anchor, the same in every process whose clock is synchronised.
 fn wall_clock_grid(now: Instant) -> Instant {
     let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -332,9 +335,8 @@ impl Limit {
     /// Which waits in our queue say the backend is at capacity: none while
     /// the limit slow-starts (grows fast from under the knee, no queueing
     /// seen since it was last under-used: they are the limit catching up)
-    /// or while a
-    /// probe holds it under its use, and since such a probe ended the part
-    /// of a wait after it (the rest is the probe's doing).
+    /// or while a probe holds it under its use; after such a probe, only
+    /// the part of a wait since it ended (the rest is the probe's doing).
     pub fn waits_count(&self) -> WaitsCount {
         let Limit::Adaptive(g) = self else {
             return WaitsCount::All;
