@@ -294,7 +294,8 @@ impl Limit {
     }
 
     /// The same limit with its probes on a grid through `anchor` instead
-    /// of the wall clock's (a simulation, whose time is its own).
+    /// of the wall clock's (a simulation, whose time is its own). For a
+    /// fresh limit: its first probe is put anew from when it was made.
     pub fn on_grid(mut self, anchor: Instant) -> Limit {
         if let Limit::Adaptive(g) = &mut self {
             g.grid = anchor;
