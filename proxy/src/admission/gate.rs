@@ -246,7 +246,7 @@ impl<W> Gate<W> {
         let counts = self.limit.waits_count();
         let standing = self
             .queue
-            .oldest(|_| true)
+            .oldest()
             .map_or(Duration::ZERO, |at| counts.of(now, now.duration_since(at)));
         if self.shed.tick(now, standing) {
             self.shed_covered_waiters(Some(now));

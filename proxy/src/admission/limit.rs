@@ -278,16 +278,15 @@ impl Limit {
         Limit::Adaptive(Box::new(Gradient::new(bounds, now)))
     }
 
-    /// The same kind of limit with the same bounds, as a process starting
-    /// at `now` makes it: nothing learnt, its first probe a
-    /// [`PROBE_EVERY`] from `now`.
+    /// The same kind of limit with the same bounds and probe grid, as a
+    /// process starting at `now` makes it: nothing learnt, its first probe
+    /// at the grid's first point half a [`PROBE_EVERY`] or more from `now`.
     pub fn fresh(&self, now: Instant) -> Limit {
         match self {
             Limit::Fixed(n) => Limit::Fixed(*n),
             Limit::Adaptive(g) => {
                 let mut fresh = Gradient::new(g.bounds, now);
-                fresh.grid = g.grid;
-                fresh.probe_due = fresh.next_probe(now + PROBE_EVERY / 2);
+                fresh.set_grid(g.grid, now);
                 Limit::Adaptive(Box::new(fresh))
             }
         }
@@ -298,8 +297,8 @@ impl Limit {
     /// fresh limit: its first probe is put anew from when it was made.
     pub fn on_grid(mut self, anchor: Instant) -> Limit {
         if let Limit::Adaptive(g) = &mut self {
-            g.grid = anchor;
-            g.probe_due = g.next_probe(g.window_start + PROBE_EVERY / 2);
+            let made = g.window_start;
+            g.set_grid(anchor, made);
         }
         self
     }
@@ -503,7 +502,7 @@ impl Gradient {
             max: bounds.max.max(bounds.min.max(1)),
             initial: bounds.initial,
         };
-        Gradient {
+        let mut g = Gradient {
             limit: f64::from(bounds.initial.clamp(bounds.min, bounds.max)),
             bounds,
             baseline: None,
@@ -518,7 +517,7 @@ impl Gradient {
             stale: None,
             probed: false,
             spread: None,
-            probe_due: now + PROBE_EVERY,
+            probe_due: now,
             probe: None,
             measured: None,
             latest: None,
@@ -530,14 +529,17 @@ impl Gradient {
             stale_probe: false,
             held_until: None,
             deep_due: true,
-            grid: wall_clock_grid(now),
-        }
-        .with_first_probe(now)
+            grid: now,
+        };
+        g.set_grid(wall_clock_grid(now), now);
+        g
     }
 
-    fn with_first_probe(mut self, now: Instant) -> Gradient {
-        self.probe_due = self.next_probe(now + PROBE_EVERY / 2);
-        self
+    /// Puts the probes on the grid through `anchor`, the first at its first
+    /// point half a [`PROBE_EVERY`] or more after `start`.
+    fn set_grid(&mut self, anchor: Instant, start: Instant) {
+        self.grid = anchor;
+        self.probe_due = self.next_probe(start + PROBE_EVERY / 2);
     }
 
     /// Whether `at` (a point of the grid) is one of every [`DEEP_EVERY`].

@@ -76,11 +76,11 @@ impl<W> TierQueue<W> {
         }
     }
 
-    /// When the oldest waiter of any tier for which `counted` holds arrived.
-    pub fn oldest(&self, mut counted: impl FnMut(usize) -> bool) -> Option<Instant> {
-        (0..self.tiers.len())
-            .filter(|&t| counted(t))
-            .filter_map(|t| self.tiers[t].front().map(|w| w.enqueued))
+    /// When the oldest waiter of any tier arrived.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.tiers
+            .iter()
+            .filter_map(|q| q.front().map(|w| w.enqueued))
             .min()
     }
 
