@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::limit::{Limit, Sample};
+use super::limit::{Limit, Sample, Urgency};
 use super::queue::{TierQueue, Waiter};
 use super::shed_level::{Coverage, ShedLevel};
 use super::standing::Standing;
@@ -438,8 +438,16 @@ impl<W> Gate<W> {
         if let Some(n) = self.tier_inflight.get_mut(tier) {
             *n = n.saturating_sub(1);
         }
-        let urgent = self.rules.refuse_standing_queue && self.standing.pressing(now);
-        self.limit.set_urgent(urgent);
+        let urgency = if !self.rules.refuse_standing_queue {
+            Urgency::Calm
+        } else if self.standing.active(now) {
+            Urgency::Standing
+        } else if self.standing.pressing(now) {
+            Urgency::Pressing
+        } else {
+            Urgency::Calm
+        };
+        self.limit.set_urgency(urgency);
         self.limit.on_sample(now, sample, self.inflight + 1);
         self.tick(now);
     }

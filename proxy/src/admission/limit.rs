@@ -176,8 +176,13 @@ const STALE_RATIO: f64 = 1.5;
 const STALE_AFTER: Duration = Duration::from_millis(300);
 /// The latency, as a share of the baseline, that an instance whose
 /// `never_shed` tiers wait tolerates above what others do
-/// ([`Limit::set_urgent`]).
+/// ([`Urgency::Pressing`]).
 const URGENT_CLAIM: f64 = 0.2;
+/// The same while their queue stands ([`Urgency::Standing`]): enough to
+/// win back a share that a fleet's uneven baselines took, not so much that
+/// every standing instance's claim grows the backend's queue (0.2 doubled
+/// the purchases' wait, sixth round).
+const STANDING_CLAIM: f64 = 0.1;
 /// Quiet windows for this long are a quiet spell: the first busy window
 /// after it holds the quickest of a step's requests.
 const QUIET_SPELL: Duration = Duration::from_secs(1);
@@ -237,6 +242,23 @@ impl WaitsCount {
             WaitsCount::None => Duration::ZERO,
         }
     }
+}
+
+/// How pressed an instance's `never_shed` tiers are
+/// ([`Limit::set_urgency`], set by the gate from [`super::standing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// They do not wait, or the standing-queue control is off.
+    Calm,
+    /// They wait over the target while every other tier is shed, and their
+    /// queue does not stand yet: claim [`URGENT_CLAIM`].
+    Pressing,
+    /// Their queue stands (the excess is refused): claim
+    /// [`STANDING_CLAIM`]. Without it, the instance whose baseline came
+    /// out lowest refused purchases while another, its share larger,
+    /// admitted merchants (simulation, two at 5x: 0.924 of purchases
+    /// served against 0.950 with it).
+    Standing,
 }
 
 /// Settings of an adaptive limit.
@@ -368,17 +390,21 @@ impl Limit {
         }
     }
 
-    /// Whether this instance's `never_shed` tiers wait while every other
-    /// tier is shed: then it tolerates [`URGENT_CLAIM`] more latency at the
-    /// backend than an instance that is not pressed, and so claims capacity
-    /// from the others in a fleet (a delay-based controller with a higher
-    /// target takes bandwidth from one with a lower target). The others see
-    /// the latency rise, lower their limits and shed their lower tiers
-    /// first; once their own purchases wait, they claim alike and the
-    /// shares are even again, all of them purchases.
-    pub fn set_urgent(&mut self, urgent: bool) {
+    /// How pressed this instance's `never_shed` tiers are (see
+    /// [`Urgency`]): a pressed instance tolerates more latency at the
+    /// backend than one that is not, and so claims capacity from the others
+    /// in a fleet (a delay-based controller with a higher target takes
+    /// bandwidth from one with a lower target). The others see the latency
+    /// rise, lower their limits and shed their lower tiers first; once
+    /// their own purchases wait, they claim alike and the shares are even
+    /// again, all of them purchases.
+    pub fn set_urgency(&mut self, urgency: Urgency) {
         if let Limit::Adaptive(g) = self {
-            g.urgent = urgent;
+            g.claim = match urgency {
+                Urgency::Calm => 0.0,
+                Urgency::Pressing => URGENT_CLAIM,
+                Urgency::Standing => STANDING_CLAIM,
+            };
         }
     }
 
@@ -440,8 +466,9 @@ pub struct Gradient {
     slow_start: bool,
     /// No halving before this (once per latency).
     halved_until: Instant,
-    /// This instance's `never_shed` tiers wait (see [`Limit::set_urgent`]).
-    urgent: bool,
+    /// The latency this instance claims above its ceiling, as a share of
+    /// the baseline (see [`Limit::set_urgency`]).
+    claim: f64,
     /// The probe due was called by the stale rule, not the grid: it goes
     /// only as deep as the gradient lets wait, then halves while that
     /// lowers the latency.
@@ -525,7 +552,7 @@ impl Gradient {
             quiet_since: None,
             slow_start: true,
             halved_until: now,
-            urgent: false,
+            claim: 0.0,
             stale_probe: false,
             held_until: None,
             deep_due: true,
@@ -977,11 +1004,7 @@ impl Gradient {
         // is noise, not queueing. The error comes from the spread seen
         // before k2proxy queued anything, so the spread that queueing adds
         // does not count.
-        let claim = if self.urgent {
-            URGENT_CLAIM * baseline
-        } else {
-            0.0
-        };
+        let claim = self.claim * baseline;
         let ratio = (self.ceiling(baseline) + claim) / short;
         // Not in front of a sub-millisecond backend: there a window three
         // times the baseline is a stalled CPU (a test machine running three
@@ -1036,6 +1059,7 @@ mod tests {
     }
 
     const MS: Duration = Duration::from_millis(1);
+    const US: Duration = Duration::from_micros(1);
 
     fn bounds() -> Bounds {
         Bounds {
@@ -1153,7 +1177,7 @@ mod tests {
         feed(&mut calm, &mut now, 20, 20 * MS, 1000);
         let start = calm.current();
         let mut urgent = calm.clone();
-        urgent.set_urgent(true);
+        urgent.set_urgency(Urgency::Pressing);
         let mut then = now;
         // 15% over the baseline: queueing for an instance that is not
         // pressed, within the claim of one whose purchases wait.
@@ -1161,6 +1185,26 @@ mod tests {
         feed(&mut urgent, &mut then, 10, 23 * MS, 1000);
         assert!(calm.current() < start, "{start} -> {}", calm.current());
         assert!(urgent.current() >= start, "{start} -> {}", urgent.current());
+    }
+
+    #[test]
+    fn a_standing_queue_claims_less_than_a_pressing_one() {
+        let mut now = Instant::now();
+        let mut calm = adaptive(bounds(), now);
+        feed(&mut calm, &mut now, 20, 20 * MS, 1000);
+        let start = calm.current();
+        let run = |urgency: Urgency, latency: Duration| {
+            let (mut l, mut t) = (calm.clone(), now);
+            l.set_urgency(urgency);
+            feed(&mut l, &mut t, 10, latency, 1000);
+            l.current()
+        };
+        // 8% over the baseline: within the standing claim, not the calm's.
+        assert!(run(Urgency::Calm, 21_600 * US) < start);
+        assert!(run(Urgency::Standing, 21_600 * US) >= start);
+        // 20% over: within the pressing claim only.
+        assert!(run(Urgency::Standing, 24 * MS) < start);
+        assert!(run(Urgency::Pressing, 24 * MS) >= start);
     }
 
     #[test]

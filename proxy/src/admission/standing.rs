@@ -69,10 +69,11 @@ impl Standing {
 
     /// Whether these tiers wait without their queue standing yet: a grant
     /// waited over the target within the last [`INTERVAL`]. An instance so
-    /// pressed claims a larger share of the backend (`Limit::set_urgent`):
+    /// pressed claims a larger share of the backend (`Limit::set_urgency`):
     /// in a fleet its share may be what is short, not the backend. Once the
-    /// queue stands, the excess is refused instead (a claim on top held
-    /// every instance's purchases longer: simulated 5x p50 24 → 43 ms).
+    /// queue stands, the excess is refused, and the claim is halved (the
+    /// same claim on top held every instance's purchases longer: simulated
+    /// 5x p50 24 → 43 ms).
     pub fn pressing(&self, now: Instant) -> bool {
         !self.active(now) && self.last_over.is_some_and(|t| now < t + INTERVAL)
     }
