@@ -38,7 +38,9 @@ env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), 
        "k2proxy", "k2proxy B" and "haproxy priority" it lists), K2PROXY_B (a second k2proxy binary, say
        a build before a change: run as "k2proxy B" beside "k2proxy" in the
        overload, failover and fleet phases), KEEP_WORK (1: keep the scratch
-       directory with every process's log), K2PROXY_B_POLICY (the policy file
+       directory with every process's log, and each fleet run's report with
+       its per-second timeline and per-instance limits as
+       fleet-<load>x-<N>-<variant>-round<r>.json), K2PROXY_B_POLICY (the policy file
        B reads instead of policies/default.toml: a change of default beside
        a change of code), FLEET_LOG (RUST_LOG of the fleet's instances; "info",
        the default, keeps the access log on as users run it), FLEET_WARMUP
@@ -675,6 +677,7 @@ FLEET_LOG = os.environ.get("FLEET_LOG", "info")
 # the first run after a size change was slower whichever binary ran it.
 FLEET_WARMUP = os.environ.get("FLEET_WARMUP", "3s")
 FLEET_MAXCONN = os.environ.get("FLEET_MAXCONN", "down")
+KEEP_WORK = bool(os.environ.get("KEEP_WORK"))
 
 
 def oracle_maxconn(workers, n):
@@ -755,6 +758,11 @@ def fleet():
                     t.join()
                     for p in [lb, *procs, sp]:
                         stop(p)
+                    if KEEP_WORK and not warmup:
+                        # Each run's report (per-second timeline) and the
+                        # instances' limits, for a round worth a second look.
+                        name = f"fleet-{load}x-{n}-{v.replace(' ', '-')}-round{rnd}"
+                        json.dump({"report": r, "limits": limits}, open(os.path.join(WORK, name + ".json"), "w"))
                     if warmup:
                         log(f"{load}x {n} x {v:<17} warm-up run ({duration}), not counted")
                         time.sleep(0.3)
