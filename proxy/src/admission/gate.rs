@@ -19,6 +19,7 @@ use super::limit::{Limit, Sample, Urgency};
 use super::queue::{TierQueue, Waiter};
 use super::shed_level::{Coverage, ShedLevel};
 use super::standing::Standing;
+use super::starving::{Seen, Starving};
 
 /// Why a request was refused without reaching the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -105,6 +106,7 @@ pub struct Gate<W> {
     /// Whether the `never_shed` tiers' queue stands (their demand stays
     /// above what the backend serves).
     standing: Standing,
+    starving: Starving,
     /// Waiters refused since the last [`Gate::take_shed`]: their tier came
     /// under the shed level while they waited.
     shed_waiters: Vec<(W, ShedReason)>,
@@ -124,6 +126,7 @@ impl<W> Gate<W> {
             queue: TierQueue::new(n),
             shed: ShedLevel::new(rules.target_queue_delay, sheddable.len() as u32, now),
             standing: Standing::default(),
+            starving: Starving::default(),
             shed_waiters: Vec::new(),
             rng: fastrand::Rng::with_seed(0x6b32),
             rules,
@@ -365,8 +368,9 @@ impl<W> Gate<W> {
 
     /// A request of `tier` got a permit after waiting `waited`.
     fn note_grant(&mut self, tier: usize, now: Instant, waited: Duration) {
-        // Off (the default): nothing to track on the request path.
-        if !self.rules.refuse_standing_queue || !self.rules.tiers[tier].never_shed {
+        // Off (the default), only whether they wait: a starved instance
+        // claims a share (`Gate::urgency`).
+        if !self.rules.tiers[tier].never_shed {
             return;
         }
         // Only while every other tier is refused: until then the backend's
@@ -381,7 +385,7 @@ impl<W> Gate<W> {
         let target = self.standing_target();
         let was = self.standing.active(now);
         self.standing.on_grant(now, waited, target);
-        if was || !self.standing.active(now) {
+        if was || !self.standing.active(now) || !self.rules.refuse_standing_queue {
             return;
         }
         // The backlog it stood on: refused now, as a newcomer would be
@@ -398,7 +402,7 @@ impl<W> Gate<W> {
 
     /// Whether the `never_shed` tiers' queue stands (see [`super::standing`]).
     pub fn standing(&self, now: Instant) -> bool {
-        self.standing.active(now)
+        self.rules.refuse_standing_queue && self.standing.active(now)
     }
 
     /// Queues a request after `try_admit` said `Queue`. A full queue gives up
@@ -432,21 +436,38 @@ impl<W> Gate<W> {
         Ok((deadline, evicted))
     }
 
+    /// How pressed the `never_shed` tiers are, for the limit's claim: with
+    /// `refuse_standing_queue`, whether they wait or their queue stands;
+    /// without it, how long they have starved at `min` (see
+    /// [`super::starving`]).
+    fn urgency(&mut self, now: Instant) -> Urgency {
+        if self.rules.refuse_standing_queue {
+            return if self.standing.active(now) {
+                Urgency::Standing
+            } else if self.standing.pressing(now) {
+                Urgency::Pressing
+            } else {
+                Urgency::Calm
+            };
+        }
+        let learnt = self.limit.learnt();
+        let seen = Seen {
+            waiting: self.standing.waiting(now),
+            limit: self.limit.current(),
+            min: self.limit.min(),
+            latency: learnt.and_then(|l| l.latency),
+            ceiling: learnt.and_then(|l| l.ceiling),
+        };
+        Urgency::Starving(self.starving.claim(now, seen))
+    }
+
     /// A permit of `tier` came back; `sample` is what the backend showed.
     pub fn release(&mut self, tier: usize, now: Instant, sample: Sample) {
         self.inflight = self.inflight.saturating_sub(1);
         if let Some(n) = self.tier_inflight.get_mut(tier) {
             *n = n.saturating_sub(1);
         }
-        let urgency = if !self.rules.refuse_standing_queue {
-            Urgency::Calm
-        } else if self.standing.active(now) {
-            Urgency::Standing
-        } else if self.standing.pressing(now) {
-            Urgency::Pressing
-        } else {
-            Urgency::Calm
-        };
+        let urgency = self.urgency(now);
         self.limit.set_urgency(urgency);
         self.limit.on_sample(now, sample, self.inflight + 1);
         self.tick(now);

@@ -246,7 +246,7 @@ impl WaitsCount {
 
 /// How pressed an instance's `never_shed` tiers are
 /// ([`Limit::set_urgency`], set by the gate from [`super::standing`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Urgency {
     /// They do not wait, or the standing-queue control is off.
     Calm,
@@ -259,6 +259,9 @@ pub enum Urgency {
     /// admitted merchants (simulation, two at 5x: 0.924 of purchases
     /// served against 0.950 with it).
     Standing,
+    /// `refuse_standing_queue` is off and they starve at `min`: claim this
+    /// share of the baseline ([`super::starving`]).
+    Starving(f64),
 }
 
 /// Settings of an adaptive limit.
@@ -404,7 +407,16 @@ impl Limit {
                 Urgency::Calm => 0.0,
                 Urgency::Pressing => URGENT_CLAIM,
                 Urgency::Standing => STANDING_CLAIM,
+                Urgency::Starving(claim) => claim,
             };
+        }
+    }
+
+    /// The floor of an adaptive limit (a fixed one has none: 0).
+    pub fn min(&self) -> u32 {
+        match self {
+            Limit::Adaptive(g) => g.bounds.min,
+            Limit::Fixed(_) => 0,
         }
     }
 

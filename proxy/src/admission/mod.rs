@@ -13,6 +13,7 @@ pub mod limit;
 pub mod queue;
 pub mod shed_level;
 pub mod standing;
+pub mod starving;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};

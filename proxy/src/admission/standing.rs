@@ -78,6 +78,12 @@ impl Standing {
         !self.active(now) && self.last_over.is_some_and(|t| now < t + INTERVAL)
     }
 
+    /// Whether a grant of these tiers waited over the target within the
+    /// last [`INTERVAL`], standing or not.
+    pub fn waiting(&self, now: Instant) -> bool {
+        self.last_over.is_some_and(|t| now < t + INTERVAL)
+    }
+
     /// Whether newcomers of these tiers wait only the target.
     pub fn active(&self, now: Instant) -> bool {
         self.until.is_some_and(|u| now < u)
