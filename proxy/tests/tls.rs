@@ -59,7 +59,20 @@ async fn connect(
     ca_pem: &str,
     alpn: &[&[u8]],
 ) -> TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
+    // The proxy is ready once its plain listener and admin answer; the TLS
+    // listener is another service that may bind a moment later (a loaded
+    // machine refused the first connect: make test, 2026-12-03).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tcp = loop {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => break tcp,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{addr}: {e}"),
+        }
+    };
     connect_over(tcp, sni, ca_pem, alpn).await
 }
 
