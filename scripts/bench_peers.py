@@ -1065,7 +1065,7 @@ def main():
     finally:
         stop_all()
     print(f"wrote {base}.md and {base}.json")
-    if os.environ.get("KEEP_WORK"):
+    if KEEP_WORK:
         print(f"kept {WORK} (every process's log)")
     else:
         shutil.rmtree(WORK, ignore_errors=True)

@@ -245,7 +245,8 @@ impl WaitsCount {
 }
 
 /// How pressed an instance's `never_shed` tiers are
-/// ([`Limit::set_urgency`], set by the gate from [`super::standing`]).
+/// ([`Limit::set_urgency`], set by the gate from [`super::standing`] and
+/// [`super::starving`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Urgency {
     /// They do not wait, or the standing-queue control is off.

@@ -75,7 +75,7 @@ impl Standing {
     /// same claim on top held every instance's purchases longer: simulated
     /// 5x p50 24 → 43 ms).
     pub fn pressing(&self, now: Instant) -> bool {
-        !self.active(now) && self.last_over.is_some_and(|t| now < t + INTERVAL)
+        !self.active(now) && self.waiting(now)
     }
 
     /// Whether a grant of these tiers waited over the target within the
