@@ -658,16 +658,26 @@ backend be
     return run_haproxy(conf, d, port, f"l4-{port}")
 
 
-def admission_limits(admins):
-    """Each k2proxy's admission limit of the serving site, from /status."""
+def serving_sites(admins):
+    """Each k2proxy's serving site as /status shows it (limit, in flight,
+    queue, what the limit learnt), or None."""
     out = []
     for a in admins:
         try:
             s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{a}/status", timeout=2))
-            out.append(s["clusters"][0]["sites"][0]["limit"])
+            out.append(s["clusters"][0]["sites"][0])
         except (OSError, ValueError, KeyError, IndexError):
             out.append(None)
     return out
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds a process has used, from /proc (None once gone)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 FLEET_SIZES = [int(x) for x in os.environ.get("FLEET_SIZES", "1,2,3").split(",")]
@@ -744,12 +754,22 @@ def fleet():
                         procs.append(p)
                         ports.append(port)
                     lb, lb_port = l4(ports)
-                    limits = []
+                    limits, seconds = [], []
                     stop_sampling = threading.Event()
 
                     def sample():
+                        # Each second: every instance's serving site and
+                        # the CPU the backend and the proxies used so far
+                        # (kept with KEEP_WORK: a 5x round that lost 9%
+                        # had the backend's latency double at 8 in flight
+                        # for 8 workers, and nothing said whether the
+                        # machine's two cores were the cause).
                         while not stop_sampling.wait(1.0):
-                            limits.append(admission_limits(admins))
+                            sites = serving_sites(admins)
+                            limits.append([x["limit"] if x else None for x in sites])
+                            seconds.append({"sites": sites, "cpu_s": {
+                                "backend": cpu_seconds(sp.pid),
+                                "proxies": [cpu_seconds(p.pid) for p in procs]}})
                     t = threading.Thread(target=sample, daemon=True)
                     t.start()
                     duration = FLEET_WARMUP if warmup else OVERLOAD_DURATION
@@ -762,7 +782,7 @@ def fleet():
                         # Each run's report (per-second timeline) and the
                         # instances' limits, for a round worth a second look.
                         name = f"fleet-{load}x-{n}-{v.replace(' ', '-')}-round{rnd}"
-                        json.dump({"report": r, "limits": limits}, open(os.path.join(WORK, name + ".json"), "w"))
+                        json.dump({"report": r, "limits": limits, "seconds": seconds}, open(os.path.join(WORK, name + ".json"), "w"))
                     if warmup:
                         log(f"{load}x {n} x {v:<17} warm-up run ({duration}), not counted")
                         time.sleep(0.3)
