@@ -649,7 +649,7 @@ impl Gradient {
     /// changed, or the pool held another instance's queue): then this one
     /// alone. One probe's mean of 48 log-normal samples is 8% off, and two
     /// instances' ceilings a probe apart set the lower one's limit at `min`
-    /// (see the module comment); pooled, they agree within 3%.
+    /// (see the module comment); eight probes pooled are 3% off.
     fn pooled(&self, mean: f64, n: u32) -> (f64, u32) {
         let Some((m0, n0)) = self.measured.filter(|_| POOL_SAMPLES > n) else {
             return (mean, n);
