@@ -39,8 +39,10 @@ env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), 
        a build before a change: run as "k2proxy B" beside "k2proxy" in the
        overload, failover and fleet phases), KEEP_WORK (1: keep the scratch
        directory with every process's log, and each fleet run's report with
-       its per-second timeline and per-instance limits as
-       fleet-<load>x-<N>-<variant>-round<r>.json), K2PROXY_B_POLICY (the policy file
+       its per-second timeline, per-instance limits, each second's serving
+       site from every instance's /status and the CPU seconds of the backend
+       and the proxies as fleet-<load>x-<N>-<variant>-round<r>.json),
+       K2PROXY_B_POLICY (the policy file
        B reads instead of policies/default.toml: a change of default beside
        a change of code), FLEET_LOG (RUST_LOG of the fleet's instances; "info",
        the default, keeps the access log on as users run it), FLEET_WARMUP

@@ -1382,16 +1382,30 @@ mod tests {
         let end = *now + span;
         let mut seed = 1u64;
         while *now < end {
-            let inflight = l.current();
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let unit = (seed >> 33) as f64 / (1u64 << 31) as f64;
-            let queueing = (f64::from(inflight * fleet) / f64::from(workers)).max(1.0);
-            let latency = service.mul_f64(queueing * (1.0 - noise + 2.0 * noise * unit));
-            *now += latency / inflight.max(1);
-            l.on_sample(*now, Sample::Latency(latency), inflight);
+            noisy_request(l, now, &mut seed, workers, service, noise, fleet);
         }
+    }
+
+    /// One request of [`run_noisy_backend`]'s backend, at the limit in
+    /// force; `seed` carries its noise from request to request.
+    fn noisy_request(
+        l: &mut Limit,
+        now: &mut Instant,
+        seed: &mut u64,
+        workers: u32,
+        service: Duration,
+        noise: f64,
+        fleet: u32,
+    ) {
+        let inflight = l.current();
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let unit = (*seed >> 33) as f64 / (1u64 << 31) as f64;
+        let queueing = (f64::from(inflight * fleet) / f64::from(workers)).max(1.0);
+        let latency = service.mul_f64(queueing * (1.0 - noise + 2.0 * noise * unit));
+        *now += latency / inflight.max(1);
+        l.on_sample(*now, Sample::Latency(latency), inflight);
     }
 
     #[test]
@@ -1525,15 +1539,7 @@ mod tests {
         for _ in 0..secs {
             let end = now + Duration::from_secs(1);
             while now < end {
-                let inflight = l.current();
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let unit = (seed >> 33) as f64 / (1u64 << 31) as f64;
-                let queueing = (f64::from(inflight) / 16.0).max(1.0);
-                let latency = (20 * MS).mul_f64(queueing * (0.2 + 1.6 * unit));
-                now += latency / inflight.max(1);
-                l.on_sample(now, Sample::Latency(latency), inflight);
+                noisy_request(&mut l, &mut now, &mut seed, 16, 20 * MS, 0.8, 1);
             }
             let Limit::Adaptive(g) = &l else {
                 unreachable!()
