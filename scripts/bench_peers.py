@@ -756,7 +756,7 @@ def fleet():
                         procs.append(p)
                         ports.append(port)
                     lb, lb_port = l4(ports)
-                    limits, seconds = [], []
+                    seconds = []
                     stop_sampling = threading.Event()
 
                     def sample():
@@ -767,9 +767,7 @@ def fleet():
                         # for 8 workers, and nothing said whether the
                         # machine's two cores were the cause).
                         while not stop_sampling.wait(1.0):
-                            sites = serving_sites(admins)
-                            limits.append([x["limit"] if x else None for x in sites])
-                            seconds.append({"sites": sites, "cpu_s": {
+                            seconds.append({"sites": serving_sites(admins), "cpu_s": {
                                 "backend": cpu_seconds(sp.pid),
                                 "proxies": [cpu_seconds(p.pid) for p in procs]}})
                     t = threading.Thread(target=sample, daemon=True)
@@ -778,6 +776,7 @@ def fleet():
                     r = run_scenario(scenario_file(load, capacity, duration), f"http://127.0.0.1:{lb_port}")
                     stop_sampling.set()
                     t.join()
+                    limits = [[x["limit"] if x else None for x in s["sites"]] for s in seconds]
                     for p in [lb, *procs, sp]:
                         stop(p)
                     if KEEP_WORK and not warmup:
