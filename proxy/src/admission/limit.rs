@@ -4,8 +4,9 @@
 //! Gradient2: it compares the backend's recent latency (`short`, the mean of
 //! one window of samples) with its uncongested latency (`baseline`). Each
 //! window moves the limit towards `limit × (baseline + tolerance) / short +
-//! QUEUE_ALLOWANCE × √limit`, so it settles where a request or two wait
-//! inside the backend: just past the knee, where the backend is busy all
+//! QUEUE_ALLOWANCE × √limit` (√[`FAIR_FROM`] at least, see "Shares in a
+//! fleet" below), so it settles where a request or two wait inside the
+//! backend: just past the knee, where the backend is busy all
 //! the time but its own (first-come, first-served) queue, which no tier can
 //! jump, stays that short. The tolerance is what noise makes a window mean
 //! differ from the baseline by ([`SLACK`] at least): the baseline is a
@@ -113,6 +114,22 @@
 //!   baseline halves the limit at once, at most once per latency (the
 //!   backend then holds twice as many waiting as in service; the smoothed
 //!   gradient took a dozen windows to drain that).
+//!
+//! *Shares in a fleet.* Each instance's limit settles where what the
+//! gradient takes off, `limit × (1 − ceiling / latency)`, meets the queue
+//! allowance; all of them see one latency, but each has its own ceiling.
+//! With an allowance of `QUEUE_ALLOWANCE × √limit` that puts a limit at
+//! `(QUEUE_ALLOWANCE / (1 − ceiling / latency))²`: the split goes as the
+//! *square* of the instances' gaps to the latency, and ceilings 5% apart
+//! (a baseline of 19 ms against 20) split 16 workers 13 : 6. Under
+//! [`FAIR_FROM`] the allowance is that of a limit of [`FAIR_FROM`] (1.2
+//! requests), so a share's limit goes as the gap itself, 11 : 8. It is
+//! the shares that are small: one instance in front of a backend of 16
+//! workers or more keeps its allowance. An instance that claims (its
+//! purchases starve, see [`super::starving`]) counts its own limit: the
+//! claim already wins its share back, and both at once, in every instance
+//! at 5x, held more in the backend's queue (simulation, three instances on
+//! 8 workers at 5x: purchase p99 677 → 522 ms with the exception).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -166,6 +183,15 @@ const PROBE_NOISE: f64 = 1.0;
 /// between a completion and the next dispatch and makes the limit swing.
 /// How 0.3 was chosen: docs/benchmarks.md, "Tuning the controllers".
 const QUEUE_ALLOWANCE: f64 = 0.3;
+/// Under this limit, the queue allowance is that of this limit (see
+/// "Shares in a fleet" above). Sixteen seeds of the simulation, purchase
+/// p99 at 3x, mean before → after: two instances on log-normal service
+/// times 146 → 106 ms, two on 16 × 20 ms cold 90 → 80 ms, two on 8 × 10
+/// ms 44 → 30 ms; the cost is the backend's queue where three instances
+/// share 8 workers (8.2 → 9.8 requests, purchase p50 +2 ms). At 12 the
+/// log-normal fleet kept 146 → 139 ms of it; at 24 a collapsing backend's
+/// p99 doubled (docs/admission.md, "Eighteenth round").
+const FAIR_FROM: f64 = 16.0;
 /// Latency, in seconds, above the baseline that is not worth a smaller limit:
 /// a backend that answers in 200 µs alone or in 700 µs with 30 others is not
 /// overloaded (it shares CPUs with its clients), and a limit cut to `min`
@@ -1078,7 +1104,15 @@ impl Gradient {
         } else {
             QUEUE_ALLOWANCE
         };
-        let mut target = self.limit * gradient + allowance * self.limit.sqrt();
+        // The allowance of a limit of [`FAIR_FROM`] at least, unless this
+        // instance claims: a share's limit then goes as its gap, not as
+        // the square of it.
+        let counted = if gradient >= 1.0 || self.claim > 0.0 {
+            self.limit
+        } else {
+            self.limit.max(FAIR_FROM)
+        };
+        let mut target = self.limit * gradient + allowance * counted.sqrt();
         if gradient < 1.0 {
             self.slow_start = false;
         } else if self.slow_start && self.in_full_use(inflight) {
@@ -1877,6 +1911,53 @@ mod tests {
             let settled = fleet_baseline(fleet, 30);
             assert!(settled < after, "{fleet}: {settled} ms for 10");
         }
+    }
+
+    /// Two instances in front of one backend of 16 workers at 20 ms, for
+    /// `secs` (before their first probe), after each learnt its baseline
+    /// alone: `first` and `second`. Each request goes to the instance
+    /// whose turn it is by its limit (weighted round robin), and takes the
+    /// service time times the backend's queueing for the sum of the limits.
+    fn shared_backend(first: Duration, second: Duration, secs: u64) -> (u32, u32) {
+        let mut now = Instant::now();
+        let mut pair = [adaptive(bounds(), now), adaptive(bounds(), now)];
+        for (l, baseline) in pair.iter_mut().zip([first, second]) {
+            let mut t = now;
+            feed(l, &mut t, 5, baseline, 1000);
+        }
+        now += 100 * MS;
+        let end = now + Duration::from_secs(secs);
+        let mut credit = [0.0f64; 2];
+        while now < end {
+            let limits = [pair[0].current(), pair[1].current()];
+            let total = limits[0] + limits[1];
+            for (c, l) in credit.iter_mut().zip(limits) {
+                *c += f64::from(l);
+            }
+            let turn = usize::from(credit[1] > credit[0]);
+            credit[turn] -= f64::from(total);
+            let latency = (20 * MS).mul_f64((f64::from(total) / 16.0).max(1.0));
+            now += latency / total;
+            pair[turn].on_sample(now, Sample::Latency(latency), limits[turn]);
+        }
+        (pair[0].current(), pair[1].current())
+    }
+
+    #[test]
+    fn instances_whose_ceilings_differ_a_little_share_the_backend_nearly_evenly() {
+        // One instance learnt 20 ms, the other 19 (a window during a lull):
+        // their ceilings are 21 and 20 ms. With an allowance of 0.3 × √limit
+        // the limits settle where `limit × (1 − ceiling / latency)` meets
+        // it, so the split goes as the square of the gaps: 13 against 6 in
+        // theory (2.3 : 1). With the allowance of a limit of 16 at least,
+        // the split goes as the gaps themselves: 11 against 8.
+        let (high, low) = shared_backend(20 * MS, 19 * MS, 4);
+        assert!(
+            f64::from(high) < 1.5 * f64::from(low),
+            "{high} against {low}"
+        );
+        // The backend is kept busy, its queue short.
+        assert!((16..=24).contains(&(high + low)), "{high} + {low}");
     }
 
     #[test]
