@@ -1098,21 +1098,18 @@ impl Gradient {
             return;
         }
         let gradient = ratio.clamp(0.5, 1.0);
-        // No queueing at all: grow by √limit; otherwise allow a short queue.
+        // No queueing at all: grow by √limit; otherwise allow a short
+        // queue, that of a limit of [`FAIR_FROM`] at least unless this
+        // instance claims (a share's limit then goes as its gap, not as
+        // the square of it).
         let allowance = if gradient >= 1.0 {
-            1.0
+            self.limit.sqrt()
+        } else if self.claim > 0.0 {
+            QUEUE_ALLOWANCE * self.limit.sqrt()
         } else {
-            QUEUE_ALLOWANCE
+            QUEUE_ALLOWANCE * self.limit.max(FAIR_FROM).sqrt()
         };
-        // The allowance of a limit of [`FAIR_FROM`] at least, unless this
-        // instance claims: a share's limit then goes as its gap, not as
-        // the square of it.
-        let counted = if gradient >= 1.0 || self.claim > 0.0 {
-            self.limit
-        } else {
-            self.limit.max(FAIR_FROM)
-        };
-        let mut target = self.limit * gradient + allowance * counted.sqrt();
+        let mut target = self.limit * gradient + allowance;
         if gradient < 1.0 {
             self.slow_start = false;
         } else if self.slow_start && self.in_full_use(inflight) {
