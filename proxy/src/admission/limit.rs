@@ -222,6 +222,20 @@ const URGENT_CLAIM: f64 = 0.2;
 /// every standing instance's claim grows the backend's queue (0.2 doubled
 /// the purchases' wait, sixth round).
 const STANDING_CLAIM: f64 = 0.1;
+/// A cold start's first probe is due this long after its first busy
+/// window (not at the grid's first point, 2.5-7.5 s on): that window holds
+/// the quickest of the requests sent at once, and in front of a large
+/// backend a baseline that low starves the limit until a probe measures
+/// the real one (see [`Gradient::schedule_early_probe`]).
+const EARLY_PROBE: Duration = Duration::from_secs(1);
+/// After a probe restores the limit, windows for this many of the probe's
+/// latencies do not count for the baseline: they hold the quickest of the
+/// requests the restore sent at once.
+const RESTORE_SETTLE: f64 = 2.0;
+/// Standard errors of a window mean by which a window may exceed the
+/// ceiling without ending the slow start (one window's noise is not
+/// queueing; a flood is far beyond it).
+const SLOW_START_NOISE: f64 = 2.0;
 /// Quiet windows for this long are a quiet spell: the first busy window
 /// after it holds the quickest of a step's requests.
 const QUIET_SPELL: Duration = Duration::from_secs(1);
@@ -531,6 +545,14 @@ pub struct Gradient {
     deep_due: bool,
     /// When the last probe that held the limit below its use ended.
     held_until: Option<Instant>,
+    /// Windows before this instant (right after a probe restored the
+    /// limit) do not count for the baseline ([`RESTORE_SETTLE`]).
+    settling_until: Option<Instant>,
+    /// When the slow start last grew the limit (once per latency).
+    grown_at: Option<Instant>,
+    /// The probe due is a cold start's early one ([`EARLY_PROBE`]): it runs
+    /// only if the limit is still in full use when it falls due.
+    early_due: bool,
     /// An instant on the grid probes are due on: the wall clock's
     /// multiples of [`PROBE_EVERY`], the same in every process of a fleet.
     grid: Instant,
@@ -552,6 +574,9 @@ struct Probe {
     /// It cut below what was in use ([`PROBE_DEPTH`]): waits in our queue
     /// meanwhile are its doing, not the backend's capacity.
     held: bool,
+    /// A cold start's early probe ([`EARLY_PROBE`]): the slow start
+    /// resumes after it.
+    early: bool,
     /// The latencies measured at this cut so far: sum, samples, windows.
     sum: f64,
     count: u32,
@@ -567,6 +592,7 @@ impl Probe {
             skip,
             above,
             held: false,
+            early: false,
             sum: 0.0,
             count: 0,
             windows: 0,
@@ -607,6 +633,9 @@ impl Gradient {
             claim: 0.0,
             stale_probe: false,
             held_until: None,
+            settling_until: None,
+            grown_at: None,
+            early_due: false,
             deep_due: true,
             grid: now,
         };
@@ -841,22 +870,19 @@ impl Gradient {
         } else {
             (Some(short), cv)
         };
-        // Not the first window: its samples are the first requests to
-        // finish, the quickest of those sent at the start (a coefficient
-        // of 0.14 in front of a backend's 0.55), and the pooled spread
-        // took three seconds to forget it while the limit shed lower tiers
-        // at half capacity. Not after the first probe either: later
-        // windows' spread includes queueing (ours or, in a fleet, the
-        // other instances'), and a tolerance that grows with it let a
-        // collapsing backend's queue grow too.
-        let learnt = self.baseline.is_some() && !self.provisional;
-        if let Some(cv) = cv.filter(|_| !self.probed && learnt && !onset) {
-            self.spread = Some(self.spread.map_or(cv, |p| p + SPREAD_WEIGHT * (cv - p)));
-        }
+        self.learn_spread(cv.filter(|_| !onset), short);
         if self.probe_step(now, short, count, quiet, inflight) {
             return;
         }
-        let baseline = self.update_baseline(now, short, seen.filter(|_| !onset));
+        // Nor the windows right after a probe restored the limit: they hold
+        // the quickest of the requests it sent at once (38.7 ms after a
+        // probe that measured 49.9, on 64 workers of 50 ms).
+        let settling = self.settling_until.is_some_and(|t| now < t);
+        let seen = seen.filter(|_| !onset && !settling);
+        if self.baseline.is_none() && !quiet && seen.is_some() {
+            self.schedule_early_probe(now);
+        }
+        let baseline = self.update_baseline(now, short, seen);
         // A quiet window's own mean is one or two requests: noise, not a
         // gradient. Only its block, once full, moves the limit. Before,
         // single requests of a log-normal night (32 or 50 ms against a
@@ -866,6 +892,50 @@ impl Gradient {
             return;
         };
         self.step(now, short, baseline, inflight, busy);
+    }
+
+    /// Pools a window's coefficient of variation `cv` (of mean `short`)
+    /// into the backend's spread.
+    ///
+    /// Not the first window: its samples are the first requests to
+    /// finish, the quickest of those sent at the start (a coefficient of
+    /// 0.14 in front of a backend's 0.55), and the pooled spread took three
+    /// seconds to forget it while the limit shed lower tiers at half
+    /// capacity. Not after the first probe either: later windows' spread
+    /// includes queueing (ours or, in a fleet, the other instances'), and a
+    /// tolerance that grows with it let a collapsing backend's queue grow
+    /// too. Nor a window far above the baseline (a flood, before that
+    /// probe): its requests all waited about as long in the backend's queue,
+    /// so their spread is the queue's, not the service time's, and it is
+    /// small. After a slow start that overshot to 578 in front of 64
+    /// workers, such windows put the spread at half the backend's, the
+    /// tolerance followed, and the limit starved under the knee.
+    fn learn_spread(&mut self, cv: Option<f64>, short: f64) {
+        let learnt = self.baseline.is_some() && !self.provisional;
+        let flooded = self.baseline.is_some_and(|b| self.far_above(short, b));
+        if let Some(cv) = cv.filter(|_| !self.probed && learnt && !flooded) {
+            self.spread = Some(self.spread.map_or(cv, |p| p + SPREAD_WEIGHT * (cv - p)));
+        }
+    }
+
+    /// Puts the first probe [`EARLY_PROBE`] after `now`, the close of a
+    /// cold start's first busy window, when the grid's is later.
+    ///
+    /// That window holds the quickest of the requests sent at once (38-43
+    /// ms for a mean of 51.6 on 64 workers of 50 ms, log-normal), and the
+    /// limit settles where `limit × (1 − ceiling / latency)` meets the
+    /// queue allowance: with the ceiling 6-10% under the mean, at 12-20
+    /// for 64 workers, while `max_queue` fills with purchases. In real
+    /// processes one instance lost purchases that way in 11 runs of 22. The
+    /// probe measures the real latency. It runs only if the limit is still
+    /// in full use when it falls due ([`Gradient::probe_step`]): a fleet
+    /// whose overload starts later probes together, on the grid.
+    fn schedule_early_probe(&mut self, now: Instant) {
+        let at = now + EARLY_PROBE;
+        if at < self.probe_due {
+            self.probe_due = at;
+            self.early_due = true;
+        }
     }
 
     /// Whether `inflight` uses the limit to its last slot but the headroom.
@@ -910,6 +980,14 @@ impl Gradient {
             }
             return false;
         }
+        let early = self.early_due && now >= self.probe_due;
+        if early {
+            self.early_due = false;
+            if !self.in_full_use(inflight) {
+                self.probe_due = self.next_probe(now + PROBE_EVERY / 2);
+                return false;
+            }
+        }
         if now >= self.probe_due {
             let min = f64::from(self.bounds.min);
             // Below the settling point by everything the gradient lets wait:
@@ -935,6 +1013,7 @@ impl Gradient {
             self.stale_probe = false;
             self.probe = Some(Probe {
                 held,
+                early,
                 ..Probe::at(self.limit, lowered, skip, None)
             });
             return true;
@@ -978,6 +1057,7 @@ impl Gradient {
             let skip = probe.lowered.ceil() as u32;
             self.probe = Some(Probe {
                 held: probe.held,
+                early: probe.early,
                 ..Probe::at(probe.saved, lowered, skip, Some(mean))
             });
             return;
@@ -988,6 +1068,14 @@ impl Gradient {
         // meanwhile, to a few requests).
         self.probe = None;
         self.limit = probe.saved;
+        // The limit the quick first window held down climbs back within a
+        // few latencies, not by the gradient's allowance (two seconds from
+        // 16 to 62 on 64 workers, with `max_queue` full of purchases).
+        let ceiling_before = self.baseline.map(|b| self.ceiling(b));
+        if probe.count > 0 {
+            let mean = probe.sum / f64::from(probe.count);
+            self.settling_until = Some(now + Duration::from_secs_f64(RESTORE_SETTLE * mean));
+        }
         if probe.held {
             self.held_until = Some(now);
         }
@@ -1002,6 +1090,14 @@ impl Gradient {
             } else {
                 (baseline, probe.count)
             };
+            // The early probe found the windows before it read as queueing
+            // what was the backend's own latency: the limit the quick first
+            // window held down climbs back within a few latencies, not by
+            // the gradient's allowance (two seconds from 16 to 62 on 64
+            // workers, with `max_queue` full of purchases).
+            if probe.early && ceiling_before.is_some_and(|c| pooled.0 > c) {
+                self.slow_start = true;
+            }
             self.baseline = Some(pooled.0);
             self.measured = Some(pooled);
             self.provisional = false;
@@ -1073,6 +1169,16 @@ impl Gradient {
         (mean > 0.0).then(|| (mean, (sq / n - mean * mean).max(0.0).sqrt() / mean))
     }
 
+    /// How far above the ceiling a window may be without ending the slow
+    /// start: [`SLOW_START_NOISE`] standard errors of a window mean (from
+    /// the spread). A window one error over the ceiling ended it at a limit
+    /// of 12 in front of 64 workers, and the gradient took seconds to
+    /// climb from there.
+    fn slow_start_noise(&self, baseline: f64) -> f64 {
+        let error = self.spread.unwrap_or(0.0) * baseline / f64::from(WINDOW_SAMPLES).sqrt();
+        SLOW_START_NOISE * error
+    }
+
     /// Moves the limit after a window of mean `short` with at most
     /// `inflight` in flight.
     fn step(&mut self, now: Instant, short: f64, baseline: f64, inflight: f64, busy: bool) {
@@ -1097,7 +1203,13 @@ impl Gradient {
             self.slow_start = false;
             return;
         }
-        let gradient = ratio.clamp(0.5, 1.0);
+        let gradient = if self.slow_start
+            && short <= self.ceiling(baseline) + claim + self.slow_start_noise(baseline)
+        {
+            1.0
+        } else {
+            ratio.clamp(0.5, 1.0)
+        };
         // No queueing at all: grow by √limit; otherwise allow a short
         // queue, that of a limit of [`FAIR_FROM`] at least unless this
         // instance claims (a share's limit then goes as its gap, not as
@@ -1114,6 +1226,17 @@ impl Gradient {
             self.slow_start = false;
         } else if self.slow_start && self.in_full_use(inflight) {
             // In use to the last slot (but the headroom) and nothing queues.
+            // At most once per latency: per window, 16 samples came in 8 ms
+            // at a limit of 100, and the limit multiplied several times
+            // before the first latency of a step was seen (to 578 in front
+            // of 64 workers, then a flood and a halving to 4).
+            if self
+                .grown_at
+                .is_some_and(|t| now.duration_since(t).as_secs_f64() < short)
+            {
+                return;
+            }
+            self.grown_at = Some(now);
             self.limit = (self.limit * SLOW_START).clamp(min, max);
             self.slow_start = self.limit < max;
             return;
@@ -1785,10 +1908,32 @@ mod tests {
             probing(&mut clone, &mut then, 20),
             "the old one probes at once"
         );
-        // 20 windows of 16 ms: about a third of a second.
+        // 20 windows of 16 ms: about a third of a second. In full use from
+        // its first window (a cold start into a peak), its first probe
+        // comes EARLY_PROBE after that window.
         assert!(!probing(&mut fresh, &mut now, 20));
-        assert!(!probing(&mut fresh, &mut now, 200), "not before 5 s");
-        assert!(probing(&mut fresh, &mut now, 150), "by 5.6 s");
+        assert!(!probing(&mut fresh, &mut now, 40), "not before 0.96 s");
+        assert!(probing(&mut fresh, &mut now, 10), "by 1.12 s");
+    }
+
+    #[test]
+    fn an_early_probe_that_falls_due_in_light_use_waits_for_the_grid() {
+        // A cold start's first window is busy, then the load falls to a
+        // third of the limit: the early probe is not run off the grid (a
+        // fleet whose peak starts later probes together, on the grid).
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut l = adaptive(bounds(), now);
+        feed(&mut l, &mut now, 1, 20 * MS, 20);
+        let mut first = None;
+        while now < t0 + Duration::from_secs(8) && first.is_none() {
+            feed(&mut l, &mut now, 1, 20 * MS, 7);
+            if l.learnt().is_some_and(|x| x.probing) {
+                first = Some(now - t0);
+            }
+        }
+        let first = first.expect("a probe on the grid");
+        assert!(first >= PROBE_EVERY, "{first:?}: off the grid");
     }
 
     #[test]
@@ -1865,7 +2010,7 @@ mod tests {
         let probe_start = |mut l: Limit, mut now: Instant| {
             for _ in 0..20_000 {
                 now += MS;
-                l.on_sample(now, Sample::Latency(10 * MS), l.current());
+                l.on_sample(now, Sample::Latency(10 * MS), l.current() / 2 + 1);
                 if l.learnt().is_some_and(|x| x.probing) {
                     return now;
                 }
@@ -1876,7 +2021,8 @@ mod tests {
         let a = probe_start(first.fresh(start), start);
         let b = probe_start(first.fresh(later), later);
         // At the first window after 5 s: the second's first probe is on the
-        // grid, not 5 s after its start.
+        // grid, not 5 s after its start. (In light use: one in full use
+        // from its first window probes early, `EARLY_PROBE` after it.)
         let due = start + PROBE_EVERY;
         for at in [a, b] {
             assert!(at >= due && at < due + WINDOW_TIME, "{:?}", at - start);
@@ -1886,10 +2032,9 @@ mod tests {
     /// The baseline after `secs` of a fleet of `fleet` in front of 8
     /// workers at 10 ms, each instance doing as this one does (the default
     /// policy's bounds).
-    fn fleet_baseline(fleet: u32, secs: u64) -> f64 {
+    fn fleet_baseline(fleet: u32, span: Duration) -> f64 {
         let mut now = Instant::now();
         let mut l = adaptive(under_the_knee(), now);
-        let span = Duration::from_secs(secs);
         run_noisy_backend(&mut l, &mut now, span, 8, 10 * MS, 0.1, fleet);
         l.baseline().unwrap().as_secs_f64() * 1000.0
     }
@@ -1901,11 +2046,12 @@ mod tests {
         // each by its allowance alone measured the others' queue again (the
         // baselines stayed 20 and 30 ms); on one grid, each at half its
         // limit, they drain it. Three are held at 15 ms by `min`: 3 × 4 in
-        // flight for 8 workers.
+        // flight for 8 workers. (Their first probe is the early one, a
+        // second after the first window, all of them in full use.)
         for (fleet, start, after) in [(2, 18.0, 11.0), (3, 27.0, 15.5)] {
-            let at_start = fleet_baseline(fleet, 4);
+            let at_start = fleet_baseline(fleet, Duration::from_millis(800));
             assert!(at_start > start, "{fleet}: {at_start} ms at the start");
-            let settled = fleet_baseline(fleet, 30);
+            let settled = fleet_baseline(fleet, Duration::from_secs(30));
             assert!(settled < after, "{fleet}: {settled} ms for 10");
         }
     }
@@ -1961,6 +2107,11 @@ mod tests {
     fn waits_under_a_deep_probe_are_not_the_backends_capacity() {
         let mut now = Instant::now();
         let mut l = adaptive(bounds(), now);
+        // In light use for a second: the first probe is not the early one
+        // (after which the slow start resumes, and no wait counts), but
+        // the grid's, and deep.
+        let light = l.current() / 2 + 1;
+        feed(&mut l, &mut now, 70, 20 * MS, light);
         let mut held = false;
         for _ in 0..20_000 {
             now += MS;
@@ -1976,5 +2127,99 @@ mod tests {
         // After it, only what a wait lasted since it ended.
         assert_eq!(l.waits_count().of(now + 30 * MS, 100 * MS), 30 * MS);
         assert_eq!(WaitsCount::All.of(now, 100 * MS), 100 * MS);
+    }
+
+    /// Feeds one window of `WINDOW_SAMPLES` samples alternating `a` and
+    /// `b` (a spread), 1 ms apart, in full use.
+    fn feed_spread(l: &mut Limit, now: &mut Instant, a: Duration, b: Duration) {
+        for i in 0..WINDOW_SAMPLES {
+            *now += MS;
+            l.on_sample(*now, Sample::Latency(if i % 2 == 0 { a } else { b }), 1000);
+        }
+    }
+
+    #[test]
+    fn a_cold_start_whose_first_window_is_quick_climbs_to_a_large_backend() {
+        // 64 workers of 50 ms ± 25%. The first window holds the quickest of
+        // the requests sent at once (40 ms); with that baseline the ceiling
+        // sat under the mean, and the limit settled at 10-15 until the
+        // first probe on the grid (5 s), while purchases filled our queue.
+        // The early probe (a second on) measures the real latency.
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        feed(&mut l, &mut now, 1, 40 * MS, 8);
+        let span = Duration::from_millis(3500);
+        run_noisy_backend(&mut l, &mut now, span, 64, 50 * MS, 0.25, 1);
+        assert!(l.current() >= 56, "limit {} for 64 workers", l.current());
+    }
+
+    #[test]
+    fn the_slow_start_grows_once_per_latency() {
+        // 100 ms a request, a window of 16 samples every 16 ms: six windows
+        // are one latency, and the limit grows once in it, not six times
+        // (to 578 for 64 workers, then a flood).
+        let mut now = Instant::now();
+        let mut l = adaptive(bounds(), now);
+        feed(&mut l, &mut now, 6, 100 * MS, 1000);
+        assert_eq!(l.current(), 30, "one step of 1.5 from 20");
+        now += 100 * MS;
+        feed(&mut l, &mut now, 1, 100 * MS, 1000);
+        assert_eq!(l.current(), 45, "the next latency, the next step");
+    }
+
+    #[test]
+    fn a_window_within_its_noise_over_the_ceiling_does_not_end_the_slow_start() {
+        // A spread of 0.2 around 50 ms: a window of 59 ms is under two
+        // standard errors of a window mean (2.5 ms each) over the ceiling.
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        feed_spread(&mut l, &mut now, 40 * MS, 60 * MS);
+        now += 60 * MS;
+        feed_spread(&mut l, &mut now, 40 * MS, 60 * MS);
+        now += 60 * MS;
+        feed_spread(&mut l, &mut now, 49 * MS, 69 * MS);
+        let before = l.current();
+        now += 60 * MS;
+        feed_spread(&mut l, &mut now, 40 * MS, 60 * MS);
+        assert_eq!(l.current(), (f64::from(before) * SLOW_START).round() as u32);
+    }
+
+    #[test]
+    fn a_flood_does_not_teach_the_spread() {
+        // The requests of a flood all waited about as long in the backend's
+        // queue: their spread is not the service time's. Learnt from them,
+        // the tolerance shrank under the noise of the windows after it.
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        feed_spread(&mut l, &mut now, 40 * MS, 60 * MS);
+        feed_spread(&mut l, &mut now, 40 * MS, 60 * MS);
+        let learnt = l.learnt().expect("adaptive");
+        let tolerance = learnt.ceiling.unwrap() - learnt.baseline.unwrap();
+        for _ in 0..10 {
+            feed_spread(&mut l, &mut now, 299 * MS, 301 * MS);
+        }
+        let learnt = l.learnt().expect("adaptive");
+        let after = learnt.ceiling.unwrap() - learnt.baseline.unwrap();
+        assert_eq!(after, tolerance, "{after:?} against {tolerance:?}");
+    }
+
+    #[test]
+    fn the_windows_right_after_a_probe_do_not_lower_the_baseline() {
+        // The restore sends the probe's missing requests at once, and the
+        // first of them to finish are the quickest: 38.7 ms after a probe
+        // that measured 49.9 set the ceiling under the mean.
+        let mut now = Instant::now();
+        let mut l = adaptive(bounds(), now);
+        let mut probed = false;
+        while !probed || l.learnt().unwrap().probing {
+            feed(&mut l, &mut now, 1, 20 * MS, 1000);
+            probed |= l.learnt().unwrap().probing;
+        }
+        let baseline = l.baseline().unwrap();
+        feed(&mut l, &mut now, 1, 15 * MS, 1000);
+        assert_eq!(l.baseline(), Some(baseline), "within two latencies");
+        now += 40 * MS;
+        feed(&mut l, &mut now, 1, 15 * MS, 1000);
+        assert_eq!(l.baseline(), Some(15 * MS), "after them");
     }
 }
