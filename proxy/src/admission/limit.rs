@@ -94,7 +94,14 @@
 //!
 //! There is no warm-up that measures a minimum RTT at low concurrency (as
 //! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
-//! from the first window on. The limit only grows while the site is using at
+//! from the first window on. That window holds the quickest of the requests
+//! sent at once, so when it is busy (a cold start into load) the first probe
+//! comes [`EARLY_PROBE`] after it instead of on the grid, if the limit is
+//! still in full use then, and the slow start resumes after it when it
+//! found the first window's ceiling too low
+//! ([`Gradient::schedule_early_probe`]). For the same reason the windows
+//! right after a probe restores the limit do not count for the baseline
+//! ([`RESTORE_SETTLE`]). The limit only grows while the site is using at
 //! least half of it, so an idle backend does not earn a huge limit.
 //!
 //! Three rules keep a fleet of instances (each with its own limit in front
@@ -106,8 +113,9 @@
 //!   otherwise sent N times it into the backend the moment a peak started.
 //! - *Slow start:* from there (and from `initial`, which is small), while
 //!   the limit is used to the last slot and the latency shows no queueing,
-//!   it grows by half per window ([`SLOW_START`], TCP's slow start); the
-//!   first window with queueing ends it until the next quiet spell. The gate
+//!   it grows by half, at most once per latency ([`SLOW_START`], TCP's
+//!   slow start); the first window over the ceiling by more than its noise
+//!   ([`SLOW_START_NOISE`]) ends it until the next quiet spell. The gate
 //!   does not count waits in our queue towards shedding meanwhile: they are
 //!   the limit catching up, not the backend's capacity.
 //! - *Floods:* a window whose latency is over [`FLOOD_RATIO`] times the
