@@ -115,7 +115,8 @@
 //!   the limit is used to the last slot and the latency shows no queueing,
 //!   it grows by half, at most once per latency ([`SLOW_START`], TCP's
 //!   slow start); the first window over the ceiling by more than its noise
-//!   ([`SLOW_START_NOISE`]) ends it until the next quiet spell. The gate
+//!   ([`SLOW_START_NOISE`]; after a cold start's early probe, the mean of
+//!   a step's windows) ends it until the next quiet spell. The gate
 //!   does not count waits in our queue towards shedding meanwhile: they are
 //!   the limit catching up, not the backend's capacity.
 //! - *Floods:* a window whose latency is over [`FLOOD_RATIO`] times the
@@ -558,7 +559,8 @@ pub struct Gradient {
     settling_until: Option<Instant>,
     /// When the slow start last grew the limit (once per latency).
     grown_at: Option<Instant>,
-    /// The window means since then: sum and windows.
+    /// The window means since then, while the slow start is `resumed`: sum
+    /// and windows.
     step: (f64, u32),
     /// The slow start resumed after a cold start's early probe: it ends on
     /// the mean of a step's windows, not on one window
@@ -927,9 +929,10 @@ impl Gradient {
     /// workers, such windows put the spread at half the backend's, the
     /// tolerance followed, and the limit starved under the knee.
     fn learn_spread(&mut self, cv: Option<f64>, short: f64) {
-        let learnt = self.baseline.is_some() && !self.provisional;
-        let flooded = self.baseline.is_some_and(|b| self.far_above(short, b));
-        if let Some(cv) = cv.filter(|_| !self.probed && learnt && !flooded) {
+        let Some(baseline) = self.baseline.filter(|_| !self.provisional && !self.probed) else {
+            return;
+        };
+        if let Some(cv) = cv.filter(|_| !self.far_above(short, baseline)) {
             self.spread = Some(self.spread.map_or(cv, |p| p + SPREAD_WEIGHT * (cv - p)));
         }
     }
@@ -1084,10 +1087,10 @@ impl Gradient {
         // meanwhile, to a few requests).
         self.probe = None;
         self.limit = probe.saved;
-        // The limit the quick first window held down climbs back within a
-        // few latencies, not by the gradient's allowance (two seconds from
-        // 16 to 62 on 64 workers, with `max_queue` full of purchases).
-        let ceiling_before = self.baseline.map(|b| self.ceiling(b));
+        let ceiling_before = self
+            .baseline
+            .filter(|_| probe.early)
+            .map(|b| self.ceiling(b));
         if probe.count > 0 {
             let mean = probe.sum / f64::from(probe.count);
             self.settling_until = Some(now + Duration::from_secs_f64(RESTORE_SETTLE * mean));
@@ -1111,7 +1114,7 @@ impl Gradient {
             // window held down climbs back within a few latencies, not by
             // the gradient's allowance (two seconds from 16 to 62 on 64
             // workers, with `max_queue` full of purchases).
-            if probe.early && ceiling_before.is_some_and(|c| pooled.0 > c) {
+            if ceiling_before.is_some_and(|c| pooled.0 > c) {
                 self.slow_start = true;
                 self.resumed = true;
                 self.step = (0.0, 0);
@@ -1221,20 +1224,20 @@ impl Gradient {
         baseline: f64,
         ceiling: f64,
     ) -> Option<bool> {
-        if !self.resumed && short > ceiling + self.slow_start_noise(baseline, 1) {
-            self.step = (0.0, 0);
+        if self.resumed {
+            self.step.0 += short;
+            self.step.1 += 1;
+        } else if short > ceiling + self.slow_start_noise(baseline, 1) {
             return Some(false);
         }
-        self.step.0 += short;
-        self.step.1 += 1;
         if self
             .grown_at
             .is_some_and(|t| now.duration_since(t).as_secs_f64() < short)
         {
             return None;
         }
-        let (sum, windows) = std::mem::take(&mut self.step);
         let (mean, windows) = if self.resumed {
+            let (sum, windows) = std::mem::take(&mut self.step);
             (sum / f64::from(windows), windows)
         } else {
             (short, 1)
@@ -1313,7 +1316,6 @@ impl Gradient {
             let floor = f64::from(self.bounds.initial).max(IDLE_HEADROOM * inflight);
             target = target.min(self.limit).min(floor);
             self.slow_start = true;
-            self.step = (0.0, 0);
         }
         self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(min, max);
     }
