@@ -381,10 +381,27 @@ impl<W> Gate<W> {
                 || self.rules.tiers[t].force_shed
                 || self.coverage(t) == Coverage::Whole
         });
-        let waited = if all_shed { waited } else { Duration::ZERO };
+        // Nor while the limit catches up: as for the shed level
+        // (`Gate::tick`), not while it slow-starts or a probe holds it under
+        // its use, and not before a cold start's early probe has measured
+        // what the first window's quickest requests made it guess. That
+        // wait is the limit's, not the backend's capacity: a cold start on
+        // 64 workers × 50 ms, its slow start ended under the knee by its
+        // first window, stood its purchases at 0.6x capacity and refused a
+        // third of them (scenario 28). The queue's length tells a backlog
+        // that drains from a standing one (`Standing::on_grant`).
+        let waited = if all_shed && !self.limit.early_probe_pending() {
+            self.limit.waits_count().of(now, waited)
+        } else {
+            Duration::ZERO
+        };
         let target = self.standing_target();
         let was = self.standing.active(now);
-        self.standing.on_grant(now, waited, target);
+        let queued = (0..self.rules.tiers.len())
+            .filter(|t| self.rules.tiers[*t].never_shed)
+            .map(|t| self.queue.tier_len(t))
+            .sum();
+        self.standing.on_grant(now, waited, target, queued);
         if was || !self.standing.active(now) || !self.rules.refuse_standing_queue {
             return;
         }

@@ -21,7 +21,16 @@
 //!
 //! The interval is long against a burst or a scheduling stall (a second),
 //! so a purchase is refused only when demand exceeded capacity for at
-//! least that long.
+//! least that long. Nor does a backlog that drains stand: when the queue of
+//! these tiers is under half of what it was when the interval began, a new
+//! interval starts. A limit that climbed to the knee late (a cold start on
+//! 64 workers × 50 ms, whose first window held it under the knee for a
+//! second) leaves a backlog of hundreds of purchases that takes over a
+//! second to work off at purchase demand of 0.6x capacity; every one of
+//! them waited over the target, and the whole backlog was refused at once.
+//! At a demand over capacity the queue does not halve in an interval. (The
+//! gate counts only the waits the shed level counts, [`super::limit::Limit::waits_count`]:
+//! not while the limit slow-starts or a probe holds it.)
 
 use std::time::{Duration, Instant};
 
@@ -38,11 +47,13 @@ pub struct Standing {
     until: Option<Instant>,
     /// The last grant of these tiers that waited over the target.
     last_over: Option<Instant>,
+    /// How many of these tiers waited when `above_since` began.
+    queued_then: usize,
 }
 
 impl Standing {
     /// A request of these tiers got a permit after waiting `waited`.
-    pub fn on_grant(&mut self, now: Instant, waited: Duration, target: Duration) {
+    pub fn on_grant(&mut self, now: Instant, waited: Duration, target: Duration, queued: usize) {
         // While it stands, waits are cut at the target: one over half of it
         // still says the demand is at capacity.
         if self.active(now) && waited > target / 2 {
@@ -53,10 +64,25 @@ impl Standing {
             return;
         }
         self.last_over = Some(now);
-        let since = *self.above_since.get_or_insert(now);
-        if now.duration_since(since) >= INTERVAL {
-            self.until = Some(now + INTERVAL);
+        let since = match self.above_since {
+            Some(since) => since,
+            None => {
+                self.above_since = Some(now);
+                self.queued_then = queued;
+                now
+            }
+        };
+        if now.duration_since(since) < INTERVAL {
+            return;
         }
+        if !self.active(now) && queued * 2 < self.queued_then {
+            // A backlog that drains: it is not the demand over capacity,
+            // and a new interval starts from here.
+            self.above_since = Some(now);
+            self.queued_then = queued;
+            return;
+        }
+        self.until = Some(now + INTERVAL);
     }
 
     /// A request of these tiers was refused at its deadline: while the
@@ -103,11 +129,11 @@ mod tests {
         let mut s = Standing::default();
         // 900 ms of long waits, then one quick grant: the burst drained.
         for i in 0..9 {
-            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET);
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30);
         }
-        s.on_grant(t0 + 950 * MS, 5 * MS, TARGET);
+        s.on_grant(t0 + 950 * MS, 5 * MS, TARGET, 30);
         for i in 0..9 {
-            s.on_grant(t0 + 1000 * MS + i * 100 * MS, 300 * MS, TARGET);
+            s.on_grant(t0 + 1000 * MS + i * 100 * MS, 300 * MS, TARGET, 30);
         }
         assert!(!s.active(t0 + 1900 * MS));
     }
@@ -117,14 +143,14 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Standing::default();
         for i in 0..12 {
-            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET);
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30);
         }
         let now = t0 + 1100 * MS;
         assert!(s.active(now));
         // Grants now wait at most the target; refusals keep it standing.
         for i in 1..30 {
             let t = now + i * 100 * MS;
-            s.on_grant(t, 15 * MS, TARGET);
+            s.on_grant(t, 15 * MS, TARGET, 30);
             s.on_timeout(t);
         }
         assert!(s.active(now + 3000 * MS));
@@ -136,17 +162,36 @@ mod tests {
     fn a_grant_over_the_target_presses_for_an_interval_until_the_queue_stands() {
         let t0 = Instant::now();
         let mut s = Standing::default();
-        s.on_grant(t0, 5 * MS, TARGET);
+        s.on_grant(t0, 5 * MS, TARGET, 30);
         assert!(!s.pressing(t0), "a quick grant does not press");
-        s.on_grant(t0, 30 * MS, TARGET);
+        s.on_grant(t0, 30 * MS, TARGET, 30);
         assert!(s.pressing(t0 + 900 * MS));
         assert!(!s.pressing(t0 + INTERVAL), "no wait over the target since");
         // Standing: the excess is refused instead; no claim on top.
         for i in 0..12 {
-            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET);
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30);
         }
         assert!(s.active(t0 + 1100 * MS));
         assert!(!s.pressing(t0 + 1100 * MS));
+    }
+
+    #[test]
+    fn a_backlog_that_drains_does_not_stand_and_one_that_holds_does() {
+        let t0 = Instant::now();
+        let mut s = Standing::default();
+        // 600 waiting, worked off by 400 a second: every grant waited over
+        // the target for 1.4 s, and the backlog is gone.
+        for i in 0..15u32 {
+            let queued = 600 - 40 * i as usize;
+            s.on_grant(t0 + i * 100 * MS, 500 * MS, TARGET, queued);
+            assert!(!s.active(t0 + i * 100 * MS), "draining at {i}");
+        }
+        // A queue that holds its length for an interval stands.
+        let mut s = Standing::default();
+        for i in 0..12u32 {
+            s.on_grant(t0 + i * 100 * MS, 500 * MS, TARGET, 600 - 20 * i as usize);
+        }
+        assert!(s.active(t0 + 1100 * MS));
     }
 
     #[test]
