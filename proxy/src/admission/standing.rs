@@ -29,8 +29,10 @@
 //! second to work off at purchase demand of 0.6x capacity; every one of
 //! them waited over the target, and the whole backlog was refused at once.
 //! At a demand over capacity the queue does not halve in an interval. (The
-//! gate counts only the waits the shed level counts, [`super::limit::Limit::waits_count`]:
-//! not while the limit slow-starts or a probe holds it.)
+//! gate counts only the waits the shed level counts,
+//! [`super::limit::Limit::waits_count`], not while the limit slow-starts
+//! or a probe holds it, and none before a cold start's early probe has
+//! measured, [`super::limit::Limit::early_probe_pending`].)
 
 use std::time::{Duration, Instant};
 
