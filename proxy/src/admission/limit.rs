@@ -475,13 +475,6 @@ impl Limit {
         }
     }
 
-    /// Whether a cold start's early probe ([`EARLY_PROBE`]) is due or
-    /// running: the limit stands where the quickest of the first requests
-    /// put it, which may be far under the knee, and the probe will tell.
-    pub fn early_probe_pending(&self) -> bool {
-        matches!(self, Limit::Adaptive(g) if g.early_due || g.probe.is_some_and(|p| p.early))
-    }
-
     /// The floor of an adaptive limit (a fixed one has none: 0).
     pub fn min(&self) -> u32 {
         match self {

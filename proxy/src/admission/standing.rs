@@ -31,8 +31,7 @@
 //! At a demand over capacity the queue does not halve in an interval. (The
 //! gate counts only the waits the shed level counts,
 //! [`super::limit::Limit::waits_count`], not while the limit slow-starts
-//! or a probe holds it, and none before a cold start's early probe has
-//! measured, [`super::limit::Limit::early_probe_pending`].)
+//! or a probe holds it.)
 
 use std::time::{Duration, Instant};
 
