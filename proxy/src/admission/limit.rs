@@ -172,8 +172,10 @@ const PROBE_ERROR: f64 = 0.06;
 /// …but at most this many samples…
 const PROBE_SAMPLES: u32 = 48;
 /// …or this many windows (a slow backend's windows hold a few samples
-/// each). Each window at the lowered limit queues more in our queue: a
-/// backend whose service time hardly varies is measured in one.
+/// each), or as many as the samples a large limit needs
+/// ([`Gradient::probe_samples`]). Each window at the lowered limit queues
+/// more in our queue: a backend whose service time hardly varies is
+/// measured in one.
 const PROBE_WINDOWS: u32 = 6;
 /// Samples of probes pooled into the measurement ([`Gradient::pooled`]):
 /// eight probes of [`PROBE_SAMPLES`], 40 s of them.
@@ -738,13 +740,27 @@ impl Gradient {
         (pooled, total)
     }
 
-    /// How many samples a probe measures: enough for a mean within
-    /// [`PROBE_ERROR`] of the truth (one standard error), from one window
-    /// up to [`PROBE_SAMPLES`].
-    fn probe_samples(&self) -> u32 {
+    /// How many samples a probe at a limit of `lowered` measures: enough
+    /// for a mean within [`PROBE_ERROR`] of the truth (one standard
+    /// error), from one window up to [`PROBE_SAMPLES`]; and enough that
+    /// the quickest do not make it low by more than that error.
+    ///
+    /// The requests a probe measures were let in together, as the backlog
+    /// drained, and the first of them to come back are the quickest: the
+    /// mean of the first `n` is low by about `lowered × cv² / n` of the
+    /// backend's mean, while the slow ones are still out. At a lowered
+    /// limit of 35 (64 workers of 50 ms, log-normal σ 0.25) 18 samples
+    /// measured 44.4 ms for a mean of 51.6; the ceiling sat under the
+    /// latency of a backend with half its workers idle, and the limit
+    /// sank to 26-40 with 880 purchases queued (docs/admission.md,
+    /// "Twenty-second round"). At a small limit the first rule already
+    /// asks for more.
+    fn probe_samples(&self, lowered: f64) -> u32 {
         let cv = self.spread.unwrap_or(0.0);
-        let wanted = (cv / PROBE_ERROR).powi(2).ceil();
-        (wanted as u32).clamp(WINDOW_SAMPLES, PROBE_SAMPLES)
+        let wanted =
+            ((cv / PROBE_ERROR).powi(2).ceil() as u32).clamp(WINDOW_SAMPLES, PROBE_SAMPLES);
+        let unbiased = (lowered * cv * cv / PROBE_ERROR).ceil() as u32;
+        wanted.max(unbiased)
     }
 
     /// Whether a window mean of `short` is far above `baseline`: by
@@ -1052,7 +1068,9 @@ impl Gradient {
             probe.sum += short * f64::from(count);
             probe.count += count;
             probe.windows += 1;
-            if probe.count < self.probe_samples() && probe.windows < PROBE_WINDOWS {
+            let samples = self.probe_samples(probe.lowered);
+            let windows = PROBE_WINDOWS.max(samples.div_ceil(WINDOW_SAMPLES) + 1);
+            if probe.count < samples && probe.windows < windows {
                 self.probe = Some(probe);
                 return;
             }
@@ -2217,6 +2235,81 @@ mod tests {
         let span = Duration::from_millis(3500);
         run_noisy_backend(&mut l, &mut now, span, 64, 50 * MS, 0.25, 1);
         assert!(l.current() >= 56, "limit {} for 64 workers", l.current());
+    }
+
+    /// A backend of `workers` (first come, first served) whose service
+    /// times vary ±`noise` (uniform), driven request by request for `span`
+    /// at the limit in force: requests let in together come back quickest
+    /// first, as from a real backend (the helpers above draw each
+    /// latency alone). Returns the most requests seen in flight.
+    fn run_event_backend(
+        l: &mut Limit,
+        now: &mut Instant,
+        span: Duration,
+        workers: usize,
+        service: Duration,
+        noise: f64,
+    ) -> usize {
+        let end = *now + span;
+        let mut seed = 7u64;
+        let mut draw = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let unit = (seed >> 33) as f64 / (1u64 << 31) as f64;
+            service.mul_f64(1.0 - noise + 2.0 * noise * unit)
+        };
+        // In service: (sent, done); waiting for a worker: sent.
+        let mut serving: Vec<(Instant, Instant)> = Vec::new();
+        let mut waiting: std::collections::VecDeque<Instant> = Default::default();
+        let mut most = 0;
+        while *now < end {
+            while serving.len() + waiting.len() < l.current() as usize {
+                if serving.len() < workers {
+                    serving.push((*now, *now + draw()));
+                } else {
+                    waiting.push_back(*now);
+                }
+            }
+            let inflight = serving.len() + waiting.len();
+            most = most.max(inflight);
+            let next = (0..serving.len()).min_by_key(|&i| serving[i].1).unwrap();
+            let (sent, done) = serving.swap_remove(next);
+            *now = done;
+            if let Some(sent) = waiting.pop_front() {
+                serving.push((sent, done + draw()));
+            }
+            l.on_sample(done, Sample::Latency(done - sent), inflight as u32);
+        }
+        most
+    }
+
+    #[test]
+    fn a_probe_of_a_large_backend_measures_its_mean_not_its_quickest() {
+        // 64 workers of 50 ms ± 40% (a spread of 0.23), cold. The early
+        // probe lowers the limit to half and measures the requests it lets
+        // in as the backlog drains, quickest first. Eighteen of them put
+        // the ceiling under the mean, and the limit sank under the worker
+        // count with the backend's workers idle; as many samples as the
+        // spread asks at that limit measure the mean.
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        run_event_backend(
+            &mut l,
+            &mut now,
+            Duration::from_millis(1500),
+            64,
+            50 * MS,
+            0.4,
+        );
+        let ceiling = l.learnt().and_then(|x| x.ceiling).unwrap();
+        assert!(
+            ceiling >= 50 * MS,
+            "ceiling {ceiling:?} for a mean of 50 ms"
+        );
+        let span = Duration::from_millis(2500);
+        run_event_backend(&mut l, &mut now, span, 64, 50 * MS, 0.4);
+        assert!(l.current() >= 60, "limit {} for 64 workers", l.current());
     }
 
     #[test]
