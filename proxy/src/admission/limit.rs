@@ -2241,7 +2241,7 @@ mod tests {
     /// times vary ±`noise` (uniform), driven request by request for `span`
     /// at the limit in force: requests let in together come back quickest
     /// first, as from a real backend (the helpers above draw each
-    /// latency alone). Returns the most requests seen in flight.
+    /// latency alone).
     fn run_event_backend(
         l: &mut Limit,
         now: &mut Instant,
@@ -2249,7 +2249,7 @@ mod tests {
         workers: usize,
         service: Duration,
         noise: f64,
-    ) -> usize {
+    ) {
         let end = *now + span;
         let mut seed = 7u64;
         let mut draw = move || {
@@ -2262,7 +2262,6 @@ mod tests {
         // In service: (sent, done); waiting for a worker: sent.
         let mut serving: Vec<(Instant, Instant)> = Vec::new();
         let mut waiting: std::collections::VecDeque<Instant> = Default::default();
-        let mut most = 0;
         while *now < end {
             while serving.len() + waiting.len() < l.current() as usize {
                 if serving.len() < workers {
@@ -2272,16 +2271,14 @@ mod tests {
                 }
             }
             let inflight = serving.len() + waiting.len();
-            most = most.max(inflight);
             let next = (0..serving.len()).min_by_key(|&i| serving[i].1).unwrap();
             let (sent, done) = serving.swap_remove(next);
             *now = done;
-            if let Some(sent) = waiting.pop_front() {
-                serving.push((sent, done + draw()));
+            if let Some(queued) = waiting.pop_front() {
+                serving.push((queued, done + draw()));
             }
             l.on_sample(done, Sample::Latency(done - sent), inflight as u32);
         }
-        most
     }
 
     #[test]
