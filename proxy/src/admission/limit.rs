@@ -1636,14 +1636,20 @@ mod tests {
         fleet: u32,
     ) {
         let inflight = l.current();
+        let queueing = (f64::from(inflight * fleet) / f64::from(workers)).max(1.0);
+        let latency = service.mul_f64(queueing * noise_factor(seed, noise));
+        *now += latency / inflight.max(1);
+        l.on_sample(*now, Sample::Latency(latency), inflight);
+    }
+
+    /// A factor within ±`noise` of 1 (uniform); `seed` carries it from
+    /// draw to draw.
+    fn noise_factor(seed: &mut u64, noise: f64) -> f64 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let unit = (*seed >> 33) as f64 / (1u64 << 31) as f64;
-        let queueing = (f64::from(inflight * fleet) / f64::from(workers)).max(1.0);
-        let latency = service.mul_f64(queueing * (1.0 - noise + 2.0 * noise * unit));
-        *now += latency / inflight.max(1);
-        l.on_sample(*now, Sample::Latency(latency), inflight);
+        1.0 - noise + 2.0 * noise * unit
     }
 
     #[test]
@@ -2252,13 +2258,7 @@ mod tests {
     ) {
         let end = *now + span;
         let mut seed = 7u64;
-        let mut draw = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let unit = (seed >> 33) as f64 / (1u64 << 31) as f64;
-            service.mul_f64(1.0 - noise + 2.0 * noise * unit)
-        };
+        let mut draw = move || service.mul_f64(noise_factor(&mut seed, noise));
         // In service: (sent, done); waiting for a worker: sent.
         let mut serving: Vec<(Instant, Instant)> = Vec::new();
         let mut waiting: std::collections::VecDeque<Instant> = Default::default();
