@@ -95,7 +95,8 @@
 //! There is no warm-up that measures a minimum RTT at low concurrency (as
 //! Envoy's adaptive concurrency does): the limit starts at `initial` and moves
 //! from the first window on. That window holds the quickest of the requests
-//! sent at once, so when it is busy (a cold start into load) the first probe
+//! sent at once, so when it is busy (a cold start into load, also after a
+//! few quiet requests whose provisional baseline it replaces) the first probe
 //! comes [`EARLY_PROBE`] after it instead of on the grid, if the limit is
 //! still in full use then, and the slow start resumes after it when it
 //! found the first window's ceiling too low
@@ -913,7 +914,9 @@ impl Gradient {
         // probe that measured 49.9, on 64 workers of 50 ms).
         let settling = self.settling_until.is_some_and(|t| now < t);
         let seen = seen.filter(|_| !onset && !settling);
-        if self.baseline.is_none() && !quiet && seen.is_some() {
+        // The first baseline that counts, not merely the first: a request
+        // alone before the load (a quiet window) leaves a provisional one.
+        if (self.baseline.is_none() || self.provisional) && !quiet && seen.is_some() {
             self.schedule_early_probe(now);
         }
         let baseline = self.update_baseline(now, short, seen);
@@ -2307,6 +2310,33 @@ mod tests {
         let span = Duration::from_millis(2500);
         run_event_backend(&mut l, &mut now, span, 64, 50 * MS, 0.4);
         assert!(l.current() >= 60, "limit {} for 64 workers", l.current());
+    }
+
+    #[test]
+    fn a_single_request_before_the_load_does_not_cancel_the_early_probe() {
+        // One request alone (a client's first, a check through the
+        // balancer), then a cold start into 64 workers of 50 ms ± 25% whose
+        // first window holds the quickest of the requests sent at once (40
+        // ms). The lone request's window is quiet and left a provisional
+        // baseline, so the first busy window no longer found the baseline
+        // unset and scheduled no early probe: the limit sank to 10 with the
+        // ceiling at 43 ms, as in real processes (17 to 9 for five seconds,
+        // 1 000 purchases queued, 45% of them lost).
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        now += 50 * MS;
+        l.on_sample(now, Sample::Latency(50 * MS), 1);
+        now += 60 * MS;
+        feed(&mut l, &mut now, 1, 40 * MS, 8);
+        // (Under the 2.5 s after which the grid's first probe may come.)
+        let span = Duration::from_millis(2300);
+        run_event_backend(&mut l, &mut now, span, 64, 50 * MS, 0.25);
+        let ceiling = l.learnt().and_then(|x| x.ceiling).unwrap();
+        assert!(
+            ceiling >= 48 * MS,
+            "ceiling {ceiling:?} for a mean of 50 ms"
+        );
+        assert!(l.current() >= 40, "limit {} for 64 workers", l.current());
     }
 
     #[test]
