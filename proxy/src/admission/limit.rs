@@ -808,6 +808,22 @@ impl Gradient {
             }
             self.open_window(now);
         }
+        // A lone request's window (one sample, in light use) ends before a
+        // busy sample, as after a gap: a readiness check through the
+        // balancer finished 39 ms before the load's first request, its
+        // window's time ran from there, and the window closed on the 3
+        // quickest of the 8 requests sent at once (a baseline of 38.1 ms
+        // for 52 in real processes; the slow start ended at 12 of 64
+        // workers and purchases queued for two seconds). Only before the
+        // first baseline that counts, and only one sample: wider, it cost
+        // the simulated fleets (docs/admission.md, twenty-third round).
+        let filled = self.window_count + self.window_congested;
+        let light = 2 * self.window_max_inflight < self.current().ceil() as u32;
+        let cold = self.baseline.is_none() || self.provisional;
+        if cold && filled == 1 && light && self.is_busy_at(inflight) {
+            self.close_window(now);
+            self.open_window(now);
+        }
         self.last = Some(now);
         match sample {
             Sample::Latency(d) => {
@@ -831,6 +847,11 @@ impl Gradient {
         if samples >= WINDOW_SAMPLES || now.duration_since(self.window_start) >= WINDOW_TIME {
             self.close_window(now);
         }
+    }
+
+    /// Whether `inflight` uses half the limit in force or more.
+    fn is_busy_at(&self, inflight: u32) -> bool {
+        f64::from(inflight) >= self.current() / 2.0
     }
 
     /// Starts an empty window at `now`.
@@ -2032,13 +2053,15 @@ mod tests {
     #[test]
     fn the_first_window_starts_at_its_first_sample() {
         // The limit is made at start-up; the first request comes a second
-        // later and takes 10 ms, the next fifteen 30 ms. Without this the
-        // first request closed a window of its own (more than 50 ms since
-        // the start) and 10 ms became the baseline.
+        // later and takes 10 ms, the next fifteen 30 ms, all of them sent
+        // at once. Without this the first request closed a window of its
+        // own (more than 50 ms since the start) and 10 ms became the
+        // baseline. (A first request alone, in light use, does end its own
+        // window: `a_lone_request_does_not_cut_the_first_busy_window_short`.)
         let mut now = Instant::now();
         let mut l = adaptive(under_the_knee(), now);
         now += Duration::from_secs(1);
-        l.on_sample(now, Sample::Latency(10 * MS), 1);
+        l.on_sample(now, Sample::Latency(10 * MS), 8);
         for _ in 1..WINDOW_SAMPLES {
             now += MS;
             l.on_sample(now, Sample::Latency(30 * MS), 8);
@@ -2312,6 +2335,16 @@ mod tests {
         assert!(l.current() >= 60, "limit {} for 64 workers", l.current());
     }
 
+    /// A fresh limit that has seen one request alone, of `latency`, in
+    /// light use; `gap` after it, and the instant then.
+    fn after_a_lone_request(latency: Duration, gap: Duration) -> (Limit, Instant) {
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        now += latency;
+        l.on_sample(now, Sample::Latency(latency), 1);
+        (l, now + gap)
+    }
+
     #[test]
     fn a_single_request_before_the_load_does_not_cancel_the_early_probe() {
         // One request alone (a client's first, a check through the
@@ -2322,11 +2355,7 @@ mod tests {
         // unset and scheduled no early probe: the limit sank to 10 with the
         // ceiling at 43 ms, as in real processes (17 to 9 for five seconds,
         // 1 000 purchases queued, 45% of them lost).
-        let mut now = Instant::now();
-        let mut l = adaptive(under_the_knee(), now);
-        now += 50 * MS;
-        l.on_sample(now, Sample::Latency(50 * MS), 1);
-        now += 60 * MS;
+        let (mut l, mut now) = after_a_lone_request(50 * MS, 60 * MS);
         feed(&mut l, &mut now, 1, 40 * MS, 8);
         // (Under the 2.5 s after which the grid's first probe may come.)
         let span = Duration::from_millis(2300);
@@ -2337,6 +2366,22 @@ mod tests {
             "ceiling {ceiling:?} for a mean of 50 ms"
         );
         assert!(l.current() >= 40, "limit {} for 64 workers", l.current());
+    }
+
+    #[test]
+    fn a_lone_request_does_not_cut_the_first_busy_window_short() {
+        // A lone request, then the load 5 ms after it: eight requests
+        // sent at once into 64 workers of 50 ms ± 25%. The lone request's
+        // window ran its time from its own finish and closed on the three
+        // quickest of the eight; it now ends when the first of them comes
+        // back, and the first busy window holds them all.
+        let (mut l, mut now) = after_a_lone_request(40 * MS, 5 * MS);
+        run_event_backend(&mut l, &mut now, 90 * MS, 64, 50 * MS, 0.25);
+        let baseline = l.learnt().and_then(|x| x.baseline).unwrap();
+        assert!(
+            baseline >= 45 * MS,
+            "baseline {baseline:?} for a mean of 50 ms"
+        );
     }
 
     #[test]
