@@ -818,9 +818,8 @@ impl Gradient {
         // first baseline that counts, and only one sample: wider, it cost
         // the simulated fleets (docs/admission.md, twenty-third round).
         let filled = self.window_count + self.window_congested;
-        let light = 2 * self.window_max_inflight < self.current().ceil() as u32;
-        let cold = self.baseline.is_none() || self.provisional;
-        if cold && filled == 1 && light && self.is_busy_at(inflight) {
+        let light = !self.is_busy_at(self.window_max_inflight);
+        if self.before_first_baseline() && filled == 1 && light && self.is_busy_at(inflight) {
             self.close_window(now);
             self.open_window(now);
         }
@@ -847,6 +846,12 @@ impl Gradient {
         if samples >= WINDOW_SAMPLES || now.duration_since(self.window_start) >= WINDOW_TIME {
             self.close_window(now);
         }
+    }
+
+    /// Whether no baseline that counts has been learnt yet: none, or a
+    /// provisional one from a few quiet requests.
+    fn before_first_baseline(&self) -> bool {
+        self.baseline.is_none() || self.provisional
     }
 
     /// Whether `inflight` uses half the limit in force or more.
@@ -878,7 +883,7 @@ impl Gradient {
             .map(|m| (self.window_sq / n - m * m).max(0.0).sqrt() / m);
         let inflight = f64::from(self.window_max_inflight);
         // Against the limit in force: a probe's lowered one while it runs.
-        let busy = inflight >= self.current() / 2.0;
+        let busy = self.is_busy_at(self.window_max_inflight);
         // A quiet window (a few requests, under half the limit in flight:
         // a night) is too small for a mean whose noise the tolerance knows:
         // it joins a block, and the block counts once it holds a window's
@@ -937,7 +942,7 @@ impl Gradient {
         let seen = seen.filter(|_| !onset && !settling);
         // The first baseline that counts, not merely the first: a request
         // alone before the load (a quiet window) leaves a provisional one.
-        if (self.baseline.is_none() || self.provisional) && !quiet && seen.is_some() {
+        if self.before_first_baseline() && !quiet && seen.is_some() {
             self.schedule_early_probe(now);
         }
         let baseline = self.update_baseline(now, short, seen);
