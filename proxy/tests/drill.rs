@@ -321,7 +321,10 @@ async fn a_fleet_of_two_instances_shares_the_load_and_every_reload() {
     // Both instances served about half: the balancer spreads connections,
     // and the load comes from many clients, as shoppers do (one client's
     // keep-alive pool gathered its traffic on one instance: 75/25, or
-    // everything on one for seconds).
+    // everything on one for seconds). Lines count sheds too, and a shed
+    // answers at once, so the instance that sheds more sees its clients
+    // come back sooner: an even spread of connections has given 0.447 (one
+    // fresh-clone run in about ten); the bound catches 75/25, not that.
     let served: Vec<usize> = ["k2proxy.log", "k2proxy-1.log"]
         .iter()
         .map(|log| {
@@ -335,7 +338,7 @@ async fn a_fleet_of_two_instances_shares_the_load_and_every_reload() {
     let share = served[0] as f64 / (served[0] + served[1]) as f64;
     println!("requests served per instance: {served:?}");
     assert!(
-        (0.45..=0.55).contains(&share),
+        (0.40..=0.60).contains(&share),
         "the first instance served {share:.2} of {served:?}"
     );
     assert!(out.join("routes-1.toml").exists());
