@@ -57,7 +57,14 @@
 //! fleet the instance whose probe came out low sank to `min` while the
 //! other admitted merchants (simulation, two instances on log-normal at
 //! 3x: purchase p99 197 → 146 ms; one at the black-friday plateau: p50
-//! 865 → 569 ms). Gradient2's long
+//! 865 → 569 ms). A window with no more in flight than the last probe
+//! measured at is a probe's sample too, and joins the pool when it agrees
+//! ([`Gradient::pool_window`]): a probe that read low holds the limit
+//! under the knee less (it climbs by its allowance instead of staying
+//! where the low ceiling put it), and in a fleet an instance whose limit
+//! fell under its own probe's level learns the latency the others hold
+//! (simulation, three instances on 64 × 50 ms: purchase p99 903 → 646 ms
+//! in the mean of 48 seeds). Gradient2's long
 //! moving average instead follows the backend's own backlog up under
 //! sustained overload and lets the limit run away; a minimum that only rises
 //! by drift does the same slowly when latency noise is small.
@@ -532,6 +539,9 @@ pub struct Gradient {
     probe: Option<Probe>,
     /// The last probe's measurement: mean latency and samples.
     measured: Option<(f64, u32)>,
+    /// The limit the last probe measured at: a window with no more in
+    /// flight measures what it did ([`Gradient::pool_window`]).
+    measured_at: Option<f64>,
     /// The last closed window's mean latency (for `/status`).
     latest: Option<f64>,
     /// When the last sample came (a window's time runs from its first
@@ -619,6 +629,15 @@ impl Probe {
     }
 }
 
+/// The mean of the last [`POOL_SAMPLES`] samples of `pool` and of a mean
+/// of `mean` over `n` more.
+fn merge((m0, n0): (f64, u32), mean: f64, n: u32) -> (f64, u32) {
+    let kept = n0.min(POOL_SAMPLES.saturating_sub(n));
+    let total = kept + n;
+    let pooled = (m0 * f64::from(kept) + mean * f64::from(n)) / f64::from(total.max(1));
+    (pooled, total)
+}
+
 impl Gradient {
     pub fn new(bounds: Bounds, now: Instant) -> Gradient {
         let bounds = Bounds {
@@ -644,6 +663,7 @@ impl Gradient {
             probe_due: now,
             probe: None,
             measured: None,
+            measured_at: None,
             latest: None,
             last: None,
             quiet_since: None,
@@ -727,18 +747,41 @@ impl Gradient {
     /// instances' ceilings a probe apart set the lower one's limit at `min`
     /// (see the module comment); eight probes pooled are 3% off.
     fn pooled(&self, mean: f64, n: u32) -> (f64, u32) {
-        let Some((m0, n0)) = self.measured.filter(|_| POOL_SAMPLES > n) else {
-            return (mean, n);
-        };
+        match self.measured.filter(|_| POOL_SAMPLES > n) {
+            Some(pool) if self.agrees(pool, mean, n) => merge(pool, mean, n),
+            _ => (mean, n),
+        }
+    }
+
+    /// Whether a mean of `mean` over `n` samples is within [`POOL_AGREE`]
+    /// standard errors (of the difference) of the probes' `pool`.
+    fn agrees(&self, (m0, n0): (f64, u32), mean: f64, n: u32) -> bool {
         let cv = self.spread.unwrap_or(0.0);
         let error = |m: f64, k: u32| cv * m / f64::from(k.max(1)).sqrt();
-        if (mean - m0).abs() > POOL_AGREE * error(m0, n0).hypot(error(mean, n)) + NOISE_FLOOR {
-            return (mean, n);
+        (mean - m0).abs() <= POOL_AGREE * error(m0, n0).hypot(error(mean, n)) + NOISE_FLOOR
+    }
+
+    /// Pools a window of mean `short` over `count` samples, with at most
+    /// `inflight` in flight, into the probes' measurement when the last
+    /// probe measured at that many or more: the probe lowered the limit
+    /// to drain the backend's queue, so a window that holds no more in
+    /// flight is a probe's sample too. A probe that read low (43.2 ms for
+    /// a mean of 51.6 on 64 workers, in one real cold start of 26) set a
+    /// ceiling under the backend's own latency, and the limit sank to
+    /// 11-13, where every window read that latency and was taken for
+    /// queueing, with `max_queue` full of purchases, until the grid's next
+    /// probe six seconds on. Pooled, the windows at 11 take the ceiling
+    /// up to within a few percent of the latency, and the limit climbs by
+    /// its allowance (12 → 29 in four seconds in the unit test, against
+    /// 10-13 without). A window that does not agree with the pool (a
+    /// backend that became slower, a flood) is left to the stale rule.
+    fn pool_window(&mut self, short: f64, count: u32, inflight: f64) {
+        let (Some(pool), Some(at)) = (self.measured, self.measured_at) else {
+            return;
+        };
+        if inflight <= at && count >= WINDOW_SAMPLES / 2 && self.agrees(pool, short, count) {
+            self.measured = Some(merge(pool, short, count));
         }
-        let kept = n0.min(POOL_SAMPLES - n);
-        let total = kept + n;
-        let pooled = (m0 * f64::from(kept) + mean * f64::from(n)) / f64::from(total);
-        (pooled, total)
     }
 
     /// How many samples a probe at a limit of `lowered` measures: enough
@@ -940,6 +983,9 @@ impl Gradient {
         // probe that measured 49.9, on 64 workers of 50 ms).
         let settling = self.settling_until.is_some_and(|t| now < t);
         let seen = seen.filter(|_| !onset && !settling);
+        if let Some(m) = seen.filter(|_| !quiet) {
+            self.pool_window(m, count, inflight);
+        }
         // The first baseline that counts, not merely the first: a request
         // alone before the load (a quiet window) leaves a provisional one.
         if self.before_first_baseline() && !quiet && seen.is_some() {
@@ -1168,6 +1214,7 @@ impl Gradient {
             }
             self.baseline = Some(pooled.0);
             self.measured = Some(pooled);
+            self.measured_at = Some(probe.lowered);
             self.provisional = false;
         }
         self.probed = true;
@@ -1800,6 +1847,53 @@ mod tests {
         assert_eq!(n, POOL_SAMPLES);
         // Four standard errors away: the backend changed.
         assert_eq!(g.pooled(0.030, 48), (0.030, 48));
+    }
+
+    /// The limit after `secs` seconds in front of 64 workers of 51.6 ms
+    /// (±40%, uniform: a spread of 0.23), starting held at 12 by a probe
+    /// that read 43.2 ms over 18 samples at a lowered limit of `probed_at`,
+    /// with no probe due meanwhile.
+    fn after_a_low_probe(probed_at: f64, secs: u64) -> u32 {
+        let mut now = Instant::now();
+        let Limit::Adaptive(mut g) = adaptive(under_the_knee(), now) else {
+            unreachable!()
+        };
+        g.spread = Some(0.23);
+        g.baseline = Some(0.0432);
+        g.measured = Some((0.0432, 18));
+        g.measured_at = Some(probed_at);
+        g.probed = true;
+        g.slow_start = false;
+        g.limit = 12.0;
+        g.probe_due = now + Duration::from_secs(3600);
+        let mut l = Limit::Adaptive(g);
+        let span = Duration::from_secs(secs);
+        run_noisy_backend(
+            &mut l,
+            &mut now,
+            span,
+            64,
+            Duration::from_micros(51_600),
+            0.4,
+            1,
+        );
+        l.current()
+    }
+
+    #[test]
+    fn windows_at_a_low_probes_own_level_correct_it() {
+        // The real cold start that lost 44% of its purchases: the early
+        // probe at 11 read 43.2 ms for 51.6, and its ceiling held the
+        // limit at 11-13 with 52 of 64 workers idle. Windows at 11 or
+        // fewer in flight are what the probe measured, and pooled they
+        // take the ceiling up to within a few percent of the backend's
+        // latency: the limit climbs (by its allowance, no longer held).
+        let corrected = after_a_low_probe(11.0, 4);
+        assert!(corrected >= 24, "limit {corrected}");
+        // Windows with more in flight than the probe measured at do not
+        // join it (they may hold a queue): the limit stays held.
+        let held = after_a_low_probe(6.0, 4);
+        assert!(held <= 16, "limit {held}");
     }
 
     /// What the probes measured (ms), each second for `secs` seconds of 16
