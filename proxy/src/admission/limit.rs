@@ -763,7 +763,8 @@ impl Gradient {
 
     /// Pools a window of mean `short` over `count` samples, with at most
     /// `inflight` in flight, into the probes' measurement when the last
-    /// probe measured at that many or more: the probe lowered the limit
+    /// probe measured at that many or more (and above `min`, see
+    /// [`Gradient::run_probe`]): the probe lowered the limit
     /// to drain the backend's queue, so a window that holds no more in
     /// flight is a probe's sample too. A probe that read low (43.2 ms for
     /// a mean of 51.6 on 64 workers, in one real cold start of 26) set a
@@ -1214,7 +1215,11 @@ impl Gradient {
             }
             self.baseline = Some(pooled.0);
             self.measured = Some(pooled);
-            self.measured_at = Some(probe.lowered);
+            // Not a probe held at `min`: it could not cut below it, so
+            // its level is the floor, not one it drained (in a fleet whose
+            // `min`s fill the workers, windows there hold the others'
+            // queue, and pooled they followed it up).
+            self.measured_at = (probe.lowered > min).then_some(probe.lowered);
             self.provisional = false;
         }
         self.probed = true;
@@ -1894,6 +1899,29 @@ mod tests {
         // join it (they may hold a queue): the limit stays held.
         let held = after_a_low_probe(6.0, 4);
         assert!(held <= 16, "limit {held}");
+    }
+
+    #[test]
+    fn a_probe_held_at_min_leaves_no_level_for_windows_to_join() {
+        // A probe at `min` (4) could not cut lower: its level is the
+        // floor, not one it drained. One at 6 drained to 6.
+        for (lowered, level) in [(4.0, None), (6.0, Some(6.0))] {
+            let mut now = Instant::now();
+            let Limit::Adaptive(mut g) = adaptive(bounds(), now) else {
+                unreachable!()
+            };
+            g.spread = Some(0.1);
+            g.baseline = Some(0.010);
+            g.probed = true;
+            g.probe = Some(Probe::at(8.0, lowered, 0, None));
+            let mut l = Limit::Adaptive(g);
+            feed(&mut l, &mut now, 4, 10 * MS, lowered as u32);
+            let Limit::Adaptive(g) = &l else {
+                unreachable!()
+            };
+            assert!(g.probe.is_none(), "the probe is over");
+            assert_eq!(g.measured_at, level, "lowered to {lowered}");
+        }
     }
 
     /// What the probes measured (ms), each second for `secs` seconds of 16
