@@ -331,7 +331,7 @@ pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid")
 }
 
-fn coarse_histogram() -> Histogram<u64> {
+pub(crate) fn coarse_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("static bounds are valid")
 }
 
