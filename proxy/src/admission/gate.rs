@@ -70,6 +70,9 @@ pub struct Rules {
     /// `never_shed` tiers wait only a short target while their queue
     /// stands (see [`super::standing`]).
     pub refuse_standing_queue: bool,
+    /// How long every grant of those tiers must have waited over the
+    /// target before their queue stands (`[shedding] standing_after`).
+    pub standing_after: Duration,
 }
 
 impl Rules {
@@ -403,7 +406,9 @@ impl<W> Gate<W> {
             .filter(|t| self.rules.tiers[*t].never_shed)
             .map(|t| self.queue.tier_len(t))
             .sum();
-        self.standing.on_grant(now, waited, target, queued);
+        let onset = self.rules.standing_after;
+        self.standing
+            .on_grant_after(now, waited, target, queued, onset);
         if was || !self.standing.active(now) || !self.rules.refuse_standing_queue {
             return;
         }
@@ -569,6 +574,7 @@ mod tests {
             target_queue_delay: 20 * MS,
             max_queue,
             refuse_standing_queue: false,
+            standing_after: crate::admission::standing::INTERVAL,
         }
     }
 

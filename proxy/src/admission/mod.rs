@@ -347,6 +347,7 @@ pub fn rules_for(snap: &Config, cluster: usize) -> (Rules, Limit) {
         target_queue_delay: snap.shedding.target_queue_delay,
         max_queue: a.max_queue as usize,
         refuse_standing_queue: snap.shedding.refuse_standing_queue,
+        standing_after: snap.shedding.standing_after,
     };
     let limit = match a.mode {
         AdmissionMode::Fixed { limit } => Limit::fixed(limit),

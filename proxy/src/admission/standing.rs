@@ -35,8 +35,9 @@
 
 use std::time::{Duration, Instant};
 
-/// How long every grant must have waited over the target before the queue
-/// counts as standing, and how long the state outlives its last refusal.
+/// How long the state outlives its last refusal, and by default
+/// (`[shedding] standing_after`) how long every grant must have waited
+/// over the target before the queue counts as standing.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 
 /// The standing-queue state of one site's `never_shed` tiers.
@@ -55,6 +56,23 @@ pub struct Standing {
 impl Standing {
     /// A request of these tiers got a permit after waiting `waited`.
     pub fn on_grant(&mut self, now: Instant, waited: Duration, target: Duration, queued: usize) {
+        self.on_grant_after(now, waited, target, queued, INTERVAL);
+    }
+
+    /// [`Standing::on_grant`], the queue standing after `onset` of waits
+    /// over the target rather than [`INTERVAL`]. In a fleet, an instance
+    /// whose probes read the backend low holds a share under its
+    /// purchases' demand for a few seconds until its claim wins one back
+    /// (`Urgency::Pressing`); a longer onset waits that out instead of
+    /// refusing purchases the backend could serve.
+    pub fn on_grant_after(
+        &mut self,
+        now: Instant,
+        waited: Duration,
+        target: Duration,
+        queued: usize,
+        onset: Duration,
+    ) {
         // While it stands, waits are cut at the target: one over half of it
         // still says the demand is at capacity.
         if self.active(now) && waited > target / 2 {
@@ -73,7 +91,7 @@ impl Standing {
                 now
             }
         };
-        if now.duration_since(since) < INTERVAL {
+        if now.duration_since(since) < onset {
             return;
         }
         if !self.active(now) && queued * 2 < self.queued_then {
@@ -174,6 +192,29 @@ mod tests {
         }
         assert!(s.active(t0 + 1100 * MS));
         assert!(!s.pressing(t0 + 1100 * MS));
+    }
+
+    #[test]
+    fn a_longer_onset_waits_out_seconds_of_waits_before_the_queue_stands() {
+        let t0 = Instant::now();
+        let onset = 3 * INTERVAL;
+        let mut s = Standing::default();
+        // 2.9 s of waits over the target (an instance whose share a fleet
+        // took for a while): not standing, and it presses meanwhile.
+        for i in 0..30u32 {
+            s.on_grant_after(t0 + i * 100 * MS, 300 * MS, TARGET, 30, onset);
+        }
+        assert!(!s.active(t0 + 2900 * MS));
+        assert!(s.pressing(t0 + 2900 * MS));
+        // Its share back, a quick grant: the onset starts over.
+        s.on_grant_after(t0 + 3000 * MS, 5 * MS, TARGET, 30, onset);
+        for i in 31..60u32 {
+            s.on_grant_after(t0 + i * 100 * MS, 300 * MS, TARGET, 30, onset);
+        }
+        assert!(!s.active(t0 + 5900 * MS));
+        // Three whole seconds over the target: the queue stands.
+        s.on_grant_after(t0 + 6200 * MS, 300 * MS, TARGET, 30, onset);
+        assert!(s.active(t0 + 6200 * MS));
     }
 
     #[test]

@@ -23,6 +23,7 @@ fn controller(limit: u32) -> Arc<Controller> {
         target_queue_delay: 20 * MS,
         max_queue: 100,
         refuse_standing_queue: false,
+        standing_after: super::standing::INTERVAL,
     };
     let names = ["purchase".to_string(), "merchant".into(), "cs".into()];
     Arc::new(Controller::new(
@@ -121,6 +122,7 @@ async fn a_full_queue_sheds_the_lowest_waiter_for_a_purchase() {
         target_queue_delay: Duration::from_secs(10),
         max_queue: 1,
         refuse_standing_queue: false,
+        standing_after: super::standing::INTERVAL,
     };
     let names = ["purchase".to_string(), "cs".into()];
     let c = Arc::new(Controller::new(

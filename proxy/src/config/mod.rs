@@ -302,6 +302,10 @@ pub struct Shedding {
     /// `never_shed` tiers wait only a short target while their own queue
     /// stands (docs/admission.md, "Standing queues of purchases").
     pub refuse_standing_queue: bool,
+    /// How long every purchase must have waited over the target before
+    /// their queue counts as standing: CoDel's interval (1 s; 3 s in a
+    /// fleet).
+    pub standing_after: Duration,
 }
 
 /// `[admission.<cluster>]`.

@@ -316,6 +316,9 @@ pub struct SheddingRaw {
     /// While the `never_shed` tiers' own queue stands, they wait only a
     /// short target and the excess is refused.
     pub refuse_standing_queue: Option<bool>,
+    /// How long their waits must stay over the target before the queue
+    /// counts as standing.
+    pub standing_after: Option<Spanned<String>>,
 }
 
 /// `[admission.<cluster>]`.

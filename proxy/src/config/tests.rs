@@ -716,3 +716,38 @@ fn a_sites_tls_needs_a_name_to_verify_and_both_halves_of_a_client_pair() {
     let c = load(&site("verify = false"), POLICY).expect("valid");
     assert!(!c.clusters[0].site_tls[1].as_ref().unwrap().verify);
 }
+
+#[test]
+fn standing_after_defaults_to_a_second_and_is_range_checked() {
+    let config = load(ROUTES, POLICY).unwrap();
+    assert_eq!(config.shedding.standing_after, Duration::from_secs(1));
+    let with = |value: &str| {
+        POLICY.replace(
+            "retry_after = \"1500ms\"\n",
+            &format!("retry_after = \"1500ms\"\nstanding_after = {value}\n"),
+        )
+    };
+    let config = load(ROUTES, &with("\"3s\"")).unwrap();
+    assert_eq!(config.shedding.standing_after, Duration::from_secs(3));
+    for (value, message) in [
+        (
+            "\"50ms\"",
+            "`standing_after` is shorter than 100ms: expected at least \"100ms\"",
+        ),
+        (
+            "\"1m\"",
+            "`standing_after` is longer than 30s: expected at most \"30s\"",
+        ),
+        (
+            "\"later\"",
+            "invalid duration \"later\" for `standing_after`",
+        ),
+    ] {
+        let e = only_error(ROUTES, &with(value));
+        assert!(headline(&e).contains(message), "{value}: {e}");
+        assert!(
+            headline(&e).contains("policy.toml:10:"),
+            "{value}: no line in {e}"
+        );
+    }
+}

@@ -353,9 +353,16 @@ fn shedding(c: &mut Check<'_>, raw: Option<&raw::SheddingRaw>, names: &TierNames
         force_shed: Vec::new(),
         retry_after_s: 30,
         refuse_standing_queue: false,
+        standing_after: Duration::from_secs(1),
     };
     let Some(raw) = raw else { return s };
     s.refuse_standing_queue = raw.refuse_standing_queue.unwrap_or(false);
+    s.standing_after = c.duration_in(
+        raw.standing_after.as_ref(),
+        "standing_after",
+        s.standing_after,
+        (Duration::from_millis(100), Duration::from_secs(30)),
+    );
     s.target_queue_delay = c.duration(
         raw.target_queue_delay.as_ref(),
         "target_queue_delay",
