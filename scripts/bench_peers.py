@@ -44,7 +44,8 @@ env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), 
        and the proxies as fleet-<load>x-<N>-<variant>-round<r>.json),
        K2PROXY_B_POLICY (the policy file
        B reads instead of policies/default.toml: a change of default beside
-       a change of code), FLEET_LOG (RUST_LOG of the fleet's instances; "info",
+       a change of code), K2PROXY_POLICY (the same for "k2proxy" in the
+       fleet phase: two settings side by side with one binary), FLEET_LOG (RUST_LOG of the fleet's instances; "info",
        the default, keeps the access log on as users run it), FLEET_WARMUP
        (a discarded run of this length before each group of fleet runs, "3s";
        "0" for none), FLEET_WORKERS / FLEET_SERVICE (the backend: "10ms" or
@@ -85,6 +86,7 @@ LOADS = [int(x) for x in os.environ.get("LOADS", "1,2,3,5").split(",")]
 # variant "k2proxy B" beside "k2proxy" in every phase: an A/B in one run.
 K2PROXY_B = os.environ.get("K2PROXY_B")
 K2PROXY_B_POLICY = os.environ.get("K2PROXY_B_POLICY")
+K2PROXY_POLICY = os.environ.get("K2PROXY_POLICY")
 VARIANTS = os.environ.get(
     "VARIANTS", "k2proxy," + ("k2proxy B," if K2PROXY_B else "") + "haproxy priority,nginx").split(",")
 THREADS = 2
@@ -748,7 +750,7 @@ def fleet():
                         if v.startswith("k2proxy"):
                             b = v == "k2proxy B"
                             p, port = k2proxy([sim_port], binary=K2PROXY_B if b else None, log_level=FLEET_LOG,
-                                              policy_file=K2PROXY_B_POLICY if b else None)
+                                              policy_file=K2PROXY_B_POLICY if b else K2PROXY_POLICY)
                             admins.append(int(re.search(r'admin = "127.0.0.1:(\d+)"', open(
                                 os.path.join(WORK, f"routes-{port}.toml")).read()).group(1)))
                         else:
