@@ -13,7 +13,9 @@
 //! `SIM_SEED=n` shifts every seed (to see the spread); `SIM_CSV=<dir>`
 //! writes each scenario's backend queue and per-instance limits every
 //! 10 ms to `<dir>/<seed>.csv` (scripts/fleet_chart.py draws them);
-//! `SIM_TRACE=1` prints every instance's limit, in flight, queue, shed
+//! `SIM_PRINT=window_noise` gives how much more the limit's windows vary
+//! than independent latencies would (scripts/window_noise.py measures the
+//! same in access logs). `SIM_TRACE=1` prints every instance's limit, in flight, queue, shed
 //! level, learnt baseline, ceiling (over it the limit shrinks) and last
 //! window's latency every 10 ms (how the ninth round found a night's
 //! baseline of 8.9 ms for 23 holding the morning's limit at `min` for three
@@ -155,6 +157,9 @@ struct PhaseStats {
     at_backend: HashMap<usize, Vec<u64>>,
     /// Time from arrival to a refusal, per tier.
     refusal_waits: HashMap<usize, Vec<u64>>,
+    /// Per instance: the backend latency of each request it released, in
+    /// the order they finished (the samples its limit's windows take).
+    released: BTreeMap<usize, Vec<u64>>,
     completions: u64,
     /// Each running instance's limit, every sample.
     limits: Vec<u32>,
@@ -221,6 +226,39 @@ fn percentile(mut v: Vec<u64>, q: f64) -> u64 {
 }
 
 /// Runs one scenario; returns the measurements per phase.
+/// How much more the means of a limit's windows (16 consecutive
+/// samples) vary than 16 independent samples would: the standard deviation
+/// of the window means over that of the samples divided by 4, pooled over
+/// the instances. 1 when consecutive latencies are independent; a queue
+/// that comes and goes, or a stalled CPU that delays a window's requests
+/// together, makes it larger, and the limit's tolerance (which assumes 1)
+/// too small. `scripts/window_noise.py` measures the same in access logs.
+fn window_noise(released: &BTreeMap<usize, Vec<u64>>) -> f64 {
+    const N: usize = 16;
+    let (mut between, mut within, mut windows) = (0.0, 0.0, 0usize);
+    for lat in released.values() {
+        let x: Vec<f64> = lat.iter().map(|&v| v as f64).collect();
+        let means: Vec<f64> = x
+            .chunks_exact(N)
+            .map(|c| c.iter().sum::<f64>() / N as f64)
+            .collect();
+        if means.len() < 2 {
+            continue;
+        }
+        let var = |v: &[f64]| {
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            v.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / (v.len() - 1) as f64
+        };
+        between += var(&means) * means.len() as f64;
+        within += var(&x[..means.len() * N]) / N as f64 * means.len() as f64;
+        windows += means.len();
+    }
+    if windows == 0 || within <= 0.0 {
+        return 1.0;
+    }
+    (between / within).sqrt()
+}
+
 fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
     let snap = config::load(&Paths {
         routes: repo().join("routes.toml"),
@@ -451,6 +489,10 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                     .entry(r.tier)
                     .or_default()
                     .push(now - r.started);
+                p.released
+                    .entry(r.instance)
+                    .or_default()
+                    .push(now - r.started);
                 if now < end {
                     stats[phase_at(now)].completions += 1;
                 }
@@ -654,6 +696,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 },
             );
             m.insert("baseline_mean_ms".into(), mean(&st.baselines));
+            m.insert("window_noise".into(), window_noise(&st.released));
             m.insert(
                 "limit_sum_max".into(),
                 sums.iter().copied().fold(0.0, f64::max),
@@ -733,4 +776,23 @@ fn admission_scenarios_meet_their_expected_ranges() {
         misses.len(),
         misses.join("\n")
     );
+}
+
+#[test]
+fn window_noise_is_one_for_independent_latencies_and_more_for_a_queue_that_comes_and_goes() {
+    let mut rng = fastrand::Rng::with_seed(5);
+    let independent: Vec<u64> = (0..16 * 400)
+        .map(|_| (20_000.0 * lognormal_factor(&mut rng, 0.5)) as u64)
+        .collect();
+    let one = window_noise(&BTreeMap::from([(0, independent.clone())]));
+    assert!((0.9..1.1).contains(&one), "{one}");
+    // The same service times behind a queue that adds 0 or 10 ms for 32
+    // requests at a time: consecutive latencies move together.
+    let queued: Vec<u64> = independent
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| l + if (i / 32) % 2 == 0 { 0 } else { 10_000 })
+        .collect();
+    let more = window_noise(&BTreeMap::from([(0, independent), (1, queued)]));
+    assert!(more > 1.3, "{more}");
 }
