@@ -24,7 +24,7 @@ fn rules(max_queue: usize) -> Rules {
         target_queue_delay: Duration::from_millis(20),
         max_queue,
         refuse_standing_queue: false,
-        standing_after: std::time::Duration::from_secs(1),
+        standing_after: proxy::admission::standing::INTERVAL,
     }
 }
 

@@ -407,8 +407,7 @@ impl<W> Gate<W> {
             .map(|t| self.queue.tier_len(t))
             .sum();
         let onset = self.rules.standing_after;
-        self.standing
-            .on_grant_after(now, waited, target, queued, onset);
+        self.standing.on_grant(now, waited, target, queued, onset);
         if was || !self.standing.active(now) || !self.rules.refuse_standing_queue {
             return;
         }

@@ -54,18 +54,14 @@ pub struct Standing {
 }
 
 impl Standing {
-    /// A request of these tiers got a permit after waiting `waited`.
-    pub fn on_grant(&mut self, now: Instant, waited: Duration, target: Duration, queued: usize) {
-        self.on_grant_after(now, waited, target, queued, INTERVAL);
-    }
-
-    /// [`Standing::on_grant`], the queue standing after `onset` of waits
-    /// over the target rather than [`INTERVAL`]. In a fleet, an instance
-    /// whose probes read the backend low holds a share under its
-    /// purchases' demand for a few seconds until its claim wins one back
-    /// (`Urgency::Pressing`); a longer onset waits that out instead of
-    /// refusing purchases the backend could serve.
-    pub fn on_grant_after(
+    /// A request of these tiers got a permit after waiting `waited`; the
+    /// queue stands after `onset` of waits over the target
+    /// (`[shedding] standing_after`, [`INTERVAL`] by default). In a fleet,
+    /// an instance whose probes read the backend low holds a share under
+    /// its purchases' demand for a few seconds until its claim wins one
+    /// back (`Urgency::Pressing`); a longer onset waits that out instead
+    /// of refusing purchases the backend could serve.
+    pub fn on_grant(
         &mut self,
         now: Instant,
         waited: Duration,
@@ -148,11 +144,17 @@ mod tests {
         let mut s = Standing::default();
         // 900 ms of long waits, then one quick grant: the burst drained.
         for i in 0..9 {
-            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30);
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30, INTERVAL);
         }
-        s.on_grant(t0 + 950 * MS, 5 * MS, TARGET, 30);
+        s.on_grant(t0 + 950 * MS, 5 * MS, TARGET, 30, INTERVAL);
         for i in 0..9 {
-            s.on_grant(t0 + 1000 * MS + i * 100 * MS, 300 * MS, TARGET, 30);
+            s.on_grant(
+                t0 + 1000 * MS + i * 100 * MS,
+                300 * MS,
+                TARGET,
+                30,
+                INTERVAL,
+            );
         }
         assert!(!s.active(t0 + 1900 * MS));
     }
@@ -162,14 +164,14 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Standing::default();
         for i in 0..12 {
-            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30);
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30, INTERVAL);
         }
         let now = t0 + 1100 * MS;
         assert!(s.active(now));
         // Grants now wait at most the target; refusals keep it standing.
         for i in 1..30 {
             let t = now + i * 100 * MS;
-            s.on_grant(t, 15 * MS, TARGET, 30);
+            s.on_grant(t, 15 * MS, TARGET, 30, INTERVAL);
             s.on_timeout(t);
         }
         assert!(s.active(now + 3000 * MS));
@@ -181,14 +183,14 @@ mod tests {
     fn a_grant_over_the_target_presses_for_an_interval_until_the_queue_stands() {
         let t0 = Instant::now();
         let mut s = Standing::default();
-        s.on_grant(t0, 5 * MS, TARGET, 30);
+        s.on_grant(t0, 5 * MS, TARGET, 30, INTERVAL);
         assert!(!s.pressing(t0), "a quick grant does not press");
-        s.on_grant(t0, 30 * MS, TARGET, 30);
+        s.on_grant(t0, 30 * MS, TARGET, 30, INTERVAL);
         assert!(s.pressing(t0 + 900 * MS));
         assert!(!s.pressing(t0 + INTERVAL), "no wait over the target since");
         // Standing: the excess is refused instead; no claim on top.
         for i in 0..12 {
-            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30);
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30, INTERVAL);
         }
         assert!(s.active(t0 + 1100 * MS));
         assert!(!s.pressing(t0 + 1100 * MS));
@@ -202,18 +204,18 @@ mod tests {
         // 2.9 s of waits over the target (an instance whose share a fleet
         // took for a while): not standing, and it presses meanwhile.
         for i in 0..30u32 {
-            s.on_grant_after(t0 + i * 100 * MS, 300 * MS, TARGET, 30, onset);
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30, onset);
         }
         assert!(!s.active(t0 + 2900 * MS));
         assert!(s.pressing(t0 + 2900 * MS));
         // Its share back, a quick grant: the onset starts over.
-        s.on_grant_after(t0 + 3000 * MS, 5 * MS, TARGET, 30, onset);
+        s.on_grant(t0 + 3000 * MS, 5 * MS, TARGET, 30, onset);
         for i in 31..60u32 {
-            s.on_grant_after(t0 + i * 100 * MS, 300 * MS, TARGET, 30, onset);
+            s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30, onset);
         }
         assert!(!s.active(t0 + 5900 * MS));
         // Three whole seconds over the target: the queue stands.
-        s.on_grant_after(t0 + 6200 * MS, 300 * MS, TARGET, 30, onset);
+        s.on_grant(t0 + 6200 * MS, 300 * MS, TARGET, 30, onset);
         assert!(s.active(t0 + 6200 * MS));
     }
 
@@ -225,13 +227,19 @@ mod tests {
         // the target for 1.4 s, and the backlog is gone.
         for i in 0..15u32 {
             let queued = 600 - 40 * i as usize;
-            s.on_grant(t0 + i * 100 * MS, 500 * MS, TARGET, queued);
+            s.on_grant(t0 + i * 100 * MS, 500 * MS, TARGET, queued, INTERVAL);
             assert!(!s.active(t0 + i * 100 * MS), "draining at {i}");
         }
         // A queue that holds its length for an interval stands.
         let mut s = Standing::default();
         for i in 0..12u32 {
-            s.on_grant(t0 + i * 100 * MS, 500 * MS, TARGET, 600 - 20 * i as usize);
+            s.on_grant(
+                t0 + i * 100 * MS,
+                500 * MS,
+                TARGET,
+                600 - 20 * i as usize,
+                INTERVAL,
+            );
         }
         assert!(s.active(t0 + 1100 * MS));
     }
