@@ -602,6 +602,38 @@ async fn a_busy_keepalive_connection_outlives_idle_timeout() {
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
 
+/// The idle wait between requests and the head's deadline share one timer:
+/// an idle time longer than `header_timeout` outlasts the deadline the
+/// last head armed (the connection still serves), and the connection then
+/// closes quietly, with no 408, once `idle_timeout` has passed.
+#[tokio::test]
+async fn an_idle_time_longer_than_header_timeout_outlasts_the_heads_deadline() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(
+            &[backend.addr],
+            "header_timeout = \"500ms\"\nidle_timeout = \"2s\"",
+        ),
+        &policy_toml(&[]),
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let r = get(&mut s, "/checkout/first").await.expect("answered");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // Three head deadlines' worth of idling, inside idle_timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = get(&mut s, "/checkout/second").await.expect("still open");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let idle_from = Instant::now();
+    let (written, closed) = read_to_close(&mut s).await;
+    let after = closed - idle_from;
+    assert_eq!(written, "", "an idle connection is closed without a 408");
+    assert!(
+        after >= Duration::from_millis(1900) && after < Duration::from_millis(3500),
+        "closed {after:?} after the response, idle_timeout 2s"
+    );
+}
+
 /// SIGTERM under 200 purchases/s: `/healthz` turns 503 draining within
 /// 100 ms while the listener keeps serving for `drain_delay` (the load
 /// stops within it, as a balancer that saw the health check would), a

@@ -365,7 +365,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
             }
             Err(refusal) => return refuse(refusal, client),
         };
-        let header_timeout = server.header_timeout;
+        let (header_timeout, idle_timeout) = (server.header_timeout, server.idle_timeout);
         let https = stream
             .get_socket_digest()
             .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())
@@ -385,6 +385,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
         let mut stream: Stream = Box::new(EdgeStream::new(
             stream,
             header_timeout,
+            idle_timeout,
             h2,
             slot,
             self.shared.clone(),

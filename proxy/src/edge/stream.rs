@@ -1,4 +1,5 @@
-//! A client connection with a deadline on its request headers.
+//! A client connection with a deadline on its request headers and on its
+//! idle time between requests.
 //!
 //! pingora reads a request head with a timeout per read, which a client
 //! sending one header line every few seconds restarts forever (slowloris).
@@ -8,10 +9,15 @@
 //! the request finished ([`EdgeStream::request_finished`], which re-arms
 //! the deadline on the next byte). On expiry a started request is answered 408 and the
 //! connection is closed; a connection that sent nothing is just closed.
+//!
+//! The same timer closes a kept-alive connection idle for `idle_timeout`
+//! (quietly, as an end of stream). pingora's own keep-alive timeout would
+//! register a timer on every read of every head; this one is re-armed only
+//! when the idle time outlasts the head's deadline.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -51,7 +57,13 @@ pub(crate) struct EdgeStream {
     inner: Stream,
     phase: AtomicU8,
     header_timeout: Duration,
+    /// The head's deadline, or in IDLE the idle one once it comes first.
     deadline: Pin<Box<Sleep>>,
+    /// `[server].idle_timeout` in milliseconds, as of the request that
+    /// finished last (a reload applies to the requests that follow).
+    idle_ms: AtomicU64,
+    /// When this idle connection closes: set on its first read in IDLE.
+    idle_until: Option<Instant>,
     /// Bytes of the current head arrived (so a timeout answers 408).
     head_started: bool,
     /// Past `max_connections`, the slowest head is closed to make room.
@@ -76,6 +88,7 @@ impl EdgeStream {
     pub(crate) fn new(
         inner: Stream,
         header_timeout: Duration,
+        idle_timeout: Duration,
         h2: bool,
         slot: Slot,
         shared: Arc<Shared>,
@@ -89,6 +102,8 @@ impl EdgeStream {
             phase: AtomicU8::new(if h2 { REQUEST } else { HEAD }),
             header_timeout,
             deadline: Box::pin(tokio::time::sleep(header_timeout)),
+            idle_ms: AtomicU64::new(idle_timeout.as_millis() as u64),
+            idle_until: None,
             head_started: false,
             eviction,
             shared,
@@ -108,9 +123,32 @@ impl EdgeStream {
         self.eviction.head_done();
     }
 
-    /// The request is answered; the next byte starts a new head.
-    pub(crate) fn request_finished(&self) {
+    /// The request is answered; the connection may idle for `idle` and
+    /// the next byte starts a new head.
+    pub(crate) fn request_finished(&self, idle: Duration) {
+        self.idle_ms
+            .store(idle.as_millis() as u64, Ordering::Relaxed);
         self.phase.store(IDLE, Ordering::Release);
+    }
+
+    /// Ready once the connection has idled for `idle_timeout` since its
+    /// first read in IDLE. The head's deadline, armed for the request
+    /// before, usually comes first: the timer moves only when it fires
+    /// (or when the idle timeout is the shorter).
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let until = *self.idle_until.get_or_insert_with(|| {
+            Instant::now() + Duration::from_millis(self.idle_ms.load(Ordering::Relaxed))
+        });
+        if self.deadline.deadline() > until {
+            self.deadline.as_mut().reset(until);
+        }
+        while self.deadline.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= until {
+                return Poll::Ready(());
+            }
+            self.deadline.as_mut().reset(until);
+        }
+        Poll::Pending
     }
 
     /// The deadline passed: answers 408 if a request had begun (best
@@ -151,11 +189,15 @@ impl AsyncRead for EdgeStream {
         if phase == HEAD && this.deadline.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(this.expire(cx)));
         }
+        if phase == IDLE && this.poll_idle(cx).is_ready() {
+            return Poll::Ready(Ok(())); // nothing read: pingora closes quietly
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.head_started = true;
             if phase == IDLE {
+                this.idle_until = None;
                 this.phase.store(HEAD, Ordering::Release);
                 let at = Instant::now() + this.header_timeout;
                 this.deadline.as_mut().reset(at);

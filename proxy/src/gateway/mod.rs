@@ -39,9 +39,9 @@ use reply::{Failure, Reply};
 pub(crate) use retry::RetryReason;
 use retry::{Attempt, Stage};
 
-/// Bounds how long a kept-alive connection may wait for its next request:
-/// pingora keeps an HTTP/1.1 connection open without limit (`Some(0)`) or
-/// for the client's `keep-alive: timeout`, whichever asked.
+/// Bounds how long a kept-alive connection may wait for its next request
+/// where no [`EdgeStream`] does: pingora keeps an HTTP/1.1 connection open
+/// without limit (`Some(0)`).
 fn idle_timeout(session: &mut Session, idle: Duration) {
     let secs = idle.as_secs().max(1);
     if let Some(current) = session.get_keepalive() {
@@ -204,13 +204,19 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
-        if let Some(edge) = session.as_downstream().stream().and_then(EdgeStream::of) {
-            edge.request_started(); // the head is in: header_timeout is met
-        }
+        let on_edge = match session.as_downstream().stream().and_then(EdgeStream::of) {
+            Some(edge) => {
+                edge.request_started(); // the head is in: header_timeout is met
+                true // and the edge times the idle wait for the next head
+            }
+            None => false,
+        };
         ctx.request_id = Some(RequestId::of(&session.req_header().headers));
         ctx.trace = Some(TraceParent::of(&session.req_header().headers));
         let server = &ctx.gen.config.server;
-        idle_timeout(session, server.idle_timeout);
+        if !on_edge {
+            idle_timeout(session, server.idle_timeout);
+        }
         // A body that stops arriving is cut off as soon as a head would be
         // (pingora waits 60 s), so a stalled upload cannot hold a permit.
         session.set_read_timeout(Some(server.header_timeout));
@@ -548,7 +554,8 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<Ctx>) {
         if let Some(edge) = session.as_downstream().stream().and_then(EdgeStream::of) {
-            edge.request_finished(); // the next byte starts a new head
+            // The next byte starts a new head; until then the connection idles.
+            edge.request_finished(ctx.gen.config.server.idle_timeout);
         }
         access::record(&self.shared, session, e, ctx);
     }
