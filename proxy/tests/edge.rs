@@ -299,6 +299,38 @@ async fn past_max_connections_the_slowest_head_makes_room_for_a_new_client() {
     assert!(closed >= 2, "{closed} slow heads were closed");
 }
 
+/// A kept-alive connection's later head is evictable too: connections
+/// that were served once and then trickle their next head make room past
+/// `max_connections` like a first slow head does.
+#[tokio::test]
+async fn a_slow_later_head_on_a_kept_alive_connection_makes_room_too() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(&[backend.addr], "max_connections = 10"),
+        &policy_toml(&[]),
+    )
+    .await;
+    let mut slow = Vec::new();
+    for i in 0..10 {
+        let mut s = connect_from(&format!("127.0.0.{}", 2 + i % 5), proxy.addr).await;
+        let r = get(&mut s, &format!("/checkout/first-{i}")).await;
+        assert!(r.is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+        s.write_all(b"GET /checkout/slow HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for i in 0..3 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        let r = get(&mut s, &format!("/checkout/real-{i}")).await;
+        assert!(
+            r.as_deref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+            "a real client was refused while later slow heads held every slot: {r:?}"
+        );
+    }
+}
+
 /// Past `max_connections_per_client` from one address, or `max_connections`
 /// in all, a new connection is closed at once; connections already open
 /// keep working, other addresses connect, the admin port answers, and a

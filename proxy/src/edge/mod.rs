@@ -200,9 +200,9 @@ impl Connections {
         self.open.load(Ordering::Acquire)
     }
 
-    /// `who` starts receiving a request head.
-    pub(crate) fn head_started(&self, who: &Arc<Eviction>) {
-        let since = self.epoch.elapsed().as_nanos() as u64 + 1;
+    /// `who` started receiving a request head at `began`.
+    pub(crate) fn head_started(&self, who: &Arc<Eviction>, began: Instant) {
+        let since = began.saturating_duration_since(self.epoch).as_nanos() as u64 + 1;
         who.head_since.store(since, Ordering::Release);
         let mut heads = lock(&self.heads);
         while heads.front().is_some_and(|e| e.current().is_none()) {
@@ -461,8 +461,8 @@ mod tests {
         let (quick, _) = open().unwrap();
         let slow_e = Arc::new(Eviction::default());
         let quick_e = Arc::new(Eviction::default());
-        conns.head_started(&slow_e);
-        conns.head_started(&quick_e);
+        conns.head_started(&slow_e, Instant::now());
+        conns.head_started(&quick_e, Instant::now());
         // Too young to be a slowloris: the newcomer is refused.
         assert_eq!(open().unwrap_err(), Refusal::MaxConnections);
         std::thread::sleep(Duration::from_millis(40));

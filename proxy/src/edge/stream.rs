@@ -13,7 +13,8 @@
 //! The same timer closes a kept-alive connection idle for `idle_timeout`
 //! (quietly, as an end of stream). pingora's own keep-alive timeout would
 //! register a timer on every read of every head; this one is re-armed only
-//! when the idle time outlasts the head's deadline.
+//! when the idle time outlasts the head's deadline, and a later head goes
+//! on it (and in the eviction queue) only when it needs a second read.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -64,6 +65,10 @@ pub(crate) struct EdgeStream {
     idle_ms: AtomicU64,
     /// When this idle connection closes: set on its first read in IDLE.
     idle_until: Option<Instant>,
+    /// When the current head's first byte came, while its deadline is not
+    /// on the timer yet: a head that arrives in one read (most do) never
+    /// touches the timer or the eviction queue.
+    head_pending: Option<Instant>,
     /// Bytes of the current head arrived (so a timeout answers 408).
     head_started: bool,
     /// Past `max_connections`, the slowest head is closed to make room.
@@ -95,7 +100,8 @@ impl EdgeStream {
     ) -> Self {
         let eviction = Arc::new(Eviction::default());
         if !h2 {
-            slot.connections().head_started(&eviction);
+            slot.connections()
+                .head_started(&eviction, std::time::Instant::now());
         }
         EdgeStream {
             inner,
@@ -104,6 +110,7 @@ impl EdgeStream {
             deadline: Box::pin(tokio::time::sleep(header_timeout)),
             idle_ms: AtomicU64::new(idle_timeout.as_millis() as u64),
             idle_until: None,
+            head_pending: None,
             head_started: false,
             eviction,
             shared,
@@ -176,35 +183,59 @@ impl AsyncRead for EdgeStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let phase = this.phase.load(Ordering::Acquire);
-        if phase == REQUEST {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        match this.phase.load(Ordering::Acquire) {
+            REQUEST => return Pin::new(&mut this.inner).poll_read(cx, buf),
+            IDLE => return this.poll_read_idle(cx, buf),
+            _ => {}
         }
-        if phase != REQUEST && this.eviction.poll_evicted(cx) {
+        // A head that needs another read goes on the timer and in the
+        // eviction queue, dated from its first byte.
+        if let Some(began) = this.head_pending.take() {
+            this.deadline.as_mut().reset(began + this.header_timeout);
+            let connections = this.slot.connections();
+            connections.head_started(&this.eviction, began.into_std());
+        }
+        if this.eviction.poll_evicted(cx) {
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "closed to make room past max_connections: the request head was arriving too slowly",
             )));
         }
-        if phase == HEAD && this.deadline.as_mut().poll(cx).is_ready() {
+        if this.deadline.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(this.expire(cx)));
-        }
-        if phase == IDLE && this.poll_idle(cx).is_ready() {
-            return Poll::Ready(Ok(())); // nothing read: pingora closes quietly
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.head_started = true;
-            if phase == IDLE {
-                this.idle_until = None;
-                this.phase.store(HEAD, Ordering::Release);
-                let at = Instant::now() + this.header_timeout;
-                this.deadline.as_mut().reset(at);
-                this.slot.connections().head_started(&this.eviction);
-            }
         }
         read
+    }
+}
+
+impl EdgeStream {
+    /// Between requests: what arrives starts the next head (its deadline
+    /// noted, not yet on the timer); with nothing to read, the idle timer
+    /// is polled, and once it is due the read ends the stream.
+    fn poll_read_idle(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.head_started = true;
+                self.idle_until = None;
+                self.head_pending = Some(Instant::now());
+                self.phase.store(HEAD, Ordering::Release);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if self.poll_idle(cx).is_ready() => {
+                Poll::Ready(Ok(())) // nothing read: pingora closes quietly
+            }
+            read => read,
+        }
     }
 }
 
