@@ -55,6 +55,10 @@ pub(super) fn record(shared: &Shared, session: &Session, e: Option<&Error>, ctx:
 }
 
 fn log(session: &Session, e: Option<&Error>, ctx: &Ctx, status: u16, elapsed: Duration) {
+    // The fields below are looked up before the event's own check.
+    if !tracing::enabled!(target: "k2proxy::access", tracing::Level::INFO) {
+        return;
+    }
     let req = session.req_header();
     let spilled_from = ctx
         .admitted

@@ -93,9 +93,11 @@ impl TraceParent {
             _ => {
                 let mut buf = [0u8; 55];
                 buf[..3].copy_from_slice(b"00-");
-                hex_into(&mut buf[3..35], fastrand::u128(1..));
+                // Neither id may be all zeros: a draw of 0 (one in 2^64 or
+                // 2^128) becomes 1, cheaper than drawing from a range.
+                hex_into(&mut buf[3..35], &fastrand::u128(..).max(1).to_be_bytes());
                 buf[35] = b'-';
-                hex_into(&mut buf[36..52], u128::from(fastrand::u64(1..)));
+                hex_into(&mut buf[36..52], &fastrand::u64(..).max(1).to_be_bytes());
                 buf[52..].copy_from_slice(b"-01");
                 TraceParent {
                     value: HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
@@ -132,19 +134,19 @@ fn valid_traceparent(v: &[u8]) -> bool {
         && hex(&v[53..55])
 }
 
-/// `n`'s low `4 × out.len()` bits as lower-case hex.
-fn hex_into(out: &mut [u8], mut n: u128) {
+/// `bytes` as lower-case hex, two digits each, into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in out.iter_mut().rev() {
-        *b = HEX[(n & 0xf) as usize];
-        n >>= 4;
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
 }
 
 /// A fresh 128-bit request id, as 32 lower-case hex digits.
 fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; 32];
-    hex_into(&mut buf, fastrand::u128(..));
+    hex_into(&mut buf, &fastrand::u128(..).to_be_bytes());
     // One allocation that clones share (a copied slice would allocate again
     // on its first clone, and the id is cloned for upstream and response).
     HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
@@ -252,6 +254,16 @@ mod tests {
             forwarded_for(Some(&prev), v6).unwrap(),
             format!("198.51.100.1, {v6}").as_str()
         );
+    }
+
+    #[test]
+    fn hex_is_two_lower_case_digits_a_byte_high_nibble_first() {
+        let mut out = [0u8; 8];
+        hex_into(&mut out, &[0x00, 0x0f, 0xa5, 0xff]);
+        assert_eq!(&out, b"000fa5ff");
+        let mut id = [0u8; 32];
+        hex_into(&mut id, &0x0123_4567_89ab_cdef_u128.to_be_bytes());
+        assert_eq!(&id, b"00000000000000000123456789abcdef");
     }
 
     #[test]
