@@ -258,23 +258,7 @@ async fn past_max_connections_the_slowest_head_makes_room_for_a_new_client() {
         &policy_toml(&[]),
     )
     .await;
-    let mut slow = Vec::new();
-    for i in 0..20 {
-        let mut s = connect_from(&format!("127.0.0.{}", 2 + i % 10), proxy.addr).await;
-        s.write_all(b"GET /checkout/slow HTTP/1.1\r\n")
-            .await
-            .unwrap();
-        slow.push(s);
-    }
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    for i in 0..3 {
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        let r = get(&mut s, &format!("/checkout/real-{i}")).await;
-        assert!(
-            r.as_deref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
-            "a real client was refused while slow heads held every slot: {r:?}"
-        );
-    }
+    let mut slow = slow_heads_then_real_clients(proxy.addr, 20, false).await;
     let m = proxy.metrics().await;
     assert!(
         metric_sum(
@@ -310,11 +294,25 @@ async fn a_slow_later_head_on_a_kept_alive_connection_makes_room_too() {
         &policy_toml(&[]),
     )
     .await;
+    slow_heads_then_real_clients(proxy.addr, 10, true).await;
+}
+
+/// Opens `n` connections from ten addresses that each begin a head and
+/// stop (after one served request, when `served_first`), waits past the
+/// age at which a head may be evicted, and asserts that three new clients
+/// are served. Returns the slow connections.
+async fn slow_heads_then_real_clients(
+    to: SocketAddr,
+    n: usize,
+    served_first: bool,
+) -> Vec<TcpStream> {
     let mut slow = Vec::new();
-    for i in 0..10 {
-        let mut s = connect_from(&format!("127.0.0.{}", 2 + i % 5), proxy.addr).await;
-        let r = get(&mut s, &format!("/checkout/first-{i}")).await;
-        assert!(r.is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    for i in 0..n {
+        let mut s = connect_from(&format!("127.0.0.{}", 2 + i % 10), to).await;
+        if served_first {
+            let r = get(&mut s, &format!("/checkout/first-{i}")).await;
+            assert!(r.is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+        }
         s.write_all(b"GET /checkout/slow HTTP/1.1\r\n")
             .await
             .unwrap();
@@ -322,13 +320,15 @@ async fn a_slow_later_head_on_a_kept_alive_connection_makes_room_too() {
     }
     tokio::time::sleep(Duration::from_millis(1300)).await;
     for i in 0..3 {
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        let mut s = TcpStream::connect(to).await.unwrap();
         let r = get(&mut s, &format!("/checkout/real-{i}")).await;
         assert!(
             r.as_deref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
-            "a real client was refused while later slow heads held every slot: {r:?}"
+            "a real client was refused while slow heads held every slot \
+             (served first: {served_first}): {r:?}"
         );
     }
+    slow
 }
 
 /// Past `max_connections_per_client` from one address, or `max_connections`
