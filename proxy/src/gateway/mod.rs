@@ -417,7 +417,10 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         // The merchant can quote the id to support; it ties our log to theirs.
         if let Some(rid) = &ctx.request_id {
-            response.reserve(1);
+            // Room for the id and for the `Date` and `Connection` pingora
+            // sets next: one growth of both maps here instead of one inside
+            // an insert (callgrind: about 770 instructions a request less).
+            response.reserve(3);
             response.insert_header(&name::X_REQUEST_ID, rid.value.clone())?;
         }
         Ok(())
