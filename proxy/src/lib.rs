@@ -26,6 +26,7 @@ mod gateway;
 mod health;
 mod limits;
 pub mod logbuf;
+pub mod logfmt;
 mod metrics;
 mod process;
 pub mod reload;
