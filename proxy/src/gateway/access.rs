@@ -6,7 +6,7 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use super::ctx::Ctx;
-use super::headers::{client_ip, protocol};
+use super::headers::{client_ip, protocol, AddrText};
 use super::reply::Outcome;
 use crate::metrics::code_class;
 use crate::Shared;
@@ -73,6 +73,8 @@ fn log(session: &Session, e: Option<&Error>, ctx: &Ctx, status: u16, elapsed: Du
     };
     let host = req.uri.host().unwrap_or_else(|| header(http::header::HOST));
     let (proto, tls) = protocol(session);
+    let upstream = ctx.tries.backend.map(AddrText::socket);
+    let client = client_ip(session).map(AddrText::ip);
     tracing::info!(
         target: "k2proxy::access",
         method = %req.method,
@@ -86,7 +88,7 @@ fn log(session: &Session, e: Option<&Error>, ctx: &Ctx, status: u16, elapsed: Du
         status,
         outcome = ctx.outcome.label(),
         shed = ctx.outcome.shed_reason(),
-        upstream = %ctx.tries.backend.map_or_else(|| "-".to_string(), |a| a.to_string()),
+        upstream = %upstream.as_ref().map_or("-", AddrText::as_str),
         site = ctx.site_name(),
         tries = ctx.tries.tried.len(),
         spilled_from,
@@ -97,7 +99,7 @@ fn log(session: &Session, e: Option<&Error>, ctx: &Ctx, status: u16, elapsed: Du
         duration_ms = duration_ms(elapsed),
         request_id = ctx.request_id().and_then(|v| v.to_str().ok()).unwrap_or("-"),
         trace_id = ctx.trace.as_ref().map_or("-", |t| t.trace_id()),
-        client = %client_ip(session).map_or_else(|| "-".to_string(), |a| a.to_string()),
+        client = %client.as_ref().map_or("-", AddrText::as_str),
         user_agent = header(http::header::USER_AGENT),
         error = e.map(|e| e.to_string()),
         "access"
