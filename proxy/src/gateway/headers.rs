@@ -171,9 +171,19 @@ pub fn forwarded_for(prev: Option<&HeaderValue>, ip: IpAddr) -> Option<HeaderVal
     }
 }
 
-/// Writes `ip` as `Display` does, into `buf`; returns the length. IPv4 by
-/// hand (the formatting machinery cost ~1 000 instructions per request).
-fn format_ip(buf: &mut [u8; 48], ip: IpAddr) -> usize {
+/// Writes `value`'s `Display` into `buf`; returns the length.
+fn display_into(buf: &mut [u8], value: impl std::fmt::Display) -> usize {
+    use std::io::Write;
+    let mut at = &mut buf[..];
+    write!(at, "{value}").expect("an address fits its buffer");
+    let left = at.len();
+    buf.len() - left
+}
+
+/// Writes `ip` as `Display` does, into `buf` (48 bytes or more); returns
+/// the length. IPv4 by hand (the formatting machinery cost ~1 000
+/// instructions per request).
+fn format_ip(buf: &mut [u8], ip: IpAddr) -> usize {
     match ip {
         IpAddr::V4(v4) => {
             let mut n = 0;
@@ -195,13 +205,8 @@ fn format_ip(buf: &mut [u8; 48], ip: IpAddr) -> usize {
             }
             n
         }
-        IpAddr::V6(_) => {
-            use std::io::Write;
-            // "ffff:…" with an embedded IPv4 is the longest: 45 bytes.
-            let mut at = &mut buf[..];
-            write!(at, "{ip}").expect("an IP fits in 48 bytes");
-            48 - at.len()
-        }
+        // "ffff:…" with an embedded IPv4 is the longest: 45 bytes.
+        IpAddr::V6(_) => display_into(buf, ip),
     }
 }
 
@@ -215,20 +220,15 @@ pub struct AddrText {
 impl AddrText {
     pub fn ip(ip: IpAddr) -> AddrText {
         let mut buf = [0u8; 64];
-        let mut head = [0u8; 48];
-        let len = format_ip(&mut head, ip);
-        buf[..len].copy_from_slice(&head[..len]);
+        let len = format_ip(&mut buf, ip);
         AddrText { buf, len }
     }
 
     /// `ip:port` (`[ip]:port` for IPv6, by `Display` itself).
     pub fn socket(addr: SocketAddr) -> AddrText {
         let SocketAddr::V4(v4) = addr else {
-            use std::io::Write;
             let mut buf = [0u8; 64];
-            let mut at = &mut buf[..];
-            write!(at, "{addr}").expect("a socket address fits in 64 bytes");
-            let len = 64 - at.len();
+            let len = display_into(&mut buf, addr);
             return AddrText { buf, len };
         };
         let mut text = AddrText::ip(IpAddr::V4(*v4.ip()));

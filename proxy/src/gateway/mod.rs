@@ -39,18 +39,6 @@ use reply::{Failure, Reply};
 pub(crate) use retry::RetryReason;
 use retry::{Attempt, Stage};
 
-/// Bounds how long a kept-alive connection may wait for its next request
-/// where no [`EdgeStream`] does: pingora keeps an HTTP/1.1 connection open
-/// without limit (`Some(0)`).
-fn idle_timeout(session: &mut Session, idle: Duration) {
-    let secs = idle.as_secs().max(1);
-    if let Some(current) = session.get_keepalive() {
-        if current == 0 || current > secs {
-            session.set_keepalive(Some(secs));
-        }
-    }
-}
-
 /// The proxy logic; one per process, shared by every request.
 pub(crate) struct Gateway {
     shared: Arc<Shared>,
@@ -204,19 +192,15 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
-        let on_edge = match session.as_downstream().stream().and_then(EdgeStream::of) {
-            Some(edge) => {
-                edge.request_started(); // the head is in: header_timeout is met
-                true // and the edge times the idle wait for the next head
-            }
-            None => false,
-        };
+        // Every HTTP/1 connection is an EdgeStream: it times the head, and
+        // the idle wait before the next one (`request_finished`). HTTP/2
+        // idles by pingora's h2 idle timeout.
+        if let Some(edge) = session.as_downstream().stream().and_then(EdgeStream::of) {
+            edge.request_started(); // the head is in: header_timeout is met
+        }
         ctx.request_id = Some(RequestId::of(&session.req_header().headers));
         ctx.trace = Some(TraceParent::of(&session.req_header().headers));
         let server = &ctx.gen.config.server;
-        if !on_edge {
-            idle_timeout(session, server.idle_timeout);
-        }
         // A body that stops arriving is cut off as soon as a head would be
         // (pingora waits 60 s), so a stalled upload cannot hold a permit.
         session.set_read_timeout(Some(server.header_timeout));
