@@ -244,16 +244,19 @@ impl<W> Gate<W> {
     /// wholly covered tier, as a new arrival of it would be, and the standing
     /// backlog (older than the target delay) of a partly covered one.
     fn tick(&mut self, now: Instant) {
-        self.queue.purge_expired(now);
         // While the limit slow-starts, a wait is the limit catching up (a
         // peak begins, or a cold start), not the backend's capacity: shedding
         // for it refused lower tiers at half capacity.
         // So is a wait while a probe holds the limit under its use.
-        let counts = self.limit.waits_count();
-        let standing = self
-            .queue
-            .oldest()
-            .map_or(Duration::ZERO, |at| counts.of(now, now.duration_since(at)));
+        let standing = if self.queue.is_empty() {
+            Duration::ZERO
+        } else {
+            self.queue.purge_expired(now);
+            let counts = self.limit.waits_count();
+            self.queue
+                .oldest()
+                .map_or(Duration::ZERO, |at| counts.of(now, now.duration_since(at)))
+        };
         if self.shed.tick(now, standing) {
             self.shed_covered_waiters(Some(now));
         }
@@ -292,6 +295,11 @@ impl<W> Gate<W> {
     /// `never_shed` tier's queue came to stand (`queue_timeout`).
     pub fn take_shed(&mut self) -> Vec<(W, ShedReason)> {
         std::mem::take(&mut self.shed_waiters)
+    }
+
+    /// Whether [`Gate::take_shed`] has anything to hand over.
+    pub fn has_shed(&self) -> bool {
+        !self.shed_waiters.is_empty()
     }
 
     /// Whether `tier` is refused before it may even wait.
@@ -374,6 +382,12 @@ impl<W> Gate<W> {
         // Off (the default), only whether they wait: a starved instance
         // claims a share (`Gate::urgency`).
         if !self.rules.tiers[tier].never_shed {
+            return;
+        }
+        if waited.is_zero() {
+            // Admitted at once, as most are: a wait of nothing, whatever
+            // counts of it, only ends a run of waits over the target.
+            self.standing.on_prompt_grant();
             return;
         }
         // Only while every other tier is refused: until then the backend's
@@ -473,13 +487,11 @@ impl<W> Gate<W> {
                 Urgency::Calm
             };
         }
-        let learnt = self.limit.learnt();
         let seen = Seen {
             waiting: self.standing.waiting(now),
             limit: self.limit.current(),
             min: self.limit.min(),
-            latency: learnt.and_then(|l| l.latency),
-            ceiling: learnt.and_then(|l| l.ceiling),
+            over_ceiling: self.limit.over_ceiling(),
         };
         Urgency::Starving(self.starving.claim(now, seen))
     }

@@ -415,6 +415,17 @@ impl Limit {
         }
     }
 
+    /// The last window's mean latency over the ceiling, once both are
+    /// known: what [`Limit::learnt`] shows as `latency / ceiling`, without
+    /// its conversions (the gate asks on every release).
+    pub fn over_ceiling(&self) -> Option<f64> {
+        let Limit::Adaptive(g) = self else {
+            return None;
+        };
+        let (latest, baseline) = (g.latest?, g.baseline?);
+        Some(latest.max(0.0) / g.ceiling(baseline).max(0.0))
+    }
+
     /// What an adaptive limit has learned, for `/status` and the metrics;
     /// `None` for a fixed limit.
     pub fn learnt(&self) -> Option<Learnt> {

@@ -109,6 +109,9 @@ impl Controller {
 
     /// Tells the waiters refused while they waited.
     fn settle(&self, g: &mut Gate<Reply>) {
+        if !g.has_shed() {
+            return;
+        }
         for (w, reason) in g.take_shed() {
             let _ = w.send(Err(reason));
         }

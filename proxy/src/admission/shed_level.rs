@@ -66,6 +66,11 @@ pub struct ShedLevel {
     max_steps: u32,
     steps: u32,
     window_start: Instant,
+    /// `window_start + WINDOW`, kept so the common call, inside a window
+    /// with nothing standing, is one comparison.
+    window_end: Instant,
+    /// `target × URGENT`: a standing queue this old raises the level at once.
+    urgent_after: Duration,
     sum: Duration,
     count: u32,
     calm: u32,
@@ -84,6 +89,8 @@ impl ShedLevel {
             max_steps: tiers * STEPS,
             steps: 0,
             window_start: now,
+            window_end: now + WINDOW,
+            urgent_after: target * URGENT,
             sum: Duration::ZERO,
             count: 0,
             calm: 0,
@@ -113,6 +120,7 @@ impl ShedLevel {
 
     pub fn reconfigure(&mut self, target: Duration, tiers: u32) {
         self.target = target;
+        self.urgent_after = target * URGENT;
         self.max_steps = tiers * STEPS;
         self.steps = self.steps.min(self.max_steps);
     }
@@ -133,8 +141,13 @@ impl ShedLevel {
     /// Closes every window that ended by `now`; `standing` is the age of the
     /// oldest request waiting now. Returns true when the level rose.
     pub fn tick(&mut self, now: Instant, standing: Duration) -> bool {
+        // Every request passes here twice: most of them within a window,
+        // with nobody waiting.
+        if now < self.window_end && standing <= self.urgent_after {
+            return false;
+        }
         let before = self.steps;
-        if standing > self.target * URGENT
+        if standing > self.urgent_after
             && self.steps < self.max_steps
             && self
                 .last_rise
@@ -146,19 +159,24 @@ impl ShedLevel {
             let over = (standing.as_secs_f64() / (2.0 * self.target.as_secs_f64())) as u32;
             self.rise(now, over.clamp(1, STEPS / 2));
         }
-        while now.duration_since(self.window_start) >= WINDOW {
-            let end = self.window_start + WINDOW;
+        while now >= self.window_end {
+            let end = self.window_end;
             self.close_window(end, standing);
-            self.window_start = end;
+            self.start_window(end);
             // A long quiet gap: nothing is queueing; start afresh.
             if self.count == 0 && now.duration_since(self.window_start) > WINDOW * MAX_CALM * 2 {
-                self.window_start = now;
+                self.start_window(now);
                 self.calm = 0;
                 self.steps = 0;
                 break;
             }
         }
         self.steps > before
+    }
+
+    fn start_window(&mut self, at: Instant) {
+        self.window_start = at;
+        self.window_end = at + WINDOW;
     }
 
     fn rise(&mut self, at: Instant, steps: u32) {
@@ -221,7 +239,7 @@ mod tests {
         let made = Instant::now();
         let mut s = ShedLevel::new(20 * MS, 3, made);
         let now = made + Duration::from_secs(10);
-        s.window_start = now; // no idle history to replay
+        s.start_window(now); // no idle history to replay
         (s, now)
     }
 

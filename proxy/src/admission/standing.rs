@@ -100,6 +100,14 @@ impl Standing {
         self.until = Some(now + INTERVAL);
     }
 
+    /// A request of these tiers got a permit without waiting: what
+    /// [`Standing::on_grant`] does with no wait (a run of waits over the
+    /// target ends; nothing else moves), without the gate's work of
+    /// weighing a wait. Most grants are these.
+    pub fn on_prompt_grant(&mut self) {
+        self.above_since = None;
+    }
+
     /// A request of these tiers was refused at its deadline: while the
     /// queue stands, that is the excess, and the overload goes on.
     pub fn on_timeout(&mut self, now: Instant) {
@@ -242,6 +250,28 @@ mod tests {
             );
         }
         assert!(s.active(t0 + 1100 * MS));
+    }
+
+    #[test]
+    fn a_prompt_grant_ends_a_run_of_waits_as_a_grant_without_wait_does() {
+        let t0 = Instant::now();
+        let run = |prompt: fn(&mut Standing, Instant)| {
+            let mut s = Standing::default();
+            for i in 0..8 {
+                s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30, INTERVAL);
+            }
+            prompt(&mut s, t0 + 850 * MS);
+            for i in 9..14 {
+                s.on_grant(t0 + i * 100 * MS, 300 * MS, TARGET, 30, INTERVAL);
+            }
+            (s.active(t0 + 1300 * MS), s.pressing(t0 + 1300 * MS))
+        };
+        let waited_nothing = run(|s, t| s.on_grant(t, Duration::ZERO, TARGET, 30, INTERVAL));
+        let prompt = run(|s, _| s.on_prompt_grant());
+        assert_eq!(waited_nothing, (false, true), "the run started over");
+        assert_eq!(prompt, waited_nothing);
+        // Without the quick grant, 1.3 s of waits over the target stand.
+        assert!(run(|_, _| {}).0);
     }
 
     #[test]

@@ -54,9 +54,8 @@ pub struct Seen {
     /// The limit in force and its `min`.
     pub limit: u32,
     pub min: u32,
-    /// The last window's mean latency and the limit's ceiling.
-    pub latency: Option<Duration>,
-    pub ceiling: Option<Duration>,
+    /// The last window's mean latency over the limit's ceiling.
+    pub over_ceiling: Option<f64>,
 }
 
 /// The starvation state of one site's limit.
@@ -69,10 +68,8 @@ pub struct Starving {
 impl Starving {
     /// The claim at `now`, as a share of the baseline.
     pub fn claim(&mut self, now: Instant, seen: Seen) -> f64 {
-        if let (Some(l), Some(c)) = (seen.latency, seen.ceiling) {
-            if l.as_secs_f64() > c.as_secs_f64() * COLLAPSE {
-                self.cool_until = Some(now + COOL_DOWN);
-            }
+        if seen.over_ceiling.is_some_and(|r| r > COLLAPSE) {
+            self.cool_until = Some(now + COOL_DOWN);
         }
         let cooling = self.cool_until.is_some_and(|t| now < t);
         let starved = seen.waiting && f64::from(seen.limit) <= STARVED_AT * f64::from(seen.min);
@@ -96,8 +93,7 @@ mod tests {
             waiting,
             limit,
             min: 4,
-            latency: Some(MS * latency_ms),
-            ceiling: Some(22 * MS),
+            over_ceiling: Some(f64::from(latency_ms) / 22.0),
         }
     }
 
