@@ -21,7 +21,9 @@ so machine drift hits all alike; medians are reported. Results go to
 results/peers-<stamp>.md and .json.
 
   fleet     N k2proxy behind an L4 balancer against N HAProxy (maxconn =
-            workers / N), at FLEET_LOADS (docs/admission.md, "Fleets").
+            workers / N), at FLEET_LOADS (3,5 by default; 0.8 checks that
+            nothing is refused under capacity: the share of all requests
+            refused is reported) (docs/admission.md, "Fleets").
   accesslog throughput with the access log on (the default level, stderr to a
             file) and off, K2PROXY_B with its log on, bare pingora, nginx
             with its access log on and off.
@@ -685,7 +687,19 @@ def cpu_seconds(pid):
 
 
 FLEET_SIZES = [int(x) for x in os.environ.get("FLEET_SIZES", "1,2,3").split(",")]
-FLEET_LOADS = [int(x) for x in os.environ.get("FLEET_LOADS", "3,5").split(",")]
+def load_x(text):
+    """A load in multiples of capacity: 3, or 0.8 (under capacity, where
+    nothing may be refused)."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = 0.0
+    if not x > 0:
+        sys.exit(f"FLEET_LOADS: {text!r} is not a positive multiple of capacity")
+    return int(x) if x == int(x) else x
+
+
+FLEET_LOADS = [load_x(x) for x in os.environ.get("FLEET_LOADS", "3,5").split(",")]
 FLEET_LOG = os.environ.get("FLEET_LOG", "info")
 # A discarded run of this length opens each group of runs ("0" for none):
 # the first run after a size change was slower whichever binary ran it.
@@ -800,18 +814,23 @@ def fleet():
                            # every run starts its proxies anew).
                            "purchase_p99_after_1s_ms": tt["purchase"]["ok_after_first_second_ms"]["p99"],
                            "goodput_share": a["ok"] / (capacity * r["elapsed_s"]),
+                           # Every tier's refusals and failures: under
+                           # capacity (FLEET_LOADS=0.8) none is the target.
+                           "refused_share": (a["shed"] + a["rate_limited"] + a["timeout"] + a["error"])
+                           / max(1, sum(a.values())),
                            "limits": limits}
                     runs.append(row)
                     seen = [x for ls in limits[len(limits) // 2:] for x in ls if x is not None]
                     log(f"{load}x {n} x {v:<17} purchase {row['purchase_success']*100:6.2f}% "
                         f"p50 {row['purchase_p50_ms']:6.1f} p99 {row['purchase_p99_ms']:7.1f} "
                         f"(after 1 s {row['purchase_p99_after_1s_ms']:6.1f}) ms, "
-                        f"goodput {row['goodput_share']:.2f}x, limits {min(seen, default='-')}..{max(seen, default='-')}")
+                        f"goodput {row['goodput_share']:.2f}x, refused {row['refused_share']*100:.2f}%, "
+                        f"limits {min(seen, default='-')}..{max(seen, default='-')}")
                     time.sleep(0.3)
     md = [f"### Fleet (legacy-sim {workers} workers x {service}, ~{capacity:.0f} req/s; N instances behind an "
           f"L4 round-robin balancer; open loop {OVERLOAD_DURATION} per run; holiday mix; median of {ROUNDS} rounds)", "",
-          "| load | instances | proxy | purchase ok | purchase p50 ms | purchase p99 ms | purchase p99 ms after the first second | goodput / capacity | per-instance limit (second half) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| load | instances | proxy | purchase ok | purchase p50 ms | purchase p99 ms | purchase p99 ms after the first second | goodput / capacity | refused, all tiers (worst round) | per-instance limit (second half) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for load in FLEET_LOADS:
         for n in FLEET_SIZES:
             for v in variants:
@@ -821,7 +840,8 @@ def fleet():
                 md.append(f"| {load}x | {n} | {v} | {med([r['purchase_success'] for r in rs]) * 100:.1f}% | "
                           f"{med([r['purchase_p50_ms'] for r in rs]):.0f} | {med([r['purchase_p99_ms'] for r in rs]):.0f} | "
                           f"{med([r['purchase_p99_after_1s_ms'] for r in rs]):.0f} | "
-                          f"{med([r['goodput_share'] for r in rs]):.2f} | {lim} |")
+                          f"{med([r['goodput_share'] for r in rs]):.2f} | "
+                          f"{max(r['refused_share'] for r in rs) * 100:.2f}% | {lim} |")
     return runs, md
 
 
