@@ -20,6 +20,10 @@ Every measurement runs ROUNDS times, the targets interleaved (A B C A B C ...),
 so machine drift hits all alike; medians are reported. Results go to
 results/peers-<stamp>.md and .json.
 
+  upgrade   one k2proxy replaced by a graceful upgrade under UPGRADE_LOAD
+            (0.8x) of FLEET_WORKERS x FLEET_SERVICE (64 x lognormal(50ms,
+            0.25) here), with and without [server] admission_state: what the
+            new process refused while its limits climbed.
   fleet     N k2proxy behind an L4 balancer against N HAProxy (maxconn =
             workers / N), at FLEET_LOADS (3,5 by default; 0.8 checks that
             nothing is refused under capacity: the share of all requests
@@ -845,6 +849,75 @@ def fleet():
     return runs, md
 
 
+# --- a graceful upgrade mid-load -------------------------------------------
+
+UPGRADE_LOAD = os.environ.get("UPGRADE_LOAD", "0.8")
+UPGRADE_AT_S = float(os.environ.get("UPGRADE_AT_S", "6"))
+
+
+def upgrade_once(workers, service, capacity, keep_state):
+    """One k2proxy under open-loop load at UPGRADE_LOAD, replaced at
+    UPGRADE_AT_S by a process started with --upgrade (SIGQUIT hands it the
+    listeners): what the new process refused, with and without
+    [server] admission_state (the old one's limits, written every second)."""
+    sp, sim_port, _ = sim(workers, service, "legacy")
+    state = os.path.join(WORK, f"admission-{time.time_ns()}.json")
+    edit = (lambda r: r.replace('policy = "', f'admission_state = "{state}"\npolicy = "', 1)) if keep_state else None
+    old, port = k2proxy([sim_port], log_level="info", routes_edit=edit)
+    rpath = os.path.join(WORK, f"routes-{port}.toml")
+    duration = UPGRADE_AT_S + 8
+    result = {}
+    t = threading.Thread(target=lambda: result.update(run_scenario(
+        scenario_file(load_x(UPGRADE_LOAD), capacity, f"{duration:g}s"), f"http://127.0.0.1:{port}")))
+    t.start()
+    time.sleep(UPGRADE_AT_S)
+    new_log = os.path.join(WORK, f"k2proxy-{port}-new.log")
+    new = subprocess.Popen([f"{BIN}/k2proxy", "run", "--upgrade", "--routes", rpath],
+                           stdout=subprocess.DEVNULL, stderr=open(new_log, "ab"), stdin=subprocess.DEVNULL,
+                           env=dict(os.environ, RUST_LOG="info"))
+    PROCS.append(new)
+    time.sleep(0.5)
+    old.send_signal(signal.SIGQUIT)
+    t.join()
+    for p in (new, old, sp):
+        stop(p)
+    lines = [l for l in open(new_log, errors="replace") if "k2proxy::access" in l]
+    refused = sum('outcome="shed"' in l for l in lines)
+    a = result["all"]["outcomes"]
+    return {"keep_state": keep_state, "new_requests": len(lines), "new_refused": refused,
+            "refused_share_all": (a["shed"] + a["rate_limited"] + a["timeout"] + a["error"]) / max(1, sum(a.values())),
+            "errors": a["error"] + a["timeout"],
+            "resumed": sum("resumed from the admission state" in l for l in open(new_log, errors="replace"))}
+
+
+def upgrade():
+    """A graceful upgrade of one k2proxy mid-load (UPGRADE_LOAD x capacity of
+    FLEET_WORKERS x FLEET_SERVICE), with and without [server] admission_state,
+    interleaved ROUNDS times: requests the new process refused."""
+    workers, service = int(os.environ.get("FLEET_WORKERS", "64")), os.environ.get(
+        "FLEET_SERVICE", "lognormal(50ms, 0.25)")
+    capacity = workers / mean_service_s(service)
+    log(f"== upgrade at {UPGRADE_AT_S:g} s under {UPGRADE_LOAD}x: legacy-sim {workers} x {service}")
+    runs = []
+    for rnd in range(1, ROUNDS + 1):
+        for keep in ((False, True) if rnd % 2 else (True, False)):
+            r = upgrade_once(workers, service, capacity, keep)
+            r["round"] = rnd
+            runs.append(r)
+            log(f"round {rnd} {'with' if keep else 'without'} admission_state: the new process refused "
+                f"{r['new_refused']} of {r['new_requests']} ({r['resumed']} sites resumed); "
+                f"errors {r['errors']}")
+    md = [f"### Graceful upgrade mid-load (legacy-sim {workers} x {service}, {UPGRADE_LOAD}x, "
+          f"upgrade at {UPGRADE_AT_S:g} s; {ROUNDS} rounds)", "",
+          "| admission_state | refused by the new process (each round) | of its requests | client errors |",
+          "|---|---|---|---|"]
+    for keep in (False, True):
+        rs = [r for r in runs if r["keep_state"] == keep]
+        md.append(f"| {'set' if keep else 'not set'} | {', '.join(str(r['new_refused']) for r in rs)} | "
+                  f"{', '.join(str(r['new_requests']) for r in rs)} | {sum(r['errors'] for r in rs)} |")
+    return runs, md
+
+
 # --- the edge: a slowloris client ------------------------------------------
 
 ATTACK_CONNS = int(os.environ.get("ATTACK_CONNS", "5000"))
@@ -1103,7 +1176,7 @@ def main():
         for phase in phases:
             data, md = {"overhead": overhead, "instructions": instructions, "overload": overload,
                         "failover": failover, "fleet": fleet, "edge": edge,
-                        "accesslog": accesslog, "tls": tls}[phase]()
+                        "accesslog": accesslog, "tls": tls, "upgrade": upgrade}[phase]()
             all_json[phase] = data
             all_md += md + [""]
             print("\n".join(md) + "\n", flush=True)

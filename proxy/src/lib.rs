@@ -30,6 +30,7 @@ pub mod logfmt;
 mod metrics;
 mod process;
 pub mod reload;
+mod remember;
 mod runtime;
 pub mod server;
 mod stats;

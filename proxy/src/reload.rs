@@ -73,6 +73,17 @@ fn restart_needed(running: &Server, new: &Server) -> Vec<String> {
             new.upgrade_sock.display()
         ));
     }
+    if running.admission_state != new.admission_state {
+        let shown = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or("none".to_string(), |p| p.display().to_string())
+        };
+        out.push(format!(
+            "[server].admission_state: {} -> {}",
+            shown(&running.admission_state),
+            shown(&new.admission_state)
+        ));
+    }
     let https = |s: &Server| s.tls.iter().map(|t| t.listen).collect::<Vec<_>>();
     if https(running) != https(new) {
         out.push(format!(
@@ -304,6 +315,7 @@ mod tests {
             admin: "127.0.0.1:2".parse().unwrap(),
             threads: 2,
             upgrade_sock: PathBuf::from("/tmp/x.sock"),
+            admission_state: None,
             max_header_bytes: 32 * 1024,
             idle_timeout: std::time::Duration::from_secs(60),
             header_timeout: std::time::Duration::from_secs(10),

@@ -93,6 +93,7 @@ fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
         proxy.add_tcp(&addr.to_string());
     }
     let shared_for_reload = shared.clone();
+    let shared_for_state = shared.clone();
     let health = pingora::services::background::background_service(
         "k2proxy health",
         crate::health::HealthService::new(shared.clone()),
@@ -110,5 +111,13 @@ fn build(shared: Arc<Shared>, opts: &RunOptions) -> Server {
     server.add_service(admin);
     server.add_service(reload);
     server.add_service(health);
+    if let Some(path) = gen.config.server.admission_state.clone() {
+        // Before any request: the first ones then meet the limits resumed.
+        crate::remember::restore(&shared_for_state, &path);
+        server.add_service(pingora::services::background::background_service(
+            "k2proxy admission state",
+            crate::remember::RememberService::new(shared_for_state, path),
+        ));
+    }
     server
 }

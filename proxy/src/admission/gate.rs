@@ -174,6 +174,16 @@ impl<W> Gate<W> {
         self.limit.current()
     }
 
+    /// Starts the limit at `limit` (see [`Limit::resume`]).
+    pub fn resume(&mut self, limit: u32) {
+        self.limit.resume(limit);
+    }
+
+    /// Whether the limit is adaptive (what [`Gate::resume`] acts on).
+    pub fn is_adaptive(&self) -> bool {
+        self.limit.is_adaptive()
+    }
+
     pub fn inflight(&self) -> u32 {
         self.inflight
     }

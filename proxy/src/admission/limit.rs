@@ -415,6 +415,17 @@ impl Limit {
         }
     }
 
+    /// Starts an adaptive limit that has learnt nothing yet at `limit`
+    /// (within its bounds) instead of `initial`, without a slow start: the
+    /// limit a process before this one had learnt of the same backend
+    /// ([`super::memory`]). A fixed limit is left alone.
+    pub fn resume(&mut self, limit: u32) {
+        if let Limit::Adaptive(g) = self {
+            g.limit = f64::from(limit).clamp(f64::from(g.bounds.min), f64::from(g.bounds.max));
+            g.slow_start = false;
+        }
+    }
+
     /// The last window's mean latency over the ceiling, once both are
     /// known: what [`Limit::learnt`] shows as `latency / ceiling`, without
     /// its conversions (the gate asks on every release).

@@ -10,6 +10,7 @@
 
 pub mod gate;
 pub mod limit;
+pub mod memory;
 pub mod queue;
 pub mod shed_level;
 pub mod standing;
@@ -135,6 +136,21 @@ impl Controller {
         for (t, gauge) in gauges.inflight.iter().enumerate() {
             gauge.set(i64::from(g.tier_inflight(t)));
         }
+    }
+
+    /// The adaptive limit in force, `None` for a fixed one: what
+    /// [`memory`] keeps across a restart.
+    pub fn adaptive_limit(&self) -> Option<u32> {
+        let g = self.lock();
+        g.is_adaptive().then(|| g.limit())
+    }
+
+    /// Starts an adaptive limit at `limit`, as a process before this one
+    /// left it ([`memory`]); a fixed one is left alone.
+    pub fn resume(&self, limit: u32) {
+        let mut g = self.lock();
+        g.resume(limit);
+        self.publish(&g);
     }
 
     /// The site's admission state now, for `/status` and tests.

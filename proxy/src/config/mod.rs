@@ -195,6 +195,10 @@ pub struct Server {
     pub threads: usize,
     /// Where a graceful upgrade hands the listeners over.
     pub upgrade_sock: PathBuf,
+    /// Where the adaptive limits are written every second and read at
+    /// start (`admission::memory`); `None`: a start begins at `initial`.
+    /// Read at start only.
+    pub admission_state: Option<PathBuf>,
     /// Largest request head, bytes (request line and headers); larger is
     /// answered 431 and never reaches a backend. Applies on reload.
     pub max_header_bytes: usize,

@@ -37,6 +37,9 @@ pub struct ServerRaw {
     /// Unix socket through which a new process (`k2proxy run --upgrade`)
     /// takes over the listeners; one per instance on a machine.
     pub upgrade_sock: Option<Spanned<String>>,
+    /// File where the adaptive limits are kept across a restart; relative
+    /// to the directory of `routes.toml`. None by default.
+    pub admission_state: Option<Spanned<String>>,
     /// Largest request head (request line and headers), bytes; larger gets 431.
     pub max_header_bytes: Option<Spanned<i64>>,
     /// A keep-alive connection with no request in progress is closed after this long.

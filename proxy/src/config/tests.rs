@@ -751,3 +751,27 @@ fn standing_after_defaults_to_a_second_and_is_range_checked() {
         );
     }
 }
+
+#[test]
+fn the_admission_state_file_is_off_by_default_relative_to_the_routes_and_never_empty() {
+    assert_eq!(load(ROUTES, POLICY).unwrap().server.admission_state, None);
+    let routes = src(
+        "/etc/k2proxy/routes.toml",
+        &server_with("admission_state = \"state/admission.json\""),
+    );
+    let s = load_sources(&routes, &src("policy.toml", POLICY))
+        .unwrap()
+        .server;
+    assert_eq!(
+        s.admission_state,
+        Some(std::path::PathBuf::from(
+            "/etc/k2proxy/state/admission.json"
+        ))
+    );
+    let e = only_error(&server_with("admission_state = \" \""), POLICY);
+    assert!(
+        headline(&e).contains("`admission_state` is empty: expected a file path"),
+        "{e}"
+    );
+    assert!(headline(&e).contains(":4:"), "no line in {e}");
+}

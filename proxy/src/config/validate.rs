@@ -522,6 +522,17 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
             listen.first().map_or(0, |a| a.port())
         )),
     };
+    let admission_state = raw.admission_state.as_ref().and_then(|p| {
+        if p.get_ref().trim().is_empty() {
+            c.err(
+                p,
+                "`admission_state` is empty: expected a file path (leave the key out to keep no state)",
+            );
+            return None;
+        }
+        let base = c.src.path.parent().unwrap_or(std::path::Path::new("."));
+        Some(base.join(p.get_ref()))
+    });
     let max_header_bytes = c.int(
         raw.max_header_bytes.as_ref(),
         "max_header_bytes",
@@ -562,6 +573,7 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         admin,
         threads,
         upgrade_sock,
+        admission_state,
         max_header_bytes,
         idle_timeout,
         header_timeout,
