@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | backend health, serving site | same cluster, site name and address | unknown, checked anew |
 //! | retry budget (recent requests and retries) | same cluster name | empty |
-//! | admission controller (limit, in flight, waiters) | same cluster and site name; takes the new settings | fresh at `initial` |
+//! | admission controller (limit, in flight, waiters) | same cluster and site name; takes the new settings | fresh at `initial` (at start, the saved limit with `[server] admission_state`: `admission::memory`) |
 //! | rate-limit buckets | same rule name, scope, key, rate and burst | fresh (full) buckets |
 
 mod carry;
