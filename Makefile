@@ -58,8 +58,8 @@ bench: bench-classify bench-admission bench-peers
 ## fleet (N instances behind an L4 balancer vs the HAProxy oracle), edge (a slowloris
 ## client against k2proxy and K2PROXY_B, an older build), accesslog (throughput with the
 ## access log on and off), tls (handshakes/s and HTTPS h1/h2 req/s against bare pingora
-## with the same TLS stack and nginx), or
-## overhead, instructions, overload and/or failover).
+## with the same TLS stack and nginx), upgrade (a graceful upgrade under 0.8x, with and
+## without [server] admission_state), or overhead, instructions, overload and/or failover).
 PHASES ?= overhead instructions overload failover
 bench-peers: build
 	@for tool in nginx haproxy wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
