@@ -883,8 +883,13 @@ def upgrade_once(workers, service, capacity, keep_state):
         stop(p)
     lines = [l for l in open(new_log, errors="replace") if "k2proxy::access" in l]
     refused = sum('outcome="shed"' in l for l in lines)
+    # The new process's purchases: how long they took, queue included.
+    purchase_ms = sorted(float(m.group(1)) for l in lines if 'tier="purchase"' in l and 'outcome="proxied"' in l
+                         for m in [re.search(r"duration_ms=([\d.]+)", l)] if m)
     a = result["all"]["outcomes"]
     return {"keep_state": keep_state, "new_requests": len(lines), "new_refused": refused,
+            "new_purchase_p99_ms": purchase_ms[int(0.99 * (len(purchase_ms) - 1))] if purchase_ms else None,
+            "new_purchases_refused": sum('outcome="shed"' in l and 'tier="purchase"' in l for l in lines),
             "refused_share_all": (a["shed"] + a["rate_limited"] + a["timeout"] + a["error"]) / max(1, sum(a.values())),
             "errors": a["error"] + a["timeout"],
             "resumed": sum("resumed from the admission state" in l for l in open(new_log, errors="replace"))}
@@ -905,16 +910,18 @@ def upgrade():
             r["round"] = rnd
             runs.append(r)
             log(f"round {rnd} {'with' if keep else 'without'} admission_state: the new process refused "
-                f"{r['new_refused']} of {r['new_requests']} ({r['resumed']} sites resumed); "
-                f"errors {r['errors']}")
+                f"{r['new_refused']} of {r['new_requests']} ({r['new_purchases_refused']} purchases; "
+                f"purchase p99 {r['new_purchase_p99_ms']} ms; {r['resumed']} sites resumed); errors {r['errors']}")
     md = [f"### Graceful upgrade mid-load (legacy-sim {workers} x {service}, {UPGRADE_LOAD}x, "
           f"upgrade at {UPGRADE_AT_S:g} s; {ROUNDS} rounds)", "",
-          "| admission_state | refused by the new process (each round) | of its requests | client errors |",
-          "|---|---|---|---|"]
+          "| admission_state | refused by the new process (each round) | of its requests | its purchases refused "
+          "| its purchase p99 ms | client errors |",
+          "|---|---|---|---|---|---|"]
     for keep in (False, True):
         rs = [r for r in runs if r["keep_state"] == keep]
-        md.append(f"| {'set' if keep else 'not set'} | {', '.join(str(r['new_refused']) for r in rs)} | "
-                  f"{', '.join(str(r['new_requests']) for r in rs)} | {sum(r['errors'] for r in rs)} |")
+        each = lambda k: ", ".join(f"{r[k]:.0f}" if isinstance(r[k], float) else str(r[k]) for r in rs)
+        md.append(f"| {'set' if keep else 'not set'} | {each('new_refused')} | {each('new_requests')} | "
+                  f"{each('new_purchases_refused')} | {each('new_purchase_p99_ms')} | {sum(r['errors'] for r in rs)} |")
     return runs, md
 
 
