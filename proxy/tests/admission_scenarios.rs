@@ -64,6 +64,10 @@ struct Fleet {
     /// gate takes the traffic.
     #[serde(default)]
     restart: Vec<(usize, f64)>,
+    /// A restarted instance resumes the limit its process before it had,
+    /// as `[server] admission_state` makes it (`admission::memory`).
+    #[serde(default)]
+    restart_resumes: bool,
 }
 
 impl Default for Fleet {
@@ -72,6 +76,7 @@ impl Default for Fleet {
             proxies: 1,
             start_s: Vec::new(),
             restart: Vec::new(),
+            restart_resumes: false,
         }
     }
 }
@@ -420,11 +425,20 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 if inst.gate.is_some() {
                     inst.incarnation += 1;
                 }
+                let kept = inst
+                    .gate
+                    .as_ref()
+                    .filter(|g| s.fleet.restart_resumes && g.is_adaptive())
+                    .map(|g| g.limit());
                 // Its limit is made now, as the process makes it when it
                 // starts: a late-comer's first probe is a probe interval
                 // after its own start, not due at once (a clone of the one
                 // made at set-up was, and so probed on its first window).
-                inst.gate = Some(Gate::new(rules.clone(), limit.fresh(at(now)), at(now)));
+                let mut gate = Gate::new(rules.clone(), limit.fresh(at(now)), at(now));
+                if let Some(l) = kept {
+                    gate.resume(l);
+                }
+                inst.gate = Some(gate);
             }
             Event::Arrival => {
                 let p = &s.phase[ph];
