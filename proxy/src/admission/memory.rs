@@ -12,8 +12,8 @@
 //! if the file is at most [`FRESH_FOR`] old. Anything older says little
 //! of the backend now, and is left unused.
 //!
-//! The file is JSON, written to a temporary file beside it and renamed,
-//! so a reader never sees half of it. A file that cannot be read or
+//! The file is JSON, written to a temporary file beside it (one per
+//! process) and renamed, so a reader never sees half of it. A file that cannot be read or
 //! parsed is reported and left unused: it never stops a start.
 
 use std::path::Path;
@@ -71,11 +71,12 @@ pub fn snapshot(controllers: &Controllers, now: SystemTime) -> Saved {
 }
 
 /// Writes `controllers`' limits to `path` (through a temporary file
-/// beside it, renamed over it).
+/// beside it, renamed over it). The temporary file is this process's own:
+/// during a graceful upgrade the old and the new process both write.
 pub fn save(path: &Path, controllers: &Controllers, now: SystemTime) -> std::io::Result<()> {
     let text = serde_json::to_vec(&snapshot(controllers, now)).map_err(std::io::Error::other)?;
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{}.tmp", std::process::id()));
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
