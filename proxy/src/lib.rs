@@ -74,6 +74,9 @@ pub struct Shared {
     pub(crate) probe_errors:
         Mutex<std::collections::HashMap<(String, std::net::SocketAddr), String>>,
     reload_lock: Mutex<()>,
+    /// `[server] admission_state`: what the start found, and the writes
+    /// since, for `/status`.
+    pub(crate) admission_state: Mutex<Option<remember::Report>>,
 }
 
 impl Shared {
@@ -100,6 +103,7 @@ impl Shared {
             upgrading: Default::default(),
             probe_errors: Default::default(),
             reload_lock: Mutex::new(()),
+            admission_state: Mutex::new(None),
         }
     }
 

@@ -58,6 +58,10 @@ async fn a_restarted_process_resumes_the_limit_the_one_before_it_wrote() {
     first
         .log_line("adaptive limit resumed from the admission state")
         .await;
+    let shown = &first.status().await["admission_state"];
+    assert_eq!(shown["at_start"], "resumed", "{shown}");
+    assert_eq!(shown["resumed"], serde_json::json!(["kred/skondal"]));
+    assert_eq!(shown["file"], state.display().to_string());
     // It writes the file itself, every second.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while saved(&state)["saved_at_ms"].as_u64() == Some(written_at) {
@@ -82,6 +86,11 @@ async fn a_stale_or_unreadable_state_is_said_and_left_unused() {
     let p = Proxy::start(&routes(backend.addr, &state), &default_policy()).await;
     assert_eq!(site_limit(&p).await, 8, "an hour old: `initial`");
     p.log_line("admission state too old to use").await;
+    let shown = &p.status().await["admission_state"];
+    assert!(
+        shown["at_start"].as_str().unwrap().starts_with("stale"),
+        "{shown}"
+    );
     drop(p);
 
     std::fs::write(&state, "not json").unwrap();
@@ -89,4 +98,18 @@ async fn a_stale_or_unreadable_state_is_said_and_left_unused() {
     assert_eq!(site_limit(&p).await, 8);
     let line = p.log_line("admission state not used").await;
     assert!(line.contains("admission.json"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_cannot_be_written_is_said_and_the_proxy_serves_on() {
+    let backend = Backend::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("no-such-dir").join("admission.json");
+    let p = Proxy::start(&routes(backend.addr, &state), &default_policy()).await;
+    p.log_line("cannot write the admission state").await;
+    let shown = &p.status().await["admission_state"];
+    assert_eq!(shown["at_start"], "absent", "{shown}");
+    assert!(shown["write_error"].is_string(), "{shown}");
+    let r = client().get(p.url("/checkout/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -48,6 +48,17 @@ pub fn status(shared: &Shared) -> Value {
         "watching_files": shared.watching.load(std::sync::atomic::Ordering::Acquire),
         "last_reload": last,
         "draining": shared.draining.is_set(),
+        "admission_state": shared
+            .admission_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| json!({
+                "file": r.file.display().to_string(),
+                "at_start": r.at_start,
+                "resumed": r.resumed,
+                "write_error": r.write_error,
+            })),
         "rate_limit_store": gen.limiters.store().map(|s| json!({
             "redis": s.url(),
             "up": s.is_up(),
