@@ -92,6 +92,9 @@ impl RememberService {
             }
         }
         *failing = result.is_err();
+        if *failing {
+            self.shared.metrics.admission_state_write_errors.inc();
+        }
         let mut report = self
             .shared
             .admission_state
