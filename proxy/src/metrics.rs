@@ -193,9 +193,9 @@ pub struct Metrics {
     /// `k2_log_lines_dropped_total`: log lines the writer could not keep up
     /// with (`logbuf::DROPPED`, brought up to date when scraped).
     log_dropped: IntCounter,
-    /// `k2_admission_state_write_errors_total`: writes of `[server]
-    /// admission_state` that failed.
-    pub admission_state_write_errors: IntCounter,
+    /// `k2_admission_state_write_failing`: 1 while the last write of
+    /// `[server] admission_state` failed.
+    pub admission_state_write_failing: IntGauge,
     process: crate::process::ProcessMetrics,
 }
 
@@ -299,7 +299,7 @@ impl Metrics {
             draining: gauge(&r, "k2_draining", "1 while the process drains after SIGTERM (/healthz answers 503)."),
             rate_limit_store_up: gauge(&r, "k2_rate_limit_store_up", "1 while the fleet's rate-limit store (Redis) answers, or when the policy names none; 0 while scope = fleet limits fall back to per_second / fleet_size per instance."),
             rate_limit_fallbacks: counter(&r, "k2_rate_limit_fallbacks_total", "Fleet rate-limit checks decided on this instance because the store was down or slower than its timeout."),
-            admission_state_write_errors: counter(&r, "k2_admission_state_write_errors_total", "Writes of [server] admission_state that failed: a restart then starts its limits at initial, or from an older file."),
+            admission_state_write_failing: gauge(&r, "k2_admission_state_write_failing", "1 while the last write of [server] admission_state failed (it is written every second): a restart would start its limits at initial, or from an older file."),
             log_dropped: counter(&r, "k2_log_lines_dropped_total", "Log lines (the access log's mostly) dropped because the log output could not keep up; requests never wait for it."),
             process: crate::process::ProcessMetrics::register(&r),
             registry: r,

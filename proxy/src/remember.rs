@@ -92,9 +92,10 @@ impl RememberService {
             }
         }
         *failing = result.is_err();
-        if *failing {
-            self.shared.metrics.admission_state_write_errors.inc();
-        }
+        self.shared
+            .metrics
+            .admission_state_write_failing
+            .set(i64::from(*failing));
         let mut report = self
             .shared
             .admission_state

@@ -177,12 +177,16 @@ async fn every_dashboard_and_alert_expression_returns_series_from_a_real_prometh
     // has its series (and fires).
     let certs = tempfile::tempdir().unwrap();
     let tls = https_listener(certs.path(), 7);
+    // An admission state in a directory that does not exist: its writes
+    // fail, so the alert on them has its series (and fires).
+    let state = certs.path().join("no-such-dir").join("admission.json");
     let routes = format!(
         r#"[server]
 listen = ["{{LISTEN}}"]
 admin = "{{ADMIN}}"
 threads = 2
 policy = "policy.toml"
+admission_state = "{}"
 {tls}
 [clusters.kred]
 health = {{ path = "/health", interval = "200ms", timeout = "100ms", rise = 2, fall = 2 }}
@@ -207,7 +211,9 @@ match = {{ path_prefix = "/cs/" }}
 tier = "customer_service"
 cluster = "kred"
 "#,
-        primary.addr, secondary.addr
+        state.display(),
+        primary.addr,
+        secondary.addr
     );
     // A fleet rate limit whose store refuses connections: it falls back (and
     // never limits: 100 000/s), so the store-down alert has its series.
