@@ -476,6 +476,21 @@ fn cidrs(c: &mut Check<'_>, list: &[Spanned<String>], field: &str) -> Vec<IpNet>
     out
 }
 
+/// `[server] admission_state`: a path relative to the routes file's
+/// directory; an empty one is refused.
+fn admission_state(c: &mut Check<'_>, raw: Option<&Spanned<String>>) -> Option<PathBuf> {
+    let p = raw?;
+    if p.get_ref().trim().is_empty() {
+        c.err(
+            p,
+            "`admission_state` is empty: expected a file path (leave the key out to keep no state)",
+        );
+        return None;
+    }
+    let base = c.src.path.parent().unwrap_or(std::path::Path::new("."));
+    Some(base.join(p.get_ref()))
+}
+
 fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
     let mut listen = Vec::new();
     if raw.listen.get_ref().is_empty() {
@@ -522,17 +537,7 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
             listen.first().map_or(0, |a| a.port())
         )),
     };
-    let admission_state = raw.admission_state.as_ref().and_then(|p| {
-        if p.get_ref().trim().is_empty() {
-            c.err(
-                p,
-                "`admission_state` is empty: expected a file path (leave the key out to keep no state)",
-            );
-            return None;
-        }
-        let base = c.src.path.parent().unwrap_or(std::path::Path::new("."));
-        Some(base.join(p.get_ref()))
-    });
+    let admission_state = admission_state(c, raw.admission_state.as_ref());
     let max_header_bytes = c.int(
         raw.max_header_bytes.as_ref(),
         "max_header_bytes",
