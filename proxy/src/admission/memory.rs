@@ -99,22 +99,17 @@ pub fn restore(
     if age > FRESH_FOR {
         return Ok(Restored::Stale { age });
     }
-    let resumed = saved
-        .sites
-        .into_iter()
-        .filter(|s| {
-            let found = controllers
-                .iter()
-                .find(|c| c.cluster() == s.cluster && c.site() == s.site);
-            found.is_some_and(|c| {
-                let adaptive = c.adaptive_limit().is_some();
-                if adaptive {
-                    c.resume(s.limit);
-                }
-                adaptive
-            })
-        })
-        .collect();
+    let mut resumed = Vec::new();
+    for s in saved.sites {
+        let found = controllers
+            .iter()
+            .find(|c| c.cluster() == s.cluster && c.site() == s.site)
+            .filter(|c| c.adaptive_limit().is_some());
+        if let Some(c) = found {
+            c.resume(s.limit);
+            resumed.push(s);
+        }
+    }
     Ok(Restored::Resumed(resumed))
 }
 
