@@ -6,8 +6,9 @@
 //! 1. shed `forced` when ops pinned `t` off (`force_shed`);
 //! 2. shed `shed_level` when the shed level covers `t` (see [`super::shed_level`]);
 //! 3. admitted at once when in-flight < limit (less a small headroom kept
-//!    for `never_shed` tiers under an adaptive limit), nobody of its tier
-//!    waits, and `t` is within its share (or no other tier wants the room);
+//!    for `never_shed` tiers under an adaptive limit, plus the slots they may
+//!    take past it, see [`super::overdraft`]), nobody of its tier waits, and
+//!    `t` is within its share (or no other tier wants the room);
 //! 4. otherwise queued until a permit is handed to it, its deadline passes
 //!    (`queue_timeout`), or a full queue gives its place to a higher tier
 //!    (`queue_full`). While the `never_shed` tiers' own queue stands (see
@@ -16,6 +17,7 @@
 use std::time::{Duration, Instant};
 
 use super::limit::{Limit, Sample, Urgency};
+use super::overdraft;
 use super::queue::{TierQueue, Waiter};
 use super::shed_level::{Coverage, ShedLevel};
 use super::standing::Standing;
@@ -218,13 +220,14 @@ impl<W> Gate<W> {
     }
 
     /// How far in-flight may go for `tier`. A `never_shed` tier may use the
-    /// whole limit; the others leave [`Gate::headroom`] slots free, so a
-    /// purchase arriving at a saturated backend finds a slot at once instead
-    /// of waiting in our queue for the next completion.
-    fn room(&self, tier: usize) -> u32 {
+    /// whole limit, and [`Gate::overdraft`] past it; the others leave
+    /// [`Gate::headroom`] slots free, so a purchase arriving at a saturated
+    /// backend finds a slot at once instead of waiting in our queue for the
+    /// next completion.
+    fn room(&self, tier: usize, now: Instant) -> u32 {
         let limit = self.limit.current();
         if self.rules.tiers[tier].never_shed {
-            limit
+            limit + self.overdraft(now)
         } else {
             limit.saturating_sub(self.headroom()).max(1)
         }
@@ -243,6 +246,20 @@ impl<W> Gate<W> {
         } else {
             0
         }
+    }
+
+    /// Slots a `never_shed` tier may take past an adaptive limit (a fixed
+    /// one is the operator's exact capacity): see [`super::overdraft`].
+    fn overdraft(&self, now: Instant) -> u32 {
+        if !self.limit.is_adaptive() {
+            return 0;
+        }
+        overdraft::slots(overdraft::Seen {
+            limit: self.limit.current(),
+            min: self.limit.min(),
+            over_ceiling: self.limit.over_ceiling(),
+            waited_over_target: self.standing.over_target_for(now),
+        })
     }
 
     fn eligible(&self, tier: usize) -> bool {
@@ -342,7 +359,9 @@ impl<W> Gate<W> {
         if let Some(reason) = self.refused(tier, now) {
             return Decision::Shed(reason);
         }
-        if self.inflight < self.room(tier) && self.queue.tier_len(tier) == 0 && self.eligible(tier)
+        if self.inflight < self.room(tier, now)
+            && self.queue.tier_len(tier) == 0
+            && self.eligible(tier)
         {
             self.count_in(tier);
             self.note_grant(tier, now, Duration::ZERO);
@@ -523,12 +542,12 @@ impl<W> Gate<W> {
     /// If the waiter cannot be told, give the permit back with [`Gate::ungrant`].
     pub fn grant_next(&mut self, now: Instant) -> Option<(usize, W)> {
         // Checked on every release: nobody waiting is the common case.
-        if self.inflight >= self.limit.current() || self.queue.is_empty() {
+        if self.queue.is_empty() || self.inflight >= self.limit.current() + self.overdraft(now) {
             return None;
         }
         self.queue.purge_expired(now);
         let caps: Vec<bool> = (0..self.rules.tiers.len())
-            .map(|t| self.inflight < self.room(t) && self.eligible(t))
+            .map(|t| self.inflight < self.room(t, now) && self.eligible(t))
             .collect();
         let (tier, w) = self.queue.pop_highest(now, |t| caps[t])?;
         self.count_in(tier);
@@ -628,17 +647,51 @@ mod tests {
         }
         assert_eq!(g.try_admit(1, now), Decision::Queue);
         g.enqueue(1, now, 10).unwrap();
-        // …and a purchase still gets in at once, up to the limit.
-        assert_eq!(g.try_admit(0, now), Decision::Admit);
-        assert_eq!(g.try_admit(0, now), Decision::Admit);
+        // …and a purchase still gets in at once, up to the limit and past
+        // it by its square root (the overdraft).
+        for _ in 0..6 {
+            assert_eq!(g.try_admit(0, now), Decision::Admit);
+        }
         assert_eq!(g.try_admit(0, now), Decision::Queue);
         // A freed slot goes to the waiting merchant only below the headroom.
-        g.release(0, now, Sample::Ignored);
-        assert_eq!(g.grant_next(now), None, "15 in flight: above 14");
-        g.release(1, now, Sample::Ignored);
+        for _ in 0..6 {
+            g.release(0, now, Sample::Ignored);
+            assert_eq!(g.grant_next(now), None, "14 in flight or more");
+        }
         g.release(1, now, Sample::Ignored);
         assert_eq!(g.grant_next(now), Some((1, 10)));
         assert_eq!(g.inflight(), 14);
+    }
+
+    #[test]
+    fn a_waiting_purchase_goes_past_an_adaptive_limit_but_not_a_fixed_one() {
+        let now = Instant::now();
+        let bounds = super::super::limit::Bounds {
+            initial: 16,
+            min: 4,
+            max: 100,
+        };
+        let mut g: Gate<u32> = Gate::new(rules(10), adaptive(bounds, now), now);
+        for _ in 0..14 {
+            assert_eq!(g.try_admit(1, now), Decision::Admit);
+        }
+        for _ in 0..6 {
+            assert_eq!(g.try_admit(0, now), Decision::Admit);
+        }
+        assert_eq!(g.inflight(), 20, "16 and √16 past it");
+        assert_eq!(g.try_admit(0, now), Decision::Queue);
+        g.enqueue(0, now, 7).unwrap();
+        // A merchant's slot comes back: the waiting purchase takes it,
+        // still past the limit.
+        g.release(1, now, Sample::Ignored);
+        assert_eq!(g.grant_next(now), Some((0, 7)));
+        assert_eq!(g.inflight(), 20);
+        // A fixed limit is the operator's exact capacity: nothing past it.
+        let (mut fixed, now) = gate(16, 10);
+        for _ in 0..16 {
+            assert_eq!(fixed.try_admit(0, now), Decision::Admit);
+        }
+        assert_eq!(fixed.try_admit(0, now), Decision::Queue);
     }
 
     #[test]

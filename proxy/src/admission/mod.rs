@@ -11,6 +11,7 @@
 pub mod gate;
 pub mod limit;
 pub mod memory;
+pub mod overdraft;
 pub mod queue;
 pub mod shed_level;
 pub mod standing;

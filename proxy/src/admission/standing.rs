@@ -133,6 +133,13 @@ impl Standing {
         self.last_over.is_some_and(|t| now < t + INTERVAL)
     }
 
+    /// How long every grant of these tiers has waited over the target,
+    /// without a break (nothing while they are admitted at once).
+    pub fn over_target_for(&self, now: Instant) -> Duration {
+        self.above_since
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
+
     /// Whether newcomers of these tiers wait only the target.
     pub fn active(&self, now: Instant) -> bool {
         self.until.is_some_and(|u| now < u)
