@@ -632,8 +632,8 @@ mod tests {
         assert_eq!(g.inflight(), 2);
     }
 
-    #[test]
-    fn an_adaptive_limit_keeps_headroom_for_the_never_shed_tier() {
+    /// An adaptive limit of 16 with the 14 merchants it admits in flight.
+    fn adaptive_16_full_of_merchants() -> (Gate<u32>, Instant) {
         let now = Instant::now();
         let bounds = super::super::limit::Bounds {
             initial: 16,
@@ -641,10 +641,16 @@ mod tests {
             max: 100,
         };
         let mut g: Gate<u32> = Gate::new(rules(10), adaptive(bounds, now), now);
-        // Merchants stop 2 short of 16 (√16 / 2)…
         for _ in 0..14 {
             assert_eq!(g.try_admit(1, now), Decision::Admit);
         }
+        (g, now)
+    }
+
+    #[test]
+    fn an_adaptive_limit_keeps_headroom_for_the_never_shed_tier() {
+        let (mut g, now) = adaptive_16_full_of_merchants();
+        // Merchants stop 2 short of 16 (√16 / 2)…
         assert_eq!(g.try_admit(1, now), Decision::Queue);
         g.enqueue(1, now, 10).unwrap();
         // …and a purchase still gets in at once, up to the limit and past
@@ -665,16 +671,7 @@ mod tests {
 
     #[test]
     fn a_waiting_purchase_goes_past_an_adaptive_limit_but_not_a_fixed_one() {
-        let now = Instant::now();
-        let bounds = super::super::limit::Bounds {
-            initial: 16,
-            min: 4,
-            max: 100,
-        };
-        let mut g: Gate<u32> = Gate::new(rules(10), adaptive(bounds, now), now);
-        for _ in 0..14 {
-            assert_eq!(g.try_admit(1, now), Decision::Admit);
-        }
+        let (mut g, now) = adaptive_16_full_of_merchants();
         for _ in 0..6 {
             assert_eq!(g.try_admit(0, now), Decision::Admit);
         }
