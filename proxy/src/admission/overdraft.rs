@@ -4,14 +4,15 @@
 //! In a fleet, each instance's limit settles where the backend's latency
 //! meets its own ceiling, and the ceilings differ by what each instance's
 //! probes happened to read (a few percent on a backend whose service time
-//! varies). The instance with the lower ceiling holds the smaller share:
-//! on 16 workers with log-normal service times (σ 0.5), two instances held
-//! 7-8 and 14-16, and the smaller one's purchases waited in our queue for
-//! 30-100 ms at a time while the larger one admitted merchants (real
-//! fleets at 3x: purchase p99 77-192 ms against HAProxy's 74 with
-//! `maxconn = workers / N`). The starving claim ([`super::starving`]) acts
-//! only at `1.5 × min`; above it nothing told the others that this
-//! instance's purchases wait.
+//! varies). The instance with the lower ceiling holds the smaller share.
+//! Simulated on 16 workers with log-normal service times (σ 0.5), two
+//! instances held 7-8 and 14-16, and the smaller one's purchases waited in
+//! our queue for 30-100 ms at a time while the larger one admitted
+//! merchants (real fleets of two at 3x, the build before: purchase p99
+//! 75-133 ms, median 80, against HAProxy's 73 with `maxconn = workers /
+//! N`). The starving claim ([`super::starving`]) acts only at
+//! `1.5 × min`; above it nothing told the others that this instance's
+//! purchases wait.
 //!
 //! A purchase that finds the limit full may go past it by `√limit` (4 of
 //! 16): it reaches the backend at once, the backend's latency rises a
@@ -21,8 +22,8 @@
 //! itself does not move; lower tiers still stop short of it
 //! (`Gate::headroom`). Measured (docs/admission.md, "Thirty-first
 //! round"): on that backend, two and three instances at 3x held purchase
-//! p99 at 71-77 and 78-92 ms in nine interleaved rounds against 77-192 and
-//! 82-265 without it.
+//! p99 at a median 77 and 83 ms over seven interleaved rounds, against 80
+//! and 89 without it and HAProxy's 73 and 79 (`maxconn = workers / N`).
 //!
 //! When more in the backend is only more queue, there is no overdraft:
 //! - at `min` (or within `√limit` of it): a fleet whose `min`s fill the
