@@ -219,18 +219,19 @@ impl<W> Gate<W> {
         ((f64::from(self.limit.current()) * share).ceil() as u32).max(1)
     }
 
-    /// How far in-flight may go for `tier`. A `never_shed` tier may use the
-    /// whole limit, and [`Gate::overdraft`] past it; the others leave
-    /// [`Gate::headroom`] slots free, so a purchase arriving at a saturated
-    /// backend finds a slot at once instead of waiting in our queue for the
-    /// next completion.
-    fn room(&self, tier: usize, now: Instant) -> u32 {
+    /// Whether one more request of `tier` fits in flight. A `never_shed`
+    /// tier may use the whole limit, and [`Gate::overdraft`] past it; the
+    /// others leave [`Gate::headroom`] slots free, so a purchase arriving at
+    /// a saturated backend finds a slot at once instead of waiting in our
+    /// queue for the next completion.
+    fn fits(&self, tier: usize, now: Instant) -> bool {
         let limit = self.limit.current();
-        if self.rules.tiers[tier].never_shed {
-            limit + self.overdraft(now)
-        } else {
-            limit.saturating_sub(self.headroom()).max(1)
+        if !self.rules.tiers[tier].never_shed {
+            return self.inflight < limit.saturating_sub(self.headroom()).max(1);
         }
+        // The overdraft is weighed only once the limit is full: most
+        // purchases find room under it, and this runs for each of them.
+        self.inflight < limit || self.inflight < limit + self.overdraft(now)
     }
 
     /// Slots kept for the `never_shed` tiers: half the square root of the
@@ -359,10 +360,7 @@ impl<W> Gate<W> {
         if let Some(reason) = self.refused(tier, now) {
             return Decision::Shed(reason);
         }
-        if self.inflight < self.room(tier, now)
-            && self.queue.tier_len(tier) == 0
-            && self.eligible(tier)
-        {
+        if self.fits(tier, now) && self.queue.tier_len(tier) == 0 && self.eligible(tier) {
             self.count_in(tier);
             self.note_grant(tier, now, Duration::ZERO);
             // `refused` just ticked to `now`: a second tick would find
@@ -542,12 +540,16 @@ impl<W> Gate<W> {
     /// If the waiter cannot be told, give the permit back with [`Gate::ungrant`].
     pub fn grant_next(&mut self, now: Instant) -> Option<(usize, W)> {
         // Checked on every release: nobody waiting is the common case.
-        if self.queue.is_empty() || self.inflight >= self.limit.current() + self.overdraft(now) {
+        if self.queue.is_empty() {
+            return None;
+        }
+        let limit = self.limit.current();
+        if self.inflight >= limit && self.inflight >= limit + self.overdraft(now) {
             return None;
         }
         self.queue.purge_expired(now);
         let caps: Vec<bool> = (0..self.rules.tiers.len())
-            .map(|t| self.inflight < self.room(t, now) && self.eligible(t))
+            .map(|t| self.fits(t, now) && self.eligible(t))
             .collect();
         let (tier, w) = self.queue.pop_highest(now, |t| caps[t])?;
         self.count_in(tier);
