@@ -693,6 +693,63 @@ mod tests {
         assert_eq!(fixed.try_admit(0, now), Decision::Queue);
     }
 
+    /// Purchases alone through an adaptive limit of 16 (no slow start,
+    /// every other tier forced off) for `secs`: each 10 ms one completes,
+    /// the oldest of three waiting purchases (30 ms in our queue, over the
+    /// 20 ms target) takes its slot if it may, and a new one queues. With
+    /// `break_at`, the queue runs short at that step, so that a few grants
+    /// wait 20 ms or less, before it fills again. Returns how many are in
+    /// flight after a last completion and grant.
+    fn purchases_waiting_through_an_overdraft(secs: u32, break_at: Option<u32>) -> u32 {
+        let now = Instant::now();
+        let mut r = rules(100);
+        r.tiers[1].force_shed = true;
+        r.tiers[2].force_shed = true;
+        let bounds = super::super::limit::Bounds {
+            initial: 16,
+            min: 4,
+            max: 100,
+        };
+        let mut limit = adaptive(bounds, now);
+        limit.resume(16);
+        let mut g: Gate<u32> = Gate::new(r, limit, now);
+        while g.try_admit(0, now) == Decision::Admit {}
+        assert_eq!(g.inflight(), 20, "16 and √16 past it");
+        for i in 0..3 {
+            g.enqueue(0, now, i).unwrap();
+        }
+        let arrivals = |i: u32| match break_at.map(|k| i.checked_sub(k)) {
+            Some(Some(0 | 1)) => 0,
+            Some(Some(3 | 4)) => 2,
+            _ => 1,
+        };
+        for i in 1..=secs * 100 {
+            let t = now + i * 10 * MS;
+            g.release(0, t, Sample::Ignored);
+            g.grant_next(t);
+            for _ in 0..arrivals(i) {
+                g.enqueue(0, t, 100 + i).unwrap();
+            }
+        }
+        let end = now + (secs * 100 + 1) * 10 * MS;
+        g.release(0, end, Sample::Ignored);
+        g.grant_next(end);
+        g.inflight()
+    }
+
+    #[test]
+    fn purchases_waiting_over_the_target_for_3_s_with_all_else_shed_lose_the_overdraft() {
+        // Two seconds in, the waiting purchase still takes the slot past
+        // the limit…
+        assert_eq!(purchases_waiting_through_an_overdraft(2, None), 20);
+        // …four seconds in, their demand is over capacity: nothing past
+        // it, and the purchases in flight fall back to the limit.
+        assert_eq!(purchases_waiting_through_an_overdraft(4, None), 16);
+        // A break in the waits at 2.5 s starts the run again: at 4 s it
+        // is 1.5 s long, and the overdraft stays.
+        assert_eq!(purchases_waiting_through_an_overdraft(4, Some(250)), 20);
+    }
+
     #[test]
     fn waits_while_the_limit_slow_starts_do_not_raise_the_shed_level() {
         // A cold start: the limit (4) has seen no queueing yet, merchants
