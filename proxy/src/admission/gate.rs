@@ -519,6 +519,7 @@ impl<W> Gate<W> {
             limit: self.limit.current(),
             min: self.limit.min(),
             over_ceiling: self.limit.over_ceiling(),
+            waited_over_target: self.standing.over_target_for(now),
         };
         Urgency::Starving(self.starving.claim(now, seen))
     }

@@ -18,6 +18,23 @@
 //! so it never claims. A single instance at 5x sits at the knee, not at
 //! `min`, and never claims either.
 //!
+//! Above that, an instance can be short of its share too: two instances'
+//! first probes of a large backend whose service time varies (64 workers ×
+//! 50 ms, σ 0.25) read ceilings 5-15% apart, and the lower one settles at
+//! `1.2 / (1 − ceiling / latency)`, 7-13, with everything but purchases
+//! shed and hundreds of purchases queued, while the other holds the
+//! workers (real fleets: purchase p99 over a second in two rounds of
+//! fourteen; docs/admission.md, "Thirty-second round"). Such an instance
+//! (over [`SHARE_FROM`], its last window over its ceiling, purchases
+//! waiting over the target) claims [`SHARE_CLAIM`] at most: enough to
+//! close that gap. Not for long: a run of such waits longer than
+//! [`SHARE_WHILE`] is purchases over the backend's capacity, which a
+//! claim only queues deeper (at 5x every instance's purchases wait; the
+//! claim held at 5x doubled the simulated purchase p99 of three instances
+//! on 8 workers), and limits of [`SHARE_FROM`] or less are a small
+//! backend's, whose shares the queue allowance's floor already evens
+//! (`FAIR_FROM` in `limit.rs`).
+//!
 //! Where every instance starves (`N × min` over the workers, or a backend
 //! that collapses under its queue), every instance claims, and the claim
 //! feeds the queue: the backend's latency then runs away from the
@@ -39,6 +56,15 @@ pub const CLAIM_PER_SECOND: f64 = 1.0;
 /// (simulation, two instances cold into 3x on log-normal: purchase p99
 /// 206 → 157 ms in the mean of sixteen seeds with 0.6).
 pub const MAX_CLAIM: f64 = 0.6;
+/// Over this limit an instance whose purchases wait claims a share
+/// ([`SHARE_CLAIM`]); at or under it, only at `min` ([`STARVED_AT`]).
+pub const SHARE_FROM: u32 = 8;
+/// The largest claim of an instance short of its share, as a share of the
+/// baseline: a gap between two ceilings of up to 10%.
+pub const SHARE_CLAIM: f64 = 0.1;
+/// An instance short of its share claims while its purchases' waits over
+/// the target have run for less than this.
+pub const SHARE_WHILE: Duration = Duration::from_secs(2);
 /// A window mean over this multiple of the ceiling is a backend that the
 /// claims collapse, not a share to win back.
 pub const COLLAPSE: f64 = 3.0;
@@ -56,6 +82,9 @@ pub struct Seen {
     pub min: u32,
     /// The last window's mean latency over the limit's ceiling.
     pub over_ceiling: Option<f64>,
+    /// How long every grant of these tiers has waited over the target,
+    /// without a break, while every other tier was shed.
+    pub waited_over_target: Duration,
 }
 
 /// The starvation state of one site's limit.
@@ -72,13 +101,17 @@ impl Starving {
             self.cool_until = Some(now + COOL_DOWN);
         }
         let cooling = self.cool_until.is_some_and(|t| now < t);
-        let starved = seen.waiting && f64::from(seen.limit) <= STARVED_AT * f64::from(seen.min);
-        if cooling || !starved {
+        let at_min = f64::from(seen.limit) <= STARVED_AT * f64::from(seen.min);
+        let short = seen.limit > SHARE_FROM
+            && seen.over_ceiling.is_some_and(|r| r > 1.0)
+            && seen.waited_over_target < SHARE_WHILE;
+        if cooling || !seen.waiting || !(at_min || short) {
             self.since = None;
             return 0.0;
         }
         let since = *self.since.get_or_insert(now);
-        (CLAIM_PER_SECOND * now.duration_since(since).as_secs_f64()).min(MAX_CLAIM)
+        let cap = if at_min { MAX_CLAIM } else { SHARE_CLAIM };
+        (CLAIM_PER_SECOND * now.duration_since(since).as_secs_f64()).min(cap)
     }
 }
 
@@ -94,6 +127,7 @@ mod tests {
             limit,
             min: 4,
             over_ceiling: Some(f64::from(latency_ms) / 22.0),
+            waited_over_target: Duration::from_millis(500),
         }
     }
 
@@ -118,6 +152,29 @@ mod tests {
         s.claim(t0 + 700 * MS, seen(true, 4, 24));
         let c = s.claim(t0 + 800 * MS, seen(true, 4, 24));
         assert!(c < 0.11, "{c}");
+    }
+
+    #[test]
+    fn an_instance_short_of_its_share_claims_a_little_and_not_for_long() {
+        let t0 = Instant::now();
+        let mut s = Starving::default();
+        // A limit of 12 (over SHARE_FROM), purchases waiting, the latency
+        // over its ceiling: a claim that grows to SHARE_CLAIM, not more.
+        assert_eq!(s.claim(t0, seen(true, 12, 24)), 0.0);
+        let c = s.claim(t0 + 50 * MS, seen(true, 12, 24));
+        assert!((c - 0.05).abs() < 1e-9, "{c}");
+        assert_eq!(s.claim(t0 + 1000 * MS, seen(true, 12, 24)), SHARE_CLAIM);
+        // Purchases that have waited over the target for SHARE_WHILE
+        // without a break are over capacity: no claim.
+        let standing = Seen {
+            waited_over_target: SHARE_WHILE,
+            ..seen(true, 12, 24)
+        };
+        assert_eq!(s.claim(t0 + 1100 * MS, standing), 0.0);
+        // Nor with the latency under the ceiling, nor at a small limit.
+        assert_eq!(s.claim(t0 + 1200 * MS, seen(true, 12, 21)), 0.0);
+        assert_eq!(s.claim(t0 + 1300 * MS, seen(true, 8, 24)), 0.0);
+        assert_eq!(s.claim(t0 + 2300 * MS, seen(true, 8, 24)), 0.0);
     }
 
     #[test]
