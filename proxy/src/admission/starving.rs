@@ -29,12 +29,13 @@
 //! waiting over the target) claims [`SHARE_CLAIM`] at most: enough to
 //! close that gap. Not for long: a run of such waits longer than
 //! [`SHARE_WHILE`] is purchases over the backend's capacity, which a
-//! claim only queues deeper (at 5x every instance's purchases wait, and
-//! without this rule and the next three instances on 8 workers had a
-//! simulated purchase p99 of 1 022 ms against 771 in the median seed),
-//! and limits of [`SHARE_FROM`] or less are a small backend's, whose
-//! shares the queue allowance's floor already evens (`FAIR_FROM` in
-//! `limit.rs`). A single instance has nobody to claim from, and in
+//! claim only queues deeper (at 5x every instance's purchases wait;
+//! without this rule a single instance's simulated drill plateau had a
+//! purchase p99 of 1 500 ms against 1 146). Limits of [`SHARE_FROM`] or
+//! less are a small backend's, whose shares the queue allowance's floor
+//! already evens (`FAIR_FROM` in `limit.rs`); claiming there, three
+//! instances on 8 workers at 5x had 1 161 ms against 771 in the median
+//! seed. A single instance has nobody to claim from, and in
 //! front of a collapsing backend those 2 s at a time deepen its queue
 //! (the simulated drill's ramp: purchase p99 113 → 133 ms in the median
 //! seed; the real `make peak` met its thresholds).
