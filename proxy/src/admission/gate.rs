@@ -635,15 +635,19 @@ mod tests {
         assert_eq!(g.inflight(), 2);
     }
 
-    /// An adaptive limit of 16 with the 14 merchants it admits in flight.
-    fn adaptive_16_full_of_merchants() -> (Gate<u32>, Instant) {
-        let now = Instant::now();
-        let bounds = super::super::limit::Bounds {
+    /// An adaptive limit starting at 16, at least 4.
+    fn bounds_16() -> super::super::limit::Bounds {
+        super::super::limit::Bounds {
             initial: 16,
             min: 4,
             max: 100,
-        };
-        let mut g: Gate<u32> = Gate::new(rules(10), adaptive(bounds, now), now);
+        }
+    }
+
+    /// An adaptive limit of 16 with the 14 merchants it admits in flight.
+    fn adaptive_16_full_of_merchants() -> (Gate<u32>, Instant) {
+        let now = Instant::now();
+        let mut g: Gate<u32> = Gate::new(rules(10), adaptive(bounds_16(), now), now);
         for _ in 0..14 {
             assert_eq!(g.try_admit(1, now), Decision::Admit);
         }
@@ -706,12 +710,7 @@ mod tests {
         let mut r = rules(100);
         r.tiers[1].force_shed = true;
         r.tiers[2].force_shed = true;
-        let bounds = super::super::limit::Bounds {
-            initial: 16,
-            min: 4,
-            max: 100,
-        };
-        let mut limit = adaptive(bounds, now);
+        let mut limit = adaptive(bounds_16(), now);
         limit.resume(16);
         let mut g: Gate<u32> = Gate::new(r, limit, now);
         while g.try_admit(0, now) == Decision::Admit {}
