@@ -232,8 +232,10 @@ impl Report {
             let _ = write!(
                 page,
                 "<h2>The backend's latency as each k2proxy instance sees it (ms, the last \
-                 window's mean) and the uncongested latency its limit learned (lighter: \
-                 a fleet's instances should agree on it)</h2>{}",
+                 window's mean), the uncongested latency its limit learned (lighter: \
+                 a fleet's instances should agree on it), and the latency over which its \
+                 limit shrinks, its ceiling plus what it claims while its purchases wait \
+                 (thin: the instance whose line runs lowest holds the smallest share)</h2>{}",
                 self.chart_learnt(states)
             );
         }
@@ -341,11 +343,15 @@ impl Report {
         self.chart(&lines, 1.0..top.max(10.0) * 1.5, true, "requests")
     }
 
-    /// Each instance's latency and learnt baseline over the run, in ms.
+    /// Each instance's latency, learnt baseline and the latency over which
+    /// its limit shrinks (ceiling plus claim) over the run, in ms: in a
+    /// fleet, the instance whose line runs lowest is the one short of its
+    /// share.
     fn chart_learnt(&self, states: &States) -> String {
-        let kinds: [Kind; 2] = [
+        let kinds: [Kind; 3] = [
             ("latency", |s| s.latency_ms, 2, false),
             ("baseline", |s| s.baseline_ms, 1, true),
+            ("shrinks over", |s| s.shrinks_over_ms, 1, false),
         ];
         let (lines, top) = instance_lines(states, &kinds, 0.0);
         self.chart(&lines, 0.0..top.max(1.0) * 1.2, false, "ms")

@@ -596,6 +596,13 @@ pub struct SiteState {
     pub baseline_ms: Option<f64>,
     /// The last window's mean latency, in ms; `None` likewise.
     pub latency_ms: Option<f64>,
+    /// The latency over which the limit shrinks: its ceiling plus what it
+    /// claims because its purchases wait (`learnt.ceiling_ms` +
+    /// `learnt.claim.ms`), in ms; `None` likewise. In a fleet, the instance
+    /// with the lowest is the one whose share shrinks.
+    pub shrinks_over_ms: Option<f64>,
+    /// What of it is claimed, in ms (0 when nothing is); `None` likewise.
+    pub claim_ms: Option<f64>,
 }
 
 /// Each instance's [`SiteState`] at the first cluster's first site, one row
@@ -608,13 +615,17 @@ pub async fn site_state(admin: SocketAddr) -> Option<SiteState> {
     let body = http_get(admin, "/status").await?;
     let s: serde_json::Value = serde_json::from_str(&body).ok()?;
     let site = &s["clusters"][0]["sites"][0];
+    let learnt = &site["learnt"];
+    let claim_ms = learnt["claim"]["ms"].as_f64().unwrap_or(0.0);
     Some(SiteState {
         limit: site["limit"].as_u64()?,
         inflight: site["inflight"].as_u64()?,
         queued: site["queued"].as_u64()?,
         shed_level: site["shed_level"].as_f64()?,
-        baseline_ms: site["learnt"]["baseline_ms"].as_f64(),
-        latency_ms: site["learnt"]["latency_ms"].as_f64(),
+        baseline_ms: learnt["baseline_ms"].as_f64(),
+        latency_ms: learnt["latency_ms"].as_f64(),
+        shrinks_over_ms: learnt["ceiling_ms"].as_f64().map(|c| c + claim_ms),
+        claim_ms: learnt["ceiling_ms"].as_f64().map(|_| claim_ms),
     })
 }
 

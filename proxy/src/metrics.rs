@@ -148,6 +148,10 @@ pub struct Metrics {
     /// `k2_admission_baseline_seconds{cluster,site}`: the uncongested
     /// latency an adaptive limit learned (0 before it has one).
     pub admission_baseline: GaugeVec,
+    /// `k2_admission_claim_seconds{cluster,site}`: the latency an adaptive
+    /// limit tolerates above its ceiling because its purchases wait (0 when
+    /// it claims nothing).
+    pub admission_claim: GaugeVec,
     /// `k2_shed_level{cluster,site}`: lowest tiers refused outright
     /// (fractional: 2.25 is two tiers and a quarter of the next).
     pub shed_level: GaugeVec,
@@ -280,6 +284,7 @@ impl Metrics {
             inflight: gauges(&r, "k2_inflight", "Requests holding an admission permit.", &["cluster", "site", "tier"]),
             admission_limit: gauges(&r, "k2_admission_limit", "Concurrency limit in force.", site),
             admission_baseline: gauges_f64(&r, "k2_admission_baseline_seconds", "The backend's uncongested latency the adaptive limit learned (0 before it has one, or for a fixed limit): a fleet's instances should agree on it.", site),
+            admission_claim: gauges_f64(&r, "k2_admission_claim_seconds", "The latency the adaptive limit tolerates above its ceiling because its purchases wait (0 when it claims nothing): in a fleet, the instance that claims takes a larger share of the backend.", site),
             shed_level,
             queue_depth: gauges(&r, "k2_queue_depth", "Requests waiting for admission.", site),
             queue_wait: histograms(&r, "k2_queue_wait_seconds", "Time from arrival to admission (0 when admitted at once) or to a queue timeout.", &["tier"]),

@@ -144,18 +144,34 @@ async fn purchases_keep_flowing_at_three_times_capacity() {
     assert!(learnt["ceiling_ms"].as_f64() >= Some(baseline), "{site}");
     assert!(learnt["latency_ms"].as_f64() >= Some(24.0), "{site}");
     assert_eq!(site["standing_queue"], false, "off in the default policy");
+    // Whether it claims a share above its ceiling: null or a reason and ms.
+    let claim = learnt
+        .get("claim")
+        .unwrap_or_else(|| panic!("no claim: {site}"));
+    assert!(
+        claim.is_null() || (claim["reason"].is_string() && claim["ms"].as_f64() > Some(0.0)),
+        "{claim}"
+    );
     // The same baseline on /metrics (nothing finished since: the load is over).
     let metrics = proxy.metrics().await;
-    let exported = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(r#"k2_admission_baseline_seconds{cluster="kred",site="skondal"} "#)
-        })
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no baseline gauge in\n{metrics}"));
+    let site_gauge = |name: &str| {
+        let prefix = format!(r#"{name}{{cluster="kred",site="skondal"}} "#);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let exported = site_gauge("k2_admission_baseline_seconds");
     assert!(
         (exported * 1e3 - baseline).abs() < 0.01,
         "{exported} s on /metrics, {baseline} ms on /status"
+    );
+    let claimed = site_gauge("k2_admission_claim_seconds");
+    let on_status = claim["ms"].as_f64().unwrap_or(0.0);
+    assert!(
+        (claimed * 1e3 - on_status).abs() < 0.01,
+        "{claimed} s on /metrics, {claim} on /status"
     );
 
     let goodput = report.ok() as f64 / (CAPACITY * SECONDS as f64);

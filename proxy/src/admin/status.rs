@@ -109,6 +109,10 @@ fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
                             "ceiling_ms": l.ceiling.map(ms),
                             "latency_ms": l.latency.map(ms),
                             "probing": l.probing,
+                            "claim": l.claim.map(|c| json!({
+                                "reason": c.reason,
+                                "ms": ms(c.latency),
+                            })),
                         })),
                         "backends": view[si].iter().map(|b| json!({
                             "addr": b.addr.to_string(),

@@ -521,7 +521,7 @@ impl<W> Gate<W> {
             over_ceiling: self.limit.over_ceiling(),
             waited_over_target: self.standing.over_target_for(now),
         };
-        Urgency::Starving(self.starving.claim(now, seen))
+        self.starving.claim(now, seen)
     }
 
     /// A permit of `tier` came back; `sample` is what the backend showed.

@@ -335,6 +335,36 @@ pub enum Urgency {
     /// `refuse_standing_queue` is off and they starve at `min`: claim this
     /// share of the baseline ([`super::starving`]).
     Starving(f64),
+    /// `refuse_standing_queue` is off, the limit is over `min` and its
+    /// share is short (the last window over the ceiling, purchases waiting
+    /// for less than [`super::starving::SHARE_WHILE`]): claim this share of
+    /// the baseline ([`super::starving`]).
+    Short(f64),
+}
+
+impl Urgency {
+    /// The latency claimed above the ceiling, as a share of the baseline.
+    pub fn share(self) -> f64 {
+        match self {
+            Urgency::Calm => 0.0,
+            Urgency::Pressing => URGENT_CLAIM,
+            Urgency::Standing => STANDING_CLAIM,
+            Urgency::Starving(claim) | Urgency::Short(claim) => claim,
+        }
+    }
+
+    /// Why an instance claims, as `/status` says it; `None` when it does
+    /// not.
+    pub fn reason(self) -> Option<&'static str> {
+        let why = match self {
+            Urgency::Calm => return None,
+            Urgency::Pressing => "purchases_waiting",
+            Urgency::Standing => "standing_queue",
+            Urgency::Starving(_) => "starving_at_min",
+            Urgency::Short(_) => "short_of_share",
+        };
+        (self.share() > 0.0).then_some(why)
+    }
 }
 
 /// Settings of an adaptive limit.
@@ -365,6 +395,18 @@ pub struct Learnt {
     /// A probe of the uncongested latency is running (the limit is
     /// lowered meanwhile).
     pub probing: bool,
+    /// The latency this instance claims above its ceiling, and why (see
+    /// [`Urgency`]); `None` when it claims nothing or has no baseline.
+    pub claim: Option<Claim>,
+}
+
+/// A claim of latency above the ceiling ([`Learnt::claim`]): in a fleet,
+/// the instance whose limit shrinks last takes the larger share.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Claim {
+    /// [`Urgency::reason`].
+    pub reason: &'static str,
+    pub latency: Duration,
 }
 
 impl Limit {
@@ -449,6 +491,10 @@ impl Limit {
             ceiling: g.baseline.map(|b| secs(g.ceiling(b))),
             latency: g.latest.map(secs),
             probing: g.probe.is_some(),
+            claim: g.baseline.zip(g.urgency.reason()).map(|(b, reason)| Claim {
+                reason,
+                latency: secs(g.urgency.share() * b),
+            }),
         })
     }
 
@@ -498,12 +544,7 @@ impl Limit {
     /// again, all of them purchases.
     pub fn set_urgency(&mut self, urgency: Urgency) {
         if let Limit::Adaptive(g) = self {
-            g.claim = match urgency {
-                Urgency::Calm => 0.0,
-                Urgency::Pressing => URGENT_CLAIM,
-                Urgency::Standing => STANDING_CLAIM,
-                Urgency::Starving(claim) => claim,
-            };
+            g.urgency = urgency;
         }
     }
 
@@ -576,9 +617,9 @@ pub struct Gradient {
     slow_start: bool,
     /// No halving before this (once per latency).
     halved_until: Instant,
-    /// The latency this instance claims above its ceiling, as a share of
-    /// the baseline (see [`Limit::set_urgency`]).
-    claim: f64,
+    /// How pressed this instance's `never_shed` tiers are: the latency it
+    /// claims above its ceiling (see [`Limit::set_urgency`]).
+    urgency: Urgency,
     /// The probe due was called by the stale rule, not the grid: it goes
     /// only as deep as the gradient lets wait, then halves while that
     /// lowers the latency.
@@ -691,7 +732,7 @@ impl Gradient {
             quiet_since: None,
             slow_start: true,
             halved_until: now,
-            claim: 0.0,
+            urgency: Urgency::Calm,
             stale_probe: false,
             held_until: None,
             settling_until: None,
@@ -1381,7 +1422,7 @@ impl Gradient {
         // is noise, not queueing. The error comes from the spread seen
         // before k2proxy queued anything, so the spread that queueing adds
         // does not count.
-        let claim = self.claim * baseline;
+        let claim = self.urgency.share() * baseline;
         let ratio = (self.ceiling(baseline) + claim) / short;
         // Not in front of a sub-millisecond backend: there a window three
         // times the baseline is a stalled CPU (a test machine running three
@@ -1419,7 +1460,7 @@ impl Gradient {
         // the square of it).
         let allowance = if gradient >= 1.0 {
             self.limit.sqrt()
-        } else if self.claim > 0.0 {
+        } else if self.urgency.share() > 0.0 {
             QUEUE_ALLOWANCE * self.limit.sqrt()
         } else {
             QUEUE_ALLOWANCE * self.limit.max(FAIR_FROM).sqrt()
@@ -1599,6 +1640,29 @@ mod tests {
         // 20% over: within the pressing claim only.
         assert!(run(Urgency::Standing, 24 * MS) < start);
         assert!(run(Urgency::Pressing, 24 * MS) >= start);
+    }
+
+    #[test]
+    fn what_a_limit_learnt_says_how_much_it_claims_and_why() {
+        let mut now = Instant::now();
+        let mut l = adaptive(bounds(), now);
+        assert_eq!(l.learnt().unwrap().claim, None, "no baseline yet");
+        l.set_urgency(Urgency::Short(0.05));
+        assert_eq!(l.learnt().unwrap().claim, None, "no baseline yet");
+        feed(&mut l, &mut now, 20, 20 * MS, 1000);
+        let baseline = l.baseline().unwrap().as_secs_f64();
+        let claim = l.learnt().unwrap().claim.expect("a claim");
+        assert_eq!(claim.reason, "short_of_share");
+        assert!((claim.latency.as_secs_f64() - 0.05 * baseline).abs() < 1e-6);
+        l.set_urgency(Urgency::Standing);
+        let claim = l.learnt().unwrap().claim.expect("a claim");
+        assert_eq!(claim.reason, "standing_queue");
+        assert!((claim.latency.as_secs_f64() - STANDING_CLAIM * baseline).abs() < 1e-6);
+        // A starving claim that has not grown yet is no claim.
+        l.set_urgency(Urgency::Starving(0.0));
+        assert_eq!(l.learnt().unwrap().claim, None);
+        l.set_urgency(Urgency::Calm);
+        assert_eq!(l.learnt().unwrap().claim, None);
     }
 
     #[test]

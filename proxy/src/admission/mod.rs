@@ -41,6 +41,7 @@ type Reply = oneshot::Sender<Result<Permit, ShedReason>>;
 struct SiteGauges {
     limit: IntGauge,
     baseline: Gauge,
+    claim: Gauge,
     shed_level: Gauge,
     queue_depth: IntGauge,
     inflight: Vec<IntGauge>,
@@ -132,6 +133,10 @@ impl Controller {
         gauges
             .baseline
             .set(g.baseline().map_or(0.0, |b| b.as_secs_f64()));
+        let claim = g.learnt().and_then(|l| l.claim);
+        gauges
+            .claim
+            .set(claim.map_or(0.0, |c| c.latency.as_secs_f64()));
         gauges.shed_level.set(g.shed_level());
         gauges.queue_depth.set(g.queued() as i64);
         for (t, gauge) in gauges.inflight.iter().enumerate() {
@@ -273,6 +278,7 @@ impl SiteGauges {
         SiteGauges {
             limit: m.admission_limit.with_label_values(&[cluster, site]),
             baseline: m.admission_baseline.with_label_values(&[cluster, site]),
+            claim: m.admission_claim.with_label_values(&[cluster, site]),
             shed_level: m.shed_level.with_label_values(&[cluster, site]),
             queue_depth: m.queue_depth.with_label_values(&[cluster, site]),
             inflight: tiers

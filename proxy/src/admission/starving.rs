@@ -49,6 +49,8 @@
 
 use std::time::{Duration, Instant};
 
+use super::limit::Urgency;
+
 /// The limit, as a multiple of `min`, at or under which waiting purchases
 /// count as starving.
 pub const STARVED_AT: f64 = 1.5;
@@ -100,8 +102,9 @@ pub struct Starving {
 }
 
 impl Starving {
-    /// The claim at `now`, as a share of the baseline.
-    pub fn claim(&mut self, now: Instant, seen: Seen) -> f64 {
+    /// The claim at `now`: [`Urgency::Starving`] at `min`,
+    /// [`Urgency::Short`] over it, with the share of the baseline claimed.
+    pub fn claim(&mut self, now: Instant, seen: Seen) -> Urgency {
         if seen.over_ceiling.is_some_and(|r| r > COLLAPSE) {
             self.cool_until = Some(now + COOL_DOWN);
         }
@@ -112,11 +115,15 @@ impl Starving {
             && seen.waited_over_target < SHARE_WHILE;
         if cooling || !seen.waiting || !(at_min || short) {
             self.since = None;
-            return 0.0;
+            return Urgency::Calm;
         }
         let since = *self.since.get_or_insert(now);
-        let cap = if at_min { MAX_CLAIM } else { SHARE_CLAIM };
-        (CLAIM_PER_SECOND * now.duration_since(since).as_secs_f64()).min(cap)
+        let grown = CLAIM_PER_SECOND * now.duration_since(since).as_secs_f64();
+        if at_min {
+            Urgency::Starving(grown.min(MAX_CLAIM))
+        } else {
+            Urgency::Short(grown.min(SHARE_CLAIM))
+        }
     }
 }
 
@@ -125,6 +132,12 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    impl Starving {
+        fn share(&mut self, now: Instant, seen: Seen) -> f64 {
+            self.claim(now, seen).share()
+        }
+    }
 
     fn seen(waiting: bool, limit: u32, latency_ms: u32) -> Seen {
         Seen {
@@ -140,22 +153,22 @@ mod tests {
     fn a_starved_instance_claims_more_the_longer_it_starves_up_to_the_cap() {
         let t0 = Instant::now();
         let mut s = Starving::default();
-        assert_eq!(s.claim(t0, seen(true, 4, 24)), 0.0);
-        let c = s.claim(t0 + 100 * MS, seen(true, 5, 24));
+        assert_eq!(s.share(t0, seen(true, 4, 24)), 0.0);
+        let c = s.share(t0 + 100 * MS, seen(true, 5, 24));
         assert!((c - 0.1).abs() < 1e-9, "{c}");
-        assert_eq!(s.claim(t0 + 2000 * MS, seen(true, 6, 24)), MAX_CLAIM);
+        assert_eq!(s.share(t0 + 2000 * MS, seen(true, 6, 24)), MAX_CLAIM);
     }
 
     #[test]
     fn no_claim_without_waits_or_above_the_starved_limit_and_it_starts_over() {
         let t0 = Instant::now();
         let mut s = Starving::default();
-        s.claim(t0, seen(true, 4, 24));
-        assert_eq!(s.claim(t0 + 500 * MS, seen(false, 4, 24)), 0.0);
-        assert_eq!(s.claim(t0 + 600 * MS, seen(true, 7, 24)), 0.0);
+        s.share(t0, seen(true, 4, 24));
+        assert_eq!(s.share(t0 + 500 * MS, seen(false, 4, 24)), 0.0);
+        assert_eq!(s.share(t0 + 600 * MS, seen(true, 7, 24)), 0.0);
         // Starving again: the claim grows from nothing.
-        s.claim(t0 + 700 * MS, seen(true, 4, 24));
-        let c = s.claim(t0 + 800 * MS, seen(true, 4, 24));
+        s.share(t0 + 700 * MS, seen(true, 4, 24));
+        let c = s.share(t0 + 800 * MS, seen(true, 4, 24));
         assert!(c < 0.11, "{c}");
     }
 
@@ -165,33 +178,54 @@ mod tests {
         let mut s = Starving::default();
         // A limit of 12 (over SHARE_FROM), purchases waiting, the latency
         // over its ceiling: a claim that grows to SHARE_CLAIM, not more.
-        assert_eq!(s.claim(t0, seen(true, 12, 24)), 0.0);
-        let c = s.claim(t0 + 50 * MS, seen(true, 12, 24));
+        assert_eq!(s.share(t0, seen(true, 12, 24)), 0.0);
+        let c = s.share(t0 + 50 * MS, seen(true, 12, 24));
         assert!((c - 0.05).abs() < 1e-9, "{c}");
-        assert_eq!(s.claim(t0 + 1000 * MS, seen(true, 12, 24)), SHARE_CLAIM);
+        assert_eq!(s.share(t0 + 1000 * MS, seen(true, 12, 24)), SHARE_CLAIM);
         // Purchases that have waited over the target for SHARE_WHILE
         // without a break are over capacity: no claim.
         let standing = Seen {
             waited_over_target: SHARE_WHILE,
             ..seen(true, 12, 24)
         };
-        assert_eq!(s.claim(t0 + 1100 * MS, standing), 0.0);
+        assert_eq!(s.share(t0 + 1100 * MS, standing), 0.0);
         // Nor with the latency under the ceiling, nor at a small limit.
-        assert_eq!(s.claim(t0 + 1200 * MS, seen(true, 12, 21)), 0.0);
-        assert_eq!(s.claim(t0 + 1300 * MS, seen(true, 8, 24)), 0.0);
-        assert_eq!(s.claim(t0 + 2300 * MS, seen(true, 8, 24)), 0.0);
+        assert_eq!(s.share(t0 + 1200 * MS, seen(true, 12, 21)), 0.0);
+        assert_eq!(s.share(t0 + 1300 * MS, seen(true, 8, 24)), 0.0);
+        assert_eq!(s.share(t0 + 2300 * MS, seen(true, 8, 24)), 0.0);
     }
 
     #[test]
     fn a_collapse_withdraws_the_claim_for_the_cool_down() {
         let t0 = Instant::now();
         let mut s = Starving::default();
-        s.claim(t0, seen(true, 4, 24));
-        assert!(s.claim(t0 + 500 * MS, seen(true, 4, 24)) > 0.0);
+        s.share(t0, seen(true, 4, 24));
+        assert!(s.share(t0 + 500 * MS, seen(true, 4, 24)) > 0.0);
         // A window at over three times the ceiling.
-        assert_eq!(s.claim(t0 + 600 * MS, seen(true, 4, 70)), 0.0);
-        assert_eq!(s.claim(t0 + 4000 * MS, seen(true, 4, 24)), 0.0);
-        s.claim(t0 + 600 * MS + COOL_DOWN, seen(true, 4, 24));
-        assert!(s.claim(t0 + 900 * MS + COOL_DOWN, seen(true, 4, 24)) > 0.0);
+        assert_eq!(s.share(t0 + 600 * MS, seen(true, 4, 70)), 0.0);
+        assert_eq!(s.share(t0 + 4000 * MS, seen(true, 4, 24)), 0.0);
+        s.share(t0 + 600 * MS + COOL_DOWN, seen(true, 4, 24));
+        assert!(s.share(t0 + 900 * MS + COOL_DOWN, seen(true, 4, 24)) > 0.0);
+    }
+
+    #[test]
+    fn the_claim_says_whether_the_instance_starves_at_min_or_is_short_of_its_share() {
+        let t0 = Instant::now();
+        let (mut at_min, mut short) = (Starving::default(), Starving::default());
+        at_min.claim(t0, seen(true, 4, 24));
+        short.claim(t0, seen(true, 12, 24));
+        let (a, b) = (
+            at_min.claim(t0 + 50 * MS, seen(true, 4, 24)),
+            short.claim(t0 + 50 * MS, seen(true, 12, 24)),
+        );
+        assert!(matches!(a, Urgency::Starving(c) if c > 0.0), "{a:?}");
+        assert!(matches!(b, Urgency::Short(c) if c > 0.0), "{b:?}");
+        assert_eq!(a.reason(), Some("starving_at_min"));
+        assert_eq!(b.reason(), Some("short_of_share"));
+        assert_eq!(
+            short.claim(t0 + 60 * MS, seen(false, 12, 24)),
+            Urgency::Calm
+        );
+        assert_eq!(Urgency::Calm.reason(), None);
     }
 }
