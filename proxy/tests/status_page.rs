@@ -1,7 +1,9 @@
 //! The live status page in a real browser: headless Chromium loads it from a
 //! k2proxy under overload and the rendered page shows the tiers, the sites
-//! and the shed level, and under an adaptive limit the latency it learned.
-//! A screenshot is kept in target/test-artifacts/.
+//! and the shed level, and under an adaptive limit the latency it learned
+//! and what it claims above its ceiling (the page served beside a real
+//! /status with a fleet's claim written in). A screenshot is kept in
+//! target/test-artifacts/.
 
 mod support;
 
@@ -245,4 +247,67 @@ async fn the_status_page_shows_the_latency_an_adaptive_limit_learned() {
     );
     assert!(line.contains("limit shrinks over "), "{line:?}");
     assert!(dom.contains("adaptive 4..1024"), "{dom}");
+}
+
+/// Serves `page` at `/` and `status` at `/status` on loopback, one request
+/// per connection, until the test ends.
+async fn serve_page(page: String, status: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (page, status) = (page.clone(), status.clone());
+            tokio::spawn(async move {
+                let mut head = vec![0; 4096];
+                let n = conn.read(&mut head).await.unwrap_or(0);
+                let wants_status = head[..n].starts_with(b"GET /status ");
+                let (kind, body) = if wants_status {
+                    ("application/json", status)
+                } else {
+                    ("text/html; charset=utf-8", page)
+                };
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_says_what_an_instance_claims_and_why() {
+    // The page and a /status from a real k2proxy under an adaptive limit,
+    // with the claim an instance short of its share makes in a fleet (a
+    // split one instance cannot make alone) written into its first site.
+    let backend = Backend::start("b").await;
+    let proxy = Proxy::start(&kred_routes(backend.addr), &default_policy()).await;
+    let page = client()
+        .get(proxy.admin_url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut status = proxy.status().await;
+    let site = &mut status["clusters"][0]["sites"][0];
+    assert!(site["learnt"].is_object(), "an adaptive limit: {site}");
+    site["learnt"] = serde_json::json!({
+        "baseline_ms": 20.1, "ceiling_ms": 22.0, "latency_ms": 23.5, "probing": false,
+        "claim": {"reason": "short_of_share", "ms": 2.04},
+    });
+    let addr = serve_page(page, status.to_string()).await;
+    let dom =
+        tokio::task::spawn_blocking(move || headless(&format!("http://{addr}/"), &["--dump-dom"]))
+            .await
+            .unwrap();
+    let dom = dom[..dom.find("<script").expect("the page has its script")].to_string();
+    assert!(
+        dom.contains("limit shrinks over 22.0 ms + 2.0 ms claimed (short of share)"),
+        "{dom}"
+    );
 }
