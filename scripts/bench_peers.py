@@ -797,6 +797,12 @@ def fleet():
                     stop_sampling.set()
                     t.join()
                     limits = [[x["limit"] if x else None for x in s["sites"]] for s in seconds]
+                    # Seconds in which each instance claimed latency over its
+                    # ceiling (/status learnt.claim): the instance short of
+                    # its share in a split, or one starving at `min`.
+                    claimed = [sum(1 for s in seconds if i < len(s["sites"]) and s["sites"][i]
+                                   and (s["sites"][i].get("learnt") or {}).get("claim"))
+                               for i in range(n)] if v != "haproxy priority" else []
                     for p in [lb, *procs, sp]:
                         stop(p)
                     if KEEP_WORK and not warmup:
@@ -822,14 +828,16 @@ def fleet():
                            # capacity (FLEET_LOADS=0.8) none is the target.
                            "refused_share": (a["shed"] + a["rate_limited"] + a["timeout"] + a["error"])
                            / max(1, sum(a.values())),
-                           "limits": limits}
+                           "limits": limits,
+                           "claimed_seconds": claimed}
                     runs.append(row)
                     seen = [x for ls in limits[len(limits) // 2:] for x in ls if x is not None]
                     log(f"{load}x {n} x {v:<17} purchase {row['purchase_success']*100:6.2f}% "
                         f"p50 {row['purchase_p50_ms']:6.1f} p99 {row['purchase_p99_ms']:7.1f} "
                         f"(after 1 s {row['purchase_p99_after_1s_ms']:6.1f}) ms, "
                         f"goodput {row['goodput_share']:.2f}x, refused {row['refused_share']*100:.2f}%, "
-                        f"limits {min(seen, default='-')}..{max(seen, default='-')}")
+                        f"limits {min(seen, default='-')}..{max(seen, default='-')}"
+                        + (f", claimed {'/'.join(map(str, claimed))} s of {len(seconds)}" if claimed else ""))
                     time.sleep(0.3)
     md = [f"### Fleet (legacy-sim {workers} workers x {service}, ~{capacity:.0f} req/s; N instances behind an "
           f"L4 round-robin balancer; open loop {OVERLOAD_DURATION} per run; holiday mix; median of {ROUNDS} rounds)", "",
