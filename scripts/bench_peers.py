@@ -55,7 +55,10 @@ env:   ROUNDS (3), OVERHEAD_ROUNDS (5), DURATION (8s), OVERLOAD_DURATION (10s), 
        the default, keeps the access log on as users run it), FLEET_WARMUP
        (a discarded run of this length before each group of fleet runs, "3s";
        "0" for none), FLEET_WORKERS / FLEET_SERVICE (the backend: "10ms" or
-       "lognormal(20ms, 0.5)"), FLEET_MAXCONN ("down", the default: the
+       "lognormal(20ms, 0.5)"), FLEET_CLASSES (per-tier service times,
+       "PREFIX=DIST;...", e.g. "/admin/=lognormal(80ms, 0.5);/cs/=40ms": the
+       mix's paths are /checkout/, /api/, /admin/ and /cs/; the capacity
+       is then the mix's), FLEET_MAXCONN ("down", the default: the
        oracle's maxconn is workers / N rounded down, as the issue defines
        it; "up": rounded up, a fleet total at or over the workers, which
        keeps the backend busier when N does not divide them)
@@ -153,10 +156,11 @@ def wait_http(url, timeout=20.0, ok=lambda status: 200 <= status < 300):
     raise RuntimeError(f"{url} did not answer within {timeout}s; logs in {WORK}")
 
 
-def sim(workers, service, name, control=False):
+def sim(workers, service, name, control=False, classes=()):
     port = free_port()
     cmd = [f"{BIN}/legacy-sim", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
            "--service", service, "--name", name]
+    cmd += [a for prefix, dist in classes for a in ("--class", f"{prefix}={dist}")]
     ctl = None
     if control:
         ctl = free_port()
@@ -720,7 +724,7 @@ def oracle_maxconn(workers, n):
     return max(1, -(-workers // n) if FLEET_MAXCONN == "up" else workers // n)
 
 
-def mean_service_s(service):
+def mean_service_s(service, what="FLEET_SERVICE"):
     """The mean of a legacy-sim service time: "10ms", or "lognormal(10ms, 0.5)"
     (median and sigma: the mean is median x e^(sigma^2 / 2))."""
     m = re.fullmatch(r"\s*lognormal\(\s*([\d.]+)ms\s*,\s*([\d.]+)\s*\)\s*", service)
@@ -728,8 +732,38 @@ def mean_service_s(service):
         return float(m.group(1)) / 1000 * math.exp(float(m.group(2)) ** 2 / 2)
     m = re.fullmatch(r"\s*([\d.]+)ms\s*", service)
     if not m:
-        sys.exit(f"FLEET_SERVICE={service!r}: expected e.g. 10ms or lognormal(10ms, 0.5)")
+        sys.exit(f"{what}: {service!r}: expected e.g. 10ms or lognormal(10ms, 0.5)")
     return float(m.group(1)) / 1000
+
+
+# The bench's holiday mix: each tier's share and the path prefix its
+# requests take (scenario_file), for FLEET_CLASSES.
+MIX_PREFIXES = {"purchase": (0.2, "/checkout/"), "merchant": (0.3, "/api/"),
+                "admin": (0.3, "/admin/"), "customer_service": (0.2, "/cs/")}
+
+
+def fleet_classes(text):
+    """FLEET_CLASSES: per-path service times for legacy-sim, "PREFIX=DIST;..."
+    (e.g. "/admin/=lognormal(80ms, 0.5);/cs/=40ms"): a backend whose
+    requests do not all cost the same. Each must be a prefix of a tier's path."""
+    classes = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        prefix, sep, dist = item.partition("=")
+        if not sep or not any(p.startswith(prefix) for _, p in MIX_PREFIXES.values()):
+            sys.exit(f"FLEET_CLASSES: {item!r}: expected PREFIX=DIST with PREFIX one of the mix's paths "
+                     f"({', '.join(p for _, p in MIX_PREFIXES.values())})")
+        mean_service_s(dist, f"FLEET_CLASSES: {item!r}")  # refused here, not by legacy-sim mid-run
+        classes.append((prefix, dist))
+    return classes
+
+
+def mix_mean_service_s(service, classes):
+    """The holiday mix's mean service time: each tier's requests cost their
+    class's mean (the first prefix that matches, as legacy-sim picks) or the
+    default service's."""
+    def tier_mean(path):
+        return next((mean_service_s(d) for p, d in classes if path.startswith(p)), mean_service_s(service))
+    return sum(share * tier_mean(path) for share, path in MIX_PREFIXES.values())
 
 
 def fleet():
@@ -737,12 +771,15 @@ def fleet():
     against N HAProxy instances with priority classes and maxconn = workers / N
     (the oracle that knows the worker count)."""
     workers, service = int(os.environ.get("FLEET_WORKERS", "8")), os.environ.get("FLEET_SERVICE", "10ms")
+    classes = fleet_classes(os.environ.get("FLEET_CLASSES", ""))
     # legacy-sim's workers keep their schedule (loadtest/src/workers.rs), so
     # it serves its configured capacity; before, it served about 0.9 of it
-    # and this said so.
-    capacity = workers / mean_service_s(service)
+    # and this said so. With FLEET_CLASSES the capacity is the holiday mix's
+    # (a run that sheds the costly tiers can serve more than it).
+    capacity = workers / mix_mean_service_s(service, classes)
     oracle_maxconn(workers, 1)  # a bad FLEET_MAXCONN is refused before any run
-    log(f"== fleet: legacy-sim {workers} workers x {service} (capacity ~{capacity:.0f}/s), "
+    log(f"== fleet: legacy-sim {workers} workers x {service}"
+        f"{''.join(f', {p}={d}' for p, d in classes)} (capacity ~{capacity:.0f}/s), "
         f"instances {FLEET_SIZES}, loads {FLEET_LOADS}x")
     runs = []
     # VARIANTS picks among them: an A/B of two builds need not wait for the
@@ -762,7 +799,7 @@ def fleet():
                 warm = FLEET_WARMUP not in ("", "0", "0s")
                 for i, v in enumerate((order[0],) + order if warm else order):
                     warmup = warm and i == 0
-                    sp, sim_port, _ = sim(workers, service, "legacy")
+                    sp, sim_port, _ = sim(workers, service, "legacy", classes=classes)
                     procs, ports, admins = [], [], []
                     for _ in range(n):
                         if v.startswith("k2proxy"):
@@ -839,7 +876,8 @@ def fleet():
                         f"limits {min(seen, default='-')}..{max(seen, default='-')}"
                         + (f", claimed {'/'.join(map(str, claimed))} s of {len(seconds)}" if claimed else ""))
                     time.sleep(0.3)
-    md = [f"### Fleet (legacy-sim {workers} workers x {service}, ~{capacity:.0f} req/s; N instances behind an "
+    md = [f"### Fleet (legacy-sim {workers} workers x {service}{''.join(f', {p}={d}' for p, d in classes)}, "
+          f"~{capacity:.0f} req/s; N instances behind an "
           f"L4 round-robin balancer; open loop {OVERLOAD_DURATION} per run; holiday mix; median of {ROUNDS} rounds)", "",
           "| load | instances | proxy | purchase ok | purchase p50 ms | purchase p99 ms | purchase p99 ms after the first second | goodput / capacity | refused, all tiers (worst round) | per-instance limit (second half) |",
           "|---|---|---|---|---|---|---|---|---|---|"]

@@ -95,6 +95,12 @@ struct Backend {
     /// slower (default 0: a backend that only queues).
     #[serde(default)]
     collapse: f64,
+    /// Each tier's service time as a multiple of `service_ms` (missing: 1),
+    /// as legacy-sim's `--class` gives a path its own: a backend whose
+    /// admin reports cost eight purchases. `load` is then a multiple of
+    /// the capacity for the scenario's `mix`.
+    #[serde(default)]
+    tier_cost: BTreeMap<String, f64>,
 }
 
 fn default_sigma() -> f64 {
@@ -320,8 +326,20 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
     };
 
     let mut service_ms = s.backend.service_ms;
+    let cost: Vec<f64> = tier_names
+        .iter()
+        .map(|t| s.backend.tier_cost.get(t).copied().unwrap_or(1.0))
+        .collect();
+    for name in s.backend.tier_cost.keys() {
+        tier_id(name);
+    }
+    // A request of the scenario's mix costs this many service times.
+    let mix_cost =
+        s.mix.iter().map(|(t, w)| w * cost[tier_id(t)]).sum::<f64>() / s.mix.values().sum::<f64>();
     let mean_service = |median_ms: f64| median_ms * (s.backend.sigma * s.backend.sigma / 2.0).exp();
-    let capacity = |median_ms: f64| f64::from(s.backend.workers) * 1000.0 / mean_service(median_ms);
+    let capacity = |median_ms: f64| {
+        f64::from(s.backend.workers) * 1000.0 / (mean_service(median_ms) * mix_cost)
+    };
 
     let mut reqs: Vec<Request> = Vec::new();
     let mut stats: Vec<PhaseStats> = (0..s.phase.len()).map(|_| PhaseStats::default()).collect();
@@ -366,6 +384,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             if busy < s.backend.workers {
                 busy += 1;
                 let svc = (service_ms
+                    * cost[reqs[id].tier]
                     * lognormal_factor(&mut rng, s.backend.sigma)
                     * slowdown(backlog.len())
                     * 1000.0) as u64;
@@ -513,6 +532,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
                 if let Some(next) = backlog.pop_front() {
                     busy += 1;
                     let svc = (service_ms
+                        * cost[reqs[next].tier]
                         * lognormal_factor(&mut rng, s.backend.sigma)
                         * slowdown(backlog.len())
                         * 1000.0) as u64;
