@@ -16,6 +16,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::cost::TierCosts;
 use super::limit::{Limit, Sample, Urgency};
 use super::overdraft;
 use super::queue::{TierQueue, Waiter};
@@ -78,6 +79,13 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// The tier whose latency every other tier's cost is measured against
+    /// ([`TierCosts`]): the highest `never_shed` one, admitted whenever
+    /// anything is; else the highest.
+    pub fn reference_tier(&self) -> usize {
+        self.tiers.iter().position(|t| t.never_shed).unwrap_or(0)
+    }
+
     /// Tiers the shed level may refuse, lowest first: not `never_shed`, and
     /// not already pinned off by `force_shed` (the level starts at the lowest
     /// tier still admitted).
@@ -112,6 +120,9 @@ pub struct Gate<W> {
     /// above what the backend serves).
     standing: Standing,
     starving: Starving,
+    /// Which tiers cost what the reference tier costs: only their latency
+    /// tells the limit about the backend's queue ([`super::cost`]).
+    costs: TierCosts,
     /// Waiters refused since the last [`Gate::take_shed`]: their tier came
     /// under the shed level while they waited.
     shed_waiters: Vec<(W, ShedReason)>,
@@ -132,6 +143,7 @@ impl<W> Gate<W> {
             shed: ShedLevel::new(rules.target_queue_delay, sheddable.len() as u32, now),
             standing: Standing::default(),
             starving: Starving::default(),
+            costs: TierCosts::new(n, rules.reference_tier()),
             shed_waiters: Vec::new(),
             rng: fastrand::Rng::with_seed(0x6b32),
             rules,
@@ -153,6 +165,7 @@ impl<W> Gate<W> {
         let n = rules.tiers.len();
         self.tier_inflight.resize(n, 0);
         self.queue.resize(n);
+        self.costs.reconfigure(n, rules.reference_tier());
         self.limit.reconfigure(limit);
         let sheddable = rules.sheddable();
         self.shed
@@ -532,6 +545,7 @@ impl<W> Gate<W> {
         }
         let urgency = self.urgency(now);
         self.limit.set_urgency(urgency);
+        let sample = self.costs.read(tier, sample);
         self.limit.on_sample(now, sample, self.inflight + 1);
         self.tick(now);
     }
@@ -960,5 +974,34 @@ mod tests {
         g.reconfigure(r, &Limit::fixed(2));
         assert_eq!((g.inflight(), g.queued(), g.limit()), (1, 1, 2));
         assert_eq!(g.grant_next(now), Some((1, 7)));
+    }
+
+    #[test]
+    fn the_limit_reads_the_purchases_not_a_costly_tiers_latency() {
+        // Purchases (the reference tier) at 10 ms, customer service at
+        // 80 ms, no queueing: a window that holds both must read as the
+        // purchases' 10 ms once customer service is known to cost 8×.
+        // Read raw, the windows' mean (about 45 ms here) is a queue.
+        let now = Instant::now();
+        let bounds = super::super::limit::Bounds {
+            initial: 8,
+            min: 1,
+            max: 100,
+        };
+        let mut g: Gate<u32> = Gate::new(rules(0), adaptive(bounds, now), now);
+        assert_eq!(g.rules.reference_tier(), 0);
+        let mut t = now;
+        for _ in 0..400 {
+            t += MS;
+            for tier in [0, 2] {
+                assert_eq!(g.try_admit(tier, t), Decision::Admit);
+                let ms = if tier == 0 { 10 } else { 80 };
+                g.release(tier, t, Sample::Latency(ms * MS));
+            }
+        }
+        assert!(g.costs.costs_differently(2));
+        let learnt = g.learnt().unwrap();
+        assert_eq!(learnt.latency, Some(10 * MS), "{learnt:?}");
+        assert_eq!(learnt.baseline, Some(10 * MS), "{learnt:?}");
     }
 }

@@ -1,13 +1,16 @@
 //! Admission control and load shedding, per (cluster, site).
 //!
 //! [`gate::Gate`] decides (limit, priority queue, tier shares, shed level)
-//! and is plain synchronous code; [`Controller`] wraps it for the proxy: a
-//! mutex, a oneshot channel per waiter, the clock, metrics, and [`Permit`]s
-//! that give their slot back on `Drop`, whatever path a request ends on.
+//! and is plain synchronous code; its limit learns from the latency of the
+//! tiers that cost what purchases cost ([`cost`]). [`Controller`] wraps it
+//! for the proxy: a mutex, a oneshot channel per waiter, the clock,
+//! metrics, and [`Permit`]s that give their slot back on `Drop`, whatever
+//! path a request ends on.
 //! [`Controllers`] holds one controller per (cluster, site) of a generation;
 //! `runtime::carry` hands them on by name, so a reload keeps learned limits,
 //! in-flight counts and waiters. See docs/admission.md.
 
+pub mod cost;
 pub mod gate;
 pub mod limit;
 pub mod memory;
