@@ -18,9 +18,17 @@
 //! `level` is the reference tier's latency over its last few samples,
 //! taken at the same time so that a queue in the backend, which every
 //! request waits in alike, cancels out. A tier within [`SAME_COST`] of the
-//! reference, either way, costs the same and its samples count as they are
-//! (every backend whose requests cost alike is left exactly as before);
+//! reference, either way, costs the same and its samples count as they are;
 //! a costlier or cheaper one's samples are left out of the limit's windows.
+//! On a backend whose requests cost alike a lower tier's ratio still
+//! strays past 1.25 now and then at 3x (its requests get in when the limit
+//! opens, into a busier backend), and is left out for a while: simulated,
+//! that changed 39 of 70 phases of the CI scenarios over six seeds, none
+//! for the worse that counts (bounds missed 35 against 39 over twelve),
+//! and real fleets on 16 × 20 ms σ 0.5 at 3x were as before. A band of 3
+//! changed 3 phases of 70 but let the merchants' 2× back in, and one
+//! instance at 3x in front of the costly backend (scenario 37) went 34 →
+//! 67 ms.
 //! The reference tier's own samples carry the backend's queue undiluted.
 //!
 //! Why left out, not scaled: read as its slowdown (the latency divided by
