@@ -299,3 +299,29 @@ async fn a_retry_onto_another_site_holds_that_sites_permit() {
             .join("\n")
     );
 }
+
+/// A backend whose admin requests are far costlier than purchases: the
+/// limit leaves the admin latency out of what it learns (admission::cost),
+/// and `/status` says so, with the ratio it measured.
+#[tokio::test]
+async fn status_shows_a_costly_tier_left_out_of_the_limit() {
+    let backend = Backend::start("b").await;
+    let proxy = Proxy::start(&kred_routes(backend.addr), &default_policy()).await;
+    let c = client();
+    for i in 0..24 {
+        let purchase = c.get(proxy.url(&format!("/checkout/{i}"))).send();
+        assert_eq!(purchase.await.unwrap().status(), 200);
+        let admin = c.get(proxy.url(&format!("/admin/{i}/slow/30"))).send();
+        assert_eq!(admin.await.unwrap().status(), 200);
+    }
+    let status = proxy.status().await;
+    let site = &status["clusters"][0]["sites"][0];
+    let costs = site["tier_costs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tier_costs: {site}"));
+    // Purchases are the scale, so only admin is listed.
+    assert_eq!(costs.len(), 1, "{site}");
+    assert_eq!(costs[0]["tier"], "admin", "{site}");
+    assert_eq!(costs[0]["counted"], false, "{site}");
+    assert!(costs[0]["ratio"].as_f64() > Some(5.0), "{site}");
+}

@@ -91,7 +91,20 @@ fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
                 .iter()
                 .enumerate()
                 .map(|(si, s)| {
-                    let st = gen.controllers.get(ci, si).map(|ctl| ctl.state());
+                    let ctl = gen.controllers.get(ci, si);
+                    let st = ctl.map(|ctl| ctl.state());
+                    // What each tier costs against the purchases; the limit
+                    // leaves out the tiers not `counted` (admission::cost).
+                    let costs: Vec<Value> = ctl
+                        .map(|c| c.tier_costs())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|k| json!({
+                            "tier": snap.tiers.get(k.tier).map(|t| t.name.as_str()),
+                            "ratio": (k.ratio * 100.0).round() / 100.0,
+                            "counted": k.counted,
+                        }))
+                        .collect();
                     let learnt = st.and_then(|s| s.learnt);
                     json!({
                         "name": s.name,
@@ -104,6 +117,7 @@ fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
                         "queued": st.map_or(0, |s| s.queued),
                         "shed_level": st.map_or(0.0, |s| s.shed_level),
                         "standing_queue": st.is_some_and(|s| s.standing),
+                        "tier_costs": costs,
                         "learnt": learnt.map(|l| json!({
                             "baseline_ms": l.baseline.map(ms),
                             "ceiling_ms": l.ceiling.map(ms),

@@ -57,6 +57,16 @@ pub const SAME_COST: f64 = 1.25;
 /// The reference tier's level follows its last this many samples or so.
 const LEVEL_SAMPLES: f64 = 16.0;
 
+/// A tier whose cost is known ([`TierCosts::known`]), for `/status`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KnownCost {
+    pub tier: usize,
+    /// Its latency over the reference tier's at the same time.
+    pub ratio: f64,
+    /// Within [`SAME_COST`]: its samples count; beyond, they are left out.
+    pub counted: bool,
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct TierCost {
     /// Mean of its latency over the reference tier's level at the time.
@@ -128,6 +138,20 @@ impl TierCosts {
             .is_some_and(|r| !(1.0 / SAME_COST..=SAME_COST).contains(&r))
     }
 
+    /// Every tier whose cost is known (the reference tier's is not: it is
+    /// the scale).
+    pub fn known(&self) -> Vec<KnownCost> {
+        (0..self.tiers.len())
+            .filter_map(|tier| {
+                self.ratio(tier).map(|ratio| KnownCost {
+                    tier,
+                    ratio,
+                    counted: !self.costs_differently(tier),
+                })
+            })
+            .collect()
+    }
+
     /// How many times the reference tier's latency `tier` costs, once
     /// known.
     pub fn ratio(&self, tier: usize) -> Option<f64> {
@@ -167,6 +191,17 @@ mod tests {
         // A report queued behind others is left out too: the purchases
         // carry the queue.
         assert_eq!(c.read(1, ms(300.0)), Sample::Ignored);
+    }
+
+    #[test]
+    fn what_is_known_is_every_other_tier_with_its_ratio() {
+        let c = three_tiers();
+        let known = c.known();
+        assert_eq!(known.len(), 2, "{known:?}");
+        assert_eq!((known[0].tier, known[0].counted), (1, false));
+        assert!((known[0].ratio - 8.0).abs() < 1e-9);
+        assert_eq!((known[1].tier, known[1].counted), (2, true));
+        assert!(TierCosts::new(3, 0).known().is_empty());
     }
 
     #[test]

@@ -181,6 +181,12 @@ impl<W> Gate<W> {
     }
 
     /// What the limit learned of the backend, if adaptive.
+    /// What each tier costs the backend against the reference tier, where
+    /// known ([`super::cost`]).
+    pub fn tier_costs(&self) -> Vec<super::cost::KnownCost> {
+        self.costs.known()
+    }
+
     pub fn learnt(&self) -> Option<super::limit::Learnt> {
         self.limit.learnt()
     }

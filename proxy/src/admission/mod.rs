@@ -175,6 +175,12 @@ impl Controller {
         }
     }
 
+    /// What each tier costs the backend against the purchases, where known:
+    /// the tiers the limit leaves out are those not `counted`.
+    pub fn tier_costs(&self) -> Vec<cost::KnownCost> {
+        self.lock().tier_costs()
+    }
+
     /// A permit for `tier` only if one is free right now (spill): never
     /// queues, never sheds.
     pub fn try_acquire(self: &Arc<Self>, tier: usize) -> Option<Permit> {
