@@ -8,7 +8,7 @@
 //! mix a window happens to hold: a window of reports reads as queueing, the
 //! limit shrinks, the shed level sheds the reports, and the cheap mix that
 //! is left reads as a backend that recovered. Real fleets in front of such
-//! a backend (legacy-sim with `--class`) refused 6-37% of all requests at
+//! a backend (legacy-sim with `--class`) refused 1.7-37% of all requests at
 //! 0.8x, where HAProxy refused none (docs/admission.md, "Backends whose
 //! requests cost differently").
 //!
