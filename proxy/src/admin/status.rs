@@ -93,18 +93,6 @@ fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
                 .map(|(si, s)| {
                     let ctl = gen.controllers.get(ci, si);
                     let st = ctl.map(|ctl| ctl.state());
-                    // What each tier costs against the purchases; the limit
-                    // leaves out the tiers not `counted` (admission::cost).
-                    let costs: Vec<Value> = ctl
-                        .map(|c| c.tier_costs())
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|k| json!({
-                            "tier": snap.tiers.get(k.tier).map(|t| t.name.as_str()),
-                            "ratio": (k.ratio * 100.0).round() / 100.0,
-                            "counted": k.counted,
-                        }))
-                        .collect();
                     let learnt = st.and_then(|s| s.learnt);
                     json!({
                         "name": s.name,
@@ -117,7 +105,7 @@ fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
                         "queued": st.map_or(0, |s| s.queued),
                         "shed_level": st.map_or(0.0, |s| s.shed_level),
                         "standing_queue": st.is_some_and(|s| s.standing),
-                        "tier_costs": costs,
+                        "tier_costs": ctl.map_or_else(Vec::new, |c| tier_costs(snap, c)),
                         "learnt": learnt.map(|l| json!({
                             "baseline_ms": l.baseline.map(ms),
                             "ceiling_ms": l.ceiling.map(ms),
@@ -158,6 +146,21 @@ fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
 }
 
 /// A latency in `/status`: milliseconds, to the microsecond.
+/// What each tier costs the site's backend against the purchases; the limit
+/// leaves out the tiers not `counted` (`admission::cost`).
+fn tier_costs(snap: &crate::config::Config, ctl: &crate::admission::Controller) -> Vec<Value> {
+    ctl.tier_costs()
+        .iter()
+        .map(|k| {
+            json!({
+                "tier": snap.tiers.get(k.tier).map(|t| t.name.as_str()),
+                "ratio": (k.ratio * 100.0).round() / 100.0,
+                "counted": k.counted,
+            })
+        })
+        .collect()
+}
+
 fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
