@@ -349,16 +349,20 @@ def loadtest_quick(url, rate, duration):
     return json.loads(out)
 
 
+# The holiday mix: each tier's share (percent), the path prefix its
+# requests take (for FLEET_CLASSES) and its requests in a loadtest scenario.
+HOLIDAY_MIX = {
+    "purchase": (20, "/checkout/", 'method = "POST"\npath = "/checkout/pay/{seq}"\nbody = \'{"amount": 1999}\'\n'),
+    "merchant": (30, "/api/", 'path = "/api/orders?page={rand:20}"\nheaders = { x-merchant-id = "m-{rand:500}" }\n'),
+    "admin": (30, "/admin/", 'path = "/admin/users/{rand:1000}"\n'),
+    "customer_service": (20, "/cs/", 'path = "/cs/tickets/{rand:1000}"\n'),
+}
+
+
 def scenario_file(rate_x, capacity, duration, purchases_only=False):
     """A scenario for --target: the holiday mix at rate_x times capacity."""
-    tiers = {
-        "purchase": (20, 'method = "POST"\npath = "/checkout/pay/{seq}"\nbody = \'{"amount": 1999}\'\n'),
-        "merchant": (30, 'path = "/api/orders?page={rand:20}"\nheaders = { x-merchant-id = "m-{rand:500}" }\n'),
-        "admin": (30, 'path = "/admin/users/{rand:1000}"\n'),
-        "customer_service": (20, 'path = "/cs/tickets/{rand:1000}"\n'),
-    }
-    if purchases_only:
-        tiers = {"purchase": tiers["purchase"]}
+    tiers = {name: (w, body) for name, (w, _, body) in HOLIDAY_MIX.items()
+             if not purchases_only or name == "purchase"}
     text = f"""name = "bench"
 seed = 7
 timeout = "5s"
@@ -736,12 +740,6 @@ def mean_service_s(service, what="FLEET_SERVICE"):
     return float(m.group(1)) / 1000
 
 
-# The bench's holiday mix: each tier's share and the path prefix its
-# requests take (scenario_file), for FLEET_CLASSES.
-MIX_PREFIXES = {"purchase": (0.2, "/checkout/"), "merchant": (0.3, "/api/"),
-                "admin": (0.3, "/admin/"), "customer_service": (0.2, "/cs/")}
-
-
 def fleet_classes(text):
     """FLEET_CLASSES: per-path service times for legacy-sim, "PREFIX=DIST;..."
     (e.g. "/admin/=lognormal(80ms, 0.5);/cs/=40ms"): a backend whose
@@ -749,9 +747,10 @@ def fleet_classes(text):
     classes = []
     for item in filter(None, (x.strip() for x in text.split(";"))):
         prefix, sep, dist = item.partition("=")
-        if not sep or not any(p.startswith(prefix) for _, p in MIX_PREFIXES.values()):
+        paths = [p for _, p, _ in HOLIDAY_MIX.values()]
+        if not sep or not any(p.startswith(prefix) for p in paths):
             sys.exit(f"FLEET_CLASSES: {item!r}: expected PREFIX=DIST with PREFIX one of the mix's paths "
-                     f"({', '.join(p for _, p in MIX_PREFIXES.values())})")
+                     f"({', '.join(paths)})")
         mean_service_s(dist, f"FLEET_CLASSES: {item!r}")  # refused here, not by legacy-sim mid-run
         classes.append((prefix, dist))
     return classes
@@ -763,7 +762,12 @@ def mix_mean_service_s(service, classes):
     default service's."""
     def tier_mean(path):
         return next((mean_service_s(d) for p, d in classes if path.startswith(p)), mean_service_s(service))
-    return sum(share * tier_mean(path) for share, path in MIX_PREFIXES.values())
+    return sum(share / 100 * tier_mean(path) for share, path, _ in HOLIDAY_MIX.values())
+
+
+def classes_text(classes):
+    """FLEET_CLASSES as the log and the report name the backend."""
+    return "".join(f", {p}={d}" for p, d in classes)
 
 
 def fleet():
@@ -778,8 +782,7 @@ def fleet():
     # (a run that sheds the costly tiers can serve more than it).
     capacity = workers / mix_mean_service_s(service, classes)
     oracle_maxconn(workers, 1)  # a bad FLEET_MAXCONN is refused before any run
-    log(f"== fleet: legacy-sim {workers} workers x {service}"
-        f"{''.join(f', {p}={d}' for p, d in classes)} (capacity ~{capacity:.0f}/s), "
+    log(f"== fleet: legacy-sim {workers} workers x {service}{classes_text(classes)} (capacity ~{capacity:.0f}/s), "
         f"instances {FLEET_SIZES}, loads {FLEET_LOADS}x")
     runs = []
     # VARIANTS picks among them: an A/B of two builds need not wait for the
@@ -876,7 +879,7 @@ def fleet():
                         f"limits {min(seen, default='-')}..{max(seen, default='-')}"
                         + (f", claimed {'/'.join(map(str, claimed))} s of {len(seconds)}" if claimed else ""))
                     time.sleep(0.3)
-    md = [f"### Fleet (legacy-sim {workers} workers x {service}{''.join(f', {p}={d}' for p, d in classes)}, "
+    md = [f"### Fleet (legacy-sim {workers} workers x {service}{classes_text(classes)}, "
           f"~{capacity:.0f} req/s; N instances behind an "
           f"L4 round-robin balancer; open loop {OVERLOAD_DURATION} per run; holiday mix; median of {ROUNDS} rounds)", "",
           "| load | instances | proxy | purchase ok | purchase p50 ms | purchase p99 ms | purchase p99 ms after the first second | goodput / capacity | refused, all tiers (worst round) | per-instance limit (second half) |",

@@ -145,7 +145,6 @@ fn clusters(shared: &Shared, gen: &crate::runtime::Generation) -> Vec<Value> {
         .collect()
 }
 
-/// A latency in `/status`: milliseconds, to the microsecond.
 /// What each tier costs the site's backend against the purchases; the limit
 /// leaves out the tiers not `counted` (`admission::cost`).
 fn tier_costs(snap: &crate::config::Config, ctl: &crate::admission::Controller) -> Vec<Value> {
@@ -161,6 +160,7 @@ fn tier_costs(snap: &crate::config::Config, ctl: &crate::admission::Controller) 
         .collect()
 }
 
+/// A latency in `/status`: milliseconds, to the microsecond.
 fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }

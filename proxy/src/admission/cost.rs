@@ -75,7 +75,7 @@ struct TierCost {
 }
 
 /// Each tier's cost at one site's backend ([`TierCosts::read`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TierCosts {
     tiers: Vec<TierCost>,
     /// The tier whose latency is the scale.
@@ -96,8 +96,9 @@ impl TierCosts {
     /// A reload changed the tiers: the kept ones keep what they learnt; a
     /// new reference starts over.
     pub fn reconfigure(&mut self, tiers: usize, reference: usize) {
-        self.tiers.resize(tiers, TierCost::default());
-        if reference != self.reference {
+        if reference == self.reference {
+            self.tiers.resize(tiers, TierCost::default());
+        } else {
             *self = TierCosts::new(tiers, reference);
         }
     }

@@ -180,13 +180,13 @@ impl<W> Gate<W> {
         self.limit.baseline()
     }
 
-    /// What the limit learned of the backend, if adaptive.
     /// What each tier costs the backend against the reference tier, where
     /// known ([`super::cost`]).
     pub fn tier_costs(&self) -> Vec<super::cost::KnownCost> {
         self.costs.known()
     }
 
+    /// What the limit learned of the backend, if adaptive.
     pub fn learnt(&self) -> Option<super::limit::Learnt> {
         self.limit.learnt()
     }
