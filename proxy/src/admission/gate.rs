@@ -376,6 +376,9 @@ impl<W> Gate<W> {
         if tier >= self.rules.tiers.len() {
             return Decision::Shed(ShedReason::Forced);
         }
+        if self.rules.tiers[tier].never_shed {
+            self.limit.note_reserved(now);
+        }
         if let Some(reason) = self.refused(tier, now) {
             return Decision::Shed(reason);
         }

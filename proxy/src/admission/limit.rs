@@ -548,6 +548,26 @@ impl Limit {
         }
     }
 
+    /// Counts a request of a `never_shed` tier arriving at `now`. Until its
+    /// first probe has measured the backend, an adaptive limit that sees no
+    /// queueing there rises at once to those tiers' demand in flight (their
+    /// arrival rate times the latency, Little's law) instead of climbing to
+    /// it step by step while they wait in our queue: a cold start into a
+    /// peak in front of 64 workers × 50 ms queued purchases for its first
+    /// half second (docs/admission.md, "Thirty-fifth round"). In a fleet
+    /// each instance sees its share of them, so the limits add up to their
+    /// demand, under capacity whenever they alone are.
+    pub fn note_reserved(&mut self, now: Instant) {
+        match self {
+            Limit::Adaptive(g) if !g.probed => {
+                let (since, n) = &mut g.reserved;
+                since.get_or_insert(now);
+                *n += 1;
+            }
+            _ => {}
+        }
+    }
+
     /// The floor of an adaptive limit (a fixed one has none: 0).
     pub fn min(&self) -> u32 {
         match self {
@@ -648,6 +668,12 @@ pub struct Gradient {
     /// An instant on the grid probes are due on: the wall clock's
     /// multiples of [`PROBE_EVERY`], the same in every process of a fleet.
     grid: Instant,
+    /// `never_shed` arrivals since the instant ([`Gradient::reserved_demand`]).
+    reserved: (Option<Instant>, u32),
+    /// Before the first probe, the fewest requests in flight that a flood
+    /// showed the backend's knee to be under (infinite until one does):
+    /// the purchases' demand lifts the limit no higher.
+    knee_seen: f64,
 }
 
 /// A probe of the uncongested latency in progress.
@@ -742,6 +768,8 @@ impl Gradient {
             early_due: false,
             deep_due: true,
             grid: now,
+            reserved: (None, 0),
+            knee_seen: f64::INFINITY,
         };
         g.set_grid(wall_clock_grid(now), now);
         g
@@ -1411,6 +1439,28 @@ impl Gradient {
         Some(grow)
     }
 
+    /// The `never_shed` tiers' demand in flight ([`Limit::note_reserved`]):
+    /// their arrivals since it was last taken over that span, times the
+    /// window's latency `short`, but no more than a flood showed the knee
+    /// to be ([`Gradient::knee_seen`]: where they alone exceed capacity,
+    /// their demand is past it). 0 once probed, and while the span is
+    /// under a latency (too few arrivals to say: the count goes on); else
+    /// the count restarts.
+    fn reserved_demand(&mut self, now: Instant, short: f64) -> f64 {
+        let (Some(since), n) = self.reserved else {
+            return 0.0;
+        };
+        if self.probed {
+            return 0.0;
+        }
+        let span = now.duration_since(since).as_secs_f64();
+        if span < short {
+            return 0.0;
+        }
+        self.reserved = (Some(now), 0);
+        (f64::from(n) / span * short).min(self.knee_seen)
+    }
+
     /// Moves the limit after a window of mean `short` with at most
     /// `inflight` in flight.
     fn step(&mut self, now: Instant, short: f64, baseline: f64, inflight: f64, busy: bool) {
@@ -1437,12 +1487,18 @@ impl Gradient {
             return;
         }
         let ceiling = self.ceiling(baseline) + claim;
+        if !self.probed && short > ceiling * STALE_RATIO {
+            // In a flood, the latency grows as the requests in flight past
+            // the backend's knee: it is at most this many.
+            self.knee_seen = self.knee_seen.min(inflight * ceiling / short);
+        }
         if self.slow_start && self.in_full_use(inflight) && short <= ceiling * STALE_RATIO {
             // In use to the last slot (but the headroom): a step per latency.
             match self.slow_start_step(now, short, baseline, ceiling) {
                 None => return,
                 Some(true) => {
-                    self.limit = (self.limit * SLOW_START).clamp(min, max);
+                    let demand = self.reserved_demand(now, short);
+                    self.limit = (self.limit * SLOW_START).max(demand).clamp(min, max);
                     self.slow_start = self.limit < max;
                     return;
                 }
@@ -1454,6 +1510,16 @@ impl Gradient {
         } else {
             ratio.clamp(0.5, 1.0)
         };
+        // Before the first probe (a cold start's slow start cut short by a
+        // quick first window), no queueing: at least the purchases' demand
+        // ([`Gradient::reserved_demand`]). Not after it: where they alone
+        // exceed capacity, a floor at their demand kept the backend's queue
+        // twice as long (simulation, purchases alone at 2x) and the drill's
+        // plateau slower.
+        if gradient >= 1.0 {
+            let demand = self.reserved_demand(now, short);
+            self.limit = self.limit.max(demand).min(max);
+        }
         // No queueing at all: grow by √limit; otherwise allow a short
         // queue, that of a limit of [`FAIR_FROM`] at least unless this
         // instance claims (a share's limit then goes as its gap, not as
@@ -1565,6 +1631,61 @@ mod tests {
         let mut l = adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 1, 100, 20 * MS);
         assert!((95..=160).contains(&l.current()), "limit {}", l.current());
+    }
+
+    /// [`noisy_request`]s (±10%) for `span` while `never_shed` requests
+    /// arrive at `rate` a second, each noted as it comes; the highest
+    /// limit in force meanwhile.
+    fn run_with_purchases(
+        l: &mut Limit,
+        now: &mut Instant,
+        span: Duration,
+        (workers, service): (u32, Duration),
+        rate: f64,
+    ) -> u32 {
+        let (end, gap) = (*now + span, Duration::from_secs_f64(1.0 / rate));
+        let (mut next, mut seed, mut highest) = (*now, 1u64, 0);
+        while *now < end {
+            while next <= *now {
+                l.note_reserved(next);
+                next += gap;
+            }
+            noisy_request(l, now, &mut seed, workers, service, 0.1, 1);
+            highest = highest.max(l.current());
+        }
+        highest
+    }
+
+    #[test]
+    fn a_cold_limit_takes_the_purchases_demand_at_once() {
+        // 64 workers × 50 ms, cold into 3x: purchases alone arrive at 768
+        // a second, 38 of them in flight. Half a step a latency from 8,
+        // the limit was at 18 after 150 ms, and purchases waited for it.
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        run_with_purchases(&mut l, &mut now, 150 * MS, (64, 50 * MS), 768.0);
+        assert!((36..=64).contains(&l.current()), "limit {}", l.current());
+    }
+
+    #[test]
+    fn once_probed_the_limit_leaves_the_purchases_demand_to_the_gradient() {
+        // 16 workers × 20 ms, probed; then purchases arrive at 2 000 a
+        // second, 40 in flight, more than the backend serves. Windows at
+        // the baseline's latency would take the limit to their demand at
+        // once, and their queue into the backend; the gradient grows it by
+        // a little a window.
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        run_backend(&mut l, &mut now, 6, 16, 20 * MS);
+        assert!(l.learnt().unwrap().baseline.is_some());
+        let before = l.current();
+        for _ in 0..3 * WINDOW_SAMPLES {
+            now += MS;
+            l.note_reserved(now);
+            l.note_reserved(now);
+            l.on_sample(now, Sample::Latency(20 * MS), l.current());
+        }
+        assert!(l.current() <= before + 6, "{before} -> {}", l.current());
     }
 
     #[test]
