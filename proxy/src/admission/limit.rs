@@ -1507,11 +1507,11 @@ impl Gradient {
             ratio.clamp(0.5, 1.0)
         };
         // Before the first probe (a cold start's slow start cut short by a
-        // quick first window), no queueing: at least the purchases' demand
-        // ([`Gradient::reserved_demand`]). Not after it: where they alone
-        // exceed capacity, a floor at their demand kept the backend's queue
-        // twice as long (simulation, purchases alone at 2x) and the drill's
-        // plateau slower.
+        // quick first window), no queueing: at least most of the purchases'
+        // demand ([`Gradient::reserved_demand`]). Not after it: where they
+        // alone exceed capacity, a floor at their demand kept the backend's
+        // queue three times as long (simulation, purchases alone at 2x) and
+        // the drill's plateau slower.
         if gradient >= 1.0 {
             let demand = self.reserved_demand(now, short);
             self.limit = self.limit.max(demand).min(max);
