@@ -152,6 +152,9 @@ pub struct Metrics {
     /// limit tolerates above its ceiling because its purchases wait (0 when
     /// it claims nothing).
     pub admission_claim: GaugeVec,
+    /// `k2_admission_tier_cost_ratio{cluster,site,tier}`: a tier's backend
+    /// latency over the purchases' at the same time (0 until it is known).
+    pub admission_tier_cost: GaugeVec,
     /// `k2_shed_level{cluster,site}`: lowest tiers refused outright
     /// (fractional: 2.25 is two tiers and a quarter of the next).
     pub shed_level: GaugeVec,
@@ -285,6 +288,7 @@ impl Metrics {
             admission_limit: gauges(&r, "k2_admission_limit", "Concurrency limit in force.", site),
             admission_baseline: gauges_f64(&r, "k2_admission_baseline_seconds", "The backend's uncongested latency the adaptive limit learned (0 before it has one, or for a fixed limit): a fleet's instances should agree on it.", site),
             admission_claim: gauges_f64(&r, "k2_admission_claim_seconds", "The latency the adaptive limit tolerates above its ceiling because its purchases wait (0 when it claims nothing): in a fleet, the instance that claims takes a larger share of the backend.", site),
+            admission_tier_cost: gauges_f64(&r, "k2_admission_tier_cost_ratio", "A tier's backend latency over the purchases' at the same time (0 until 16 of its requests have come back): beyond 1.25 either way its latency is left out of what the adaptive limit learns.", &["cluster", "site", "tier"]),
             shed_level,
             queue_depth: gauges(&r, "k2_queue_depth", "Requests waiting for admission.", site),
             queue_wait: histograms(&r, "k2_queue_wait_seconds", "Time from arrival to admission (0 when admitted at once) or to a queue timeout.", &["tier"]),

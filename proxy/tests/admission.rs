@@ -324,4 +324,12 @@ async fn status_shows_a_costly_tier_left_out_of_the_limit() {
     assert_eq!(costs[0]["tier"], "admin", "{site}");
     assert_eq!(costs[0]["counted"], false, "{site}");
     assert!(costs[0]["ratio"].as_f64() > Some(5.0), "{site}");
+    // The same ratio on /metrics, for an alert on a tier left out for long.
+    let m = proxy.metrics().await;
+    let admin = m
+        .lines()
+        .find(|l| l.starts_with("k2_admission_tier_cost_ratio{") && l.contains(r#"tier="admin""#))
+        .unwrap_or_else(|| panic!("no admin cost ratio: {m}"));
+    let ratio: f64 = admin.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(ratio > 5.0, "{admin}");
 }

@@ -48,6 +48,7 @@ struct SiteGauges {
     shed_level: Gauge,
     queue_depth: IntGauge,
     inflight: Vec<IntGauge>,
+    tier_cost: Vec<Gauge>,
 }
 
 /// Admission for one (cluster, site).
@@ -144,6 +145,11 @@ impl Controller {
         gauges.queue_depth.set(g.queued() as i64);
         for (t, gauge) in gauges.inflight.iter().enumerate() {
             gauge.set(i64::from(g.tier_inflight(t)));
+        }
+        let costs = g.tier_costs();
+        for (t, gauge) in gauges.tier_cost.iter().enumerate() {
+            let known = costs.iter().find(|c| c.tier == t);
+            gauge.set(known.map_or(0.0, |c| c.ratio));
         }
     }
 
@@ -293,6 +299,10 @@ impl SiteGauges {
             inflight: tiers
                 .iter()
                 .map(|t| m.inflight.with_label_values(&[cluster, site, t]))
+                .collect(),
+            tier_cost: tiers
+                .iter()
+                .map(|t| m.admission_tier_cost.with_label_values(&[cluster, site, t]))
                 .collect(),
         }
     }
