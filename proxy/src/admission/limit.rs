@@ -126,7 +126,10 @@
 //!   ([`SLOW_START_NOISE`]; after a cold start's early probe, the mean of
 //!   a step's windows) ends it until the next quiet spell. The gate
 //!   does not count waits in our queue towards shedding meanwhile: they are
-//!   the limit catching up, not the backend's capacity.
+//!   the limit catching up, not the backend's capacity. Until the first
+//!   probe, each step, and each window without queueing, raises the limit
+//!   to at least [`DEMAND_SHARE`] of the `never_shed` tiers' demand in
+//!   flight ([`Limit::note_reserved`]): purchases do not wait for the climb.
 //! - *Floods:* a window whose latency is over [`FLOOD_RATIO`] times the
 //!   baseline halves the limit at once, at most once per latency (the
 //!   backend then holds twice as many waiting as in service; the smoothed
@@ -261,10 +264,10 @@ const QUIET_SPELL: Duration = Duration::from_secs(1);
 /// The share of the `never_shed` tiers' demand in flight that a cold limit
 /// rises to at once ([`Limit::note_reserved`]). All of it reached the knee
 /// at once where purchases alone are the backend's capacity (5x), and the
-/// slow start's next step went half as far past it: one real instance of
-/// two at 5x on 64 × 50 ms lost a tenth of its purchases. Three quarters
-/// leave the last quarter to that step, which their overdraft covers
-/// meanwhile (docs/admission.md, "Thirty-fifth round").
+/// slow start's next step went half as far past it: two real rounds of
+/// eight at 5x on 64 × 50 ms lost a tenth of their purchases. Three
+/// quarters leave the last quarter to that step, which their overdraft
+/// covers meanwhile (docs/admission.md, "Thirty-fifth round").
 const DEMAND_SHARE: f64 = 0.75;
 /// Weight of each new target in the limit.
 const SMOOTHING: f64 = 0.25;
@@ -560,11 +563,12 @@ impl Limit {
     /// first probe has measured the backend, an adaptive limit that sees no
     /// queueing there rises at once to most of those tiers' demand in
     /// flight (their arrival rate times the latency, Little's law) instead
-    /// of climbing to it step by step while they wait in our queue: a cold start into a
-    /// peak in front of 64 workers × 50 ms queued purchases for its first
-    /// half second (docs/admission.md, "Thirty-fifth round"). In a fleet
-    /// each instance sees its share of them, so the limits add up to their
-    /// demand, under capacity whenever they alone are.
+    /// of climbing to it step by step while they wait in our queue: a cold
+    /// start into a peak in front of 64 workers × 50 ms queued purchases
+    /// for its first half second (docs/admission.md, "Thirty-fifth
+    /// round"). In a fleet each instance sees its share of them, so the
+    /// limits add up to their demand, under capacity whenever they alone
+    /// are.
     pub fn note_reserved(&mut self, now: Instant) {
         match self {
             Limit::Adaptive(g) if !g.probed => {
@@ -1630,26 +1634,23 @@ mod tests {
     }
 
     /// [`noisy_request`]s (±10%) for `span` while `never_shed` requests
-    /// arrive at `rate` a second, each noted as it comes; the highest
-    /// limit in force meanwhile.
+    /// arrive at `rate` a second, each noted as it comes.
     fn run_with_purchases(
         l: &mut Limit,
         now: &mut Instant,
         span: Duration,
         (workers, service): (u32, Duration),
         rate: f64,
-    ) -> u32 {
+    ) {
         let (end, gap) = (*now + span, Duration::from_secs_f64(1.0 / rate));
-        let (mut next, mut seed, mut highest) = (*now, 1u64, 0);
+        let (mut next, mut seed) = (*now, 1u64);
         while *now < end {
             while next <= *now {
                 l.note_reserved(next);
                 next += gap;
             }
             noisy_request(l, now, &mut seed, workers, service, 0.1, 1);
-            highest = highest.max(l.current());
         }
-        highest
     }
 
     #[test]
