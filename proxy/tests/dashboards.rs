@@ -2,7 +2,7 @@
 //! simulated sites is driven through overload, a failover, a rejected
 //! reload and a whole-cluster outage while Prometheus scrapes its admin
 //! /metrics (with two more, adaptive instances whose backends differ in
-//! speed, and a dead target) and evaluates dashboards/alerts.yml.
+//! speed, one with costly admin requests, and a dead target) and evaluates dashboards/alerts.yml.
 //! Then every PromQL expression in the dashboard JSON and in alerts.yml is
 //! evaluated through Prometheus's HTTP API: each must be valid and return a
 //! series. The dashboard's structure is checked too.
@@ -230,22 +230,29 @@ cluster = "kred"
     // Two more instances of the fleet, adaptive, one in front of a backend
     // three times as fast: they learn baselines far apart (what
     // K2FleetBaselinesSplit looks for).
-    let fast = sim::start(
-        SimConfig::fixed("f1", 64, Duration::from_millis(10)),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    // Its admin requests cost eight purchases: the tier-cost alert and
+    // panel have their series.
+    let mut fast = SimConfig::fixed("f1", 64, Duration::from_millis(10));
+    fast.classes = vec![(
+        "/admin/".into(),
+        sim::Dist::Fixed(Duration::from_millis(80)),
+    )];
+    let fast = sim::start(fast, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let mut fleet = Vec::new();
     for addr in [primary.addr, fast.addr] {
         let routes = format!(
             "[server]\nlisten = [\"{{LISTEN}}\"]\nadmin = \"{{ADMIN}}\"\nthreads = 1\npolicy = \"policy.toml\"\n\
              [clusters.kred]\n[[clusters.kred.sites]]\nname = \"skondal\"\nrole = \"primary\"\nbackends = [\"{addr}\"]\n\
-             [[routes]]\nname = \"checkout\"\nmatch = {{ path_prefix = \"/checkout/\" }}\ntier = \"purchase\"\ncluster = \"kred\"\n"
+             [[routes]]\nname = \"checkout\"\nmatch = {{ path_prefix = \"/checkout/\" }}\ntier = \"purchase\"\ncluster = \"kred\"\n\
+             [[routes]]\nname = \"admin\"\nmatch = {{ path_prefix = \"/admin/\" }}\ntier = \"admin\"\ncluster = \"kred\"\n"
         );
-        let p = Proxy::start(&routes, "tiers = [\"purchase\", \"background\"]\n").await;
+        let p = Proxy::start(&routes, "tiers = [\"purchase\", \"admin\"]\n").await;
         for _ in 0..20 {
             let r = client().get(p.url("/checkout/pay")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let r = client().get(p.url("/admin/report")).send().await.unwrap();
             assert_eq!(r.status(), 200);
         }
         fleet.push(p);
