@@ -703,13 +703,26 @@ struct Probe {
     /// A cold start's early probe ([`EARLY_PROBE`]): the slow start
     /// resumes after it.
     early: bool,
-    /// The latencies measured at this cut so far: sum, samples, windows.
+    /// The latencies measured at this cut so far: sum, sum of squares,
+    /// samples, windows.
     sum: f64,
+    sq: f64,
     count: u32,
     windows: u32,
 }
 
 impl Probe {
+    /// The coefficient of variation of the latencies it measured, once it
+    /// has [`WINDOW_SAMPLES`] of them.
+    fn spread(&self) -> Option<f64> {
+        if self.count < WINDOW_SAMPLES || self.sum <= 0.0 {
+            return None;
+        }
+        let n = f64::from(self.count);
+        let mean = self.sum / n;
+        Some((self.sq / n - mean * mean).max(0.0).sqrt() / mean)
+    }
+
     /// A probe at `lowered` that discards `skip` samples, then measures.
     fn at(saved: f64, lowered: f64, skip: u32, above: Option<f64>) -> Probe {
         Probe {
@@ -720,6 +733,7 @@ impl Probe {
             held: false,
             early: false,
             sum: 0.0,
+            sq: 0.0,
             count: 0,
             windows: 0,
         }
@@ -1074,7 +1088,7 @@ impl Gradient {
             (Some(short), cv)
         };
         self.learn_spread(cv.filter(|_| !onset), short);
-        if self.probe_step(now, short, count, quiet, inflight) {
+        if self.probe_step(now, (short, cv), count, quiet, inflight) {
             return;
         }
         // Nor the windows right after a probe restored the limit: they hold
@@ -1165,13 +1179,13 @@ impl Gradient {
     fn probe_step(
         &mut self,
         now: Instant,
-        short: f64,
+        (short, cv): (f64, Option<f64>),
         count: u32,
         quiet: bool,
         inflight: f64,
     ) -> bool {
         if let Some(probe) = self.probe {
-            self.run_probe(probe, now, short, count, quiet);
+            self.run_probe(probe, now, (short, cv), count, quiet);
             return true;
         }
         // Not in a quiet window: its few requests cannot say more than the
@@ -1232,7 +1246,14 @@ impl Gradient {
 
     /// Goes on with `probe` after a window of mean `short` over `count`
     /// samples: measures, cuts deeper, or ends it.
-    fn run_probe(&mut self, mut probe: Probe, now: Instant, short: f64, count: u32, quiet: bool) {
+    fn run_probe(
+        &mut self,
+        mut probe: Probe,
+        now: Instant,
+        (short, cv): (f64, Option<f64>),
+        count: u32,
+        quiet: bool,
+    ) {
         let min = f64::from(self.bounds.min);
         // A probe's mean is of several windows: one window's mean
         // (16 samples of log-normal service times: an error of an
@@ -1240,6 +1261,7 @@ impl Gradient {
         // until the next probe.
         if !quiet {
             probe.sum += short * f64::from(count);
+            probe.sq += short * short * (1.0 + cv.unwrap_or(0.0).powi(2)) * f64::from(count);
             probe.count += count;
             probe.windows += 1;
             let samples = self.probe_samples(probe.lowered);
@@ -1313,6 +1335,17 @@ impl Gradient {
             }
             self.baseline = Some(pooled.0);
             self.measured = Some(pooled);
+            // A backend whose windows were all far above the quick first
+            // window's mean never taught the spread (see
+            // [`Gradient::learn_spread`]), and without it the tolerance is
+            // [`SLACK`]: every window of a noisy backend read as queueing
+            // and the limit sat at `min` (real processes, 32 workers of
+            // log-normal 100 ms, σ 0.5, at 0.8x: 58-74% of requests
+            // refused). The probe's samples are the uncongested latency's
+            // own spread.
+            if self.spread.is_none() {
+                self.spread = probe.spread();
+            }
             // Not a probe held at `min`: it could not cut below it, so
             // its level is the floor, not one it drained (in a fleet whose
             // `min`s fill the workers, windows there hold the others'
@@ -2195,6 +2228,40 @@ mod tests {
             unreachable!()
         };
         assert!(g.spread.is_some_and(|s| s > 0.45), "spread {:?}", g.spread);
+    }
+
+    #[test]
+    fn a_probe_teaches_the_spread_that_no_window_could() {
+        // Requests of 60 and 166 ms in turn (mean 113, a spread of 0.47).
+        // The cold start's first window holds the quickest (45 ms); every
+        // window after it is far above that, so none teaches the spread,
+        // and the tolerance was [`SLACK`]: 1 ms over a probe's mean of
+        // 113, which a noisy backend's windows exceed half the time (real
+        // processes, log-normal σ 0.5: the limit at `min`, 4 of 32
+        // workers, and 58% of requests refused at 0.8x). The early probe's
+        // samples teach it.
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        for _ in 0..8 {
+            now += 2 * MS;
+            l.on_sample(now, Sample::Latency(45 * MS), 8);
+        }
+        now += 60 * MS;
+        let mut probed = false;
+        for _ in 0..400 {
+            now += 4 * MS;
+            feed_alternating(&mut l, &mut now, 1, 60 * MS, 166 * MS);
+            probed |= l.learnt().unwrap().probing;
+        }
+        let Limit::Adaptive(g) = &l else {
+            unreachable!()
+        };
+        assert!(probed && g.probed, "the early probe ran");
+        assert!(
+            g.spread.is_some_and(|s| (s - 0.47).abs() < 0.02),
+            "spread {:?}",
+            g.spread
+        );
     }
 
     #[test]
