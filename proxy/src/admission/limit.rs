@@ -1313,49 +1313,58 @@ impl Gradient {
             self.held_until = Some(now);
         }
         if !quiet {
-            // A cut that did not lower the latency measured it too.
-            let baseline = probe.above.map_or(mean, |a| a.min(mean));
-            if probe.held {
-                self.deep_due = self.baseline.is_some_and(|b| baseline < b * DEEPER_GAIN);
-            }
-            let pooled = if probe.above.is_none() {
-                self.pooled(baseline, probe.count)
-            } else {
-                (baseline, probe.count)
-            };
-            // The early probe found the windows before it read as queueing
-            // what was the backend's own latency: the limit the quick first
-            // window held down climbs back within a few latencies, not by
-            // the gradient's allowance (two seconds from 16 to 62 on 64
-            // workers, with `max_queue` full of purchases).
-            if ceiling_before.is_some_and(|c| pooled.0 > c) {
-                self.slow_start = true;
-                self.resumed = true;
-                self.step = (0.0, 0);
-            }
-            self.baseline = Some(pooled.0);
-            self.measured = Some(pooled);
-            // A backend whose windows were all far above the quick first
-            // window's mean never taught the spread (see
-            // [`Gradient::learn_spread`]), and without it the tolerance is
-            // [`SLACK`]: every window of a noisy backend read as queueing
-            // and the limit sat at `min` (real processes, 32 workers of
-            // log-normal 100 ms, σ 0.5, at 0.8x: 58-74% of requests
-            // refused). The probe's samples are the uncongested latency's
-            // own spread.
-            if self.spread.is_none() {
-                self.spread = probe.spread();
-            }
-            // Not a probe held at `min`: it could not cut below it, so
-            // its level is the floor, not one it drained (in a fleet whose
-            // `min`s fill the workers, windows there hold the others'
-            // queue, and pooled they followed it up).
-            self.measured_at = (probe.lowered > min).then_some(probe.lowered);
-            self.provisional = false;
+            self.learn_from_probe(&probe, mean, ceiling_before);
         }
         self.probed = true;
         self.stale = None;
         self.probe_due = self.next_probe(now + PROBE_EVERY / 2);
+    }
+
+    /// What a probe that ended with a measurement of `mean` teaches: the
+    /// baseline and the probes' pool, the spread when no window taught
+    /// it, and whether the early probe's slow start resumes (the ceiling
+    /// before it was `ceiling_before`).
+    fn learn_from_probe(&mut self, probe: &Probe, mean: f64, ceiling_before: Option<f64>) {
+        let min = f64::from(self.bounds.min);
+        // A cut that did not lower the latency measured it too.
+        let baseline = probe.above.map_or(mean, |a| a.min(mean));
+        if probe.held {
+            self.deep_due = self.baseline.is_some_and(|b| baseline < b * DEEPER_GAIN);
+        }
+        let pooled = if probe.above.is_none() {
+            self.pooled(baseline, probe.count)
+        } else {
+            (baseline, probe.count)
+        };
+        // The early probe found the windows before it read as queueing
+        // what was the backend's own latency: the limit the quick first
+        // window held down climbs back within a few latencies, not by
+        // the gradient's allowance (two seconds from 16 to 62 on 64
+        // workers, with `max_queue` full of purchases).
+        if ceiling_before.is_some_and(|c| pooled.0 > c) {
+            self.slow_start = true;
+            self.resumed = true;
+            self.step = (0.0, 0);
+        }
+        self.baseline = Some(pooled.0);
+        self.measured = Some(pooled);
+        // A backend whose windows were all far above the quick first
+        // window's mean never taught the spread (see
+        // [`Gradient::learn_spread`]), and without it the tolerance is
+        // [`SLACK`]: every window of a noisy backend read as queueing
+        // and the limit sat at `min` (real processes, 32 workers of
+        // log-normal 100 ms, σ 0.5, at 0.8x: 58-74% of requests
+        // refused). The probe's samples are the uncongested latency's
+        // own spread.
+        if self.spread.is_none() {
+            self.spread = probe.spread();
+        }
+        // Not a probe held at `min`: it could not cut below it, so
+        // its level is the floor, not one it drained (in a fleet whose
+        // `min`s fill the workers, windows there hold the others'
+        // queue, and pooled they followed it up).
+        self.measured_at = (probe.lowered > min).then_some(probe.lowered);
+        self.provisional = false;
     }
 
     /// The baseline after a window of mean `short` (`seen`: the mean that
