@@ -1111,13 +1111,7 @@ impl Gradient {
         if self.before_first_baseline() && !quiet && seen.is_some() {
             self.schedule_early_probe(now);
         }
-        let candidate = seen.map(|m| {
-            if quiet {
-                m
-            } else {
-                self.as_full_window(m, count, inflight)
-            }
-        });
+        let candidate = seen.map(|m| self.as_full_window(m, count, inflight, quiet));
         let baseline = self.update_baseline(now, short, candidate);
         // A quiet window's own mean is one or two requests: noise, not a
         // gradient. Only its block, once full, moves the limit. Before,
@@ -1441,7 +1435,8 @@ impl Gradient {
     }
 
     /// A busy window's mean of `count` samples (at most `inflight` in
-    /// flight) as the baseline's minimum counts it.
+    /// flight) as the baseline's minimum counts it; a quiet window's (the
+    /// mean of its full block) as it is.
     ///
     /// The tolerance adds back the [`NOISE_ALLOWANCE`] standard errors by
     /// which a minimum of means of [`WINDOW_SAMPLES`] sits under their
@@ -1459,9 +1454,9 @@ impl Gradient {
     /// already stack up into its queue (two instances in front of 4
     /// collapsing workers, scenario 17: purchase p99 404 → 465 ms in the
     /// mean of 16 seeds, against 374 with this gate).
-    fn as_full_window(&self, mean: f64, count: u32, inflight: f64) -> f64 {
+    fn as_full_window(&self, mean: f64, count: u32, inflight: f64, quiet: bool) -> f64 {
         let half = WINDOW_SAMPLES / 2;
-        let small = count > 0 && count < half && inflight >= f64::from(half);
+        let small = !quiet && count > 0 && count < half && inflight >= f64::from(half);
         let Some(cv) = self.spread.filter(|_| small) else {
             return mean;
         };
