@@ -120,8 +120,9 @@ async fn purchases_keep_flowing_at_three_times_capacity() {
     // build on 2 cores: 42-46 ms, with outliers to 57 ms under load.)
     assert!(
         shed_p99 < Duration::from_millis(100),
-        "shed p99 {shed_p99:?}\n{}",
-        report.summary()
+        "shed p99 {shed_p99:?}\n{}\nrefusals over 100 ms, from the access log:\n{}",
+        report.summary(),
+        slow_refusals(&proxy.log_text(), 100.0)
     );
 
     let timeouts: u64 = report.targets.iter().map(|t| t.outcomes.timeout).sum();
@@ -180,4 +181,33 @@ async fn purchases_keep_flowing_at_three_times_capacity() {
         "goodput {goodput:.3} of capacity\n{}",
         report.summary()
     );
+}
+
+/// The access log's 503s that took over `ms`, one line each (time, tier,
+/// shed reason, duration), at most 40: what a failed refusal bound looked like.
+fn slow_refusals(log: &str, ms: f64) -> String {
+    let field = |line: &str, key: &str| -> String {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(key))
+            .unwrap_or("-")
+            .trim_matches('"')
+            .to_string()
+    };
+    let slow: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("k2proxy::access") && l.contains(" status=503 "))
+        .filter(|l| {
+            field(l, "duration_ms=")
+                .parse::<f64>()
+                .is_ok_and(|d| d > ms)
+        })
+        .map(|l| {
+            let at = l.split_whitespace().next().unwrap_or("-");
+            let keys = ["tier=", "shed=", "duration_ms="];
+            let fields: Vec<String> = keys.iter().map(|k| field(l, k)).collect();
+            format!("{at} {}", fields.join(" "))
+        })
+        .collect();
+    let shown = slow.iter().take(40).cloned().collect::<Vec<_>>().join("\n");
+    format!("{} in all\n{shown}", slow.len())
 }

@@ -718,9 +718,11 @@ impl Probe {
         if self.count < WINDOW_SAMPLES || self.sum <= 0.0 {
             return None;
         }
-        let n = f64::from(self.count);
-        let mean = self.sum / n;
-        Some((self.sq / n - mean * mean).max(0.0).sqrt() / mean)
+        Some(variation(
+            self.sum / f64::from(self.count),
+            self.sq,
+            self.count,
+        ))
     }
 
     /// A probe at `lowered` that discards `skip` samples, then measures.
@@ -738,6 +740,12 @@ impl Probe {
             windows: 0,
         }
     }
+}
+
+/// The coefficient of variation of `count` latencies of mean `mean` whose
+/// squares sum to `sq`.
+fn variation(mean: f64, sq: f64, count: u32) -> f64 {
+    (sq / f64::from(count) - mean * mean).max(0.0).sqrt() / mean
 }
 
 /// The mean of the last [`POOL_SAMPLES`] samples of `pool` and of a mean
@@ -1036,7 +1044,7 @@ impl Gradient {
         // This window's coefficient of variation.
         let cv = short
             .filter(|m| self.window_count > 1 && *m > 0.0)
-            .map(|m| (self.window_sq / n - m * m).max(0.0).sqrt() / m);
+            .map(|m| variation(m, self.window_sq, count));
         let inflight = f64::from(self.window_max_inflight);
         // Against the limit in force: a probe's lowered one while it runs.
         let busy = self.is_busy_at(self.window_max_inflight);
@@ -1426,7 +1434,7 @@ impl Gradient {
         self.block = (0.0, 0.0, 0);
         let n = f64::from(count);
         let mean = sum / n;
-        (mean > 0.0).then(|| (mean, (sq / n - mean * mean).max(0.0).sqrt() / mean))
+        (mean > 0.0).then(|| (mean, variation(mean, sq, count)))
     }
 
     /// How far above the ceiling a window may be without ending the slow
