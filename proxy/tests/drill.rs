@@ -131,12 +131,15 @@ fault = "slow"
 factor = 1.5
 "#;
 
-/// Runs `scenario` (with [`ROUTES`] and [`POLICY`]) in a fresh folder:
+/// Runs `scenario` (with [`ROUTES`] and `policy`) in a fresh folder:
 /// the folder, its output folder, and the outcome.
-async fn run_in_temp(scenario: &str) -> (tempfile::TempDir, std::path::PathBuf, drill::Outcome) {
+async fn run_in_temp(
+    scenario: &str,
+    policy: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, drill::Outcome) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("routes.toml"), ROUTES).unwrap();
-    std::fs::write(dir.path().join("policy.toml"), POLICY).unwrap();
+    std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
     let path = dir.path().join("drill.toml");
     std::fs::write(&path, scenario).unwrap();
     let scenario = Scenario::load(&path).unwrap();
@@ -154,7 +157,7 @@ async fn run_in_temp(scenario: &str) -> (tempfile::TempDir, std::path::PathBuf, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scenario_at_3x_capacity_runs_through_k2proxy_and_reports() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (_dir, out, outcome) = run_in_temp(SCENARIO).await;
+    let (_dir, out, outcome) = run_in_temp(SCENARIO, POLICY).await;
     println!("{}", outcome.report.summary());
     for v in &outcome.verdicts {
         println!("{v}");
@@ -277,16 +280,27 @@ never_shed = ["purchase"]
 /// beside the others lost 3% of its purchases to it).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// [`POLICY`] as docs/admission.md ("What to set in a fleet") has a fleet
+/// set it: `min` at most `workers / N`, 2 for two instances in front of 4
+/// workers. With the default `min = 4` the two hold 8 in flight on 4
+/// workers that collapse under a queue, a knife's edge: purchases alone
+/// are about 0.9 of what the collapsed backend serves, and in 3 runs of 20
+/// (real processes, this drill) the backend stayed collapsed, the
+/// baselines learnt its 70-160 ms and 9-11% of purchases were lost. With
+/// `min = 2`, 44 runs: every purchase served, p99 median 280 ms, worst
+/// 1 800.
+fn fleet_policy() -> String {
+    format!("{POLICY}\n[admission.main]\nmode = \"adaptive\"\nmin = 2\n")
+}
+
 /// The drill above on two instances, each with its own controller, behind
 /// the harness's balancer, with a reload by each of file, SIGHUP and POST.
 fn fleet_scenario() -> String {
     let s = SCENARIO
         .replace("name = \"drill-3x\"", "name = \"fleet-3x\"")
-        // Two instances with the default `min = 4` each hold 8 in flight
-        // for 4 workers that collapse under a queue: purchases keep
-        // flowing, slower (docs/admission.md, Fleets: what to set). This
-        // drill is about the harness; the fleet's latency is measured in
-        // docs/admission.md.
+        // Purchase p99 within 2 s, not 1: even with `min = 2` a run in
+        // about fifteen climbs to 1-2 s (both builds of 2026-12-06; 44
+        // runs, worst 1 800 ms).
         .replace("\"purchase.p99 <= 1s\"", "\"purchase.p99 <= 2s\"")
         .replace(
             "  \"all.timeout <= 0.01\",\n]",
@@ -310,7 +324,7 @@ via = ["file", "sighup", "post"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_of_two_instances_shares_the_load_and_every_reload() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (_dir, out, outcome) = run_in_temp(&fleet_scenario()).await;
+    let (_dir, out, outcome) = run_in_temp(&fleet_scenario(), &fleet_policy()).await;
     println!("{}\n{}", outcome.report.summary(), outcome.facts);
     let json = &outcome.json;
     assert_eq!(json["passed"], true, "{}", json["thresholds"]);
