@@ -208,6 +208,6 @@ fn slow_refusals(log: &str, ms: f64) -> String {
             format!("{at} {}", fields.join(" "))
         })
         .collect();
-    let shown = slow.iter().take(40).cloned().collect::<Vec<_>>().join("\n");
+    let shown = slow[..slow.len().min(40)].join("\n");
     format!("{} in all\n{shown}", slow.len())
 }
