@@ -3,16 +3,21 @@
 //! model of the legacy backend, on a virtual clock. Each file in
 //! `tests/data/admission/*.toml` gives the load per phase and the expected
 //! `[min, max]` of what was measured; every miss of every file is reported
-//! before the test fails. Seeded: a run is repeatable.
+//! before the test fails. Seeded: a run is repeatable. Each scenario runs at
+//! [`SEEDS`] seeds and each range is checked against the median of their
+//! measurements; a point range (`[1.0, 1.0]`: every purchase served) must
+//! hold in every run but one.
 //!
 //! `ADMISSION_SCENARIOS=<dir>` runs another folder (from the repository's
 //! root: `proxy/tests/data/admission-open` holds the problems still open,
 //! which fail); `SIM_DEBUG=1` prints
 //! the limit sum and backend queue over time; `SIM_PRINT=key,key` prints
 //! those measurements of every phase (to compare two controllers);
-//! `SIM_SEED=n` shifts every seed (to see the spread); `SIM_CSV=<dir>`
+//! `SIM_SEEDS=k` runs each scenario at `k` seeds instead (1 to trace one);
+//! `SIM_SEED=n` takes the `n`-th block of them (seeds `n × k` on from the
+//! file's: to see the spread); `SIM_CSV=<dir>`
 //! writes each scenario's backend queue and per-instance limits every
-//! 10 ms to `<dir>/<seed>.csv` (scripts/fleet_chart.py draws them);
+//! 10 ms, of its first run, to `<dir>/<seed>.csv` (scripts/fleet_chart.py draws them);
 //! `SIM_PRINT=window_noise` gives how much more the limit's windows vary
 //! than independent latencies would (scripts/window_noise.py measures the
 //! same in access logs). `SIM_TRACE=1` prints every instance's limit, in flight, queue, shed
@@ -229,6 +234,85 @@ fn trace_line<W>(now: u64, i: usize, g: &Gate<W>) -> String {
     )
 }
 
+/// How many seeds each scenario runs at, and which: [`SEEDS`] by default.
+#[derive(Debug, Clone, Copy)]
+struct Seeds {
+    /// Runs per scenario (`SIM_SEEDS`).
+    runs: u64,
+    /// Which block of `runs` seeds (`SIM_SEED`): block `n` is the
+    /// scenario's seed plus `n × runs` up to the next block.
+    block: u64,
+}
+
+/// Runs per scenario in CI. A scenario whose backend collapses or whose
+/// fleet splits its shares is chaotic: two builds that differ by a rule
+/// touching a few requests a minute draw different trajectories, and one
+/// seed's measurement is one draw. Over sixteen seeds the bounds, set from
+/// one seed, were missed five times a seed on average (docs/admission.md,
+/// "Thirty-ninth round"), so any change re-rolled them and a harmless one
+/// failed CI as often as a harmful one. The median of nine is checked
+/// (medians of five still spread over a fifth of the drill's plateau).
+const SEEDS: u64 = 9;
+
+fn seeds() -> Seeds {
+    let var = |name: &str| {
+        std::env::var(name).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name}={v:?}: not a whole number"))
+        })
+    };
+    Seeds {
+        runs: var("SIM_SEEDS").unwrap_or(SEEDS).max(1),
+        block: var("SIM_SEED").unwrap_or(0),
+    }
+}
+
+impl Seeds {
+    /// The seed of the `run`-th run of a scenario whose file says `seed`.
+    fn seed(self, seed: u64, run: u64) -> u64 {
+        seed + self.block * self.runs + run
+    }
+}
+
+/// Every run of `s`, side by side on the machine's cores (in turn when
+/// `SIM_TRACE` or `SIM_DEBUG` print as they go).
+fn run_all(s: &Scenario, seeds: Seeds) -> Vec<Vec<BTreeMap<String, f64>>> {
+    if std::env::var_os("SIM_TRACE").is_some() || std::env::var_os("SIM_DEBUG").is_some() {
+        return (0..seeds.runs).map(|run| simulate(s, run)).collect();
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..seeds.runs)
+            .map(|run| scope.spawn(move || simulate(s, run)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The median of each phase's measurements over several runs, with their
+/// lowest and highest.
+fn medians(runs: &[Vec<BTreeMap<String, f64>>]) -> Vec<BTreeMap<String, [f64; 3]>> {
+    let phases = runs.first().map_or(0, Vec::len);
+    (0..phases)
+        .map(|p| {
+            runs[0][p]
+                .keys()
+                .map(|key| {
+                    let mut v: Vec<f64> =
+                        runs.iter().filter_map(|r| r[p].get(key)).copied().collect();
+                    v.sort_by(f64::total_cmp);
+                    let n = v.len();
+                    let median = if n % 2 == 1 {
+                        v[n / 2]
+                    } else {
+                        (v[n / 2 - 1] + v[n / 2]) / 2.0
+                    };
+                    (key.clone(), [median, v[0], v[n - 1]])
+                })
+                .collect()
+        })
+        .collect()
+}
+
 fn percentile(mut v: Vec<u64>, q: f64) -> u64 {
     v.sort_unstable();
     v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
@@ -270,7 +354,8 @@ fn window_noise(released: &BTreeMap<usize, Vec<u64>>) -> f64 {
     (between / within).sqrt()
 }
 
-fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
+/// Runs scenario `s` at its `run`-th seed of this test's ([`seeds`]).
+fn simulate(s: &Scenario, run: u64) -> Vec<BTreeMap<String, f64>> {
     let snap = config::load(&Paths {
         routes: repo().join("routes.toml"),
         policy: Some(repo().join(&s.policy)),
@@ -299,12 +384,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
             incarnation: 0,
         })
         .collect();
-    // SIM_SEED=<n> shifts every scenario's seed (to see the spread).
-    let shift: u64 = std::env::var("SIM_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut rng = fastrand::Rng::with_seed(s.seed + shift);
+    let mut rng = fastrand::Rng::with_seed(seeds().seed(s.seed, run));
     let mut events: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
     let mut seq = 0u64;
     let mut push = |events: &mut BinaryHeap<_>, t: u64, e: Event| {
@@ -351,7 +431,7 @@ fn simulate(s: &Scenario) -> Vec<BTreeMap<String, f64>> {
     // SIM_CSV=<dir>: every 10 ms sample, per scenario: the time, the
     // backend's queue and each instance's limit (scripts/fleet_chart.py).
     let trace = std::env::var_os("SIM_TRACE").is_some();
-    let mut csv = std::env::var_os("SIM_CSV").map(|dir| {
+    let mut csv = std::env::var_os("SIM_CSV").filter(|_| run == 0).map(|dir| {
         let path = Path::new(&dir).join(format!("{}.csv", s.seed));
         std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     });
@@ -768,20 +848,29 @@ fn admission_scenarios_meet_their_expected_ranges() {
     files.sort();
     assert!(!files.is_empty(), "no scenarios in {}", dir.display());
     let mut misses = Vec::new();
+    let seeds = seeds();
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
         let s: Scenario =
             toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let name = file.file_stem().unwrap().to_string_lossy().to_string();
-        let measured = simulate(&s);
+        let runs = run_all(&s, seeds);
+        let measured = medians(&runs);
         println!("\n{name}: {}", s.description);
         // SIM_PRINT=key,key: these measurements of every phase too, to
         // compare two controllers on the same scenarios.
         let extra = std::env::var("SIM_PRINT").unwrap_or_default();
-        for (p, m) in s.phase.iter().zip(&measured) {
+        let shown = |[median, lo, hi]: [f64; 3]| {
+            if seeds.runs > 1 {
+                format!("{median:>10.3}  ({lo:.3}-{hi:.3})")
+            } else {
+                format!("{median:>10.3}")
+            }
+        };
+        for (i, (p, m)) in s.phase.iter().zip(&measured).enumerate() {
             for key in extra.split(',').filter(|k| !k.is_empty()) {
                 if let Some(v) = m.get(key) {
-                    println!("  {:<10} {key:<32} {v:>10.3}  (SIM_PRINT)", p.name);
+                    println!("  {:<10} {key:<32} {}  (SIM_PRINT)", p.name, shown(*v));
                 }
             }
             for (key, [lo, hi]) in &p.expect {
@@ -789,16 +878,31 @@ fn admission_scenarios_meet_their_expected_ranges() {
                     misses.push(format!("{name}/{}: unknown measurement {key:?}", p.name));
                     continue;
                 };
-                let ok = *v >= *lo && *v <= *hi;
+                let within = |x: f64| x >= *lo && x <= *hi;
+                let inside = runs
+                    .iter()
+                    .filter(|r| r[i].get(key).is_some_and(|x| within(*x)))
+                    .count();
+                // A point range ("every purchase served") is a property of
+                // every run, not of the median's: all runs but one (a rare
+                // event, such as one seed of ninety shedding at 0.8x, is
+                // then caught once it is no longer rare).
+                let ok = if lo == hi {
+                    inside + 1 >= runs.len()
+                } else {
+                    within(v[0])
+                };
                 println!(
-                    "  {:<10} {key:<32} {v:>10.3}  in [{lo}, {hi}] {}",
+                    "  {:<10} {key:<32} {}  in [{lo}, {hi}] {} (in {inside} of {})",
                     p.name,
-                    if ok { "ok" } else { "MISS" }
+                    shown(*v),
+                    if ok { "ok" } else { "MISS" },
+                    runs.len()
                 );
                 if !ok {
                     misses.push(format!(
-                        "{name}/{}: {key} = {v:.3}, expected [{lo}, {hi}]",
-                        p.name
+                        "{name}/{}: {key} = {:.3} (median of {} seeds; within in {inside}), expected [{lo}, {hi}]",
+                        p.name, v[0], seeds.runs
                     ));
                 }
             }
