@@ -884,11 +884,13 @@ fn admission_scenarios_meet_their_expected_ranges() {
                     .filter(|r| r[i].get(key).is_some_and(|x| within(*x)))
                     .count();
                 // A point range ("every purchase served") is a property of
-                // every run, not of the median's: all runs but one (a rare
-                // event, such as one seed of ninety shedding at 0.8x, is
-                // then caught once it is no longer rare).
+                // every run, not of the median's: all runs but one of
+                // several (a rare event, such as one seed of ninety
+                // shedding at 0.8x, is then caught once it is no longer
+                // rare); a lone run must hold it.
+                let spared = usize::from(runs.len() > 1);
                 let ok = if lo == hi {
-                    inside + 1 >= runs.len()
+                    runs.len() - inside <= spared
                 } else {
                     within(v[0])
                 };
@@ -901,7 +903,7 @@ fn admission_scenarios_meet_their_expected_ranges() {
                 );
                 if !ok {
                     misses.push(format!(
-                        "{name}/{}: {key} = {:.3} (median of {} seeds; within in {inside}), expected [{lo}, {hi}]",
+                        "{name}/{}: {key} = {:.3} (median of {} seeds; held in {inside}), expected [{lo}, {hi}]",
                         p.name, v[0], seeds.runs
                     ));
                 }
