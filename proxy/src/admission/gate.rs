@@ -176,7 +176,7 @@ impl<W> Gate<W> {
             .reconfigure(rules.target_queue_delay, sheddable.len() as u32);
         self.rules = rules;
         self.rank(sheddable);
-        self.shed_covered_waiters(None);
+        self.shed_covered_waiters();
     }
 
     /// The uncongested latency the limit learned, if adaptive.
@@ -310,19 +310,21 @@ impl<W> Gate<W> {
                 .map_or(Duration::ZERO, |at| counts.of(now, now.duration_since(at)))
         };
         if self.shed.tick(now, standing) {
-            self.shed_covered_waiters(Some(now));
+            self.shed_covered_waiters();
             self.rose_at = Some(now);
-        } else if let Some(at) = self.rose_at {
+        }
+        if let Some(at) = self.rose_at {
             self.shed_pre_rise_waiters(at, now);
         }
     }
 
     /// Refuses the waiters of a partly covered tier that were queued before
     /// the level's last rise (`at`) once they have waited the target, as
-    /// one queued after it would be ([`Gate::deadline`]). At the rise they
-    /// were younger than the target and kept their tier's whole
-    /// `max_queue_wait`: a fresh-clone CI run of the overload test refused
-    /// admin and merchant requests after 195-211 ms that way.
+    /// one queued after it would be ([`Gate::deadline`]): at the rise
+    /// itself, its standing backlog. Those younger than the target then
+    /// kept their tier's whole `max_queue_wait` until the thirty-ninth
+    /// round: a fresh-clone CI run of the overload test refused admin and
+    /// merchant requests after 195-211 ms that way.
     fn shed_pre_rise_waiters(&mut self, at: Instant, now: Instant) {
         let target = self.rules.target_queue_delay;
         let Some(aged) = now.checked_sub(target) else {
@@ -341,20 +343,12 @@ impl<W> Gate<W> {
         }
     }
 
-    fn shed_covered_waiters(&mut self, now: Option<Instant>) {
+    /// Refuses every waiter of a tier pinned off or wholly covered (a
+    /// partly covered one's: [`Gate::shed_pre_rise_waiters`]).
+    fn shed_covered_waiters(&mut self) {
         for t in 0..self.rules.tiers.len() {
-            match self.coverage(t) {
-                _ if self.rules.tiers[t].force_shed => {}
-                Coverage::Whole => {}
-                Coverage::Part(_) => {
-                    if let Some(cutoff) =
-                        now.and_then(|n| n.checked_sub(self.rules.target_queue_delay))
-                    {
-                        self.evict_older_than(t, cutoff, ShedReason::ShedLevel);
-                    }
-                    continue;
-                }
-                Coverage::None => continue,
+            if !self.rules.tiers[t].force_shed && self.coverage(t) != Coverage::Whole {
+                continue;
             }
             while let Some(w) = self.queue.evict_newest(t) {
                 self.shed_waiters.push((w.handle, ShedReason::ShedLevel));
