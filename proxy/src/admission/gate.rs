@@ -17,10 +17,11 @@
 use std::time::{Duration, Instant};
 
 use super::cost::TierCosts;
+use super::demand::Demand;
 use super::limit::{Limit, Sample, Urgency};
 use super::overdraft;
 use super::queue::{TierQueue, Waiter};
-use super::shed_level::{Coverage, ShedLevel};
+use super::shed_level::{Coverage, ShedLevel, STEPS, URGENT};
 use super::standing::Standing;
 use super::starving::{Seen, Starving};
 
@@ -129,6 +130,8 @@ pub struct Gate<W> {
     /// When the shed level last rose, until every waiter queued before
     /// then is a target old: see [`Gate::shed_pre_rise_waiters`].
     rose_at: Option<Instant>,
+    /// Arrivals per tier against completions ([`super::demand`]).
+    demand: Demand,
     /// Draws which requests of a partly shed tier are refused.
     rng: fastrand::Rng,
 }
@@ -149,6 +152,7 @@ impl<W> Gate<W> {
             costs: TierCosts::new(n, rules.reference_tier()),
             shed_waiters: Vec::new(),
             rose_at: None,
+            demand: Demand::new(n, now),
             rng: fastrand::Rng::with_seed(0x6b32),
             rules,
         };
@@ -169,6 +173,7 @@ impl<W> Gate<W> {
         let n = rules.tiers.len();
         self.tier_inflight.resize(n, 0);
         self.queue.resize(n);
+        self.demand.resize(n);
         self.costs.reconfigure(n, rules.reference_tier());
         self.limit.reconfigure(limit);
         let sheddable = rules.sheddable();
@@ -309,6 +314,14 @@ impl<W> Gate<W> {
                 .oldest()
                 .map_or(Duration::ZERO, |at| counts.of(now, now.duration_since(at)))
         };
+        // At an overload's onset, the backlog of the tiers the demand
+        // calls excess is refused once it is three targets old
+        // ([`super::demand`]), not as the level's climb reaches each tier.
+        if standing > self.rules.target_queue_delay * URGENT && self.shed.in_onset(now) {
+            if let Some(steps) = self.demand_floor(now) {
+                self.refuse_excess_backlog(now, steps);
+            }
+        }
         if self.shed.tick(now, standing) {
             self.shed_covered_waiters();
             self.rose_at = Some(now);
@@ -316,6 +329,46 @@ impl<W> Gate<W> {
         if let Some(at) = self.rose_at {
             self.shed_pre_rise_waiters(at, now);
         }
+    }
+
+    /// Refuses the waiters three targets old of every tier the level
+    /// `steps` would cover, whole or in part; the level counts their waits
+    /// as it counts a timeout's.
+    fn refuse_excess_backlog(&mut self, now: Instant, steps: u32) {
+        let old = self.rules.target_queue_delay * URGENT;
+        let Some(cutoff) = now.checked_sub(old) else {
+            return;
+        };
+        let counted = self.limit.waits_count().of(now, old);
+        let mut out = Vec::new();
+        for t in 0..self.rules.tiers.len() {
+            let rank = self.shed_rank[t];
+            if rank == u32::MAX || rank.saturating_mul(STEPS) >= steps {
+                continue;
+            }
+            self.queue.evict_older_than(t, cutoff, &mut out);
+            for w in out.drain(..) {
+                self.shed.record(now, counted);
+                self.shed_waiters.push((w, ShedReason::ShedLevel));
+            }
+        }
+    }
+
+    /// The level, in steps, that would refuse the excess of the last
+    /// window's arrivals from the lowest tiers up ([`super::demand`]);
+    /// only while the backend queues (a fixed limit is its capacity):
+    /// under its knee, completions are the limit's pace, not the backend's.
+    fn demand_floor(&mut self, now: Instant) -> Option<u32> {
+        if self.limit.is_adaptive() && self.limit.over_ceiling().is_none_or(|r| r <= 1.0) {
+            return None;
+        }
+        let mut order: Vec<(u32, usize)> = (0..self.shed_rank.len())
+            .filter(|&t| self.shed_rank[t] != u32::MAX)
+            .map(|t| (self.shed_rank[t], t))
+            .collect();
+        order.sort_unstable();
+        let order: Vec<usize> = order.into_iter().map(|(_, t)| t).collect();
+        self.demand.floor(now, &order, STEPS)
     }
 
     /// Refuses the waiters of a partly covered tier that were queued before
@@ -405,6 +458,7 @@ impl<W> Gate<W> {
         if self.rules.tiers[tier].never_shed {
             self.limit.note_reserved(now);
         }
+        self.demand.arrived(tier, now);
         if let Some(reason) = self.refused(tier, now) {
             return Decision::Shed(reason);
         }
@@ -578,6 +632,7 @@ impl<W> Gate<W> {
         if let Some(n) = self.tier_inflight.get_mut(tier) {
             *n = n.saturating_sub(1);
         }
+        self.demand.done(now);
         let urgency = self.urgency(now);
         self.limit.set_urgency(urgency);
         let sample = self.costs.read(tier, sample);
@@ -640,6 +695,7 @@ impl<W> Gate<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// An adaptive limit whose probe grid runs through `now` (not the wall
     /// clock's), so its first probe is due 5 s after `now`.
@@ -997,6 +1053,61 @@ mod tests {
         assert_eq!(shed, [20, 21]);
         assert_eq!(g.queued(), 1, "the purchase still waits");
         assert!(g.take_shed().is_empty());
+    }
+
+    /// Runs a gate at a fixed limit of 2 in front of a backend of 10 ms,
+    /// one arrival a millisecond (5x; per 5 ms a purchase, two merchants,
+    /// two customer service), for 90 ms. Returns, for each merchant that
+    /// queued in the first 20 ms and was not served, how old it was when
+    /// refused (`None`: it still waits).
+    fn merchants_refused_at_an_onset() -> Vec<Option<Duration>> {
+        let (mut g, start) = gate(2, 1000);
+        let start = start + Duration::from_secs(10);
+        let mut busy: Vec<Instant> = Vec::new();
+        // Per arrival: queued merchant of the first 20 ms, and its fate.
+        let mut fate: HashMap<u32, Option<Duration>> = HashMap::new();
+        for i in 0..90u32 {
+            let now = start + i * MS;
+            while let Some(k) = busy.iter().position(|&end| end <= now) {
+                busy.swap_remove(k);
+                g.release(0, now, Sample::Latency(10 * MS));
+                if let Some((_, served)) = g.grant_next(now) {
+                    fate.remove(&served);
+                    busy.push(now + 10 * MS);
+                }
+            }
+            let tier = [0, 1, 2, 1, 2][(i % 5) as usize];
+            match g.try_admit(tier, now) {
+                Decision::Admit => busy.push(now + 10 * MS),
+                Decision::Queue => {
+                    g.enqueue(tier, now, i).unwrap();
+                    if tier == 1 && i < 20 {
+                        fate.insert(i, None);
+                    }
+                }
+                Decision::Shed(_) => {}
+            }
+            for (arrived, _) in g.take_shed() {
+                if let Some(f) = fate.get_mut(&arrived) {
+                    *f = Some(now - (start + arrived * MS));
+                }
+            }
+        }
+        fate.into_values().collect()
+    }
+
+    #[test]
+    fn at_an_onset_the_backlog_the_demand_calls_excess_is_refused_at_three_targets() {
+        // Four fifths of the arrivals are excess: both lower tiers. The
+        // merchants queued first are refused as soon as they are three
+        // targets (60 ms) old. Left to the level's climb (five steps by
+        // 90 ms, part of customer service), they kept their 500 ms.
+        let refused = merchants_refused_at_an_onset();
+        assert!(refused.len() >= 5, "{refused:?}");
+        for age in refused {
+            let age = age.expect("a merchant of the first 20 ms still waits at 90 ms");
+            assert!(age <= 62 * MS, "{age:?}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! in-flight counts and waiters. See docs/admission.md.
 
 pub mod cost;
+pub mod demand;
 pub mod gate;
 pub mod limit;
 pub mod memory;

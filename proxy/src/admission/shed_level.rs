@@ -46,6 +46,11 @@ pub const MIN_CALM: u32 = 6;
 pub const URGENT: u32 = 3;
 /// Shortest time between two urgent rises.
 pub const URGENT_GAP: Duration = Duration::from_millis(10);
+/// How long after the level first rises from nothing an overload counts as
+/// setting in ([`ShedLevel::in_onset`]): five windows, time for an onset's
+/// backlog to be refused at three targets ([`super::demand`]). After it,
+/// only the level refuses.
+pub const ONSET: Duration = Duration::from_millis(250);
 /// Most calm windows ever needed (2 s).
 pub const MAX_CALM: u32 = 40;
 /// A rise this soon after a fall counts as a flap.
@@ -79,6 +84,8 @@ pub struct ShedLevel {
     last_rise: Option<Instant>,
     /// When the level last moved; earlier arrivals are not counted.
     last_change: Instant,
+    /// When the level last rose from nothing.
+    left_zero: Option<Instant>,
 }
 
 impl ShedLevel {
@@ -98,12 +105,22 @@ impl ShedLevel {
             last_fall: None,
             last_rise: None,
             last_change: now,
+            left_zero: None,
         }
     }
 
     /// The level in tiers (2.25 = two tiers and a quarter of the third).
     pub fn level(&self) -> f64 {
         f64::from(self.steps) / f64::from(STEPS)
+    }
+
+    /// Whether an overload is setting in: nothing is shed, or the level
+    /// first rose from nothing less than [`ONSET`] ago.
+    pub fn in_onset(&self, now: Instant) -> bool {
+        self.steps == 0
+            || self
+                .left_zero
+                .is_some_and(|z| now.duration_since(z) < ONSET)
     }
 
     /// How much of the tier with shed rank `rank` (0 = lowest) is refused.
@@ -182,6 +199,9 @@ impl ShedLevel {
     fn rise(&mut self, at: Instant, steps: u32) {
         if self.steps >= self.max_steps {
             return;
+        }
+        if self.steps == 0 {
+            self.left_zero = Some(at);
         }
         self.steps = (self.steps + steps).min(self.max_steps);
         // One flap is a fall and the first rise after it: the urgent rises
@@ -264,6 +284,20 @@ mod tests {
         assert_eq!(s.level(), 1.0 / 8.0, "50 ms is 1.25 double targets: 1 step");
         run(&mut s, &mut now, 2000, 500 * MS);
         assert_eq!(s.level(), 3.0, "capped at the sheddable tiers");
+    }
+
+    #[test]
+    fn an_onset_lasts_from_nothing_shed_to_five_windows_after_the_first_rise() {
+        let (mut s, mut now) = controller();
+        assert!(s.in_onset(now), "nothing shed");
+        run(&mut s, &mut now, 50, 30 * MS);
+        assert_eq!(s.level(), 1.0 / 8.0);
+        let rose = now;
+        run(&mut s, &mut now, 100, 30 * MS);
+        assert!(s.level() > 1.0 / 8.0, "still rising");
+        assert!(s.in_onset(now), "{:?} after the first rise", now - rose);
+        run(&mut s, &mut now, 160, 30 * MS);
+        assert!(!s.in_onset(now), "{:?} after the first rise", now - rose);
     }
 
     #[test]
