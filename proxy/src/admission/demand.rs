@@ -20,7 +20,7 @@
 //! those tiers once they are three targets old; the level still climbs by
 //! the waits, as before. (Raising the level to the floor itself refused as
 //! fast, but real single instances at 5x then served purchases slower:
-//! p50 71-93 ms against 53-73 in five A/B batches; docs/admission.md,
+//! p50 71-93 ms against 53-73 in four A/B batches; docs/admission.md,
 //! fortieth round.)
 
 use std::time::{Duration, Instant};
