@@ -112,6 +112,8 @@ pub struct Gate<W> {
     rules: Rules,
     /// `shed_rank[t]`: t is shed by level when `shed_rank[t] < level`.
     shed_rank: Vec<u32>,
+    /// The sheddable tiers, lowest rank first.
+    shed_order: Vec<usize>,
     limit: Limit,
     inflight: u32,
     tier_inflight: Vec<u32>,
@@ -142,6 +144,7 @@ impl<W> Gate<W> {
         let sheddable = rules.sheddable();
         let mut g = Gate {
             shed_rank: Vec::new(),
+            shed_order: Vec::new(),
             limit,
             inflight: 0,
             tier_inflight: vec![0; n],
@@ -162,9 +165,10 @@ impl<W> Gate<W> {
 
     fn rank(&mut self, sheddable: Vec<usize>) {
         self.shed_rank = vec![u32::MAX; self.rules.tiers.len()];
-        for (rank, t) in sheddable.into_iter().enumerate() {
+        for (rank, &t) in sheddable.iter().enumerate() {
             self.shed_rank[t] = rank as u32;
         }
+        self.shed_order = sheddable;
     }
 
     /// New settings from a reload; the learned limit, in-flight counts and
@@ -362,13 +366,10 @@ impl<W> Gate<W> {
         if self.limit.is_adaptive() && self.limit.over_ceiling().is_none_or(|r| r <= 1.0) {
             return None;
         }
-        let mut order: Vec<(u32, usize)> = (0..self.shed_rank.len())
-            .filter(|&t| self.shed_rank[t] != u32::MAX)
-            .map(|t| (self.shed_rank[t], t))
-            .collect();
-        order.sort_unstable();
-        let order: Vec<usize> = order.into_iter().map(|(_, t)| t).collect();
-        self.demand.floor(now, &order, STEPS)
+        if self.shed_order.is_empty() {
+            return None;
+        }
+        self.demand.floor(now, &self.shed_order, STEPS)
     }
 
     /// Refuses the waiters of a partly covered tier that were queued before
