@@ -26,7 +26,7 @@
 use std::time::{Duration, Instant};
 
 /// Length of one counting window.
-pub const WINDOW: Duration = Duration::from_millis(50);
+const WINDOW: Duration = Duration::from_millis(50);
 /// Arrivals must be this many times the completions before any of them is
 /// called excess. At 1.5, a noisy backend at 0.7x (scenario 20) and costly
 /// tiers at 0.8x (36) refused lower tiers under capacity, in windows where

@@ -343,18 +343,16 @@ impl<W> Gate<W> {
         let Some(cutoff) = now.checked_sub(old) else {
             return;
         };
+        let before = self.shed_waiters.len();
+        for rank in 0..self.shed_order.len() {
+            if rank as u32 * STEPS >= steps {
+                break;
+            }
+            self.evict_older_than(self.shed_order[rank], cutoff, ShedReason::ShedLevel);
+        }
         let counted = self.limit.waits_count().of(now, old);
-        let mut out = Vec::new();
-        for t in 0..self.rules.tiers.len() {
-            let rank = self.shed_rank[t];
-            if rank == u32::MAX || rank.saturating_mul(STEPS) >= steps {
-                continue;
-            }
-            self.queue.evict_older_than(t, cutoff, &mut out);
-            for w in out.drain(..) {
-                self.shed.record(now, counted);
-                self.shed_waiters.push((w, ShedReason::ShedLevel));
-            }
+        for _ in before..self.shed_waiters.len() {
+            self.shed.record(now, counted);
         }
     }
 
