@@ -635,7 +635,6 @@ impl<W> Gate<W> {
         let urgency = self.urgency(now);
         self.limit.set_urgency(urgency);
         let sample = self.costs.read(tier, sample);
-        self.limit.set_waiting(self.queue.len());
         self.limit.on_sample(now, sample, self.inflight + 1);
         self.tick(now);
     }

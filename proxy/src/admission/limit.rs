@@ -552,15 +552,6 @@ impl Limit {
         }
     }
 
-    /// How many requests wait in the gate's queue, told before each sample:
-    /// a cold start with a limit's worth or more waiting closes its first
-    /// window one latency in ([`Gradient::window_samples`]).
-    pub fn set_waiting(&mut self, waiting: usize) {
-        if let Limit::Adaptive(g) = self {
-            g.waiting = waiting;
-        }
-    }
-
     /// How pressed this instance's `never_shed` tiers are (see
     /// [`Urgency`]): a pressed instance tolerates more latency at the
     /// backend than one that is not, and so claims capacity from the others
@@ -668,8 +659,6 @@ pub struct Gradient {
     /// How pressed this instance's `never_shed` tiers are: the latency it
     /// claims above its ceiling (see [`Limit::set_urgency`]).
     urgency: Urgency,
-    /// Requests waiting in the gate's queue ([`Limit::set_waiting`]).
-    waiting: usize,
     /// The probe due was called by the stale rule, not the grid: it goes
     /// only as deep as the gradient lets wait, then halves while that
     /// lowers the latency.
@@ -807,7 +796,6 @@ impl Gradient {
             slow_start: true,
             halved_until: now,
             urgency: Urgency::Calm,
-            waiting: 0,
             stale_probe: false,
             held_until: None,
             settling_until: None,
@@ -1026,40 +1014,9 @@ impl Gradient {
         }
         self.window_max_inflight = self.window_max_inflight.max(inflight);
         let samples = self.window_count + self.window_congested;
-        if samples >= self.window_samples() || now.duration_since(self.window_start) >= WINDOW_TIME
-        {
+        if samples >= WINDOW_SAMPLES || now.duration_since(self.window_start) >= WINDOW_TIME {
             self.close_window(now);
         }
-    }
-
-    /// How many samples close the window: [`WINDOW_SAMPLES`], but one
-    /// limit's worth (at least half a window) for a cold start's first
-    /// window in use while a limit's worth or more waits in our queue.
-    ///
-    /// That window is the latency of the first requests let in; waiting for
-    /// 16 samples (or 50 ms) of them waits out a second latency, of requests
-    /// queued behind the first. In a fleet starting cold into a peak each
-    /// instance's first window holds the others' queue as well: the slow
-    /// start lasted 110-150 ms, the lower tiers' backlog was that old when
-    /// the waits began to count, and hundreds of refusals a run came after
-    /// more than 100 ms (docs/admission.md, forty-first round). Not without
-    /// a backlog: under capacity, a first window of 8 noisy requests (a
-    /// collapsing backend at half its capacity, scenario 20) is a baseline
-    /// every later window reads as queueing. Nor in front of a backend
-    /// slower than the window's time (answers a mean of 50 ms or more):
-    /// there the window closes on its time anyway, and closing it on a
-    /// count of its quickest answers left one instance in front of 32
-    /// workers of log-normal 100 ms at 3x with a baseline of 44-60 ms and
-    /// the limit at `min` in 3 real runs of 13, against none of 13 without.
-    fn window_samples(&self) -> u32 {
-        let first = self.before_first_baseline() && self.slow_start && self.probe.is_none();
-        let backlog = self.waiting as f64 >= self.current();
-        let quick = self.window_count > 0
-            && self.window_sum < WINDOW_TIME.as_secs_f64() * f64::from(self.window_count);
-        if first && backlog && quick && self.is_busy_at(self.window_max_inflight) {
-            return (self.current().round() as u32).clamp(WINDOW_SAMPLES / 2, WINDOW_SAMPLES);
-        }
-        WINDOW_SAMPLES
     }
 
     /// Whether no baseline that counts has been learnt yet: none, or a
@@ -2957,41 +2914,6 @@ mod tests {
             baseline >= 45 * MS,
             "baseline {baseline:?} for a mean of 50 ms"
         );
-    }
-
-    /// A cold start at 8 in front of `waiting` queued requests, fed
-    /// `samples` samples of `latency` a millisecond apart, 8 in flight:
-    /// the baseline it learnt, if any.
-    fn cold_start_first_window(
-        waiting: usize,
-        samples: u32,
-        latency: Duration,
-    ) -> Option<Duration> {
-        let mut now = Instant::now();
-        let bounds = Bounds {
-            initial: 8,
-            min: 4,
-            max: 500,
-        };
-        let mut l = adaptive(bounds, now);
-        for _ in 0..samples {
-            now += MS;
-            l.set_waiting(waiting);
-            l.on_sample(now, Sample::Latency(latency), 8);
-        }
-        l.baseline()
-    }
-
-    #[test]
-    fn a_cold_start_with_a_backlog_closes_its_first_window_one_latency_in() {
-        // Eight requests let in at once, a hundred waiting: the eighth
-        // answer is the first latency's last, and the window closes on it.
-        assert_eq!(cold_start_first_window(100, 8, 30 * MS), Some(30 * MS));
-        // Answers slower than the window's time: it closes on its time.
-        assert_eq!(cold_start_first_window(100, 8, 60 * MS), None);
-        // A few waiting (under capacity): the window waits for 16 answers.
-        assert_eq!(cold_start_first_window(7, 8, 30 * MS), None);
-        assert_eq!(cold_start_first_window(7, 16, 30 * MS), Some(30 * MS));
     }
 
     #[test]
