@@ -297,6 +297,10 @@ const IDLE_HEADROOM: f64 = 2.0;
 /// starting at `initial`), and the smoothed gradient takes a dozen windows
 /// to drain it.
 const FLOOD_RATIO: f64 = 3.0;
+/// A backend whose probes measure this many times [`WINDOW_TIME`] or more
+/// is slow: its busy windows hold a few answers each, and they are pooled
+/// for the baseline ([`Gradient::pool_slow_windows`]).
+const SLOW_BACKEND: f64 = 1.5;
 /// A window closes after this many samples…
 const WINDOW_SAMPLES: u32 = 16;
 /// …or this much time with at least one sample (the first window: after
@@ -640,6 +644,10 @@ pub struct Gradient {
     /// window's mean) and its weight in degrees of freedom
     /// ([`Gradient::learn_spread`]).
     few: Option<(f64, f64)>,
+    /// Busy windows of fewer than [`WINDOW_SAMPLES`] in front of a slow
+    /// backend, pooled for the baseline: their latencies' sum and count
+    /// ([`Gradient::pool_slow_windows`]).
+    slow_pool: (f64, u32),
     /// When the next probe of the uncongested latency is due.
     probe_due: Instant,
     /// While probing: see [`Probe`].
@@ -807,6 +815,7 @@ impl Gradient {
             probed: false,
             spread: None,
             few: None,
+            slow_pool: (0.0, 0),
             probe_due: now,
             probe: None,
             measured: None,
@@ -1142,6 +1151,7 @@ impl Gradient {
             self.schedule_early_probe(now);
         }
         let candidate = seen.map(|m| self.as_full_window(m, count, inflight, quiet));
+        let candidate = self.pool_slow_windows(candidate, seen.filter(|_| !quiet), count);
         let baseline = self.update_baseline(now, short, candidate);
         // A quiet window's own mean is one or two requests: noise, not a
         // gradient. Only its block, once full, moves the limit. Before,
@@ -1181,8 +1191,11 @@ impl Gradient {
     /// cold start: the spread came out 0.14-0.26 for the backend's 0.5,
     /// the tolerance with it, and every later window read as queueing
     /// (simulation, one instance cold at 0.8x: customer service served
-    /// 0.62 → 0.74 of its requests in the mean of 54 seeds with the pool,
-    /// three instances 0.59 → 0.72).
+    /// 0.62 → 0.74 of its requests with the pool, the mean of six blocks'
+    /// medians of nine seeds; three instances 0.59 → 0.72; real
+    /// processes, one instance: 3.7% of all requests refused against
+    /// 22.2%, the mean of four rounds; docs/admission.md, "Forty-second
+    /// round").
     fn learn_spread(&mut self, cv: Option<f64>, short: f64, count: u32) {
         let Some(baseline) = self.baseline.filter(|_| !self.provisional && !self.probed) else {
             return;
@@ -1514,6 +1527,51 @@ impl Gradient {
         let scale = self.measured.map_or(mean, |(m, _)| m.max(mean));
         let excess = 1.0 / f64::from(count).sqrt() - 1.0 / f64::from(WINDOW_SAMPLES).sqrt();
         mean + NOISE_ALLOWANCE * cv * scale * excess
+    }
+
+    /// What a busy window of `count` samples and mean `busy` offers the
+    /// baseline's minimum (`candidate` otherwise): in front of a backend
+    /// whose last probe above `min` measured [`SLOW_BACKEND`] windows'
+    /// time or more, such windows are pooled until they hold
+    /// [`WINDOW_SAMPLES`], and their mean counts then (nothing before).
+    ///
+    /// A window of 50 ms holds a few answers of a 100 ms backend, and the
+    /// lowest of such means, raised or not by their extra noise
+    /// ([`Gradient::as_full_window`], which leaves out windows with under
+    /// half a window in flight), sat far under the probes' mean (66.9 ms
+    /// for 102.6, one sample of 38.6 ms) until the next probe, the limit
+    /// holding the lower tiers shed meanwhile. Simulated on 32 workers of
+    /// log-normal 100 ms (σ 0.5), six blocks of nine seeds: one instance
+    /// cold at 0.8x served customer service 0.74 → 0.79, three 0.72 →
+    /// 0.74, two cold into 3x purchase p99 607 → 568 ms. Not from a probe
+    /// held at `min`: in front of a collapsing backend those measure the
+    /// collapse (scenario 17, two instances on 4 workers of 25 ms: purchase
+    /// p99 365 → 430 ms with them), and the low minimum of its small
+    /// windows is what brings the limit back down.
+    fn pool_slow_windows(
+        &mut self,
+        candidate: Option<f64>,
+        busy: Option<f64>,
+        count: u32,
+    ) -> Option<f64> {
+        let slow = self
+            .measured
+            .filter(|_| self.measured_at.is_some())
+            .is_some_and(|(m, _)| m >= SLOW_BACKEND * WINDOW_TIME.as_secs_f64());
+        let Some(mean) = busy.filter(|_| slow && count < WINDOW_SAMPLES) else {
+            if busy.is_some() {
+                self.slow_pool = (0.0, 0);
+            }
+            return candidate;
+        };
+        self.slow_pool.0 += mean * f64::from(count);
+        self.slow_pool.1 += count;
+        if self.slow_pool.1 < WINDOW_SAMPLES {
+            return None;
+        }
+        let pooled = self.slow_pool.0 / f64::from(self.slow_pool.1);
+        self.slow_pool = (0.0, 0);
+        Some(pooled)
     }
 
     /// The mean and coefficient of variation of the block, once it holds
@@ -2375,6 +2433,36 @@ mod tests {
             unreachable!()
         };
         assert!(g.spread.is_some_and(|s| s > 0.45), "spread {:?}", g.spread);
+    }
+
+    #[test]
+    fn a_slow_backends_small_windows_set_the_baseline_pooled() {
+        // A probe above `min` measured 100 ms. Windows of 50 ms then hold
+        // two or three answers each, two of 40 ms and two of 160 ms in
+        // turn (a mean of 100). The lowest such window set the baseline at
+        // 80 ms, and the ceiling with it: every window after read as
+        // queueing. Pooled until they hold a window's worth, they measure
+        // about 100.
+        let mut now = Instant::now();
+        let Limit::Adaptive(mut g) = adaptive(under_the_knee(), now) else {
+            unreachable!()
+        };
+        g.baseline = Some(0.1);
+        g.measured = Some((0.1, 48));
+        g.measured_at = Some(12.0);
+        g.spread = Some(0.5);
+        g.probed = true;
+        g.limit = 8.0;
+        g.slow_start = false;
+        g.probe_due = now + Duration::from_secs(60);
+        let mut l = Limit::Adaptive(g);
+        for i in 0..40 {
+            let latency = if (i / 2) % 2 == 0 { 40 * MS } else { 160 * MS };
+            now += 25 * MS;
+            l.on_sample(now, Sample::Latency(latency), 4);
+        }
+        let baseline = l.baseline().unwrap();
+        assert!(baseline >= 90 * MS, "baseline {baseline:?}");
     }
 
     #[test]
