@@ -97,7 +97,11 @@
 //! backend and counts, its mean raised for the baseline by the extra
 //! noise of so few samples when half a window or more is in flight
 //! ([`Gradient::as_full_window`]): the lowest of such means held a slow
-//! backend's limit under its workers. After a quiet spell ([`QUIET_SPELL`]), the
+//! backend's limit under its workers. Once a probe above `min` has
+//! measured a backend [`SLOW_BACKEND`] windows slow, such windows are
+//! pooled to a window's worth before their mean counts
+//! ([`Gradient::pool_slow_windows`]), and windows of a few teach the
+//! spread pooled, unbiased ([`Gradient::learn_spread`]). After a quiet spell ([`QUIET_SPELL`]), the
 //! first busy window holds the quickest requests of the step up, sent at
 //! once: it counts for neither the baseline nor the spread. After a gap of
 //! [`WINDOW_TIME`] without samples, a window starts with its first sample.
