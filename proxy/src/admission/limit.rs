@@ -1196,10 +1196,9 @@ impl Gradient {
     /// the tolerance with it, and every later window read as queueing
     /// (simulation, one instance cold at 0.8x: customer service served
     /// 0.62 → 0.74 of its requests with the pool, the mean of six blocks'
-    /// medians of nine seeds; three instances 0.59 → 0.72; real
-    /// processes, one instance: 3.7% of all requests refused against
-    /// 22.2%, the mean of four rounds; docs/admission.md, "Forty-second
-    /// round").
+    /// medians of nine seeds; three instances 0.59 → 0.72. Real
+    /// processes vary too much from round to round, 0-74% refused, to
+    /// show it: docs/admission.md, "Forty-second round").
     fn learn_spread(&mut self, cv: Option<f64>, short: f64, count: u32) {
         let Some(baseline) = self.baseline.filter(|_| !self.provisional && !self.probed) else {
             return;
@@ -2439,6 +2438,15 @@ mod tests {
         assert!(g.spread.is_some_and(|s| s > 0.45), "spread {:?}", g.spread);
     }
 
+    /// A cold start's first window: the `inflight` requests sent at once
+    /// come back 2 ms apart, all after `latency`.
+    fn first_window(l: &mut Limit, now: &mut Instant, inflight: u32, latency: Duration) {
+        for _ in 0..inflight {
+            *now += 2 * MS;
+            l.on_sample(*now, Sample::Latency(latency), inflight);
+        }
+    }
+
     #[test]
     fn a_slow_backends_small_windows_set_the_baseline_pooled() {
         // A probe above `min` measured 100 ms. Windows of 50 ms then hold
@@ -2481,10 +2489,7 @@ mod tests {
         // the backend's own.
         let mut now = Instant::now();
         let mut l = adaptive(under_the_knee(), now);
-        for _ in 0..8 {
-            now += 2 * MS;
-            l.on_sample(now, Sample::Latency(90 * MS), 8);
-        }
+        first_window(&mut l, &mut now, 8, 90 * MS);
         let pattern = [80, 80, 120, 120, 80, 120, 120, 80];
         for i in 0..40 {
             now += 25 * MS;
@@ -2513,10 +2518,7 @@ mod tests {
         // samples teach it.
         let mut now = Instant::now();
         let mut l = adaptive(under_the_knee(), now);
-        for _ in 0..8 {
-            now += 2 * MS;
-            l.on_sample(now, Sample::Latency(45 * MS), 8);
-        }
+        first_window(&mut l, &mut now, 8, 45 * MS);
         now += 60 * MS;
         let mut probed = false;
         for _ in 0..400 {
@@ -2549,10 +2551,7 @@ mod tests {
             ..bounds()
         };
         let mut l = adaptive(low, now);
-        for _ in 0..4 {
-            now += 2 * MS;
-            l.on_sample(now, Sample::Latency(45 * MS), 4);
-        }
+        first_window(&mut l, &mut now, 4, 45 * MS);
         for i in 0..120 {
             now += 25 * MS;
             let latency = if i % 2 == 0 { 60 * MS } else { 166 * MS };
