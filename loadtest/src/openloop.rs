@@ -249,6 +249,9 @@ pub struct Second {
     pub outcomes: Vec<Outcomes>,
     /// Latency of successful responses from the intended send time, µs.
     pub ok_latency: Vec<Histogram<u64>>,
+    /// Latency of refusals (`x-k2-shed`) from the intended send time, µs:
+    /// whether the slow ones come at a peak's onset or all along.
+    pub shed_latency: Vec<Histogram<u64>>,
 }
 
 /// Something that happened during the run (a fault, a reload), for the
@@ -379,6 +382,7 @@ pub async fn run_load(load: Load, live: Arc<Live>) -> Report {
             .map(|_| Second {
                 outcomes: vec![Outcomes::default(); kinds],
                 ok_latency: (0..kinds).map(|_| coarse_histogram()).collect(),
+                shed_latency: (0..kinds).map(|_| coarse_histogram()).collect(),
             })
             .collect(),
         failures: Vec::new(),
@@ -547,7 +551,9 @@ async fn send(
     }
     let s = &mut acc.timeline[second];
     s.outcomes[kind].add(class);
-    if matches!(class, Class::Ok) {
-        s.ok_latency[kind].saturating_record(latency);
+    match class {
+        Class::Ok => s.ok_latency[kind].saturating_record(latency),
+        Class::Shed => s.shed_latency[kind].saturating_record(latency),
+        _ => {}
     }
 }

@@ -23,6 +23,14 @@ pub(crate) fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
+/// The highest value recorded, in ms (0 when none).
+pub(crate) fn max_ms(h: &Histogram<u64>) -> f64 {
+    if h.is_empty() {
+        return 0.0;
+    }
+    h.max() as f64 / 1000.0
+}
+
 impl Report {
     pub fn lag_p99_ms(&self) -> f64 {
         ms(&self.send_lag, 0.99)
@@ -140,6 +148,8 @@ impl Report {
                                 "timeout": o.timeout,
                                 "p50_ms": ms(&sec.ok_latency[i], 0.5),
                                 "p99_ms": ms(&sec.ok_latency[i], 0.99),
+                                "shed_p99_ms": ms(&sec.shed_latency[i], 0.99),
+                                "shed_max_ms": max_ms(&sec.shed_latency[i]),
                             }),
                         )
                     })
@@ -534,18 +544,10 @@ mod tests {
             timeline.push(Second {
                 outcomes: vec![Outcomes::default()],
                 ok_latency: vec![second],
+                shed_latency: vec![coarse_histogram()],
             });
         }
-        let report = Report {
-            targets: vec![purchase],
-            send_lag: histogram(),
-            elapsed: Duration::from_secs(3),
-            timeline,
-            offered_rate: vec![0.0; 3],
-            events: Vec::new(),
-            failures: Vec::new(),
-        };
-        let json = report.to_json();
+        let json = report(purchase, timeline).to_json();
         let p99 = |field: &str| json["targets"][0][field]["p99"].as_f64().unwrap();
         assert!(p99("ok_ms") >= 399.0, "the whole run: {}", p99("ok_ms"));
         let after = p99("ok_after_first_second_ms");
@@ -553,5 +555,47 @@ mod tests {
             (59.0..=61.0).contains(&after),
             "after the first second: {after}"
         );
+    }
+
+    fn report(target: TargetReport, timeline: Vec<Second>) -> Report {
+        Report {
+            targets: vec![target],
+            send_lag: histogram(),
+            elapsed: Duration::from_secs(timeline.len() as u64),
+            offered_rate: vec![0.0; timeline.len()],
+            timeline,
+            events: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_timeline_shows_when_refusals_were_slow() {
+        // A peak's onset refused after 300 ms, then at once (3 ms).
+        let mut timeline = Vec::new();
+        for ms in [300u64, 3] {
+            let mut shed = coarse_histogram();
+            for i in 0..100 {
+                shed.record(ms * 1000 * (i + 1) / 100).unwrap();
+            }
+            timeline.push(Second {
+                outcomes: vec![Outcomes::default()],
+                ok_latency: vec![coarse_histogram()],
+                shed_latency: vec![shed],
+            });
+        }
+        let json = report(TargetReport::new("merchant"), timeline).to_json();
+        let at = |s: usize, field: &str| {
+            json["timeline"][s]["tiers"]["merchant"][field]
+                .as_f64()
+                .unwrap()
+        };
+        assert!(
+            (295.0..=305.0).contains(&at(0, "shed_max_ms")),
+            "{}",
+            at(0, "shed_max_ms")
+        );
+        assert!(at(0, "shed_p99_ms") >= 290.0, "{}", at(0, "shed_p99_ms"));
+        assert!(at(1, "shed_max_ms") <= 3.05, "{}", at(1, "shed_max_ms"));
     }
 }
