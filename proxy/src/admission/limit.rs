@@ -1790,8 +1790,8 @@ impl Gradient {
     /// purchase p99 at 3x, the mean of 30 seeds, 884 → 675 ms for one
     /// instance, 925 → 606 for two, 951 → 742 for three, goodput higher in
     /// 27 and 24 of the 30 for two and three. In real fleets of three at
-    /// 0.8x, 0-19% of all requests refused against 15-46%
-    /// (docs/admission.md, "Forty-fourth round").
+    /// 0.8x, 3.6-5.0% of all requests refused against 24-37%, in two
+    /// rounds (docs/admission.md, "Forty-fourth round").
     ///
     /// Not a window of more answers: that is a limit large for its
     /// latency, whose slow start overshot into the backend's queue (64
