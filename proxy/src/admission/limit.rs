@@ -117,10 +117,11 @@
 //! ([`Gradient::schedule_early_probe`]). In front of a backend slower than
 //! [`SLOW_BACKEND`] windows, those first windows hold nothing but the
 //! quickest, and until that probe windows of a few such answers do not
-//! shrink the limit ([`Gradient::holds_until_probed`]). For the same reason the windows
-//! right after a probe restores the limit do not count for the baseline
-//! ([`RESTORE_SETTLE`]). The limit only grows while the site is using at
-//! least half of it, so an idle backend does not earn a huge limit.
+//! shrink the limit ([`Gradient::holds_until_probed`]). For the same
+//! reason the windows right after a probe restores the limit do not count
+//! for the baseline ([`RESTORE_SETTLE`]). The limit only grows while the
+//! site is using at least half of it, so an idle backend does not earn a
+//! huge limit.
 //!
 //! Three rules keep a fleet of instances (each with its own limit in front
 //! of one backend) from flooding the backend's own queue when load changes:
@@ -1700,8 +1701,8 @@ impl Gradient {
         // fleets at once), not a queue, and halving it every few
         // milliseconds took the limit to `min` and shed at a tenth of
         // capacity.
-        if ratio * FLOOD_RATIO < 1.0 && now >= self.halved_until && self.probed && baseline > SLACK
-        {
+        let flood = ratio * FLOOD_RATIO < 1.0;
+        if flood && now >= self.halved_until && self.probed && baseline > SLACK {
             self.limit = (self.limit / 2.0).clamp(min, max);
             self.halved_until = now + Duration::from_secs_f64(short).max(WINDOW_TIME);
             self.slow_start = false;
@@ -1760,19 +1761,16 @@ impl Gradient {
             let floor = f64::from(self.bounds.initial).max(IDLE_HEADROOM * inflight);
             target = target.min(self.limit).min(floor);
             self.slow_start = true;
+        } else if few && self.holds_until_probed(short, flood) {
+            target = target.max(self.limit);
         }
-        let before = self.limit;
         self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(min, max);
-        if busy && few && self.holds_until_probed(short, ratio) {
-            self.limit = self.limit.max(before);
-        }
     }
 
     /// Whether the gradient may not shrink the limit after a busy window of
-    /// a few answers (under half of [`WINDOW_SAMPLES`]) and mean `short`
-    /// (`ratio`: the ceiling over it): before the first probe, when the
-    /// window is [`SLOW_BACKEND`] windows' time or slower but not a flood
-    /// ([`FLOOD_RATIO`]).
+    /// a few answers (under half of [`WINDOW_SAMPLES`]) and mean `short`:
+    /// before the first probe, when the window is [`SLOW_BACKEND`] windows'
+    /// time or slower but not a `flood` ([`FLOOD_RATIO`]).
     ///
     /// A cold start's first windows hold the quickest of the requests sent
     /// at once, and in front of a backend slower than a window they hold
@@ -1800,10 +1798,8 @@ impl Gradient {
     /// quicker than that, whose first windows hold whole latencies:
     /// holding any cold start kept a fleet at 5x queued at the backend
     /// (purchase p99 436 → 1 073 ms).
-    fn holds_until_probed(&self, short: f64, ratio: f64) -> bool {
-        !self.probed
-            && ratio * FLOOD_RATIO >= 1.0
-            && short >= SLOW_BACKEND * WINDOW_TIME.as_secs_f64()
+    fn holds_until_probed(&self, short: f64, flood: bool) -> bool {
+        !self.probed && !flood && short >= SLOW_BACKEND * WINDOW_TIME.as_secs_f64()
     }
 }
 
@@ -2339,7 +2335,7 @@ mod tests {
         let mut out: Vec<(Instant, Duration)> = Vec::new();
         let (mut highest, mut lowest) = (0, u32::MAX);
         let mut now = start;
-        while !l.learnt().is_some_and(|x| x.probing) && now < start + PROBE_EVERY {
+        while now < start + PROBE_EVERY {
             while out.len() < l.current() as usize {
                 // Past the workers, each request waits its share of a queue.
                 let queueing = (out.len() as f64 / f64::from(workers)).max(1.0);
