@@ -144,7 +144,9 @@
 //! - *Floods:* a window whose latency is over [`FLOOD_RATIO`] times the
 //!   baseline halves the limit at once, at most once per latency (the
 //!   backend then holds twice as many waiting as in service; the smoothed
-//!   gradient took a dozen windows to drain that).
+//!   gradient took a dozen windows to drain that). Its answers but the
+//!   slowest must be too: one answer in the service time's tail is not a
+//!   flood.
 //!
 //! *Shares in a fleet.* Each instance's limit settles where what the
 //! gradient takes off, `limit × (1 − ceiling / latency)`, meets the queue
@@ -299,8 +301,9 @@ const SLOW_START: f64 = 1.5;
 /// each keeping `initial` (or a peak's limit) through a quiet spell would
 /// send N times that into the backend's own queue the moment a peak starts.
 const IDLE_HEADROOM: f64 = 2.0;
-/// A window whose latency is over this many times the baseline (plus the
-/// tolerance) halves the limit at once, once per latency: the backend then
+/// A window whose latency, with and without its slowest answer, is over
+/// this many times the baseline (plus the tolerance) halves the limit at
+/// once, once per latency: the backend then
 /// holds as many requests waiting as in service (a flood: N instances each
 /// starting at `initial`), and the smoothed gradient takes a dozen windows
 /// to drain it.
@@ -632,6 +635,8 @@ pub struct Gradient {
     window_count: u32,
     window_congested: u32,
     window_max_inflight: u32,
+    /// The slowest latency of the window.
+    window_slowest: f64,
     /// Latencies of the windows since the last block closed (sum, squares,
     /// count): the baseline and the spread come from blocks of at least
     /// [`WINDOW_SAMPLES`], however many windows that takes.
@@ -819,6 +824,7 @@ impl Gradient {
             window_count: 0,
             window_congested: 0,
             window_max_inflight: 0,
+            window_slowest: 0.0,
             block: (0.0, 0.0, 0),
             provisional: false,
             stale: None,
@@ -1038,6 +1044,7 @@ impl Gradient {
         match sample {
             Sample::Latency(d) => {
                 self.window_sum += d.as_secs_f64();
+                self.window_slowest = self.window_slowest.max(d.as_secs_f64());
                 self.window_sq += d.as_secs_f64() * d.as_secs_f64();
                 self.window_count += 1;
             }
@@ -1078,6 +1085,7 @@ impl Gradient {
         self.window_count = 0;
         self.window_congested = 0;
         self.window_max_inflight = 0;
+        self.window_slowest = 0.0;
     }
 
     fn close_window(&mut self, now: Instant) {
@@ -1088,6 +1096,8 @@ impl Gradient {
         let short = (count > 0).then(|| self.window_sum / n);
         self.latest = short.or(self.latest);
         let small = self.window_count < WINDOW_SAMPLES / 2;
+        // Its mean without its slowest answer ([`Gradient::step`]'s flood).
+        let trimmed = (count >= 2).then(|| (self.window_sum - self.window_slowest) / (n - 1.0));
         // This window's coefficient of variation.
         let cv = short
             .filter(|m| self.window_count > 1 && *m > 0.0)
@@ -1171,7 +1181,7 @@ impl Gradient {
         let Some(short) = (if quiet { seen } else { Some(short) }) else {
             return;
         };
-        self.step(now, short, baseline, inflight, (busy, small));
+        self.step(now, (short, trimmed), baseline, inflight, (busy, small));
     }
 
     /// Pools a window's coefficient of variation `cv` (of mean `short`)
@@ -1675,13 +1685,14 @@ impl Gradient {
         DEMAND_SHARE * f64::from(n) / span * short
     }
 
-    /// Moves the limit after a window of mean `short` with at most
+    /// Moves the limit after a window of mean `short` (`trimmed` without
+    /// its slowest answer, when it had two or more) with at most
     /// `inflight` in flight; `busy` against the limit, of `few` answers
     /// (under half of [`WINDOW_SAMPLES`]).
     fn step(
         &mut self,
         now: Instant,
-        short: f64,
+        (short, trimmed): (f64, Option<f64>),
         baseline: f64,
         inflight: f64,
         (busy, few): (bool, bool),
@@ -1701,7 +1712,15 @@ impl Gradient {
         // fleets at once), not a queue, and halving it every few
         // milliseconds took the limit to `min` and shed at a tenth of
         // capacity.
-        let flood = ratio * FLOOD_RATIO < 1.0;
+        //
+        // And not one slow answer: a flood delays every request, so the
+        // window is one without its slowest answer too (and has two). In
+        // front of 32 workers of log-normal 100 ms at 0.8x, an answer of
+        // 848 ms (the service time's own tail) made a window of two 494 ms,
+        // the limit was halved from 41 to 20, our queue grew, and the
+        // lower tiers were shed for seconds.
+        let flood =
+            ratio * FLOOD_RATIO < 1.0 && trimmed.is_some_and(|t| t > FLOOD_RATIO * ratio * short);
         if flood && now >= self.halved_until && self.probed && baseline > SLACK {
             self.limit = (self.limit / 2.0).clamp(min, max);
             self.halved_until = now + Duration::from_secs_f64(short).max(WINDOW_TIME);
@@ -1963,6 +1982,36 @@ mod tests {
             "{halved} -> {}",
             l.current()
         );
+    }
+
+    /// The limit before and after one window of three answers, a quick
+    /// one, `a` and `b`, once past the first probe in front of 16 workers
+    /// of 20 ms.
+    fn after_a_window_of_two(a: Duration, b: Duration) -> (f64, f64) {
+        let mut now = Instant::now();
+        let mut l = adaptive(under_the_knee(), now);
+        run_backend(&mut l, &mut now, 6, 16, 20 * MS);
+        // A window's time later: the last window is closed.
+        now += 2 * WINDOW_TIME;
+        l.on_sample(now, Sample::Latency(20 * MS), 16);
+        let before = f64::from(l.current());
+        l.on_sample(now + MS, Sample::Latency(a), 16);
+        l.on_sample(now + 2 * MS, Sample::Latency(b), 16);
+        // The next answer, a window's time on, closes it.
+        l.on_sample(now + 2 * WINDOW_TIME, Sample::Latency(20 * MS), 16);
+        (before, f64::from(l.current()))
+    }
+
+    #[test]
+    fn one_slow_answer_is_not_a_flood() {
+        // Two of 400 ms: the requests wait, a flood.
+        let (before, after) = after_a_window_of_two(400 * MS, 400 * MS);
+        assert!(after <= (before / 2.0).ceil(), "{before} -> {after}");
+        // One of them the service time's own tail: the window's mean is a
+        // flood's, but without that answer it is not; the gradient moves
+        // the limit, the halving does not.
+        let (before, after) = after_a_window_of_two(20 * MS, 800 * MS);
+        assert!(after > (before * 0.8).floor(), "{before} -> {after}");
     }
 
     #[test]
