@@ -1685,8 +1685,8 @@ impl Gradient {
         DEMAND_SHARE * f64::from(n) / span * short
     }
 
-    /// Moves the limit after a window of mean `short` (`trimmed` without
-    /// its slowest answer, when it had two or more) with at most
+    /// Moves the limit after a window of mean `short` (`trimmed`: the
+    /// window's without its slowest answer, when it had two or more) with at most
     /// `inflight` in flight; `busy` against the limit, of `few` answers
     /// (under half of [`WINDOW_SAMPLES`]).
     fn step(
@@ -1706,7 +1706,8 @@ impl Gradient {
         // before k2proxy queued anything, so the spread that queueing adds
         // does not count.
         let claim = self.urgency.share() * baseline;
-        let ratio = (self.ceiling(baseline) + claim) / short;
+        let ceiling = self.ceiling(baseline) + claim;
+        let ratio = ceiling / short;
         // Not in front of a sub-millisecond backend: there a window three
         // times the baseline is a stalled CPU (a test machine running three
         // fleets at once), not a queue, and halving it every few
@@ -1719,15 +1720,13 @@ impl Gradient {
         // 848 ms (the service time's own tail) made a window of two 494 ms,
         // the limit was halved from 41 to 20, our queue grew, and the
         // lower tiers were shed for seconds.
-        let flood =
-            ratio * FLOOD_RATIO < 1.0 && trimmed.is_some_and(|t| t > FLOOD_RATIO * ratio * short);
+        let flood = ratio * FLOOD_RATIO < 1.0 && trimmed.is_some_and(|t| t > FLOOD_RATIO * ceiling);
         if flood && now >= self.halved_until && self.probed && baseline > SLACK {
             self.limit = (self.limit / 2.0).clamp(min, max);
             self.halved_until = now + Duration::from_secs_f64(short).max(WINDOW_TIME);
             self.slow_start = false;
             return;
         }
-        let ceiling = self.ceiling(baseline) + claim;
         if self.slow_start && self.in_full_use(inflight) && short <= ceiling * STALE_RATIO {
             // In use to the last slot (but the headroom): a step per latency.
             match self.slow_start_step(now, short, baseline, ceiling) {
@@ -1987,7 +1986,7 @@ mod tests {
     /// The limit before and after one window of three answers, a quick
     /// one, `a` and `b`, once past the first probe in front of 16 workers
     /// of 20 ms.
-    fn after_a_window_of_two(a: Duration, b: Duration) -> (f64, f64) {
+    fn after_a_window_with(a: Duration, b: Duration) -> (f64, f64) {
         let mut now = Instant::now();
         let mut l = adaptive(under_the_knee(), now);
         run_backend(&mut l, &mut now, 6, 16, 20 * MS);
@@ -2005,12 +2004,12 @@ mod tests {
     #[test]
     fn one_slow_answer_is_not_a_flood() {
         // Two of 400 ms: the requests wait, a flood.
-        let (before, after) = after_a_window_of_two(400 * MS, 400 * MS);
+        let (before, after) = after_a_window_with(400 * MS, 400 * MS);
         assert!(after <= (before / 2.0).ceil(), "{before} -> {after}");
         // One of them the service time's own tail: the window's mean is a
         // flood's, but without that answer it is not; the gradient moves
         // the limit, the halving does not.
-        let (before, after) = after_a_window_of_two(20 * MS, 800 * MS);
+        let (before, after) = after_a_window_with(20 * MS, 800 * MS);
         assert!(after > (before * 0.8).floor(), "{before} -> {after}");
     }
 
