@@ -41,9 +41,8 @@ test: test-deps lint
 	$(CARGO) run -q --bin k2proxy -- check --routes routes.toml --policy policies/holiday-peak.toml
 	promtool check rules dashboards/alerts.yml
 	cd dashboards && promtool test rules alerts_test.yml
-	# The tools' own tests (scripts/test_*.py).
-	python3 -m unittest discover -s scripts -p 'test_*.py' -q
-	rm -rf scripts/__pycache__
+	# The tools' own tests (scripts/test_*.py; -B: no __pycache__ left behind).
+	python3 -B -m unittest discover -s scripts -p 'test_*.py' -q
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -164,7 +164,10 @@ def main():
     c.add_argument("b")
     c.add_argument("--match", help="only measurements whose name matches this regex")
     args = p.parse_args()
-    run(args) if args.cmd == "run" else compare(args)
+    if args.cmd == "run":
+        run(args)
+    else:
+        compare(args)
 
 
 if __name__ == "__main__":
