@@ -97,10 +97,14 @@ async fn sites(service: Duration, policy: &str) -> Sites {
     Sites { p1, p2, s1, proxy }
 }
 
-/// One purchase: when it was due, how it ended, which simulator answered.
+/// One purchase: when it was due, when it was sent and answered (the
+/// test's clock, late on a loaded machine), how it ended, which simulator
+/// answered.
 #[derive(Debug, Clone)]
 struct Purchase {
     due: Duration,
+    sent: Instant,
+    answered: Instant,
     status: u16,
     sim: Option<String>,
 }
@@ -126,6 +130,7 @@ fn purchases(
             tokio::time::sleep_until(start + due).await;
             let (client, url) = (client.clone(), url.clone());
             tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
                 let r = client
                     .post(url)
                     .header("x-request-id", format!("{prefix}-{i}"))
@@ -135,6 +140,8 @@ fn purchases(
                 match r {
                     Ok(r) => Purchase {
                         due,
+                        sent,
+                        answered: Instant::now(),
                         status: r.status().as_u16(),
                         sim: r
                             .headers()
@@ -143,6 +150,8 @@ fn purchases(
                     },
                     Err(_) => Purchase {
                         due,
+                        sent,
+                        answered: Instant::now(),
                         status: 0,
                         sim: None,
                     },
@@ -207,20 +216,25 @@ async fn a_primary_killed_costs_no_purchase_and_moves_within_a_health_interval()
     // two arrivals normally finds nothing in flight.
     let killed_at = Duration::from_millis(1005);
     tokio::time::sleep(killed_at).await;
+    // The kill as it really happened: on a loaded machine this task wakes
+    // late, and a purchase due after `killed_at` may already be in flight.
+    let kill_began = Instant::now();
     s.p1.stop().await;
     s.p2.stop().await;
+    let kill_ended = Instant::now();
     let ps = load.await.unwrap();
     report("a. primary killed", &ps, killed_at);
     // A purchase whose bytes had reached the primary when it died cannot be
-    // retried (it may have been processed): on a loaded machine the one due
-    // just before the kill can still be in flight. Any other failure means a
-    // refused connection was not moved to another backend or site.
+    // retried (it may have been processed). Only purchases sent before the
+    // kill ended and unanswered when it began may fail (arrivals are 10 ms
+    // apart: one, two if the machine stalled); any other failure
+    // means a refused connection was not moved to another backend or site.
     let failed: Vec<_> = ps.iter().filter(|p| p.status != 200).collect();
-    let in_flight =
-        |p: &&Purchase| p.due <= killed_at && killed_at - p.due <= Duration::from_millis(30);
+    let in_flight = |p: &&Purchase| p.sent <= kill_ended && p.answered >= kill_began;
     assert!(
-        failed.iter().all(in_flight) && failed.len() <= 1,
-        "lost purchases: {failed:?}"
+        failed.iter().all(in_flight) && failed.len() <= 2,
+        "lost purchases (kill took {:?}): {failed:?}",
+        kill_ended - kill_began
     );
     let moved = moved_after(&ps, killed_at).expect("traffic moved to the secondary");
     assert!(

@@ -412,8 +412,11 @@ async fn two_hundred_reloads_under_load_fail_no_request() {
     let mut reloads = 0;
     let started = Instant::now();
     while reloads < 200 {
-        let wait = if reloads % 2 == 0 { "150ms" } else { "100ms" };
-        let want = if reloads % 2 == 0 { 150 } else { 100 };
+        // Waits far above a CPU stall of this 2-core machine: a stall makes
+        // the backend look slow, and the adaptive limit may queue customer
+        // service behind it; that is admission at work, not a reload failing.
+        let wait = if reloads % 2 == 0 { "1500ms" } else { "1s" };
+        let want = if reloads % 2 == 0 { 1500 } else { 1000 };
         let t0 = Instant::now();
         proxy.write_file("policy.toml", &policy(wait));
         // Visible: /status shows the new value (generation serving it).
