@@ -309,9 +309,11 @@ impl<W> Gate<W> {
         // peak begins, or a cold start), not the backend's capacity: shedding
         // for it refused lower tiers at half capacity.
         // So is a wait while a probe holds the limit under its use.
+        self.note_use();
         let standing = if self.queue.is_empty() {
             Duration::ZERO
         } else {
+            self.shed.note_busy();
             self.queue.purge_expired(now);
             let counts = self.limit.waits_count();
             self.queue
@@ -469,6 +471,7 @@ impl<W> Gate<W> {
             self.shed.record(now, Duration::ZERO);
             return Decision::Admit;
         }
+        self.shed.note_busy();
         Decision::Queue
     }
 
@@ -688,6 +691,16 @@ impl<W> Gate<W> {
     fn count_in(&mut self, tier: usize) {
         self.inflight += 1;
         self.tier_inflight[tier] += 1;
+        self.note_use();
+    }
+
+    /// Tells the shed level when the limit is close to full (more than
+    /// three quarters in use): a window without that, and without anyone
+    /// queued, is spare (see [`super::shed_level`]).
+    fn note_use(&mut self) {
+        if self.inflight * 4 > self.limit.current() * 3 {
+            self.shed.note_busy();
+        }
     }
 }
 
@@ -1052,6 +1065,47 @@ mod tests {
         assert_eq!(shed, [20, 21]);
         assert_eq!(g.queued(), 1, "the purchase still waits");
         assert!(g.take_shed().is_empty());
+    }
+
+    /// A gate at a fixed limit of 8 whose level came to cover customer
+    /// service, then `held` purchases kept in flight while one purchase a
+    /// millisecond comes and goes for 150 ms (three calm windows). Returns
+    /// the level before and after.
+    fn level_after_calm_with(held: u32) -> (f64, f64) {
+        let (mut g, start) = gate(8, 100);
+        let now = start + Duration::from_secs(10);
+        for _ in 0..8 {
+            assert_eq!(g.try_admit(0, now), Decision::Admit);
+        }
+        g.enqueue(2, now, 20).unwrap();
+        let mut t = now;
+        while g.shed_level() < 1.0 {
+            t += MS;
+            g.note_timeout(2, t, 500 * MS);
+        }
+        g.take_shed();
+        for _ in held..8 {
+            g.release(0, t, Sample::Ignored);
+        }
+        let before = g.shed_level();
+        let end = t + 150 * MS;
+        while t < end {
+            t += MS;
+            assert_eq!(g.try_admit(0, t), Decision::Admit);
+            g.release(0, t, Sample::Ignored);
+        }
+        (before, g.shed_level())
+    }
+
+    #[test]
+    fn the_level_falls_at_once_when_the_limit_has_room_to_spare() {
+        let (before, busy) = level_after_calm_with(6);
+        assert_eq!(busy, before, "7 of 8 in flight: the calm period holds");
+        let (before, idle) = level_after_calm_with(1);
+        assert!(
+            idle < before,
+            "2 of 8 in flight: spare windows re-admit ({before} -> {idle})"
+        );
     }
 
     /// Runs a gate at a fixed limit of 2 in front of a backend of 10 ms,

@@ -23,7 +23,9 @@
 //! - delay > target → rise by one step, or by `delay / (2 × target)` steps
 //!   when that is more (at most one whole tier), up to every sheddable tier;
 //! - delay < target / 2 → one more calm window; from `calm_needed` calm
-//!   windows in a row on, each calm window re-admits one step;
+//!   windows in a row on, each calm window re-admits one step, and so
+//!   does every second *spare* window in a row (calm, nobody queued, the
+//!   limit never more than three quarters used: [`SPARE_WINDOWS`]);
 //! - otherwise → level unchanged, calm count reset.
 //!
 //! Between windows, a standing queue older than [`URGENT`] × target raises
@@ -51,6 +53,16 @@ pub const URGENT_GAP: Duration = Duration::from_millis(10);
 /// backlog to be refused at three targets ([`super::demand`]). After it,
 /// only the level refuses.
 pub const ONSET: Duration = Duration::from_millis(250);
+/// Spare windows in a row that re-admit a step at once, whatever
+/// `calm_needed` says. A window is spare when it is calm, nobody queued
+/// in it, and the limit was never more than three quarters in use
+/// ([`ShedLevel::note_busy`]): every request the level let through got in
+/// at once with room to spare, so the level refuses requests the limit
+/// would take. The anti-flapping wait (up to [`MAX_CALM`] windows after a
+/// flap) is for a level that re-admits into a full limit; held after an
+/// overload that ended, it refused lower tiers into an idle backend for
+/// seconds (forty-eighth round, docs/admission.md).
+pub const SPARE_WINDOWS: u32 = 2;
 /// Most calm windows ever needed (2 s).
 pub const MAX_CALM: u32 = 40;
 /// A rise this soon after a fall counts as a flap.
@@ -86,6 +98,11 @@ pub struct ShedLevel {
     last_change: Instant,
     /// When the level last rose from nothing.
     left_zero: Option<Instant>,
+    /// Whether the limit was close to full, or anyone queued, in this
+    /// window ([`ShedLevel::note_busy`]).
+    busy: bool,
+    /// Spare calm windows in a row.
+    spare_run: u32,
 }
 
 impl ShedLevel {
@@ -106,7 +123,15 @@ impl ShedLevel {
             last_rise: None,
             last_change: now,
             left_zero: None,
+            busy: false,
+            spare_run: 0,
         }
+    }
+
+    /// The limit was close to full, or a request had to queue, in this
+    /// window. A calm window without it is *spare*, see [`SPARE_WINDOWS`].
+    pub fn note_busy(&mut self) {
+        self.busy = true;
     }
 
     /// The level in tiers (2.25 = two tiers and a quarter of the third).
@@ -194,6 +219,7 @@ impl ShedLevel {
     fn start_window(&mut self, at: Instant) {
         self.window_start = at;
         self.window_end = at + WINDOW;
+        self.busy = false;
     }
 
     fn rise(&mut self, at: Instant, steps: u32) {
@@ -227,11 +253,15 @@ impl ShedLevel {
         self.count = 0;
         if mean > self.target {
             self.calm = 0;
+            self.spare_run = 0;
             let over = (mean.as_secs_f64() / (2.0 * self.target.as_secs_f64())) as u32;
             self.rise(end, over.clamp(1, STEPS));
         } else if mean < self.target / 2 {
             self.calm += 1;
-            if self.calm >= self.calm_needed && self.steps > 0 {
+            let spare = !self.busy && standing.is_zero();
+            self.spare_run = if spare { self.spare_run + 1 } else { 0 };
+            let spare = self.spare_run >= SPARE_WINDOWS;
+            if (self.calm >= self.calm_needed || spare) && self.steps > 0 {
                 self.steps -= 1;
                 self.last_fall = Some(end);
                 self.last_change = end;
@@ -244,6 +274,7 @@ impl ShedLevel {
             }
         } else {
             self.calm = 0;
+            self.spare_run = 0;
         }
     }
 }
@@ -265,11 +296,19 @@ mod tests {
 
     /// Feeds `ms` milliseconds of one request per millisecond that waited
     /// `wait`, or since the level last moved if that is shorter (as a real
-    /// queue would: nobody arriving after a change has waited longer).
+    /// queue would: nobody arriving after a change has waited longer),
+    /// with the limit in full use (no window is spare).
     fn run(s: &mut ShedLevel, now: &mut Instant, ms: u32, wait: Duration) {
+        feed(s, now, ms, wait, true);
+    }
+
+    fn feed(s: &mut ShedLevel, now: &mut Instant, ms: u32, wait: Duration, busy: bool) {
         for _ in 0..ms {
             *now += MS;
             s.tick(*now, Duration::ZERO);
+            if busy {
+                s.note_busy();
+            }
             let fresh = wait.min(now.duration_since(s.last_change));
             s.record(*now, fresh);
         }
@@ -362,6 +401,47 @@ mod tests {
         );
         run(&mut s, &mut now, 200, Duration::ZERO);
         assert_eq!(s.level(), 0.0);
+    }
+
+    #[test]
+    fn spare_windows_re_admit_a_step_every_second_window_even_after_a_flap() {
+        let (mut s, mut now) = controller();
+        run(&mut s, &mut now, 50, 30 * MS);
+        run(&mut s, &mut now, 350, Duration::ZERO); // back to 0 (6 calm windows)
+        run(&mut s, &mut now, 100, 60 * MS); // a flap: 12 calm windows needed
+        let risen = s.steps;
+        assert!(risen >= 2, "{}", s.level());
+        // Calm, but the limit three quarters full: the doubled wait holds.
+        run(&mut s, &mut now, 500, Duration::ZERO);
+        assert_eq!(s.steps, risen, "10 busy calm windows of 12");
+        // The same calm with the limit mostly idle: a step every second
+        // window, the calm count aside.
+        let (mut t, mut then) = controller();
+        run(&mut t, &mut then, 50, 30 * MS);
+        run(&mut t, &mut then, 350, Duration::ZERO);
+        run(&mut t, &mut then, 100, 60 * MS);
+        assert_eq!(t.steps, risen);
+        feed(&mut t, &mut then, 200, Duration::ZERO, false);
+        assert_eq!(t.steps, risen - 2, "4 spare windows: 2 steps");
+        // One busy window breaks the run.
+        feed(&mut t, &mut then, 50, Duration::ZERO, false);
+        run(&mut t, &mut then, 50, Duration::ZERO);
+        feed(&mut t, &mut then, 50, Duration::ZERO, false);
+        assert_eq!(t.steps, risen - 2, "spare, busy, spare: no run of two");
+    }
+
+    #[test]
+    fn a_window_with_a_standing_queue_is_not_spare() {
+        let (mut s, mut now) = controller();
+        s.steps = 8;
+        // Calm waits (5 ms, under half the 20 ms target) but someone waits
+        // now: not spare, so only the calm count re-admits.
+        for _ in 0..250 {
+            now += MS;
+            s.tick(now, 5 * MS);
+            s.record(now, 5 * MS);
+        }
+        assert_eq!(s.level(), 1.0, "5 calm windows of 6, none spare");
     }
 
     #[test]
