@@ -225,7 +225,14 @@ async fn congestion_collapse_slows_the_backend_down_past_the_knee() {
     let a = concurrent(ideal, 40).await;
     let b = concurrent(collapsing, 40).await;
     assert!(a < Duration::from_millis(400), "ideal {a:?}");
-    assert!(b > a * 3, "collapse {b:?} vs ideal {a:?}");
+    // Against the ideal's 10 rounds (100 ms) three times over, and twice
+    // the ideal as measured: CPU contention slows the ideal run too (164
+    // ms once, with 479 ms for the collapse), which made "three times
+    // the measured ideal" fail on a loaded machine.
+    assert!(
+        b > Duration::from_millis(300) && b > a * 2,
+        "collapse {b:?} vs ideal {a:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
