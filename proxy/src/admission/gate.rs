@@ -305,11 +305,11 @@ impl<W> Gate<W> {
     /// backlog (older than the target delay) of a partly covered one; the
     /// rest of that tier's waiters once they are that old.
     fn tick(&mut self, now: Instant) {
+        self.note_use();
         // While the limit slow-starts, a wait is the limit catching up (a
         // peak begins, or a cold start), not the backend's capacity: shedding
         // for it refused lower tiers at half capacity.
         // So is a wait while a probe holds the limit under its use.
-        self.note_use();
         let standing = if self.queue.is_empty() {
             Duration::ZERO
         } else {
