@@ -258,10 +258,10 @@ impl ShedLevel {
             self.rise(end, over.clamp(1, STEPS));
         } else if mean < self.target / 2 {
             self.calm += 1;
-            let spare = !self.busy && standing.is_zero();
-            self.spare_run = if spare { self.spare_run + 1 } else { 0 };
-            let spare = self.spare_run >= SPARE_WINDOWS;
-            if (self.calm >= self.calm_needed || spare) && self.steps > 0 {
+            let this_spare = !self.busy && standing.is_zero();
+            self.spare_run = if this_spare { self.spare_run + 1 } else { 0 };
+            let re_admit = self.calm >= self.calm_needed || self.spare_run >= SPARE_WINDOWS;
+            if re_admit && self.steps > 0 {
                 self.steps -= 1;
                 self.last_fall = Some(end);
                 self.last_change = end;
