@@ -12,6 +12,7 @@
 
 pub mod cost;
 pub mod demand;
+pub mod first_burst;
 pub mod gate;
 pub mod limit;
 pub mod memory;
