@@ -330,6 +330,7 @@ const FITTED_HOLD: f64 = 2.0;
 /// How long a cold start's first busy window waits for its first
 /// [`first_burst::MIN_ANSWERS`] answers (`Gradient::first_few`).
 const FIRST_FEW_FOR: Duration = Duration::from_millis(500);
+
 /// A window closes after this many samples…
 const WINDOW_SAMPLES: u32 = 16;
 /// …or this much time with at least one sample (the first window: after
@@ -1195,7 +1196,7 @@ impl Gradient {
             self.block.1 += self.window_sq;
             self.block.2 += self.window_count;
         }
-        let burst = self.burst_mean(quiet || !small);
+        let burst = (!quiet && small).then(|| self.burst_mean()).flatten();
         self.open_window(now);
 
         if congested {
@@ -1246,18 +1247,17 @@ impl Gradient {
         self.step(now, (short, trimmed), baseline, inflight, (busy, small));
     }
 
-    /// A cold start's first busy window of a few answers (not `other`)
-    /// holds the quickest of its burst (59-71% of the backend's mean on 32
+    /// A cold start's first busy window of a few answers holds the
+    /// quickest of its burst (59-71% of the backend's mean on 32
     /// workers of log-normal 100 ms): the burst's mean fitted from them
     /// ([`first_burst`]), for the baseline. Simulated, 144 seeds: one
     /// instance cold at 0.8x there served customer service 0.69 → 0.80,
     /// three 0.89 → 0.96; one cold into 3x had a purchase p99 over 700 ms
     /// in 4 seeds against 44 (docs/admission.md, "Forty-ninth round").
-    fn burst_mean(&self, other: bool) -> Option<f64> {
-        if other || !self.before_first_baseline() {
-            return None;
-        }
-        first_burst::censored_mean(&self.burst.0, self.burst.1)
+    fn burst_mean(&self) -> Option<f64> {
+        self.before_first_baseline()
+            .then(|| first_burst::censored_mean(&self.burst.0, self.burst.1))
+            .flatten()
     }
 
     /// Pools a window's coefficient of variation `cv` (of mean `short`)
