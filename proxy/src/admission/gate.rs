@@ -10,7 +10,9 @@
 //!    take past it, see [`super::overdraft`]), nobody of its tier waits, and
 //!    `t` is within its share (or no other tier wants the room);
 //! 4. otherwise queued until a permit is handed to it, its deadline passes
-//!    (`queue_timeout`), or a full queue gives its place to a higher tier
+//!    (`queue_timeout`; while the shed level is above zero, a sheddable
+//!    tier's deadline is [`OVERLOADED_WAIT`] targets at most, and older
+//!    waiters are refused then), or a full queue gives its place to a higher tier
 //!    (`queue_full`). While the `never_shed` tiers' own queue stands (see
 //!    [`super::standing`]), they wait only a short target.
 
@@ -31,11 +33,12 @@ use super::starving::{Seen, Starving};
 /// request that has not got in by then is the excess, refused now rather
 /// than at its deadline. The slot it would have taken goes to one that
 /// arrived later, so the backend serves as much. Before, merchants (500 ms)
-/// and admin (200 ms) timed out at their own deadlines: refusals took
-/// 240-400 ms at the 99th percentile in simulated fleets at 3x and 5x in
-/// front of a slow backend, and 90-100 ms with this (docs/admission.md,
-/// "Fiftieth round"). More than [`URGENT`] targets, so the standing queue
-/// that raises the level at once is still seen.
+/// and admin (200 ms) timed out at their own deadlines: in real fleets in
+/// front of a slow backend (32 workers of log-normal 100 ms) the slowest
+/// refusal after the first second took 203-461 ms at 3x, 82-87 ms with
+/// this (docs/admission.md, "Fiftieth round"). More than [`URGENT`]
+/// targets, so the standing queue that raises the level at once is still
+/// seen.
 pub const OVERLOADED_WAIT: u32 = 4;
 
 /// Why a request was refused without reaching the backend.
