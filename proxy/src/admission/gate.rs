@@ -674,6 +674,7 @@ impl<W> Gate<W> {
             limit: self.limit.current(),
             min: self.limit.min(),
             over_ceiling: self.limit.over_ceiling(),
+            collapse: self.limit.collapse_ratio(),
             waited_over_target: self.standing.over_target_for(now),
         };
         self.starving.claim(now, seen)

@@ -43,7 +43,8 @@
 //! Where every instance starves (`N × min` over the workers, or a backend
 //! that collapses under its queue), every instance claims, and the claim
 //! feeds the queue: the backend's latency then runs away from the
-//! ceiling. A window over [`COLLAPSE`] × the ceiling withdraws the claim
+//! ceiling. A window over [`COLLAPSE`] × the ceiling (without its slowest
+//! answer: one slow answer is the service time's tail) withdraws the claim
 //! for [`COOL_DOWN`] (without it, a fleet in front of a collapsing backend
 //! had purchase p99 over a second in two seeds of sixteen).
 
@@ -72,8 +73,8 @@ pub const SHARE_CLAIM: f64 = 0.1;
 /// An instance short of its share claims while its purchases' waits over
 /// the target have run for less than this.
 pub const SHARE_WHILE: Duration = Duration::from_secs(2);
-/// A window mean over this multiple of the ceiling is a backend that the
-/// claims collapse, not a share to win back.
+/// A window mean (without its slowest answer) over this multiple of the
+/// ceiling is a backend that the claims collapse, not a share to win back.
 pub const COLLAPSE: f64 = 3.0;
 /// How long a collapse withdraws the claim.
 pub const COOL_DOWN: Duration = Duration::from_secs(5);
@@ -89,6 +90,9 @@ pub struct Seen {
     pub min: u32,
     /// The last window's mean latency over the limit's ceiling.
     pub over_ceiling: Option<f64>,
+    /// The same without the window's slowest answer
+    /// ([`super::limit::Limit::collapse_ratio`]): what [`COLLAPSE`] reads.
+    pub collapse: Option<f64>,
     /// How long every grant of these tiers has waited over the target,
     /// without a break, while every other tier was shed.
     pub waited_over_target: Duration,
@@ -105,7 +109,7 @@ impl Starving {
     /// The claim at `now`: [`Urgency::Starving`] at `min`,
     /// [`Urgency::Short`] over it, with the share of the baseline claimed.
     pub fn claim(&mut self, now: Instant, seen: Seen) -> Urgency {
-        if seen.over_ceiling.is_some_and(|r| r > COLLAPSE) {
+        if seen.collapse.is_some_and(|r| r > COLLAPSE) {
             self.cool_until = Some(now + COOL_DOWN);
         }
         let cooling = self.cool_until.is_some_and(|t| now < t);
@@ -145,6 +149,7 @@ mod tests {
             limit,
             min: 4,
             over_ceiling: Some(f64::from(latency_ms) / 22.0),
+            collapse: Some(f64::from(latency_ms) / 22.0),
             waited_over_target: Duration::from_millis(500),
         }
     }
@@ -206,6 +211,20 @@ mod tests {
         assert_eq!(s.share(t0 + 4000 * MS, seen(true, 4, 24)), 0.0);
         s.share(t0 + 600 * MS + COOL_DOWN, seen(true, 4, 24));
         assert!(s.share(t0 + 900 * MS + COOL_DOWN, seen(true, 4, 24)) > 0.0);
+    }
+
+    #[test]
+    fn a_window_slow_by_one_answer_is_not_a_collapse() {
+        let t0 = Instant::now();
+        let mut s = Starving::default();
+        s.share(t0, seen(true, 4, 24));
+        // Over three ceilings with its slowest answer, at one without it.
+        let tail = Seen {
+            collapse: Some(24.0 / 22.0),
+            ..seen(true, 4, 300)
+        };
+        assert!(s.share(t0 + 500 * MS, tail) > 0.4);
+        assert!(s.share(t0 + 600 * MS, seen(true, 4, 24)) > 0.5);
     }
 
     #[test]
