@@ -1179,13 +1179,10 @@ impl Gradient {
         let count = self.window_count;
         let n = f64::from(count);
         let short = (count > 0).then(|| self.window_sum / n);
-        self.latest = short.or(self.latest);
         let small = self.window_count < WINDOW_SAMPLES / 2;
         // Its mean without its slowest answer ([`Gradient::step`]'s flood).
         let trimmed = (count >= 2).then(|| (self.window_sum - self.window_slowest) / (n - 1.0));
-        if short.is_some() {
-            self.latest_trimmed = trimmed;
-        }
+        self.note_latest(short, trimmed);
         // This window's coefficient of variation.
         let cv = short
             .filter(|m| self.window_count > 1 && *m > 0.0)
@@ -1273,6 +1270,14 @@ impl Gradient {
             return;
         };
         self.step(now, (short, trimmed), baseline, inflight, (busy, small));
+    }
+
+    /// Keeps the last window with answers: its mean `short` and its mean
+    /// without its slowest answer ([`Limit::collapse_ratio`]).
+    fn note_latest(&mut self, short: Option<f64>, trimmed: Option<f64>) {
+        if short.is_some() {
+            (self.latest, self.latest_trimmed) = (short, trimmed);
+        }
     }
 
     /// A cold start's first busy window of a few answers holds the
