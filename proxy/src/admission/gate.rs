@@ -369,19 +369,9 @@ impl<W> Gate<W> {
         if self.queue.is_empty() {
             return;
         }
-        let Some(most) = self.overloaded_wait() else {
-            return;
-        };
-        let Some(cutoff) = now.checked_sub(most) else {
-            return;
-        };
-        let before = self.shed_waiters.len();
-        for rank in 0..self.shed_order.len() {
-            self.evict_older_than(self.shed_order[rank], cutoff, ShedReason::QueueTimeout);
-        }
-        let counted = self.limit.waits_count().of(now, most);
-        for _ in before..self.shed_waiters.len() {
-            self.shed.record(now, counted);
+        if let Some(most) = self.overloaded_wait() {
+            let every = self.shed_order.len();
+            self.refuse_older_than(now, most, every, ShedReason::QueueTimeout);
         }
     }
 
@@ -390,15 +380,20 @@ impl<W> Gate<W> {
     /// as it counts a timeout's.
     fn refuse_excess_backlog(&mut self, now: Instant, steps: u32) {
         let old = self.rules.target_queue_delay * URGENT;
+        let ranks = steps.div_ceil(STEPS) as usize;
+        self.refuse_older_than(now, old, ranks, ShedReason::ShedLevel);
+    }
+
+    /// Refuses (`reason`) the waiters older than `old` of the `ranks`
+    /// lowest sheddable tiers; the level counts each wait as `old`, as it
+    /// counts a timeout's.
+    fn refuse_older_than(&mut self, now: Instant, old: Duration, ranks: usize, reason: ShedReason) {
         let Some(cutoff) = now.checked_sub(old) else {
             return;
         };
         let before = self.shed_waiters.len();
-        for rank in 0..self.shed_order.len() {
-            if rank as u32 * STEPS >= steps {
-                break;
-            }
-            self.evict_older_than(self.shed_order[rank], cutoff, ShedReason::ShedLevel);
+        for rank in 0..ranks.min(self.shed_order.len()) {
+            self.evict_older_than(self.shed_order[rank], cutoff, reason);
         }
         let counted = self.limit.waits_count().of(now, old);
         for _ in before..self.shed_waiters.len() {

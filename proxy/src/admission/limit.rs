@@ -537,19 +537,17 @@ impl Limit {
     /// of purchases 129 → 114 (31 against 16; docs/admission.md,
     /// "Fiftieth round").
     pub fn collapse_ratio(&self) -> Option<f64> {
-        let Limit::Adaptive(g) = self else {
-            return None;
-        };
-        let (latest, baseline) = (g.latest_trimmed?, g.baseline?);
-        Some(latest.max(0.0) / g.ceiling(baseline).max(0.0))
+        match self {
+            Limit::Adaptive(g) => g.over_ceiling(g.latest_trimmed?),
+            Limit::Fixed(_) => None,
+        }
     }
 
     pub fn over_ceiling(&self) -> Option<f64> {
-        let Limit::Adaptive(g) = self else {
-            return None;
-        };
-        let (latest, baseline) = (g.latest?, g.baseline?);
-        Some(latest.max(0.0) / g.ceiling(baseline).max(0.0))
+        match self {
+            Limit::Adaptive(g) => g.over_ceiling(g.latest?),
+            Limit::Fixed(_) => None,
+        }
     }
 
     /// What an adaptive limit has learned, for `/status` and the metrics;
@@ -1270,6 +1268,12 @@ impl Gradient {
             return;
         };
         self.step(now, (short, trimmed), baseline, inflight, (busy, small));
+    }
+
+    /// `latency` over the ceiling of the baseline (none before one).
+    fn over_ceiling(&self, latency: f64) -> Option<f64> {
+        let baseline = self.baseline?;
+        Some(latency.max(0.0) / self.ceiling(baseline).max(0.0))
     }
 
     /// Keeps the last window with answers: its mean `short` and its mean
