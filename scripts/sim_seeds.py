@@ -14,6 +14,9 @@ means, the medians, and in how many seeds the second build is better or worse.
     python3 scripts/sim_seeds.py run --bin /tmp/old-target/release/deps/admission_scenarios-<hash> \\
         --dir proxy/tests/data/admission-open --seeds 0-29 --out results/sim-old.json
     python3 scripts/sim_seeds.py compare results/sim-old.json results/sim-new.json
+    # a scenario's rare bad runs: seeds past a bound, per run (one column each)
+    python3 scripts/sim_seeds.py tails --match '62_.*purchase_p99_ms' --over 1000 \
+        results/sim-old.json results/sim-new.json
 
 Seeds run two at a time (--jobs). Latency keys (`_ms`) count as better when
 5% lower; fractions (success, goodput) when 0.005 higher.
@@ -148,6 +151,37 @@ def compare(args):
         sys.exit("sim_seeds: the two runs share no measurement")
 
 
+def past(values, over=None, under=None):
+    """The seeds (sorted) whose value is over `over` or under `under`."""
+    return sorted((s for s, v in values.items()
+                   if (over is not None and v > over) or (under is not None and v < under)), key=int)
+
+
+def tails(args):
+    if (args.over is None) == (args.under is None):
+        sys.exit("sim_seeds: tails: give one bound, --over X or --under X")
+    runs = []
+    for path in args.runs:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f)["values"])
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"sim_seeds: {path}: not a sim_seeds run ({e})")
+    keys = sorted(k for k in set().union(*runs) if re.search(args.match, k))
+    if not keys:
+        sys.exit(f"sim_seeds: tails: no measurement matches {args.match!r}")
+    bound = f"over {args.over}" if args.over is not None else f"under {args.under}"
+    names = [os.path.basename(p) for p in args.runs]
+    print(f"seeds {bound}, of those run")
+    print(f"{'measurement':<66} " + " ".join(f"{n[:24]:>24}" for n in names))
+    for key in keys:
+        cells = []
+        for run in runs:
+            values = run.get(key, {})
+            cells.append(f"{len(past(values, args.over, args.under))}/{len(values)}" if values else "-")
+        print(f"{key:<66} " + " ".join(f"{c:>24}" for c in cells))
+
+
 def main():
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends quietly
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,11 +197,13 @@ def main():
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--match", help="only measurements whose name matches this regex")
+    t = sub.add_parser("tails", help="count the seeds past a bound, per run: a scenario's rare bad runs")
+    t.add_argument("runs", nargs="+")
+    t.add_argument("--match", required=True, help="measurements whose name matches this regex")
+    t.add_argument("--over", type=float, help="count values over this")
+    t.add_argument("--under", type=float, help="count values under this")
     args = p.parse_args()
-    if args.cmd == "run":
-        run(args)
-    else:
-        compare(args)
+    {"run": run, "compare": compare, "tails": tails}[args.cmd](args)
 
 
 if __name__ == "__main__":

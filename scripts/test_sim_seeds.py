@@ -61,5 +61,13 @@ class Seeds(unittest.TestCase):
             sim_seeds.parse_seeds("5-3")
 
 
+class Past(unittest.TestCase):
+    def test_counts_only_the_seeds_past_the_bound(self):
+        values = {"3": 900.0, "10": 1200.0, "4": 1000.0, "7": 1500.5}
+        self.assertEqual(sim_seeds.past(values, over=1000.0), ["7", "10"])
+        self.assertEqual(sim_seeds.past(values, under=1000.0), ["3"])
+        self.assertEqual(sim_seeds.past({}, over=1.0), [])
+
+
 if __name__ == "__main__":
     unittest.main()
