@@ -15,7 +15,7 @@ means, the medians, and in how many seeds the second build is better or worse.
         --dir proxy/tests/data/admission-open --seeds 0-29 --out results/sim-old.json
     python3 scripts/sim_seeds.py compare results/sim-old.json results/sim-new.json
     # a scenario's rare bad runs: seeds past a bound, per run (one column each)
-    python3 scripts/sim_seeds.py tails --match '62_.*purchase_p99_ms' --over 1000 \
+    python3 scripts/sim_seeds.py tails --match '62_.*purchase_p99_ms' --over 1000 \\
         results/sim-old.json results/sim-new.json
 
 Seeds run two at a time (--jobs). Latency keys (`_ms`) count as better when
@@ -124,15 +124,20 @@ def better_worse(key, a, b):
     return b > a + 0.005, b < a - 0.005
 
 
-def compare(args):
+def load_runs(paths):
+    """Each run's measurements (key -> seed -> value), in the order given."""
     runs = []
-    for path in (args.a, args.b):
+    for path in paths:
         try:
             with open(path) as f:
                 runs.append(json.load(f)["values"])
         except (OSError, ValueError, KeyError) as e:
             sys.exit(f"sim_seeds: {path}: not a sim_seeds run ({e})")
-    a, b = runs
+    return runs
+
+
+def compare(args):
+    a, b = load_runs((args.a, args.b))
     rows = 0
     print(f"{'measurement':<66} {'mean A':>9} {'mean B':>9} {'med A':>9} {'med B':>9}  better worse  seeds")
     for key in sorted(set(a) & set(b)):
@@ -160,13 +165,7 @@ def past(values, over=None, under=None):
 def tails(args):
     if (args.over is None) == (args.under is None):
         sys.exit("sim_seeds: tails: give one bound, --over X or --under X")
-    runs = []
-    for path in args.runs:
-        try:
-            with open(path) as f:
-                runs.append(json.load(f)["values"])
-        except (OSError, ValueError, KeyError) as e:
-            sys.exit(f"sim_seeds: {path}: not a sim_seeds run ({e})")
+    runs = load_runs(args.runs)
     keys = sorted(k for k in set().union(*runs) if re.search(args.match, k))
     if not keys:
         sys.exit(f"sim_seeds: tails: no measurement matches {args.match!r}")

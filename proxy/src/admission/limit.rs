@@ -520,9 +520,6 @@ impl Limit {
         }
     }
 
-    /// The last window's mean latency over the ceiling, once both are
-    /// known: what [`Limit::learnt`] shows as `latency / ceiling`, without
-    /// its conversions (the gate asks on every release).
     /// [`Limit::over_ceiling`] for the last window without its slowest
     /// answer, none after a window of one: how far a backend collapses
     /// ([`super::starving::COLLAPSE`]). One slow answer is the service
@@ -543,6 +540,9 @@ impl Limit {
         }
     }
 
+    /// The last window's mean latency over the ceiling, once both are
+    /// known: what [`Limit::learnt`] shows as `latency / ceiling`, without
+    /// its conversions (the gate asks on every release).
     pub fn over_ceiling(&self) -> Option<f64> {
         match self {
             Limit::Adaptive(g) => g.over_ceiling(g.latest?),
