@@ -272,6 +272,9 @@ const STANDING_CLAIM: f64 = 0.1;
 /// backend a baseline that low starves the limit until a probe measures
 /// the real one (see [`Gradient::schedule_early_probe`]).
 const EARLY_PROBE: Duration = Duration::from_secs(1);
+/// The first probe raises the baseline to at most this many ceilings of
+/// the one before it ([`Gradient::first_rise`]).
+const FIRST_RISE: f64 = 2.0;
 /// After a probe restores the limit, windows for this many of the probe's
 /// latencies do not count for the baseline: they hold the quickest of the
 /// requests the restore sent at once.
@@ -1540,7 +1543,7 @@ impl Gradient {
     fn learn_from_probe(&mut self, probe: &Probe, mean: f64, ceiling_before: Option<f64>) {
         let min = f64::from(self.bounds.min);
         // A cut that did not lower the latency measured it too.
-        let baseline = probe.above.map_or(mean, |a| a.min(mean));
+        let baseline = self.first_rise(probe, probe.above.map_or(mean, |a| a.min(mean)));
         if probe.held {
             self.deep_due = self.baseline.is_some_and(|b| baseline < b * DEEPER_GAIN);
         }
@@ -1579,6 +1582,34 @@ impl Gradient {
         // queue, and pooled they followed it up).
         self.measured_at = (probe.lowered > min).then_some(probe.lowered);
         self.provisional = false;
+    }
+
+    /// What the first probe's measurement `measured` may make the
+    /// baseline: at most [`FIRST_RISE`] ceilings of the one before it,
+    /// with the spread the probe measured when no window taught one
+    /// (after the first probe, the stale rule's probe takes it higher).
+    ///
+    /// A cold start's first baseline is low by the bias of its quickest
+    /// answers: up to three times for a log-normal σ 0.5, which the
+    /// probe's spread puts inside the bound. Four times is another
+    /// instance's queue: the instances of a fleet start a second or so
+    /// apart, their first probes fall at different times, and while one
+    /// probes the other takes the backend's capacity. In front of a
+    /// backend that collapses under its queue (the fleet drill: 4 workers
+    /// of 25 ms, `min = 2`) a first probe read 91-99 ms over a baseline
+    /// of 21-24; learnt, that baseline let its instance hold 9 in flight
+    /// with every window under its ceiling, the other starved at 2-4 with
+    /// 60 purchases queued, and the backend stayed collapsed until the
+    /// run ended: a purchase p99 of 2.05-2.21 s, up to 5.5% of purchases
+    /// refused (real processes; docs/admission.md, "Fifty-second round").
+    fn first_rise(&mut self, probe: &Probe, measured: f64) -> f64 {
+        let Some(before) = self.baseline.filter(|_| !self.probed) else {
+            return measured;
+        };
+        if self.spread.is_none() {
+            self.spread = probe.spread();
+        }
+        measured.min(FIRST_RISE * self.ceiling(before))
     }
 
     /// The baseline after a window of mean `short` (`seen`: the mean that
@@ -2328,6 +2359,51 @@ mod tests {
         let highest = drive(&mut l, &mut now, 500, 10 * MS, collapse);
         assert_eq!(highest, 20 * MS);
         assert!(l.current() <= 14, "limit {}", l.current());
+    }
+
+    #[test]
+    fn a_first_probe_does_not_learn_another_instances_queue() {
+        // 25 ms while this instance holds its limit in full use; once its
+        // first probe lowers the limit, another instance takes the
+        // capacity and every answer takes 100 ms.
+        let mut now = Instant::now();
+        let mut l = adaptive(at_forty(), now);
+        let others = |inflight: u32| if inflight < 40 { 100 * MS } else { 25 * MS };
+        drive(&mut l, &mut now, 100, MS, others);
+        assert_eq!(l.baseline(), Some(25 * MS));
+        let ceiling = l.learnt().and_then(|l| l.ceiling).unwrap();
+        // Through the early probe, a second after the first window.
+        let highest = drive(&mut l, &mut now, 1_500, MS, others);
+        let Limit::Adaptive(g) = &l else {
+            unreachable!()
+        };
+        assert!(g.probed, "no probe ran");
+        // Learnt, the probe's 100 ms made it the baseline.
+        assert!(
+            highest <= ceiling * 2,
+            "baseline {highest:?}, ceiling {ceiling:?}"
+        );
+        assert!(
+            highest > ceiling,
+            "the probe's measurement counts up to the bound"
+        );
+    }
+
+    #[test]
+    fn a_first_probe_corrects_a_first_window_low_by_its_quickest_answers() {
+        // The first window holds the burst's quickest (17 ms); the
+        // backend's latency is 25 ms, which the probe measures and the
+        // baseline takes: well within the first probe's bound.
+        let mut now = Instant::now();
+        let mut l = adaptive(at_forty(), now);
+        drive(&mut l, &mut now, 20, MS, |_| 17 * MS);
+        assert_eq!(l.baseline(), Some(17 * MS));
+        drive(&mut l, &mut now, 1_500, MS, |_| 25 * MS);
+        let Limit::Adaptive(g) = &l else {
+            unreachable!()
+        };
+        assert!(g.probed, "no probe ran");
+        assert_eq!(l.baseline(), Some(25 * MS));
     }
 
     /// Starting under the knee, as a proxy that was up before the peak: a
