@@ -1600,9 +1600,9 @@ impl Gradient {
     /// A cold start's first baseline is low by the bias of its quickest
     /// answers: up to three times for a log-normal σ 0.5, which the
     /// probe's spread puts inside the bound. Four times is another
-    /// instance's queue: the instances of a fleet start a second or so
-    /// apart, their first probes fall at different times, and while one
-    /// probes the other takes the backend's capacity. In front of a
+    /// instance's queue: real processes start apart (tens of
+    /// milliseconds), their first probes fall at different times, and
+    /// while one probes the other takes the backend's capacity. In front of a
     /// backend that collapses under its queue (the fleet drill: 4 workers
     /// of 25 ms, `min = 2`) a first probe read 91-99 ms over a baseline
     /// of 21-24; learnt, that baseline let its instance hold 9 in flight
