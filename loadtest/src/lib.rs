@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod balancer;
 pub mod drill;
 pub mod openloop;
 pub mod progress;

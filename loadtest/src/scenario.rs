@@ -191,6 +191,7 @@ struct RawEvent {
     reload: Option<Vec<String>>,
     reject: Option<Vec<String>>,
     via: Option<Vec<Spanned<String>>>,
+    restart: Option<Spanned<i64>>,
 }
 
 /// One tier's share of the mix and its request.
@@ -240,6 +241,10 @@ pub enum Action {
         valid: bool,
         via: Via,
     },
+    /// Stops k2proxy instance `proxy` as a deploy does (SIGTERM: it
+    /// drains, then stops) and starts it again on the same ports, cold;
+    /// the balancer sends it nothing while its `/healthz` is not 200.
+    Restart { proxy: usize },
 }
 
 /// How a reload event asks k2proxy to reload.
@@ -755,11 +760,12 @@ fn events(
         let at = e.span().start;
         let ev = e.get_ref();
         let edits = ev.reload.is_some() || ev.reject.is_some();
-        let action = match (&ev.fault, edits) {
-            (Some(f), false) => fault(c, at, ev, f, topology).map(|a| vec![a]),
-            (None, true) => reloads(c, at, ev, topology, dir),
+        let action = match (&ev.fault, edits, &ev.restart) {
+            (Some(f), false, None) => fault(c, at, ev, f, topology).map(|a| vec![a]),
+            (None, true, None) => reloads(c, at, ev, topology, dir),
+            (None, false, Some(i)) => restart(c, i, topology).map(|a| vec![a]),
             _ => {
-                c.err(at, "an event has either `fault` (with `site`) or `reload` (a list of policy files)");
+                c.err(at, "an event has one of `fault` (with `site`), `reload` (a list of policy files) or `restart` (an instance's number)");
                 None
             }
         };
@@ -848,6 +854,34 @@ fn reloads(
         }
     });
     topology.map(|_| actions.collect())
+}
+
+/// A restart event: the instance's number, 0 to `proxies` - 1.
+fn restart(
+    c: &mut Check<'_>,
+    proxy: &Spanned<i64>,
+    topology: Option<&TopologySpec>,
+) -> Option<Action> {
+    let at = proxy.span().start;
+    let Some(t) = topology else {
+        c.err(at, "a restart event needs a [topology] with k2proxy");
+        return None;
+    };
+    let n = t.proxies.max(1);
+    match usize::try_from(*proxy.get_ref()) {
+        Ok(i) if i < n => Some(Action::Restart { proxy: i }),
+        _ => {
+            c.err(
+                at,
+                format!(
+                    "restart = {}: the topology has {n} instance(s), numbered 0 to {}",
+                    proxy.get_ref(),
+                    n - 1
+                ),
+            );
+            None
+        }
+    }
 }
 
 /// A fault event: what the simulators of a simulated site play.
@@ -1052,6 +1086,40 @@ fault = "blackhole"
         );
         assert!(s.events.iter().all(|o| o.at < Duration::from_secs(40)));
         assert!(s.events.windows(2).all(|w| w[0].at <= w[1].at));
+    }
+
+    #[test]
+    fn a_restart_names_an_instance_of_the_topology() {
+        let fleet = STORM.replace(
+            "routes = \"routes.toml\"\n",
+            "routes = \"routes.toml\"\nproxies = 2\n",
+        );
+        let restart =
+            |at: &str, n: &str| format!("{fleet}[[events]]\nat = \"{at}\"\nrestart = {n}\n");
+        let s = Scenario::parse(Path::new("s.toml"), &restart("4s", "1")).unwrap();
+        let restarts: Vec<(u64, &Action)> = s
+            .events
+            .iter()
+            .filter(|o| matches!(o.action, Action::Restart { .. }))
+            .map(|o| (o.at.as_secs(), &o.action))
+            .collect();
+        assert_eq!(restarts, [(4, &Action::Restart { proxy: 1 })]);
+        // Instances count from 0: the line and column of the number.
+        let e = Scenario::parse(Path::new("s.toml"), &restart("4s", "2")).unwrap_err();
+        let line = restart("4s", "2").lines().count();
+        assert!(
+            e.to_string()
+                .contains(&format!("s.toml:{line}:11: error: restart = 2: the topology has 2 instance(s), numbered 0 to 1")),
+            "{e}"
+        );
+        let e = Scenario::parse(Path::new("s.toml"), &restart("4s", "-1")).unwrap_err();
+        assert!(e.to_string().contains("restart = -1"), "{e}");
+        // One thing per event.
+        let both = format!(
+            "{fleet}[[events]]\nat = \"4s\"\nrestart = 0\nsite = \"s\"\nfault = \"refuse\"\n"
+        );
+        let e = Scenario::parse(Path::new("s.toml"), &both).unwrap_err();
+        assert!(e.to_string().contains("one of `fault`"), "{e}");
     }
 
     #[test]

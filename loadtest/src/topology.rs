@@ -7,14 +7,17 @@
 //!
 //! With `proxies = N` it starts N k2proxy instances on the same simulators,
 //! each with its own routes file, ports and log, and an L4 balancer in this
-//! process that hands each new connection to the next instance in turn, as
-//! IPVS or a cloud NLB does; every reload goes to every instance.
+//! process that hands each new connection to the next instance in turn whose
+//! `/healthz` answers 200, as IPVS with health checks or a cloud NLB does
+//! ([`crate::balancer`]); every reload goes to every instance, and a restart
+//! event stops one as a deploy does and starts it again, cold.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::balancer::Balancer;
 use crate::scenario::{Action, TopologySpec, Via};
 use crate::sim::{self, SimConfig, SimHandle};
 
@@ -23,7 +26,9 @@ pub struct Topology {
     pub sites: Vec<(String, Vec<SimHandle>)>,
     instances: Vec<Instance>,
     /// The L4 balancer in front of several instances.
-    balancer: Option<tokio::task::JoinHandle<()>>,
+    balancer: Option<Balancer>,
+    /// The k2proxy binary, for restarts.
+    k2proxy: PathBuf,
     /// `http://127.0.0.1:port` of k2proxy's listener (of the balancer in
     /// front of several).
     pub base_url: String,
@@ -188,9 +193,33 @@ fn prepare_server(routes: &mut toml::Table, routes_dir: &Path) -> Result<PathBuf
     Ok(routes_dir.join(policy))
 }
 
-/// Starts `k2proxy run --routes <routes>`, its output to `log`.
-fn spawn_k2proxy(k2proxy: &Path, routes: &Path, log: &Path) -> Result<Child, String> {
-    let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+/// Sends `signal` ("HUP", "TERM") to the process `pid`, one this
+/// topology started.
+fn send_signal(pid: u32, signal: &str) -> Result<(), String> {
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .map_err(|e| format!("kill -{signal}: {e}"))?;
+    if !sent.success() {
+        return Err(format!("kill -{signal} {pid}: {sent}"));
+    }
+    Ok(())
+}
+
+/// How long a restart waits for the stopped instance to exit (its
+/// `drain_delay`, 5 s by default, and its grace period) before it kills it.
+const STOP_WITHIN: Duration = Duration::from_secs(30);
+
+/// Starts `k2proxy run --routes <routes>`, its output to `log` (appended
+/// to when `append`, as a restarted instance's).
+fn spawn_k2proxy(k2proxy: &Path, routes: &Path, log: &Path, append: bool) -> Result<Child, String> {
+    let log = std::fs::File::options()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
     Command::new(k2proxy)
         .arg("run")
         .arg("--routes")
@@ -205,26 +234,6 @@ fn spawn_k2proxy(k2proxy: &Path, routes: &Path, log: &Path) -> Result<Child, Str
                 k2proxy.display()
             )
         })
-}
-
-/// An L4 balancer: each accepted connection goes to the next of `to` in
-/// turn and is copied both ways until either side closes.
-async fn balance(listener: tokio::net::TcpListener, to: Vec<SocketAddr>) {
-    let mut next = 0usize;
-    loop {
-        let Ok((mut client, _)) = listener.accept().await else {
-            continue;
-        };
-        let target = to[next % to.len()];
-        next += 1;
-        tokio::spawn(async move {
-            if let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await {
-                let _ = client.set_nodelay(true);
-                let _ = upstream.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            }
-        });
-    }
 }
 
 impl Topology {
@@ -263,6 +272,7 @@ impl Topology {
             admin: instances[0].admin,
             instances,
             balancer: None,
+            k2proxy: k2proxy.to_path_buf(),
             routes,
             admission: spec.admission,
             out: out.to_path_buf(),
@@ -271,20 +281,16 @@ impl Topology {
         };
         topo.write_files(&policy, true)?;
         for inst in &mut topo.instances {
-            inst.child = Some(spawn_k2proxy(k2proxy, &inst.routes_path, &inst.log)?);
+            inst.child = Some(spawn_k2proxy(k2proxy, &inst.routes_path, &inst.log, false)?);
         }
         for i in 0..topo.instances.len() {
             topo.wait_ready(i).await?;
         }
         if topo.instances.len() > 1 {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.set_nonblocking(true).map(|_| l))
-                .and_then(tokio::net::TcpListener::from_std)
-                .map_err(|e| format!("the balancer's listener: {e}"))?;
-            let addr = listener.local_addr().map_err(|e| e.to_string())?;
             let to = topo.instances.iter().map(|i| i.listen).collect();
-            topo.balancer = Some(tokio::spawn(balance(listener, to)));
-            topo.base_url = format!("http://{addr}");
+            let balancer = Balancer::start(to, topo.admins())?;
+            topo.base_url = format!("http://{}", balancer.addr);
+            topo.balancer = Some(balancer);
         }
         Ok(topo)
     }
@@ -380,13 +386,7 @@ impl Topology {
                     .as_ref()
                     .map(Child::id)
                     .ok_or("k2proxy is not running")?;
-                let sent = Command::new("kill")
-                    .args(["-HUP", &pid.to_string()])
-                    .status()
-                    .map_err(|e| format!("kill -HUP: {e}"))?;
-                if !sent.success() {
-                    return Err(format!("kill -HUP {pid}: {sent}"));
-                }
+                send_signal(pid, "HUP")?;
             }
             Via::Post => {
                 let answer = http_request(inst.admin, "POST", "/reload").await;
@@ -493,6 +493,14 @@ impl Topology {
                 }
                 format!("{site}: {}", fault.name())
             }
+            Action::Restart { proxy } => match self.restart(*proxy).await {
+                Ok((stopped, started)) => format!(
+                    "restart instance {proxy}: stopped in {:.1} s, serving again {:.1} s later",
+                    stopped.as_secs_f64(),
+                    started.as_secs_f64()
+                ),
+                Err(why) => format!("restart instance {proxy}: FAILED: {why}"),
+            },
             Action::Reload { policy, valid, via } => {
                 self.reloads += 1;
                 let name = policy
@@ -533,6 +541,40 @@ impl Topology {
         }
     }
 
+    /// Stops instance `i` as a deploy does (SIGTERM: it drains, then
+    /// stops; killed if it has not exited within [`STOP_WITHIN`]) and
+    /// starts it again on the same ports and files, its log appended to,
+    /// with nothing learnt (unless routes.toml keeps `admission_state`).
+    /// Returns how long it took to stop, and then to be ready again (every
+    /// backend up).
+    pub async fn restart(&mut self, i: usize) -> Result<(Duration, Duration), String> {
+        let began = Instant::now();
+        let inst = &mut self.instances[i];
+        let child = inst.child.as_mut().ok_or("k2proxy is not running")?;
+        send_signal(child.id(), "TERM")?;
+        let deadline = began + STOP_WITHIN;
+        while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "it had not exited {} s after SIGTERM (killed)",
+                    STOP_WITHIN.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stopped = began.elapsed();
+        inst.child = Some(spawn_k2proxy(
+            &self.k2proxy,
+            &inst.routes_path,
+            &inst.log,
+            true,
+        )?);
+        self.wait_ready(i).await?;
+        Ok((stopped, began.elapsed() - stopped))
+    }
+
     /// The first k2proxy's config generation and last reload result, from
     /// /status.
     pub async fn reload_state(&self) -> Option<serde_json::Value> {
@@ -565,9 +607,7 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         // Only the children this topology started.
-        if let Some(b) = self.balancer.take() {
-            b.abort();
-        }
+        self.balancer.take();
         for p in self.instances.iter_mut().filter_map(|i| i.child.as_mut()) {
             let _ = p.kill();
             let _ = p.wait();
@@ -636,7 +676,11 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
 
 /// A minimal request without a body on loopback: (status, body); None on
 /// any failure.
-async fn http_request(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+pub(crate) async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Option<(u16, String)> {
     use http_body_util::{BodyExt, Empty};
     let stream = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
         .await
