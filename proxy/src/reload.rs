@@ -319,6 +319,8 @@ mod tests {
             max_header_bytes: 32 * 1024,
             idle_timeout: std::time::Duration::from_secs(60),
             header_timeout: std::time::Duration::from_secs(10),
+            keepalive_requests: 1000,
+            keepalive_time: std::time::Duration::from_secs(60),
             max_connections: None,
             max_connections_per_client: 1000,
             drain_delay: std::time::Duration::from_secs(5),

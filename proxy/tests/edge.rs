@@ -634,6 +634,45 @@ async fn a_busy_keepalive_connection_outlives_idle_timeout() {
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
 
+/// A client connection closes after its `keepalive_requests`-th answer
+/// (which says `connection: close`), and after an answer once it is
+/// `keepalive_time` old: behind an L4 balancer, which places connections,
+/// clients come back through it, to a restarted instance too.
+#[tokio::test]
+async fn a_connection_closes_once_it_has_served_its_keepalive() {
+    let backend = Backend::start("b1").await;
+    let proxy = Proxy::start(
+        &with_server(
+            &[backend.addr],
+            "keepalive_requests = 3\nkeepalive_time = \"1s\"",
+        ),
+        &policy_toml(&[]),
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    for i in 1..=2 {
+        let r = get(&mut s, &format!("/checkout/{i}"))
+            .await
+            .expect("answered");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(!r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    }
+    let r = get(&mut s, "/checkout/3").await.expect("answered");
+    assert!(r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    let (rest, _) = read_to_close(&mut s).await;
+    assert_eq!(rest, "", "closed after the third answer");
+    // Age: the first answer keeps it, one after a second closes it.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let r = get(&mut s, "/checkout/young").await.expect("answered");
+    assert!(!r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = get(&mut s, "/checkout/old").await.expect("answered");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    let (rest, _) = read_to_close(&mut s).await;
+    assert_eq!(rest, "");
+}
+
 /// The idle wait between requests and the head's deadline share one timer:
 /// an idle time longer than `header_timeout` outlasts the deadline the
 /// last head armed (the connection still serves), and the connection then

@@ -210,6 +210,15 @@ pub struct Server {
     /// start or the first byte of a later request; then the connection is
     /// closed (with 408 when a request had begun).
     pub header_timeout: Duration,
+    /// An HTTP/1 client connection's response to its request number this
+    /// many closes it (`connection: close`), as nginx's
+    /// `keepalive_requests`. Applies on reload to the requests that follow.
+    pub keepalive_requests: u64,
+    /// A response on an HTTP/1 client connection this old or older closes
+    /// it, as nginx's `keepalive_time`: behind an L4 balancer, which places
+    /// connections, an instance that restarts (a deploy) gets its share
+    /// back as the others' connections end. Applies on reload.
+    pub keepalive_time: Duration,
     /// Client connections open at once; `None`: derived from the process's
     /// open-file limit (`edge::default_max_connections`, once per
     /// `runtime::Generation`).

@@ -46,6 +46,10 @@ pub struct ServerRaw {
     pub idle_timeout: Option<Spanned<String>>,
     /// The whole time allowed to receive a request's headers.
     pub header_timeout: Option<Spanned<String>>,
+    /// Requests a client connection carries before it is closed.
+    pub keepalive_requests: Option<Spanned<i64>>,
+    /// How long a client connection is kept alive, from its start.
+    pub keepalive_time: Option<Spanned<String>>,
     /// Client connections open at once; default from the open-file limit.
     pub max_connections: Option<Spanned<i64>>,
     /// Client connections open at once from one IP address.

@@ -429,6 +429,8 @@ fn edge_settings_have_safe_defaults() {
     assert_eq!(s.drain_delay, Duration::from_secs(5));
     assert_eq!(s.max_connections, None, "derived from the open-file limit");
     assert_eq!(s.max_connections_per_client, 1000);
+    assert_eq!(s.keepalive_requests, 1000);
+    assert_eq!(s.keepalive_time, Duration::from_secs(60));
     let config = load(ROUTES, POLICY).unwrap();
     assert!(config.routes.iter().all(|r| r.max_body == 10 << 20));
 }
@@ -474,6 +476,14 @@ fn edge_settings_are_range_checked_with_their_place() {
         (
             "max_connections = 0",
             "`max_connections` is 0: expected a whole number from 1 to 10000000",
+        ),
+        (
+            "keepalive_requests = 0",
+            "`keepalive_requests` is 0: expected a whole number from 1 to 1000000000",
+        ),
+        (
+            "keepalive_time = \"2d\"",
+            "`keepalive_time` is longer than 1day: expected at most \"1day\"",
         ),
         (
             "max_connections_per_client = -1",

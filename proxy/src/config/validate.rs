@@ -491,7 +491,9 @@ fn admission_state(c: &mut Check<'_>, raw: Option<&Spanned<String>>) -> Option<P
     Some(base.join(p.get_ref()))
 }
 
-fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
+/// `listen` and `admin`: the proxy's listeners (at least one, none twice)
+/// and the admin address, which must be none of them.
+fn listeners(c: &mut Check<'_>, raw: &raw::ServerRaw) -> (Vec<SocketAddr>, SocketAddr) {
     let mut listen = Vec::new();
     if raw.listen.get_ref().is_empty() {
         c.err(
@@ -521,6 +523,11 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         None => None,
     }
     .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9901)));
+    (listen, admin)
+}
+
+fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
+    let (listen, admin) = listeners(c, raw);
     let threads = c.int(raw.threads.as_ref(), "threads", (1, 1024), 2) as usize;
     let upgrade_sock = match &raw.upgrade_sock {
         Some(p) if p.get_ref().trim().is_empty() => {
@@ -556,6 +563,18 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         Duration::from_secs(10),
         (Duration::from_millis(100), Duration::from_secs(600)),
     );
+    let keepalive_requests = c.int(
+        raw.keepalive_requests.as_ref(),
+        "keepalive_requests",
+        (1, 1_000_000_000),
+        1000,
+    ) as u64;
+    let keepalive_time = c.duration_in(
+        raw.keepalive_time.as_ref(),
+        "keepalive_time",
+        Duration::from_secs(60),
+        (Duration::from_secs(1), Duration::from_secs(24 * 3600)),
+    );
     let drain_delay = c.duration_in(
         raw.drain_delay.as_ref(),
         "drain_delay",
@@ -582,6 +601,8 @@ fn server(c: &mut Check<'_>, raw: &raw::ServerRaw) -> Server {
         max_header_bytes,
         idle_timeout,
         header_timeout,
+        keepalive_requests,
+        keepalive_time,
         max_connections,
         max_connections_per_client,
         drain_delay,

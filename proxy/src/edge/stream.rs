@@ -73,6 +73,10 @@ pub(crate) struct EdgeStream {
     head_started: bool,
     /// Past `max_connections`, the slowest head is closed to make room.
     eviction: Arc<Eviction>,
+    /// Request heads completed on it, and when it was accepted
+    /// (`[server].keepalive_requests` and `keepalive_time`).
+    requests: AtomicU64,
+    opened: std::time::Instant,
     shared: Arc<Shared>,
     slot: Slot,
 }
@@ -113,6 +117,8 @@ impl EdgeStream {
             head_pending: None,
             head_started: false,
             eviction,
+            requests: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
             shared,
             slot,
         }
@@ -125,9 +131,18 @@ impl EdgeStream {
     }
 
     /// The request head is complete: no deadline while it is handled.
-    pub(crate) fn request_started(&self) {
+    /// Returns whether the connection has served its keep-alive: this is
+    /// its request number `keepalive_requests` (or later), or it is
+    /// `keepalive_time` old.
+    pub(crate) fn request_started(
+        &self,
+        keepalive_requests: u64,
+        keepalive_time: Duration,
+    ) -> bool {
         self.phase.store(REQUEST, Ordering::Release);
         self.eviction.head_done();
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        n >= keepalive_requests || self.opened.elapsed() >= keepalive_time
     }
 
     /// The request is answered; the connection may idle for `idle` and

@@ -195,12 +195,22 @@ impl ProxyHttp for Gateway {
         // Every HTTP/1 connection is an EdgeStream: it times the head, and
         // the idle wait before the next one (`request_finished`). HTTP/2
         // idles by pingora's h2 idle timeout.
-        if let Some(edge) = session.as_downstream().stream().and_then(EdgeStream::of) {
-            edge.request_started(); // the head is in: header_timeout is met
+        let server = &ctx.gen.config.server;
+        // The head is in: header_timeout is met. A connection that has
+        // served its keep-alive closes after this answer, so clients behind
+        // an L4 balancer come back through it (to a restarted instance too).
+        let served = session
+            .as_downstream()
+            .stream()
+            .and_then(EdgeStream::of)
+            .is_some_and(|edge| {
+                edge.request_started(server.keepalive_requests, server.keepalive_time)
+            });
+        if served {
+            session.set_keepalive(None);
         }
         ctx.request_id = Some(RequestId::of(&session.req_header().headers));
         ctx.trace = Some(TraceParent::of(&session.req_header().headers));
-        let server = &ctx.gen.config.server;
         // A body that stops arriving is cut off as soon as a head would be
         // (pingora waits 60 s), so a stalled upload cannot hold a permit.
         session.set_read_timeout(Some(server.header_timeout));
