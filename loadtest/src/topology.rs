@@ -319,10 +319,19 @@ impl Topology {
                 .map_err(|e| format!("{}: cannot read: {e}", policy.display()))?
         };
         std::fs::write(&copy, text).map_err(|e| format!("{}: {e}", copy.display()))?;
-        for inst in &self.instances {
+        for (i, inst) in self.instances.iter().enumerate() {
             let mut routes = self.routes.clone();
             if let Some(server) = routes.get_mut("server").and_then(|s| s.as_table_mut()) {
                 server.insert("policy".into(), name.clone().into());
+                // Each instance keeps its own admission state, in `out`
+                // (a file shared by several would mix their limits).
+                if server.contains_key("admission_state") {
+                    let file = match i {
+                        0 => "admission-state.json".to_string(),
+                        i => format!("admission-state-{i}.json"),
+                    };
+                    server.insert("admission_state".into(), file.into());
+                }
                 server.insert(
                     "listen".into(),
                     toml::Value::Array(vec![inst.listen.to_string().into()]),

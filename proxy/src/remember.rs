@@ -56,7 +56,7 @@ pub fn restore(shared: &Shared, path: &Path) {
             report.at_start = "resumed".into();
             for s in &sites {
                 report.resumed.push(format!("{}/{}", s.cluster, s.site));
-                tracing::info!(cluster = %s.cluster, site = %s.site, limit = s.limit, "adaptive limit resumed from the admission state");
+                tracing::info!(cluster = %s.cluster, site = %s.site, limit = s.limit, baseline_ms = ?s.baseline_ms, "adaptive limit resumed from the admission state");
             }
         }
         Err(e) => {

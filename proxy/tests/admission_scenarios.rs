@@ -528,14 +528,17 @@ fn simulate(s: &Scenario, run: u64) -> Vec<BTreeMap<String, f64>> {
                     .gate
                     .as_ref()
                     .filter(|g| s.fleet.restart_resumes && g.is_adaptive())
-                    .map(|g| g.limit());
+                    .map(|g| (g.limit(), g.kept()));
                 // Its limit is made now, as the process makes it when it
                 // starts: a late-comer's first probe is a probe interval
                 // after its own start, not due at once (a clone of the one
                 // made at set-up was, and so probed on its first window).
                 let mut gate = Gate::new(rules.clone(), limit.fresh(at(now)), at(now));
-                if let Some(l) = kept {
+                if let Some((l, learnt)) = kept {
                     gate.resume(l);
+                    if let Some(learnt) = learnt {
+                        gate.resume_learnt(learnt);
+                    }
                 }
                 inst.gate = Some(gate);
             }

@@ -229,6 +229,18 @@ impl<W> Gate<W> {
         self.limit.resume(limit);
     }
 
+    /// What the limit knows of the backend that a restart may keep (see
+    /// [`Limit::kept`]).
+    pub fn kept(&self) -> Option<super::limit::Kept> {
+        self.limit.kept()
+    }
+
+    /// Takes over what a process before this one learnt (see
+    /// [`Limit::resume_learnt`]).
+    pub fn resume_learnt(&mut self, kept: super::limit::Kept) {
+        self.limit.resume_learnt(kept);
+    }
+
     /// Whether the limit is adaptive (what [`Gate::resume`] acts on).
     pub fn is_adaptive(&self) -> bool {
         self.limit.is_adaptive()

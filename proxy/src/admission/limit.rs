@@ -523,6 +523,46 @@ impl Limit {
         }
     }
 
+    /// What a restarted process may take over of this limit's knowledge of
+    /// the backend ([`super::memory`]): the uncongested latency and its
+    /// spread, once learnt. `None` for a fixed limit or before a baseline.
+    pub fn kept(&self) -> Option<Kept> {
+        let Limit::Adaptive(g) = self else {
+            return None;
+        };
+        let baseline = g.baseline.filter(|_| !g.provisional)?;
+        Some(Kept {
+            baseline: Duration::from_secs_f64(baseline),
+            spread: g.spread,
+        })
+    }
+
+    /// Starts an adaptive limit that has learnt nothing yet from what a
+    /// process before this one learnt of the same backend ([`Kept`]): its
+    /// baseline and spread. A restart in the middle of a peak otherwise
+    /// learns its first baseline from a backend the other instances hold
+    /// at its knee, their queue included: in real processes (the fleet
+    /// drill's backend, two instances, one restarted at 3x) the restarted
+    /// instance learnt 90 ms for a 25 ms backend, held the backend
+    /// collapsed with the other, and purchases waited up to 2 s
+    /// (docs/admission.md, "Fifty-third round"). Its first probe may still
+    /// raise the baseline, by [`RISE_BOUND`] ceilings at most (a backend
+    /// that became slower while the process was away is followed a probe
+    /// at a time). A fixed limit, or one that has learnt, is left alone.
+    pub fn resume_learnt(&mut self, kept: Kept) {
+        if let Limit::Adaptive(g) = self {
+            if g.baseline.is_some() && !g.provisional {
+                return;
+            }
+            let b = kept.baseline.as_secs_f64();
+            if b > 0.0 {
+                g.baseline = Some(b);
+                g.provisional = false;
+                g.spread = kept.spread.filter(|s| s.is_finite() && *s >= 0.0);
+            }
+        }
+    }
+
     /// [`Limit::over_ceiling`] for the last window without its slowest
     /// answer, none after a window of one: how far a backend collapses
     /// ([`super::starving::COLLAPSE`]). One slow answer is the service
@@ -765,6 +805,16 @@ pub struct Gradient {
     /// The first baseline was fitted to a burst's quickest answers
     /// ([`Gradient::holds_until_probed`]).
     fitted: bool,
+}
+
+/// What a restarted process takes over of an adaptive limit's knowledge
+/// ([`Limit::kept`], [`Limit::resume_learnt`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Kept {
+    /// The uncongested latency.
+    pub baseline: Duration,
+    /// Its coefficient of variation, once learnt.
+    pub spread: Option<f64>,
 }
 
 /// A probe of the uncongested latency in progress.
@@ -2433,6 +2483,35 @@ mod tests {
         }
         assert!(learnt[1] <= ceiling * 2, "first step {learnt:?}");
         assert_eq!(learnt.last(), Some(&(80 * MS)), "{learnt:?}");
+    }
+
+    #[test]
+    fn a_restart_that_keeps_its_baseline_does_not_learn_the_others_queue() {
+        // A backend of 25 ms that the other instances hold at its knee:
+        // every answer takes 100 ms, their queue included. A fresh start
+        // learns that; one that kept what it learnt before does not.
+        let now = Instant::now();
+        let mut fresh = adaptive(at_forty(), now);
+        let mut kept = adaptive(at_forty(), now);
+        let learnt = Kept {
+            baseline: 25 * MS,
+            spread: Some(0.3),
+        };
+        kept.resume_learnt(learnt);
+        assert_eq!(kept.kept(), Some(learnt));
+        let (mut a, mut b) = (now, now);
+        drive(&mut fresh, &mut a, 300, MS, |_| 100 * MS);
+        drive(&mut kept, &mut b, 300, MS, |_| 100 * MS);
+        assert_eq!(fresh.baseline(), Some(100 * MS));
+        assert_eq!(kept.baseline(), Some(25 * MS));
+        // It shrinks its limit: 100 ms is queueing to it.
+        assert!(kept.current() < 40, "limit {}", kept.current());
+        // What it keeps is not overwritten by a later resume.
+        kept.resume_learnt(Kept {
+            baseline: 90 * MS,
+            spread: None,
+        });
+        assert_eq!(kept.baseline(), Some(25 * MS));
     }
 
     #[test]

@@ -10,7 +10,11 @@
 //! its way out, and a process that starts reads it: a site of the same
 //! cluster and site name starts at the limit saved, without a slow start,
 //! if the file is at most [`FRESH_FOR`] old. Anything older says little
-//! of the backend now, and is left unused.
+//! of the backend now, and is left unused. The baseline the limit had
+//! learnt (the backend's uncongested latency, and its spread) is kept too:
+//! restarted in the middle of a peak, a process otherwise learns its first
+//! baseline from a backend the other instances hold at its knee, their
+//! queue included ([`super::limit::Limit::resume_learnt`]).
 //!
 //! The file is JSON, written to a temporary file beside it (one per
 //! process) and renamed, so a reader never sees half of it. A file that cannot be read or
@@ -34,12 +38,19 @@ pub struct Saved {
     pub sites: Vec<SavedSite>,
 }
 
-/// One site's adaptive limit.
+/// One site's adaptive limit, and what it had learnt of the backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedSite {
     pub cluster: String,
     pub site: String,
     pub limit: u32,
+    /// The uncongested latency, milliseconds (absent before the first
+    /// baseline, and in files of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_ms: Option<f64>,
+    /// Its coefficient of variation, once learnt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<f64>,
 }
 
 /// What a start made of the file.
@@ -60,10 +71,15 @@ pub fn snapshot(controllers: &Controllers, now: SystemTime) -> Saved {
         sites: controllers
             .iter()
             .filter_map(|c| {
-                c.adaptive_limit().map(|limit| SavedSite {
-                    cluster: c.cluster().to_string(),
-                    site: c.site().to_string(),
-                    limit,
+                c.adaptive_limit().map(|limit| {
+                    let kept = c.kept();
+                    SavedSite {
+                        cluster: c.cluster().to_string(),
+                        site: c.site().to_string(),
+                        limit,
+                        baseline_ms: kept.map(|k| k.baseline.as_secs_f64() * 1e3),
+                        spread: kept.and_then(|k| k.spread),
+                    }
                 })
             })
             .collect(),
@@ -107,6 +123,13 @@ pub fn restore(
             .filter(|c| c.adaptive_limit().is_some());
         if let Some(c) = found {
             c.resume(s.limit);
+            let baseline = s.baseline_ms.filter(|b| b.is_finite() && *b > 0.0);
+            if let Some(ms) = baseline {
+                c.resume_learnt(super::limit::Kept {
+                    baseline: Duration::from_secs_f64(ms / 1e3),
+                    spread: s.spread,
+                });
+            }
             resumed.push(s);
         }
     }
@@ -205,6 +228,47 @@ mod tests {
         assert_eq!(sites.len(), 2, "{sites:?}");
         // A site the file does not name starts at `initial`.
         assert_eq!(limits(&after), [61, 8, 8]);
+    }
+
+    #[test]
+    fn a_start_keeps_the_baseline_a_process_before_it_learnt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admission.json");
+        let t0 = SystemTime::now();
+        let learnt = super::super::limit::Kept {
+            baseline: Duration::from_millis(25),
+            spread: Some(0.3),
+        };
+        let before = controllers(&[("kred", "skondal", ADAPTIVE), ("kred", "verizon", ADAPTIVE)]);
+        before.iter().next().unwrap().resume_learnt(learnt);
+        save(&path, &before, t0).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"baseline_ms\":25"), "{text}");
+        // A site that had learnt nothing saves no baseline.
+        assert_eq!(text.matches("baseline_ms").count(), 1, "{text}");
+
+        let after = controllers(&[("kred", "skondal", ADAPTIVE), ("kred", "verizon", ADAPTIVE)]);
+        restore(&path, &after, t0 + Duration::from_secs(5)).unwrap();
+        let kept: Vec<_> = after.iter().map(|c| c.kept()).collect();
+        assert_eq!(kept, [Some(learnt), None]);
+        let baseline = after.iter().next().unwrap().state();
+        assert_eq!(baseline.limit, 8, "{baseline:?}");
+    }
+
+    #[test]
+    fn a_file_of_an_earlier_version_without_baselines_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admission.json");
+        let t0 = SystemTime::now();
+        let text = format!(
+            r#"{{"saved_at_ms":{},"sites":[{{"cluster":"kred","site":"skondal","limit":33}}]}}"#,
+            millis(t0)
+        );
+        std::fs::write(&path, text).unwrap();
+        let after = controllers(&[("kred", "skondal", ADAPTIVE)]);
+        restore(&path, &after, t0).unwrap();
+        assert_eq!(limits(&after), [33]);
+        assert_eq!(after.iter().next().unwrap().kept(), None);
     }
 
     #[test]

@@ -170,6 +170,19 @@ impl Controller {
         self.publish(&g);
     }
 
+    /// What the adaptive limit knows of the backend, for [`memory`].
+    pub fn kept(&self) -> Option<limit::Kept> {
+        self.lock().kept()
+    }
+
+    /// Takes over what a process before this one learnt of the backend
+    /// ([`memory`]).
+    pub fn resume_learnt(&self, kept: limit::Kept) {
+        let mut g = self.lock();
+        g.resume_learnt(kept);
+        self.publish(&g);
+    }
+
     /// The site's admission state now, for `/status` and tests.
     pub fn state(&self) -> SiteState {
         let g = self.lock();
