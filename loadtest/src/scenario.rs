@@ -149,6 +149,9 @@ struct RawTopology {
     /// k2proxy instances in front of the same simulators, behind an L4
     /// balancer (default 1).
     proxies: Option<Spanned<usize>>,
+    /// `[server]` settings for the run, over routes.toml's.
+    #[serde(default)]
+    server: Option<Spanned<toml::Table>>,
     #[serde(default)]
     sites: BTreeMap<String, Spanned<RawSite>>,
 }
@@ -225,6 +228,9 @@ pub struct TopologySpec {
     /// k2proxy instances, each with its own controller, behind an L4
     /// balancer that spreads connections round-robin.
     pub proxies: usize,
+    /// `[topology.server]`: routes.toml's `[server]` settings overridden
+    /// for the run (k2proxy checks them when it starts).
+    pub server: toml::Table,
     pub sites: Vec<SiteSpec>,
 }
 
@@ -737,14 +743,31 @@ fn topology(c: &mut Check<'_>, t: &RawTopology, dir: &Path) -> TopologySpec {
         }
         *p.get_ref()
     });
+    let mut server = toml::Table::new();
+    if let Some(table) = &t.server {
+        for key in table.get_ref().keys() {
+            if HARNESS_SERVER_KEYS.contains(&key.as_str()) {
+                c.err(
+                    table.span().start,
+                    format!("[topology.server] {key}: the harness sets it (free ports, the scenario's policy)"),
+                );
+            }
+        }
+        server = table.get_ref().clone();
+    }
     TopologySpec {
         routes: dir.join(&t.routes),
         policy: t.policy.as_ref().map(|p| dir.join(p)),
         admission: t.admission,
         proxies,
+        server,
         sites,
     }
 }
+
+/// `[server]` keys the harness writes itself, which `[topology.server]`
+/// may not set.
+const HARNESS_SERVER_KEYS: [&str; 4] = ["listen", "admin", "policy", "tls"];
 
 /// `[[events]]`, expanded into occurrences in time order (`every` repeats
 /// an event, cycling through its list of reloads).
@@ -1120,6 +1143,26 @@ fault = "blackhole"
         );
         let e = Scenario::parse(Path::new("s.toml"), &both).unwrap_err();
         assert!(e.to_string().contains("one of `fault`"), "{e}");
+    }
+
+    #[test]
+    fn topology_server_settings_override_the_routes_but_not_the_harness_own() {
+        let with = |lines: &str| {
+            STORM.replace(
+                "[topology.sites.s]",
+                &format!("[topology.server]\n{lines}\n[topology.sites.s]"),
+            )
+        };
+        let s = Scenario::parse(Path::new("s.toml"), &with("keepalive_time = \"5s\"")).unwrap();
+        let server = &s.topology.unwrap().server;
+        assert_eq!(server["keepalive_time"].as_str(), Some("5s"));
+        let e =
+            Scenario::parse(Path::new("s.toml"), &with("listen = [\"127.0.0.1:1\"]")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("[topology.server] listen: the harness sets it"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -243,6 +243,14 @@ impl Topology {
     pub async fn up(spec: &TopologySpec, out: &Path, k2proxy: &Path) -> Result<Topology, String> {
         std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
         let mut routes = read_toml(&spec.routes)?;
+        if !spec.server.is_empty() {
+            let server = routes
+                .entry("server")
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .ok_or("routes.toml: [server] is not a table")?;
+            server.extend(spec.server.clone());
+        }
         let routes_dir = spec.routes.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut sites = start_sims(spec).await?;
         let order = point_sites(&mut routes, &sites, &spec.routes)?;
