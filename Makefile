@@ -80,11 +80,12 @@ peak: build
 	target/release/loadtest run loadtest/scenarios/black-friday.toml --compare --out target/loadtest/peak
 
 ## drill: the failover drill (the serving site killed, blackholed, answering 500s, restored
-## each time) and the reload storm (151 valid and broken policy edits by file, SIGHUP and
-## POST /reload under 2x load); fails when either misses a threshold (about 2 minutes).
+## each time), the reload storm (151 valid and broken policy edits by file, SIGHUP and
+## POST /reload under 2x load) and a deploy mid-peak (one of three instances restarted at
+## 3x); fails when any misses a threshold (about 3 minutes).
 drill: build
 	@status=0; \
-	for s in failover-drill reload-storm; do \
+	for s in failover-drill reload-storm fleet-restart; do \
 	  target/release/loadtest run loadtest/scenarios/$$s.toml --out target/loadtest/drill-$$s || status=1; \
 	done; exit $$status
 
