@@ -743,8 +743,7 @@ fn topology(c: &mut Check<'_>, t: &RawTopology, dir: &Path) -> TopologySpec {
         }
         *p.get_ref()
     });
-    let mut server = toml::Table::new();
-    if let Some(table) = &t.server {
+    let server = t.server.as_ref().map_or_else(toml::Table::new, |table| {
         for key in table.get_ref().keys() {
             if HARNESS_SERVER_KEYS.contains(&key.as_str()) {
                 c.err(
@@ -753,8 +752,8 @@ fn topology(c: &mut Check<'_>, t: &RawTopology, dir: &Path) -> TopologySpec {
                 );
             }
         }
-        server = table.get_ref().clone();
-    }
+        table.get_ref().clone()
+    });
     TopologySpec {
         routes: dir.join(&t.routes),
         policy: t.policy.as_ref().map(|p| dir.join(p)),

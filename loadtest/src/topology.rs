@@ -170,16 +170,22 @@ fn point_sites(
 /// routes.toml sets one.
 const LOAD_GENERATOR_CONNECTIONS: i64 = 1_000_000;
 
-/// Lifts `[server]`'s per-address connection cap for the one load
+/// Writes the scenario's `[topology.server]` settings (`overrides`) over
+/// `[server]` and lifts its per-address connection cap for the one load
 /// generator; returns the policy file routes.toml names, relative to
 /// `routes_dir`. (Each instance's listen and admin addresses are set when
 /// its routes file is written.)
-fn prepare_server(routes: &mut toml::Table, routes_dir: &Path) -> Result<PathBuf, String> {
+fn prepare_server(
+    routes: &mut toml::Table,
+    routes_dir: &Path,
+    overrides: &toml::Table,
+) -> Result<PathBuf, String> {
     let server = routes
         .entry("server")
         .or_insert_with(|| toml::Value::Table(Default::default()))
         .as_table_mut()
         .ok_or("routes.toml: [server] is not a table")?;
+    server.extend(overrides.clone());
     // The load generator is one address standing for thousands of
     // shoppers: k2proxy's per-address connection cap (1 000 by default)
     // would refuse its connections, which no real peak does.
@@ -191,6 +197,16 @@ fn prepare_server(routes: &mut toml::Table, routes_dir: &Path) -> Result<PathBuf
         .and_then(|p| p.as_str())
         .unwrap_or("policies/default.toml");
     Ok(routes_dir.join(policy))
+}
+
+/// What instance `i`'s file names carry after their stem: nothing for the
+/// first (the single-instance names), `-i` for the others.
+fn suffix(i: usize) -> String {
+    if i == 0 {
+        String::new()
+    } else {
+        format!("-{i}")
+    }
 }
 
 /// Sends `signal` ("HUP", "TERM") to the process `pid`, one this
@@ -243,29 +259,16 @@ impl Topology {
     pub async fn up(spec: &TopologySpec, out: &Path, k2proxy: &Path) -> Result<Topology, String> {
         std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
         let mut routes = read_toml(&spec.routes)?;
-        if !spec.server.is_empty() {
-            let server = routes
-                .entry("server")
-                .or_insert_with(|| toml::Value::Table(Default::default()))
-                .as_table_mut()
-                .ok_or("routes.toml: [server] is not a table")?;
-            server.extend(spec.server.clone());
-        }
         let routes_dir = spec.routes.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut sites = start_sims(spec).await?;
         let order = point_sites(&mut routes, &sites, &spec.routes)?;
         // Routes order: the first site is the preferred one.
         sites.sort_by_key(|(name, _)| order.iter().position(|s| s == name));
-        let named_policy = prepare_server(&mut routes, &routes_dir)?;
+        let named_policy = prepare_server(&mut routes, &routes_dir, &spec.server)?;
         let policy = spec.policy.clone().unwrap_or(named_policy);
         let mut instances = Vec::new();
         for i in 0..spec.proxies.max(1) {
-            // The first instance keeps the single-instance file names.
-            let suffix = if i == 0 {
-                String::new()
-            } else {
-                format!("-{i}")
-            };
+            let suffix = suffix(i);
             instances.push(Instance {
                 child: None,
                 listen: free_addr().map_err(|e| e.to_string())?,
@@ -334,10 +337,7 @@ impl Topology {
                 // Each instance keeps its own admission state, in `out`
                 // (a file shared by several would mix their limits).
                 if server.contains_key("admission_state") {
-                    let file = match i {
-                        0 => "admission-state.json".to_string(),
-                        i => format!("admission-state-{i}.json"),
-                    };
+                    let file = format!("admission-state{}.json", suffix(i));
                     server.insert("admission_state".into(), file.into());
                 }
                 server.insert(

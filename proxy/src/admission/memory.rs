@@ -251,8 +251,8 @@ mod tests {
         restore(&path, &after, t0 + Duration::from_secs(5)).unwrap();
         let kept: Vec<_> = after.iter().map(|c| c.kept()).collect();
         assert_eq!(kept, [Some(learnt), None]);
-        let baseline = after.iter().next().unwrap().state();
-        assert_eq!(baseline.limit, 8, "{baseline:?}");
+        let state = after.iter().next().unwrap().state();
+        assert_eq!(state.limit, 8, "{state:?}");
     }
 
     #[test]
