@@ -117,7 +117,9 @@
 //! ([`Gradient::schedule_early_probe`]). In front of a backend slower than
 //! [`SLOW_BACKEND`] windows, those first windows hold nothing but the
 //! quickest, and until that probe windows of a few such answers do not
-//! shrink the limit ([`Gradient::holds_until_probed`]). When that first
+//! shrink the limit ([`Gradient::holds_until_probed`]) unless the baseline
+//! is under a window's time (learnt from whole latencies: then they are a
+//! queue). When that first
 //! window holds a few answers (under half [`WINDOW_SAMPLES`], at least
 //! [`first_burst::MIN_ANSWERS`]: it stays open for them), its baseline is
 //! the mean of the whole burst fitted from them ([`first_burst`]), not
@@ -2038,9 +2040,21 @@ impl Gradient {
     /// of 8 such workers held their slow starts' overshoot until the
     /// probe (simulated, 144 seeds: purchases served under 0.98 in 49
     /// seeds against 33 before the fit; 33 with this).
+    ///
+    /// Nor after a baseline under a window's time: the windows it came
+    /// from held whole latencies, not the quickest of a slow backend's, so
+    /// a window of a few answers [`SLOW_BACKEND`] windows slow is a queue
+    /// with few answers because few are in flight. A fresh instance joining
+    /// a fleet at `initial = 2` in front of 4 collapsing workers of 25 ms
+    /// learnt 33 ms, stepped to 7 at the knee, read 80-107 ms, and held 7
+    /// until its early probe a second later while the backend collapsed
+    /// (simulated, 400 seeds: purchase p99 after the join over 500 ms in 39
+    /// runs, 15 with this; docs/admission.md, "Fifty-fourth round").
     fn holds_until_probed(&self, short: f64, flood: bool, ceiling: f64) -> bool {
+        let window = WINDOW_TIME.as_secs_f64();
         let queued = self.fitted && short > FITTED_HOLD * ceiling;
-        !self.probed && !flood && !queued && short >= SLOW_BACKEND * WINDOW_TIME.as_secs_f64()
+        let whole = self.baseline.is_some_and(|b| b < window);
+        !self.probed && !flood && !queued && !whole && short >= SLOW_BACKEND * window
     }
 }
 
@@ -2778,6 +2792,49 @@ mod tests {
         // windows hold whole latencies, and the limit comes down.
         let (highest, lowest, _) = cold_start_until_probed(4, 10 * MS);
         assert!(lowest < highest, "limits {highest} then {lowest}");
+    }
+
+    #[test]
+    fn a_queue_after_a_baseline_of_whole_latencies_is_not_held_until_the_probe() {
+        // A fresh instance that joined a fleet at `initial = 2` learnt 33 ms
+        // from windows of whole latencies, and its slow start stepped to 7
+        // at the backend's knee. Its windows then hold three answers each
+        // at 100 ms: a queue (the backend collapses under it), not a slow
+        // backend's quickest answers. Before its first probe, the limit
+        // comes down.
+        let mut now = Instant::now();
+        let small = Bounds {
+            min: 2,
+            max: 1024,
+            initial: 2,
+        };
+        let Limit::Adaptive(mut g) = adaptive(small, now) else {
+            unreachable!()
+        };
+        g.baseline = Some(0.033);
+        g.spread = Some(0.3);
+        g.limit = 7.0;
+        g.slow_start = false;
+        for _ in 0..30 {
+            now += 17 * MS;
+            g.on_sample(now, Sample::Latency(100 * MS), 7);
+        }
+        assert!(!g.probed, "no probe yet");
+        assert!(g.current() < 6.0, "the limit {}", g.current());
+        // The same windows after a baseline of a window's time or more (a
+        // slow backend's quickest answers) hold the limit until the probe.
+        let Limit::Adaptive(mut g) = adaptive(small, now) else {
+            unreachable!()
+        };
+        g.baseline = Some(0.055);
+        g.spread = Some(0.3);
+        g.limit = 7.0;
+        g.slow_start = false;
+        for _ in 0..30 {
+            now += 17 * MS;
+            g.on_sample(now, Sample::Latency(130 * MS), 7);
+        }
+        assert_eq!(g.current(), 7.0, "held until the probe");
     }
 
     #[test]
