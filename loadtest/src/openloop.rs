@@ -150,6 +150,10 @@ pub struct Outcomes {
     pub error: u64,
     /// No complete response within the client timeout.
     pub timeout: u64,
+    /// Of all of the above, requests sent a second time because the server
+    /// closed a kept-alive connection before any answer ([`replay_of`]):
+    /// what real clients do, counted here so it is seen. Not in `total`.
+    pub retried: u64,
 }
 
 impl Outcomes {
@@ -322,6 +326,7 @@ impl Report {
             a.rate_limited += o.rate_limited;
             a.error += o.error;
             a.timeout += o.timeout;
+            a.retried += o.retried;
             let _ = all.ok_latency.add(&t.ok_latency);
             let _ = all.ok_latency_sent.add(&t.ok_latency_sent);
             let _ = all.shed_latency.add(&t.shed_latency);
@@ -354,6 +359,24 @@ struct Acc {
     failures: Vec<Failure>,
 }
 
+impl Acc {
+    /// Empty counts for request kinds `names` over `seconds` seconds.
+    fn new(names: &[&str], seconds: usize) -> Acc {
+        let kinds = names.len();
+        Acc {
+            targets: names.iter().map(|n| TargetReport::new(n)).collect(),
+            timeline: (0..seconds)
+                .map(|_| Second {
+                    outcomes: vec![Outcomes::default(); kinds],
+                    ok_latency: (0..kinds).map(|_| coarse_histogram()).collect(),
+                    shed_latency: (0..kinds).map(|_| coarse_histogram()).collect(),
+                })
+                .collect(),
+            failures: Vec::new(),
+        }
+    }
+}
+
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 /// Runs the load to the end; every request is bounded by `load.timeout`.
@@ -371,22 +394,8 @@ pub async fn run_load(load: Load, live: Arc<Live>) -> Report {
         })
         .collect();
     let seconds = load.schedule.duration().as_secs() as usize + 1;
-    let kinds = load.requests.len();
-    let acc = Arc::new(Mutex::new(Acc {
-        targets: load
-            .requests
-            .iter()
-            .map(|r| TargetReport::new(&r.name))
-            .collect(),
-        timeline: (0..seconds)
-            .map(|_| Second {
-                outcomes: vec![Outcomes::default(); kinds],
-                ok_latency: (0..kinds).map(|_| coarse_histogram()).collect(),
-                shed_latency: (0..kinds).map(|_| coarse_histogram()).collect(),
-            })
-            .collect(),
-        failures: Vec::new(),
-    }));
+    let names: Vec<&str> = load.requests.iter().map(|r| r.name.as_str()).collect();
+    let acc = Arc::new(Mutex::new(Acc::new(&names, seconds)));
     let offered_rate = (0..seconds)
         .map(|s| load.schedule.rate_at(Duration::from_secs(s as u64)))
         .collect();
@@ -500,11 +509,19 @@ async fn send(
     timeout: Duration,
 ) {
     let sent_at = Instant::now();
+    let mut retried = false;
     let result = match req {
         None => Ok(Err("request did not render".into())),
         Some(req) => {
+            let replay = replay_of(&req);
             tokio::time::timeout(timeout, async {
-                let resp = client.request(req).await?;
+                let resp = match (client.request(req).await, replay) {
+                    (Err(e), Some(again)) if closed_before_answer(&e) => {
+                        retried = true;
+                        client.request(again).await?
+                    }
+                    (resp, _) => resp?,
+                };
                 let status = resp.status();
                 let shed = resp.headers().contains_key("x-k2-shed");
                 resp.into_body().collect().await?;
@@ -531,6 +548,7 @@ async fn send(
     let r = &mut acc.targets[kind];
     r.sent += 1;
     r.outcomes.add(class);
+    r.outcomes.retried += u64::from(retried);
     match class {
         Class::Ok => {
             r.ok_latency.saturating_record(latency);
@@ -555,5 +573,147 @@ async fn send(
         Class::Ok => s.ok_latency[kind].saturating_record(latency),
         Class::Shed => s.shed_latency[kind].saturating_record(latency),
         _ => {}
+    }
+}
+
+/// A copy of `req` to send again if the server closes its kept-alive
+/// connection before answering, when sending it twice is safe: as Go's
+/// `net/http` decides (`isReplayable`), a GET, HEAD, OPTIONS or TRACE, or a
+/// request with an `idempotency-key` (the backend knows a repeat by its
+/// key; k2proxy's own retries treat it so, docs/policy.md
+/// `idempotency_header`). An HTTP/1 server cannot close an idle connection
+/// without this race (a request may be on its way), so browsers, curl and
+/// Go's client retry such a request once; a generator that did not counted
+/// a graceful upgrade's close of idle connections as a failed request (1
+/// in 900 in the upgrade test, now and then).
+fn replay_of(req: &hyper::Request<Full<Bytes>>) -> Option<hyper::Request<Full<Bytes>>> {
+    let safe = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    ) || req.headers().contains_key("idempotency-key")
+        || req.headers().contains_key("x-idempotency-key");
+    if !safe {
+        return None;
+    }
+    let mut again = hyper::Request::new(req.body().clone());
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.version_mut() = req.version();
+    *again.headers_mut() = req.headers().clone();
+    Some(again)
+}
+
+/// Whether `e` is a connection the server closed before any byte of an
+/// answer (hyper's incomplete message), not a refused connect or a reset
+/// mid-answer.
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message();
+        }
+        source = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, key: Option<&str>) -> hyper::Request<Full<Bytes>> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri("http://127.0.0.1:1/checkout/pay/1")
+            .header("x-request-id", "lt-1");
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        req.body(Full::new(Bytes::from_static(b"{\"amount\": 100}")))
+            .unwrap()
+    }
+
+    #[test]
+    fn only_a_request_safe_to_send_twice_is_replayed_and_the_copy_is_the_same() {
+        assert!(replay_of(&request(Method::GET, None)).is_some());
+        assert!(replay_of(&request(Method::HEAD, None)).is_some());
+        // A purchase without a key could be paid twice.
+        assert!(replay_of(&request(Method::POST, None)).is_none());
+        assert!(replay_of(&request(Method::PUT, None)).is_none());
+        let original = request(Method::POST, Some("k-7"));
+        let again = replay_of(&original).expect("a keyed POST is replayable");
+        assert_eq!(again.method(), Method::POST);
+        assert_eq!(again.uri(), original.uri());
+        assert_eq!(again.headers(), original.headers());
+        let body = futures_body(again);
+        assert_eq!(body, b"{\"amount\": 100}");
+    }
+
+    fn futures_body(req: hyper::Request<Full<Bytes>>) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async { req.into_body().collect().await.unwrap().to_bytes().to_vec() })
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_any_answer_is_retried_once_and_counted() {
+        // A server that reads one request per connection and closes two
+        // connections without answering, then answers the third's: the
+        // race of a kept-alive connection closed as a request goes out.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut n = 0;
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                n += 1;
+                if n % 3 == 0 {
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            }
+        });
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let url = format!("http://{addr}/x");
+        let req = |m: Method| {
+            hyper::Request::builder()
+                .method(m)
+                .uri(&url)
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        let first = client.request(req(Method::GET)).await.unwrap_err();
+        assert!(closed_before_answer(&first), "{first:?}");
+        // A GET through `send`: retried once, answered, counted.
+        let load_acc = Arc::new(Mutex::new(Acc::new(&["get"], 1)));
+        let live = Arc::new(Live {
+            names: vec!["get".into()],
+            sent: vec![AtomicU64::new(0)],
+            ok: vec![AtomicU64::new(0)],
+            done: vec![AtomicU64::new(0)],
+            finished: Default::default(),
+        });
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let at = Sent {
+            due: Instant::now(),
+            offset: Duration::ZERO,
+            second: 0,
+        };
+        send(
+            (client.clone(), load_acc.clone(), live, tx),
+            Some(req(Method::GET)),
+            0,
+            at,
+            Duration::from_secs(5),
+        )
+        .await;
+        let acc = load_acc.lock().unwrap();
+        let o = &acc.targets[0].outcomes;
+        assert_eq!((o.ok, o.error, o.retried), (1, 0, 1), "{o:?}");
     }
 }

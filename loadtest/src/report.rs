@@ -92,6 +92,13 @@ impl Report {
                 ms(&t.shed_latency, 0.99),
             );
         }
+        if all.outcomes.retried > 0 {
+            let _ = writeln!(
+                out,
+                "retried {}: sent again once after the server closed a kept-alive connection before answering (idempotent requests, as browsers, curl and Go do)",
+                all.outcomes.retried
+            );
+        }
         out
     }
 
