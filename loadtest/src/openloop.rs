@@ -569,6 +569,7 @@ async fn send(
     }
     let s = &mut acc.timeline[second];
     s.outcomes[kind].add(class);
+    s.outcomes[kind].retried += u64::from(retried);
     match class {
         Class::Ok => s.ok_latency[kind].saturating_record(latency),
         Class::Shed => s.shed_latency[kind].saturating_record(latency),
@@ -715,5 +716,6 @@ mod tests {
         let acc = load_acc.lock().unwrap();
         let o = &acc.targets[0].outcomes;
         assert_eq!((o.ok, o.error, o.retried), (1, 0, 1), "{o:?}");
+        assert_eq!(acc.timeline[0].outcomes[0].retried, 1, "in its second too");
     }
 }
