@@ -2794,14 +2794,11 @@ mod tests {
         assert!(lowest < highest, "limits {highest} then {lowest}");
     }
 
-    #[test]
-    fn a_queue_after_a_baseline_of_whole_latencies_is_not_held_until_the_probe() {
-        // A fresh instance that joined a fleet at `initial = 2` learnt 33 ms
-        // from windows of whole latencies, and its slow start stepped to 7
-        // at the backend's knee. Its windows then hold three answers each
-        // at 100 ms: a queue (the backend collapses under it), not a slow
-        // backend's quickest answers. Before its first probe, the limit
-        // comes down.
+    /// A cold limit of 7 (`min` and `initial` 2) that learnt `baseline`
+    /// and has not probed, after 30 windows' worth of answers (three per
+    /// window) at `latency` with 7 in flight: the limit then, and whether
+    /// it probed meanwhile.
+    fn cold_after_slow_windows(baseline: f64, latency: Duration) -> (f64, bool) {
         let mut now = Instant::now();
         let small = Bounds {
             min: 2,
@@ -2811,30 +2808,32 @@ mod tests {
         let Limit::Adaptive(mut g) = adaptive(small, now) else {
             unreachable!()
         };
-        g.baseline = Some(0.033);
+        g.baseline = Some(baseline);
         g.spread = Some(0.3);
         g.limit = 7.0;
         g.slow_start = false;
         for _ in 0..30 {
             now += 17 * MS;
-            g.on_sample(now, Sample::Latency(100 * MS), 7);
+            g.on_sample(now, Sample::Latency(latency), 7);
         }
-        assert!(!g.probed, "no probe yet");
-        assert!(g.current() < 6.0, "the limit {}", g.current());
+        (g.current(), g.probed)
+    }
+
+    #[test]
+    fn a_queue_after_a_baseline_of_whole_latencies_is_not_held_until_the_probe() {
+        // A fresh instance that joined a fleet at `initial = 2` learnt 33 ms
+        // from windows of whole latencies, and its slow start stepped to 7
+        // at the backend's knee. Its windows then hold three answers each
+        // at 100 ms: a queue (the backend collapses under it), not a slow
+        // backend's quickest answers. Before its first probe, the limit
+        // comes down.
+        let (limit, probed) = cold_after_slow_windows(0.033, 100 * MS);
+        assert!(!probed, "no probe yet");
+        assert!(limit < 6.0, "the limit {limit}");
         // The same windows after a baseline of a window's time or more (a
         // slow backend's quickest answers) hold the limit until the probe.
-        let Limit::Adaptive(mut g) = adaptive(small, now) else {
-            unreachable!()
-        };
-        g.baseline = Some(0.055);
-        g.spread = Some(0.3);
-        g.limit = 7.0;
-        g.slow_start = false;
-        for _ in 0..30 {
-            now += 17 * MS;
-            g.on_sample(now, Sample::Latency(130 * MS), 7);
-        }
-        assert_eq!(g.current(), 7.0, "held until the probe");
+        let (limit, _) = cold_after_slow_windows(0.055, 130 * MS);
+        assert_eq!(limit, 7.0, "held until the probe");
     }
 
     #[test]
