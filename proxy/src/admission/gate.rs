@@ -25,7 +25,7 @@ use super::overdraft;
 use super::queue::{TierQueue, Waiter};
 use super::shed_level::{Coverage, ShedLevel, STEPS, URGENT};
 use super::standing::Standing;
-use super::starving::{Seen, Starving};
+use super::starving::{Seen, Served, Starving};
 
 /// While the shed level is above zero, a waiter of a sheddable tier waits at
 /// most this many target queue delays (80 ms at the default 20 ms), whatever
@@ -139,6 +139,8 @@ pub struct Gate<W> {
     /// above what the backend serves).
     standing: Standing,
     starving: Starving,
+    /// The `never_shed` tiers' arrivals the backend served, for the claim.
+    served: Served,
     /// Which tiers cost what the reference tier costs: only their latency
     /// tells the limit about the backend's queue ([`super::cost`]).
     costs: TierCosts,
@@ -168,6 +170,7 @@ impl<W> Gate<W> {
             shed: ShedLevel::new(rules.target_queue_delay, sheddable.len() as u32, now),
             standing: Standing::default(),
             starving: Starving::default(),
+            served: Served::default(),
             costs: TierCosts::new(n, rules.reference_tier()),
             shed_waiters: Vec::new(),
             rose_at: None,
@@ -513,6 +516,7 @@ impl<W> Gate<W> {
         }
         if self.rules.tiers[tier].never_shed {
             self.limit.note_reserved(now);
+            self.served.arrived(now);
         }
         self.demand.arrived(tier, now);
         if let Some(reason) = self.refused(tier, now) {
@@ -683,6 +687,7 @@ impl<W> Gate<W> {
             over_ceiling: self.limit.over_ceiling(),
             collapse: self.limit.collapse_ratio(),
             waited_over_target: self.standing.over_target_for(now),
+            served: self.served.share(now),
         };
         self.starving.claim(now, seen)
     }
@@ -694,6 +699,9 @@ impl<W> Gate<W> {
             *n = n.saturating_sub(1);
         }
         self.demand.done(now);
+        if self.rules.tiers.get(tier).is_some_and(|t| t.never_shed) {
+            self.served.done(now);
+        }
         let urgency = self.urgency(now);
         self.limit.set_urgency(urgency);
         let sample = self.costs.read(tier, sample);
@@ -809,6 +817,23 @@ mod tests {
         assert_eq!(g.try_admit(1, now), Decision::Admit);
         assert_eq!(g.try_admit(0, now), Decision::Queue);
         assert_eq!(g.inflight(), 2);
+    }
+
+    #[test]
+    fn the_claim_counts_what_the_backend_served_of_the_never_shed_tiers_alone() {
+        let (mut g, now) = gate(100, 10);
+        // Twenty purchases in, ten back; merchants come and go uncounted.
+        for _ in 0..20 {
+            assert_eq!(g.try_admit(0, now), Decision::Admit);
+            assert_eq!(g.try_admit(1, now), Decision::Admit);
+        }
+        for _ in 0..10 {
+            g.release(0, now, Sample::Ignored);
+        }
+        for _ in 0..20 {
+            g.release(1, now, Sample::Ignored);
+        }
+        assert_eq!(g.served.share(now), Some(0.5));
     }
 
     /// An adaptive limit starting at 16, at least 4.
