@@ -183,7 +183,8 @@ pub struct Starving {
 }
 
 impl Starving {
-    /// The claim at `now`: [`Urgency::Starving`] at `min`,
+    /// The claim at `now`: [`Urgency::Starving`] at `min` (and above it
+    /// while a claim begun there holds, see the overview),
     /// [`Urgency::Short`] over it, with the share of the baseline claimed.
     pub fn claim(&mut self, now: Instant, seen: Seen) -> Urgency {
         if seen.collapse.is_some_and(|r| r > COLLAPSE) {
