@@ -327,8 +327,9 @@ mod tests {
         assert!((c - 0.3).abs() < 1e-9, "{c}");
         let c = s.share(t0 + 600 * MS, served(0.7, 20));
         assert!((c - 0.6).abs() < 1e-9, "{c}");
-        // Served again: the hold ends, and a limit of 10 claims nothing
-        // (its waits have run too long for a short claim).
+        // Served again: the hold ends (its waits have run too long for a
+        // short claim). Purchases unserved again later do not resume the
+        // hold at 10: whatever claim follows starts over from nothing.
         let enough = Seen {
             waited_over_target: SHARE_WHILE,
             ..served(SERVED_SHORT, 10)
